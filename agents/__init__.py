@@ -1,0 +1,1 @@
+"""Stream logic: how records from the log become table updates."""

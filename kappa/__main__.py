@@ -1,0 +1,5 @@
+import sys
+
+from kappa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""Narrow interface to Kafka's admin side: readiness, topics and offsets.
+
+confluent-kafka (librdkafka) does this work: it is the one client here whose admin calls are
+fast and complete, and the loader uses it to produce at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kappa.errors import KappaError
+
+_quiet = logging.getLogger("kappa.librdkafka")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+UNLIMITED_RETENTION = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def client_config(broker: str, **extra: object) -> dict:
+    """librdkafka settings shared by every client kappa builds."""
+    return {"bootstrap.servers": broker, "logger": _quiet, **extra}
+
+
+def admin(broker: str) -> AdminClient:
+    return AdminClient(client_config(broker))
+
+
+def wait_until_reachable(broker: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when nothing answers at `broker`."""
+    try:
+        admin(broker).list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise KappaError(
+            f"cannot reach the Kafka broker at {broker} within {timeout:g}s ({exc.args[0].str()}): "
+            "start one with `kappa kafka start`, or pass --broker HOST:PORT / set KAPPA_BROKER"
+        ) from None
+
+
+def partition_count(broker: str, topic: str, timeout: float = 10.0) -> int | None:
+    """The topic's partition count, or None when it does not exist."""
+    try:
+        metadata = admin(broker).list_topics(topic=topic, timeout=timeout)
+    except KafkaException as exc:
+        raise KappaError(f"cannot read metadata for topic {topic!r} from {broker}: {exc.args[0].str()}") from None
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        return None
+    return len(info.partitions)
+
+
+def require_partition_count(broker: str, topic: str) -> int:
+    count = partition_count(broker, topic)
+    if count is None:
+        raise KappaError(
+            f"topic {topic!r} does not exist on {broker}: load data first with "
+            f"`kappa load FILE --key K --topic {topic}`"
+        )
+    return count
+
+
+def ensure_topic(broker: str, topic: str, partitions: int, config: Mapping[str, str] | None = None) -> bool:
+    """Create `topic` if missing; returns True when it was created here."""
+    if partition_count(broker, topic) is not None:
+        return False
+    client = admin(broker)  # must outlive its futures
+    futures = client.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=1, config=dict(config or {}))]
+    )
+    try:
+        futures[topic].result(timeout=30)
+    except KafkaException as exc:
+        if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+            raise KappaError(f"could not create topic {topic!r} on {broker}: {exc.args[0].str()}") from None
+        return False
+    return True
+
+
+def delete_topics(broker: str, topics: list[str]) -> None:
+    if not topics:
+        return
+    client = admin(broker)  # must outlive its futures
+    for topic, future in client.delete_topics(topics, operation_timeout=30).items():
+        try:
+            future.result(timeout=30)
+        except KafkaException as exc:
+            if exc.args[0].name() != "UNKNOWN_TOPIC_OR_PART":
+                raise KappaError(f"could not delete topic {topic!r}: {exc.args[0].str()}") from None
+
+
+def watermarks(broker: str, topic: str, partitions: int) -> dict[int, tuple[int, int]]:
+    """(log start, log end) per partition: the cut a batch run stops at, and truncation."""
+    consumer = Consumer(client_config(broker, **{"group.id": "kappa-watermarks", "enable.auto.commit": False}))
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            for p in range(partitions)
+        }
+    except KafkaException as exc:
+        raise KappaError(f"could not read offsets of topic {topic!r}: {exc.args[0].str()}") from None
+    finally:
+        consumer.close()
+
+
+def end_offsets(broker: str, topic: str, partitions: int) -> dict[int, int]:
+    return {p: high for p, (_, high) in watermarks(broker, topic, partitions).items()}

@@ -1,0 +1,161 @@
+"""The `kappa` command line. Each subcommand is a thin shell over a framework function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from kappa.config import Settings, validate_pipeline_name
+from kappa.errors import KappaError
+
+
+def _common() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--broker", help="Kafka bootstrap address (default: $KAPPA_BROKER, else localhost:9092)")
+    parent.add_argument("--data-dir", help="local state and the embedded broker's files (default: ./.kappa)")
+    parent.add_argument("--snapshot-dir", help="where snapshots are published (default: ./snapshots)")
+    return parent
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_args(args.broker, args.data_dir, args.snapshot_dir)
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from kappa import broker
+
+    settings = _settings(args)
+    if args.action == "start":
+        address = broker.start(settings.data_dir, args.port)
+        print(f"kafka {broker.KAFKA_VERSION} is up at {address} (data in {settings.data_dir / 'kafka'})")
+    elif args.action == "stop":
+        stopped = broker.stop(settings.data_dir)
+        print("kafka stopped" if stopped else f"no kafka broker was running from {settings.data_dir / 'kafka'}")
+    else:
+        state = broker.status(settings.data_dir)
+        if not state["running"]:
+            print(f"kafka is not running (data dir {state['home']})")
+            return 1
+        print(f"kafka {state['version']} running at {state['address']} pid {state['pid']}, answers: {state['answers']}")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from kappa.loader import load
+
+    result = load(_settings(args), args.path, args.key, args.topic, args.partitions)
+    if result.not_objects:
+        print(
+            f"warning: {result.not_objects:,} lines were not JSON objects; workers will reject them to "
+            f"{result.topic}.dlq",
+            file=sys.stderr,
+        )
+    created = " (created)" if result.created else ""
+    print(
+        f"loaded {result.rows:,} rows into {result.topic!r}{created} in {result.seconds:.2f}s "
+        f"({result.rows_per_s:,.0f} rows/s)"
+    )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from agents.grouped_mean import Definition
+    from kappa.replay import run_batch
+
+    if not args.batch:
+        raise KappaError("a replay beside running workers is not available yet: pass --batch to replay in the foreground")
+    pipeline = validate_pipeline_name(args.pipeline or args.topic)
+    definition = Definition(topic=args.topic, value_field=args.value, key_field=args.key)
+    result = run_batch(_settings(args), pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel)
+    records = result.manifest["records"]
+    rate = sum(records.values()) / result.seconds if result.seconds else 0.0
+    print(
+        f"generation {result.generation} of {pipeline!r} published: {result.path} "
+        f"({result.manifest['keys']:,} keys; counted {records['counted']:,}, skipped {records['skipped']:,}, "
+        f"rejected {records['rejected']:,}) in {result.seconds:.2f}s ({rate:,.0f} rows/s)"
+    )
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from kappa.snapshot import read_snapshot, resolve_latest
+
+    settings = _settings(args)
+    pipeline = validate_pipeline_name(args.pipeline)
+    frame, manifest = read_snapshot(settings.snapshot_dir, pipeline)
+    if args.format == "json":
+        rows = json.loads(frame.to_json(orient="records"))
+        print(json.dumps({"manifest": manifest, "rows": rows}, indent=2))
+        return 0
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", args.rows, "display.min_rows", args.rows, "display.width", 120):
+            print(frame.to_string(index=False, max_rows=args.rows))
+    print(f"# snapshot {resolve_latest(settings.snapshot_dir, pipeline)}", file=sys.stderr)
+    print("# manifest " + json.dumps(manifest, sort_keys=True), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="kappa",
+        description="Kappa-architecture stream processor: batch is a replay of the log, live is tailing it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    kafka = commands.add_parser("kafka", parents=[common], help="run the embedded single-node Kafka broker")
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument("--port", type=int, default=9092, help="listener port on 127.0.0.1 (default 9092)")
+    kafka.set_defaults(handler=cmd_kafka)
+
+    load = commands.add_parser("load", parents=[common], help="load a CSV, Parquet or JSON Lines file into the log")
+    load.add_argument("path", help="input file, or - for JSON Lines on stdin")
+    load.add_argument("--key", required=True, help="the row field whose value becomes the message key")
+    load.add_argument("--topic", help="target topic (default: the file name without extension)")
+    load.add_argument("--partitions", type=int, default=8, help="partitions when the topic is created (default 8)")
+    load.set_defaults(handler=cmd_load)
+
+    replay = commands.add_parser("replay", parents=[common], help="run a new generation of a pipeline from offset 0")
+    _pipeline_arguments(replay)
+    replay.add_argument("--batch", action="store_true", help="run in the foreground to the current end offsets, publish, exit")
+    replay.add_argument("--allow-truncated", action="store_true", help="replay even if retention removed the log's start")
+    replay.add_argument("--loglevel", default="warn", choices=["debug", "info", "warn", "error", "crit"])
+    replay.set_defaults(handler=cmd_replay)
+
+    snap = commands.add_parser("snapshot", parents=[common], help="print the latest snapshot and its manifest")
+    snap.add_argument("--pipeline", required=True, help="pipeline name (by default its topic name)")
+    snap.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    snap.add_argument("--rows", type=int, default=20, help="rows shown by --format table (default 20)")
+    snap.set_defaults(handler=cmd_snapshot)
+    return parser
+
+
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topic", required=True, help="the log: the source topic")
+    parser.add_argument("--value", required=True, help="the row field to average")
+    parser.add_argument("--key", default="key", help="row field used as group key when a message has no key (default: key)")
+    parser.add_argument("--pipeline", help="pipeline name (default: the topic name)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KappaError as exc:
+        print(f"kappa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kappa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

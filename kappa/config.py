@@ -1,0 +1,48 @@
+"""Where kappa finds its broker and keeps its files.
+
+Every command shares these three settings so that a worker, a replay and a reader started
+from the same directory agree without further flags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kappa.errors import KappaError
+
+DEFAULT_BROKER = "localhost:9092"
+PIPELINE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: str
+    data_dir: Path
+    snapshot_dir: Path
+
+    @classmethod
+    def from_args(
+        cls, broker: str | None, data_dir: str | os.PathLike | None, snapshot_dir: str | os.PathLike | None
+    ) -> "Settings":
+        return cls(
+            broker=broker or os.environ.get("KAPPA_BROKER") or DEFAULT_BROKER,
+            data_dir=Path(data_dir or os.environ.get("KAPPA_DATA_DIR") or ".kappa").absolute(),
+            snapshot_dir=Path(snapshot_dir or os.environ.get("KAPPA_SNAPSHOT_DIR") or "snapshots").absolute(),
+        )
+
+    def state_dir(self, pipeline: str, generation: int) -> Path:
+        """One RocksDB home per (pipeline, generation): generations never share state."""
+        return self.data_dir / "state" / pipeline / f"g{generation}"
+
+
+def validate_pipeline_name(name: str) -> str:
+    """Pipeline names become directory, app-id and topic-name parts, so keep them plain."""
+    if not PIPELINE_NAME.match(name):
+        raise KappaError(
+            f"pipeline name {name!r} is not usable: expected letters, digits, '.', '_' or '-'; "
+            "pass --pipeline NAME"
+        )
+    return name

@@ -1,0 +1,159 @@
+"""Replays: a new generation of a pipeline, consuming the log from offset 0.
+
+A batch replay captures the log's end offsets first, runs the Faust worker in this process
+until every partition has reached them, publishes the table as a snapshot, makes the
+generation current, and exits. Records produced after the start are left for live work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faust
+
+from agents.grouped_mean import Definition, Progress
+from kappa import admin, snapshot
+from kappa.app import Pipeline, create_pipeline
+from kappa.config import Settings
+from kappa.errors import KappaError
+from kappa.generations import Registry
+from kappa.progress import ProgressLine
+from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
+
+WATCH_INTERVAL_S = 0.25
+
+
+@dataclass
+class ReplayResult:
+    generation: int
+    path: Path
+    manifest: dict
+    seconds: float
+
+
+def check_log_starts_at_zero(starts: dict[int, int], topic: str, allow_truncated: bool) -> None:
+    """A replay over a log that retention has cut would silently drop history; refuse it."""
+    truncated = {p: start for p, start in starts.items() if start > 0}
+    if truncated and not allow_truncated:
+        detail = ", ".join(f"partition {p} starts at {s}" for p, s in sorted(truncated.items()))
+        raise KappaError(
+            f"topic {topic!r} no longer starts at offset 0 ({detail}): retention removed records, so a replay "
+            "cannot cover all history; pass --allow-truncated to replay what is left"
+        )
+
+
+def collect_table(pipe: Pipeline) -> tuple[dict[str, MeanState], dict[str, int]]:
+    """Read every partition's partial aggregates and stats out of RocksDB and merge them."""
+    partials: list[tuple[bytes, MeanState]] = []
+    totals = PartitionStats()
+    for key, value in pipe.table.data.items():
+        if key == STATS_KEY:
+            stats = PartitionStats.decode(value)
+            totals.counted += stats.counted
+            totals.skipped += stats.skipped
+            totals.rejected += stats.rejected
+        else:
+            partials.append((key, MeanState.decode(value)))
+    records = {"counted": totals.counted, "skipped": totals.skipped, "rejected": totals.rejected}
+    return snapshot.merge_partials(partials), records
+
+
+def run_batch(
+    settings: Settings,
+    pipeline: str,
+    definition: Definition,
+    *,
+    allow_truncated: bool = False,
+    loglevel: str = "warn",
+) -> ReplayResult:
+    admin.wait_until_reachable(settings.broker)
+    partitions = admin.require_partition_count(settings.broker, definition.topic)
+    marks = admin.watermarks(settings.broker, definition.topic, partitions)
+    check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
+    end_offsets = {p: high for p, (_, high) in marks.items()}
+    admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+    registry = Registry(settings.snapshot_dir, pipeline)
+    definition_record = {"topic": definition.topic, "value": definition.value_field, "key": definition.key_field}
+    generation = registry.begin("batch", definition_record)
+    total = sum(end_offsets.values())
+    print(
+        f"replay {pipeline} generation {generation}: {total:,} records in {partitions} partitions "
+        f"of {definition.topic!r}, from offset 0 to the end offsets captured now",
+        file=sys.stderr,
+        flush=True,
+    )
+    progress = Progress(stop_at=end_offsets)
+    settings.state_dir(pipeline, generation).mkdir(parents=True, exist_ok=True)
+    pipe = create_pipeline(
+        broker=settings.broker,
+        pipeline=pipeline,
+        generation=generation,
+        definition=definition,
+        partitions=partitions,
+        state_dir=settings.state_dir(pipeline, generation),
+        progress=progress,
+    )
+    line = ProgressLine()
+    outcome: dict[str, object] = {}
+
+    async def watch() -> None:
+        if outcome:
+            return
+        done = sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
+        line.update(done, total, label=f"g{generation}")
+        if not progress.reached_stop():
+            return
+        outcome["pending"] = True
+        try:
+            await pipe.app.producer.flush()
+            aggregates, records = collect_table(pipe)
+            frame = snapshot.to_frame(aggregates)
+            manifest = snapshot.build_manifest(
+                pipeline=pipeline,
+                topic=definition.topic,
+                generation=generation,
+                definition=definition_record,
+                offsets=end_offsets,
+                end_offsets=end_offsets,
+                records=records,
+                keys=len(frame),
+            )
+            outcome["path"] = snapshot.publish(settings.snapshot_dir, pipeline, generation, frame, manifest)
+            outcome["manifest"] = manifest
+            registry.mark(generation, "complete", current=True)
+        except Exception as exc:  # reported after the worker stops, as one line
+            outcome["error"] = exc
+        finally:
+            line.finish()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    pipe.app.timer(WATCH_INTERVAL_S, name=f"kappa.{pipeline}.watch")(watch)
+    worker = faust.Worker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)
+    worker.spinner = None  # its cursor escapes would garble our own progress line
+    started = time.monotonic()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        pass
+    finally:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+    seconds = time.monotonic() - started
+    if "error" in outcome:
+        registry.mark(generation, "failed")
+        error = outcome["error"]
+        if isinstance(error, KappaError):
+            raise error
+        raise KappaError(f"replay of generation {generation} failed while publishing: {error!r}")
+    if "path" not in outcome:
+        registry.mark(generation, "failed")
+        raise KappaError(
+            f"replay of generation {generation} stopped before reaching the end offsets; "
+            f"its state is kept under {settings.state_dir(pipeline, generation)}, run the replay again"
+        )
+    return ReplayResult(generation, outcome["path"], outcome["manifest"], seconds)

@@ -1,0 +1,99 @@
+"""The grouped-mean table: a sum and a count per group key, in RocksDB, with a changelog.
+
+Layout. Faust keeps one RocksDB database and one changelog partition per source partition,
+and a write lands in the partition of the event being processed. So each source partition
+holds *partial* aggregates for the keys it has seen; a key spread over several partitions
+has several entries, and a snapshot adds them up (sum and count are additive).
+
+Idempotence. Every entry carries the offset after the last record applied to it, and each
+partition keeps a stats entry with its own next offset. A record whose offset is below its
+key's stored offset has already been applied and is skipped. Nothing has to be atomic
+across keys, so a crash between two writes, a changelog restore or a re-delivered batch can
+never count a record twice (the Quix Streams recovery idea, without Kafka transactions).
+
+Sums use Neumaier compensation so that 1e12 magnitudes and small values together still
+agree with pandas to far better than the 1e-9 the product promises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+TABLE_NAME = "grouped_mean"
+# A key that is not valid UTF-8 can never be a group key, so it is free for bookkeeping.
+STATS_KEY = b"\xff\x00kappa-partition-stats"
+
+
+@dataclass(slots=True)
+class MeanState:
+    """Partial aggregate of one key within one source partition."""
+
+    total: float = 0.0
+    compensation: float = 0.0
+    count: int = 0
+    next_offset: int = 0
+
+    def _accumulate(self, value: float) -> None:
+        total = self.total + value
+        if abs(self.total) >= abs(value):
+            self.compensation += (self.total - total) + value
+        else:
+            self.compensation += (value - total) + self.total
+        self.total = total
+
+    def add(self, value: float) -> None:
+        self._accumulate(value)
+        self.count += 1
+
+    @property
+    def sum(self) -> float:
+        return self.total + self.compensation
+
+    def merge(self, other: "MeanState") -> None:
+        self._accumulate(other.total)
+        self._accumulate(other.compensation)
+        self.count += other.count
+
+    def encode(self) -> bytes:
+        return orjson.dumps([self.total, self.compensation, self.count, self.next_offset])
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> "MeanState":
+        if raw is None:
+            return cls()
+        total, compensation, count, next_offset = orjson.loads(raw)
+        return cls(total, compensation, count, next_offset)
+
+
+@dataclass(slots=True)
+class PartitionStats:
+    """Record counts of one source partition, kept beside its aggregates."""
+
+    counted: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    next_offset: int = 0
+
+    def encode(self) -> bytes:
+        return orjson.dumps([self.counted, self.skipped, self.rejected, self.next_offset])
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> "PartitionStats":
+        if raw is None:
+            return cls()
+        return cls(*orjson.loads(raw))
+
+
+def define_table(app, partitions: int):
+    """The table as Faust sees it: raw bytes in and out (bytes types select Faust's raw
+    codec), so our own compact encoding stays in charge."""
+    return app.Table(
+        TABLE_NAME,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=partitions,
+        help="sum and count per group key, per source partition",
+    )

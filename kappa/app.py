@@ -62,9 +62,7 @@ def create_pipeline(
         producer_max_batch_size=1024 * 1024,
         table_cleanup_interval=3600.0,
     )
-    source = app.topic(
-        definition.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
+    source = app.topic(definition.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(
         definition.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )

@@ -83,7 +83,9 @@ def resolve_jars() -> Path:
     if done.exists():
         return libs
     if shutil.which("mvn") is None:
-        raise KappaError("mvn not found: the embedded broker's jars come from Maven Central; install Maven (apt-get install maven)")
+        raise KappaError(
+            "mvn not found: the embedded broker's jars come from Maven Central; install Maven (apt-get install maven)"
+        )
     if not POM.exists():
         raise KappaError(f"broker pom not found at {POM}: run from a kappa checkout or set KAPPA_KAFKA_POM")
     libs.mkdir(parents=True, exist_ok=True)
@@ -201,7 +203,15 @@ def start(data_dir: Path, port: int = 9092) -> str:
     (paths.home / "log4j2.yaml").write_text(LOG4J2)
     paths.config.write_text(_server_properties(paths, port, _free_port()))
     classpath = f"{libs}/*"
-    jvm = [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", f"-Dlog4j2.configurationFile={paths.home / 'log4j2.yaml'}", "-cp", classpath]
+    jvm = [
+        java,
+        "-Xms256m",
+        "-Xmx1g",
+        "-XX:+UseG1GC",
+        f"-Dlog4j2.configurationFile={paths.home / 'log4j2.yaml'}",
+        "-cp",
+        classpath,
+    ]
     if not (paths.logs / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         formatted = subprocess.run(
@@ -211,7 +221,8 @@ def start(data_dir: Path, port: int = 9092) -> str:
             timeout=120,
         )
         if formatted.returncode != 0:
-            raise KappaError(f"formatting Kafka storage in {paths.logs} failed: {(formatted.stderr or formatted.stdout).strip()[-300:]}")
+            reason = (formatted.stderr or formatted.stdout).strip()[-300:]
+            raise KappaError(f"formatting Kafka storage in {paths.logs} failed: {reason}")
     with open(paths.output, "ab") as log:
         process = subprocess.Popen(
             [*jvm, "kafka.Kafka", str(paths.config)],
@@ -226,7 +237,9 @@ def start(data_dir: Path, port: int = 9092) -> str:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             paths.pid.unlink(missing_ok=True)
-            raise KappaError(f"the Kafka broker exited with code {process.returncode} while starting: {_tail(paths.output)}")
+            raise KappaError(
+                f"the Kafka broker exited with code {process.returncode} while starting: {_tail(paths.output)}"
+            )
         if _answers(port, timeout=2):
             return f"127.0.0.1:{port}"
         time.sleep(0.3)

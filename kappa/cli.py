@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from kappa.config import Settings, validate_pipeline_name
 from kappa.errors import KappaError
@@ -65,10 +65,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from kappa.replay import run_batch
 
     if not args.batch:
-        raise KappaError("a replay beside running workers is not available yet: pass --batch to replay in the foreground")
+        raise KappaError(
+            "a replay beside running workers is not available yet: pass --batch to replay in the foreground"
+        )
     pipeline = validate_pipeline_name(args.pipeline or args.topic)
     definition = Definition(topic=args.topic, value_field=args.value, key_field=args.key)
-    result = run_batch(_settings(args), pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel)
+    result = run_batch(
+        _settings(args), pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel
+    )
     records = result.manifest["records"]
     rate = sum(records.values()) / result.seconds if result.seconds else 0.0
     print(
@@ -123,8 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = commands.add_parser("replay", parents=[common], help="run a new generation of a pipeline from offset 0")
     _pipeline_arguments(replay)
-    replay.add_argument("--batch", action="store_true", help="run in the foreground to the current end offsets, publish, exit")
-    replay.add_argument("--allow-truncated", action="store_true", help="replay even if retention removed the log's start")
+    replay.add_argument(
+        "--batch", action="store_true", help="run in the foreground to the current end offsets, publish, exit"
+    )
+    replay.add_argument(
+        "--allow-truncated", action="store_true", help="replay even if retention removed the log's start"
+    )
     replay.add_argument("--loglevel", default="warn", choices=["debug", "info", "warn", "error", "crit"])
     replay.set_defaults(handler=cmd_replay)
 
@@ -139,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", required=True, help="the log: the source topic")
     parser.add_argument("--value", required=True, help="the row field to average")
-    parser.add_argument("--key", default="key", help="row field used as group key when a message has no key (default: key)")
+    parser.add_argument(
+        "--key", default="key", help="row field used as group key when a message has no key (default: key)"
+    )
     parser.add_argument("--pipeline", help="pipeline name (default: the topic name)")
 
 

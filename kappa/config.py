@@ -42,7 +42,6 @@ def validate_pipeline_name(name: str) -> str:
     """Pipeline names become directory, app-id and topic-name parts, so keep them plain."""
     if not PIPELINE_NAME.match(name):
         raise KappaError(
-            f"pipeline name {name!r} is not usable: expected letters, digits, '.', '_' or '-'; "
-            "pass --pipeline NAME"
+            f"pipeline name {name!r} is not usable: expected letters, digits, '.', '_' or '-'; pass --pipeline NAME"
         )
     return name

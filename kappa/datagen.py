@@ -21,7 +21,7 @@ AWKWARD_KEYS = [
     "1e3",
     "emoji 🎉",
     " padded ",
-    "comma, and \"quote\"",
+    'comma, and "quote"',
 ]
 
 

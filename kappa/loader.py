@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import sys
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import orjson
 import pandas as pd
@@ -56,7 +56,7 @@ def _require_column(columns, key: str, source: str) -> None:
 
 def _frame_messages(frame: pd.DataFrame, key: str, source: str) -> Iterator[Message]:
     keys = frame[key].tolist()
-    for key_value, row in zip(keys, frame.to_dict("records")):
+    for key_value, row in zip(keys, frame.to_dict("records"), strict=True):
         yield _key_bytes(key_value), orjson.dumps(row, default=str, option=ORJSON_OPTIONS)
 
 
@@ -98,7 +98,9 @@ def _detect_format(path: str) -> str:
         return "parquet"
     if lowered.endswith((".csv", ".csv.gz", ".tsv")):
         return "csv"
-    raise KappaError(f"cannot tell the format of {path!r}: expected a .csv, .parquet or .jsonl file, or - for JSON Lines on stdin")
+    raise KappaError(
+        f"cannot tell the format of {path!r}: expected a .csv, .parquet or .jsonl file, or - for JSON Lines on stdin"
+    )
 
 
 def _messages(path: str, key: str, stats: JsonLinesStats) -> tuple[Iterator[Message], int | None]:

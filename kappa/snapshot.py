@@ -12,9 +12,9 @@ import os
 import re
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -26,9 +26,7 @@ from tables.grouped_mean import MeanState
 
 KEEP_SNAPSHOTS = 5
 SNAPSHOT_DIR = re.compile(r"^g(\d+)-(\d+)$")
-SCHEMA = pa.schema(
-    [("key", pa.string()), ("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64())]
-)
+SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64())])
 
 
 def merge_partials(partials: Iterable[tuple[bytes, MeanState]]) -> dict[str, MeanState]:
@@ -77,7 +75,7 @@ def _next_sequence(pipeline_dir: Path, generation: int) -> int:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def publish(snapshot_dir: Path, pipeline: str, generation: int, frame: pd.DataFrame, manifest: dict) -> Path:

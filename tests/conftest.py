@@ -63,9 +63,8 @@ class Kappa:
             cwd=REPO,
         )
         if check and result.returncode != 0:
-            raise AssertionError(
-                f"kappa {' '.join(args)} exited {result.returncode}:\n{result.stdout.decode()}\n{result.stderr.decode()}"
-            )
+            output = f"{result.stdout.decode()}\n{result.stderr.decode()}"
+            raise AssertionError(f"kappa {' '.join(args)} exited {result.returncode}:\n{output}")
         return result
 
     def load(self, path: Path | str, key: str, topic: str, partitions: int = 8, **kwargs):

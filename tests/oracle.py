@@ -43,4 +43,6 @@ def assert_matches(table: pd.DataFrame, expected: pd.DataFrame) -> None:
 
 
 def assert_tables_identical(left: pd.DataFrame, right: pd.DataFrame) -> None:
-    pd.testing.assert_frame_equal(left.reset_index(drop=True), right.reset_index(drop=True), check_exact=False, rtol=RTOL)
+    pd.testing.assert_frame_equal(
+        left.reset_index(drop=True), right.reset_index(drop=True), check_exact=False, rtol=RTOL
+    )

@@ -37,7 +37,11 @@ def test_generated_data_matches_pandas(kappa, generated_csv):
     raw = pd.read_csv(generated_csv, dtype={KEY: str})
     keyless = int(raw[KEY].isna().sum())
     no_value = int((raw[KEY].notna() & raw[VALUE].isna()).sum())
-    assert manifest["records"] == {"counted": int(expected["count"].sum()), "skipped": keyless + no_value, "rejected": 0}
+    assert manifest["records"] == {
+        "counted": int(expected["count"].sum()),
+        "skipped": keyless + no_value,
+        "rejected": 0,
+    }
     assert manifest["keys"] == len(expected)
     assert manifest["complete"] is True
     assert manifest["offsets"] == manifest["end_offsets"]

@@ -1,0 +1,79 @@
+"""Commands fail with one clear line and a non-zero exit on bad input or an unreachable broker."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def kappa_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kappa", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_broker_is_one_clear_line(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"k": "a", "v": 1}\n')
+    result = kappa_cli("load", str(data), "--key", "k", "--topic", "t", "--broker", f"127.0.0.1:{closed_port()}")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Kafka broker" in lines[0] and "kappa kafka start" in lines[0]
+
+
+def test_missing_key_column_names_the_columns(kappa, tmp_path):
+    data = tmp_path / "rows.csv"
+    data.write_text("city,amount\nx,1\n")
+    result = kappa.run("load", str(data), "--key", "town", "--topic", kappa.topic(), check=False)
+    assert result.returncode != 0
+    assert "key column 'town' not found" in result.stderr.decode() and "city, amount" in result.stderr.decode()
+
+
+def test_missing_arguments_and_help():
+    missing = kappa_cli("load", "x.csv")
+    assert missing.returncode == 2 and "--key" in missing.stderr
+    helped = kappa_cli("replay", "--help")
+    assert helped.returncode == 0 and "--batch" in helped.stdout
+
+
+def test_kafka_start_refuses_a_taken_port(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        result = kappa_cli("kafka", "start", "--port", str(port), "--data-dir", str(tmp_path))
+    assert result.returncode != 0
+    assert f"port {port}" in result.stderr and "already in use" in result.stderr
+
+
+def test_kafka_lifecycle_is_idempotent(tmp_path):
+    port = closed_port()
+    flags = ["--port", str(port), "--data-dir", str(tmp_path)]
+    try:
+        first = kappa_cli("kafka", "start", *flags, timeout=180)
+        assert first.returncode == 0, first.stderr
+        assert f"127.0.0.1:{port}" in first.stdout
+        again = kappa_cli("kafka", "start", *flags, timeout=60)
+        assert again.returncode == 0 and f"127.0.0.1:{port}" in again.stdout
+        status = kappa_cli("kafka", "status", "--data-dir", str(tmp_path))
+        assert status.returncode == 0 and "answers: True" in status.stdout
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        local_addresses = [line.split()[3] for line in listening.splitlines()]
+        assert local_addresses and all(
+            address.rsplit(":", 1)[0].endswith("127.0.0.1]") or address.startswith("127.0.0.1:")
+            for address in local_addresses
+        )
+    finally:
+        stopped = kappa_cli("kafka", "stop", "--data-dir", str(tmp_path), timeout=60)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    after = kappa_cli("kafka", "status", "--data-dir", str(tmp_path))
+    assert after.returncode == 1 and "not running" in after.stdout

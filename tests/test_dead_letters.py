@@ -1,0 +1,97 @@
+"""SPEC.md's record rules: counted, skipped and rejected, with rejected records kept in <topic>.dlq."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+from confluent_kafka import Consumer, Producer
+
+from kappa.admin import client_config, ensure_topic
+from tests.oracle import read_latest
+
+BIG = orjson.dumps({"v": 1, "pad": "x" * (1 << 20)})
+
+# (key, value, verdict, key in table) as an outside producer might write them.
+CASES = [
+    (b"a", b"not json", "rejected"),
+    (b"a", b"[1, 2]", "rejected"),
+    (b"a", b'"a string"', "rejected"),
+    (b"a", b"42", "rejected"),
+    (b"a", b'{"v": "abc"}', "rejected"),
+    (b"a", b'{"v": true}', "rejected"),
+    (b"a", b'{"v": [1]}', "rejected"),
+    (b"a", b'{"v": {}}', "rejected"),
+    (b"\xff\xfe", b'{"v": 1}', "rejected"),
+    (b"b", b"", "rejected"),
+    (b"a", b'{"v": "3.5"}', "counted"),
+    (b"a", b'{"v": NaN}', "skipped"),
+    (b"a", b'{"v": -Infinity}', "skipped"),
+    (b"a", b'{"v": null}', "skipped"),
+    (None, b'{"v": 1}', "skipped"),
+    (None, b'{"k": "c", "v": 2}', "counted"),
+    (b"b", b'{"v": 1e3}', "counted"),
+    (b"d", b'{"k": "ignored", "v": 4}', "counted"),
+    (b"big", BIG, "counted"),
+]
+
+
+def produce(broker: str, topic: str, cases) -> None:
+    producer = Producer(client_config(broker, **{"message.max.bytes": 4 << 20, "partitioner": "consistent_random"}))
+    for key, value, _ in cases:
+        producer.produce(topic, value, key)
+    assert producer.flush(30) == 0
+
+
+def consume_all(broker: str, topic: str, expected: int) -> list:
+    consumer = Consumer(
+        client_config(
+            broker, **{"group.id": f"check-{topic}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
+        )
+    )
+    consumer.subscribe([topic])
+    messages = []
+    try:
+        for _ in range(200):
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                messages.append(message)
+            if len(messages) >= expected:
+                extra = consumer.poll(2.0)
+                if extra is not None and extra.error() is None:
+                    messages.append(extra)
+                break
+    finally:
+        consumer.close()
+    return messages
+
+
+def test_rejected_records_reach_the_dlq_and_counts_are_exact(kappa):
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 3)
+    produce(kappa.broker, topic, CASES)
+    kappa.replay_batch(topic, "v", "k")
+
+    verdicts = [verdict for _, _, verdict in CASES]
+    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["records"] == {kind: verdicts.count(kind) for kind in ("counted", "skipped", "rejected")}
+    table = parquet_table.set_index("key")
+    assert table.index.tolist() == ["a", "b", "big", "c", "d"]
+    assert table["count"].tolist() == [1, 1, 1, 1, 1]
+    assert table["sum"].tolist() == [3.5, 1000.0, 1.0, 2.0, 4.0]
+    assert csv_table["key"].tolist() == table.index.tolist()
+
+    rejected = [(key, value) for key, value, verdict in CASES if verdict == "rejected"]
+    dead = consume_all(kappa.broker, f"{topic}.dlq", len(rejected))
+    assert len(dead) == len(rejected)
+    assert sorted((m.key() or b"", m.value() or b"") for m in dead) == sorted((k or b"", v) for k, v in rejected)
+    for message in dead:
+        headers = {name: value.decode() for name, value in message.headers()}
+        assert headers["kappa.source.topic"] == topic
+        assert int(headers["kappa.source.partition"]) == message.partition()
+        assert int(headers["kappa.source.offset"]) >= 0
+        assert headers["kappa.error"]
+    errors = {m.value(): dict(m.headers())["kappa.error"].decode() for m in dead}
+    assert "not numeric" in errors[b'{"v": "abc"}']
+    assert "UTF-8" in next(dict(m.headers())["kappa.error"].decode() for m in dead if m.key() == b"\xff\xfe")
+    assert not math.isnan(table.loc["a", "mean"])

@@ -45,6 +45,7 @@ class Progress:
     next_offsets: dict[int, int] = field(default_factory=dict)
     stop_at: Mapping[int, int] | None = None
     records_seen: int = 0
+    dirty: set[int] = field(default_factory=set)
 
     def reached_stop(self) -> bool:
         if self.stop_at is None:
@@ -126,3 +127,4 @@ class GroupedMeanAgent:
             table[key] = state.encode()
         table[STATS_KEY] = stats.encode()
         self.progress.next_offsets[partition] = max(stats.next_offset, self.progress.next_offsets.get(partition, 0))
+        self.progress.dirty.add(partition)

@@ -108,3 +108,26 @@ def watermarks(broker: str, topic: str, partitions: int) -> dict[int, tuple[int,
 
 def end_offsets(broker: str, topic: str, partitions: int) -> dict[int, int]:
     return {p: high for p, (_, high) in watermarks(broker, topic, partitions).items()}
+
+
+def commit_offsets(broker: str, group: str, topic: str, offsets: dict[int, int]) -> None:
+    """Set a (memberless) consumer group's committed offsets, e.g. to a batch run's exact cut."""
+    consumer = Consumer(client_config(broker, **{"group.id": group, "enable.auto.commit": False}))
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
+    except KafkaException as exc:
+        raise KappaError(f"could not commit offsets for group {group!r}: {exc.args[0].str()}") from None
+    finally:
+        consumer.close()
+
+
+def committed_offsets(broker: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+    """A group's committed next offset per partition (None where it has committed nothing)."""
+    consumer = Consumer(client_config(broker, **{"group.id": group, "enable.auto.commit": False}))
+    try:
+        committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    except KafkaException as exc:
+        raise KappaError(f"could not read committed offsets of group {group!r}: {exc.args[0].str()}") from None
+    finally:
+        consumer.close()
+    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed}

@@ -61,7 +61,6 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from agents.grouped_mean import Definition
     from kappa.replay import run_batch
 
     if not args.batch:
@@ -69,7 +68,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "a replay beside running workers is not available yet: pass --batch to replay in the foreground"
         )
     pipeline = validate_pipeline_name(args.pipeline or args.topic)
-    definition = Definition(topic=args.topic, value_field=args.value, key_field=args.key)
+    definition = _definition(args)
     result = run_batch(
         _settings(args), pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel
     )
@@ -80,6 +79,41 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"({result.manifest['keys']:,} keys; counted {records['counted']:,}, skipped {records['skipped']:,}, "
         f"rejected {records['rejected']:,}) in {result.seconds:.2f}s ({rate:,.0f} rows/s)"
     )
+    return 0
+
+
+def _definition(args: argparse.Namespace):
+    from agents.grouped_mean import Definition
+
+    return Definition(topic=args.topic, value_field=args.value, key_field=args.key)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from kappa.worker import Supervisor
+
+    if args.processes < 1 or args.snapshot_interval <= 0:
+        raise KappaError("--processes must be at least 1 and --snapshot-interval above 0")
+    pipeline = validate_pipeline_name(args.pipeline or args.topic)
+    supervisor = Supervisor(
+        _settings(args), pipeline, _definition(args), args.processes, args.snapshot_interval, args.loglevel
+    )
+    return supervisor.run()
+
+
+def cmd_worker_process(args: argparse.Namespace) -> int:
+    from kappa.worker import run_process
+
+    pipeline = validate_pipeline_name(args.pipeline or args.topic)
+    return run_process(
+        _settings(args), pipeline, _definition(args), args.generation, args.index, args.snapshot_interval, args.loglevel
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from kappa import status
+
+    state = status.gather(_settings(args), args.pipeline)
+    print(status.dumps(state) if args.json else status.render(state))
     return 0
 
 
@@ -133,8 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--allow-truncated", action="store_true", help="replay even if retention removed the log's start"
     )
-    replay.add_argument("--loglevel", default="warn", choices=["debug", "info", "warn", "error", "crit"])
+    _loglevel(replay)
     replay.set_defaults(handler=cmd_replay)
+
+    worker = commands.add_parser("worker", parents=[common], help="run N live worker processes tailing the log")
+    _pipeline_arguments(worker)
+    worker.add_argument("--processes", type=int, default=1, help="worker processes on this host (default 1)")
+    worker.add_argument("--snapshot-interval", type=float, default=10.0, help="seconds between snapshots (default 10)")
+    _loglevel(worker)
+    worker.set_defaults(handler=cmd_worker)
+
+    process = commands.add_parser("worker-process", parents=[common])  # internal: one child of `kappa worker`
+    _pipeline_arguments(process)
+    process.add_argument("--generation", type=int, required=True)
+    process.add_argument("--index", type=int, required=True)
+    process.add_argument("--snapshot-interval", type=float, default=10.0)
+    _loglevel(process)
+    process.set_defaults(handler=cmd_worker_process)
+
+    status = commands.add_parser("status", parents=[common], help="broker, offsets, generations, lag and snapshots")
+    status.add_argument("--pipeline", help="only this pipeline (default: every pipeline under --snapshot-dir)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
 
     snap = commands.add_parser("snapshot", parents=[common], help="print the latest snapshot and its manifest")
     snap.add_argument("--pipeline", required=True, help="pipeline name (by default its topic name)")
@@ -142,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("--rows", type=int, default=20, help="rows shown by --format table (default 20)")
     snap.set_defaults(handler=cmd_snapshot)
     return parser
+
+
+def _loglevel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loglevel", default="warn", choices=["debug", "info", "warn", "error", "crit"])
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:

@@ -144,6 +144,10 @@ def run_batch(
     finally:
         asyncio.set_event_loop(asyncio.new_event_loop())
     seconds = time.monotonic() - started
+    if "path" in outcome:
+        # Faust may have committed past the cut; a live worker continuing this generation
+        # must resume exactly where the published table stops.
+        admin.commit_offsets(settings.broker, pipe.app.conf.id, definition.topic, end_offsets)
     if "error" in outcome:
         registry.mark(generation, "failed")
         error = outcome["error"]

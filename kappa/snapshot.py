@@ -7,6 +7,7 @@ reader that resolves `latest` once therefore sees one complete, consistent cut.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -83,8 +84,19 @@ def publish(snapshot_dir: Path, pipeline: str, generation: int, frame: pd.DataFr
     pipeline_dir = snapshot_dir / pipeline
     try:
         pipeline_dir.mkdir(parents=True, exist_ok=True)
-        name = f"g{generation}-{_next_sequence(pipeline_dir, generation):06d}"
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=pipeline_dir))
+        with open(pipeline_dir / ".publish.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one publisher at a time allocates names and moves `latest`
+            final = _write_and_link(pipeline_dir, generation, frame, manifest)
+    except OSError as exc:
+        raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc
+    prune(pipeline_dir)
+    return final
+
+
+def _write_and_link(pipeline_dir: Path, generation: int, frame: pd.DataFrame, manifest: dict) -> Path:
+    name = f"g{generation}-{_next_sequence(pipeline_dir, generation):06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=pipeline_dir))
+    try:
         frame.to_csv(staging / "table.csv", index=False, lineterminator="\r\n", encoding="utf-8")
         pq.write_table(pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False), staging / "table.parquet")
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -93,14 +105,14 @@ def publish(snapshot_dir: Path, pipeline: str, generation: int, frame: pd.DataFr
         os.chmod(staging, 0o755)
         final = pipeline_dir / name
         os.rename(staging, final)
-        link = pipeline_dir / f".latest.{os.getpid()}"
-        link.unlink(missing_ok=True)
-        os.symlink(name, link)
-        os.replace(link, pipeline_dir / "latest")
-        _fsync_dir(pipeline_dir)
-    except OSError as exc:
-        raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc
-    prune(pipeline_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    link = pipeline_dir / f".latest.{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(name, link)
+    os.replace(link, pipeline_dir / "latest")
+    _fsync_dir(pipeline_dir)
     return final
 
 

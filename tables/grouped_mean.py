@@ -97,3 +97,29 @@ def define_table(app, partitions: int):
         partitions=partitions,
         help="sum and count per group key, per source partition",
     )
+
+
+def partition_items(table, partition: int):
+    """(key, raw value) pairs of one source partition's RocksDB database.
+
+    Faust exposes iteration over all active partitions only; a per-partition image is what
+    lets several processes each publish the partitions they own. Faust's own bookkeeping key
+    (its changelog offset) is left out.
+    """
+    store = table.data
+    db = store._db_for_partition(partition)
+    for key, value in db.items():
+        if key != store.offset_key:
+            yield key, value
+
+
+def read_partition(table, partition: int) -> tuple[list[tuple[bytes, MeanState]], PartitionStats]:
+    """One partition's partial aggregates and stats, read in one pass."""
+    partials: list[tuple[bytes, MeanState]] = []
+    stats = PartitionStats()
+    for key, value in partition_items(table, partition):
+        if key == STATS_KEY:
+            stats = PartitionStats.decode(value)
+        else:
+            partials.append((key, MeanState.decode(value)))
+    return partials, stats

@@ -1,0 +1,141 @@
+"""`kappa status`: one view of the broker, the logs, generations, lag and snapshots."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+
+from kappa import admin
+from kappa.app import app_id
+from kappa.config import Settings
+from kappa.errors import KappaError
+from kappa.generations import Registry
+from kappa.snapshot import read_snapshot
+
+
+def _age_s(stamp: str) -> float:
+    created = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return round((datetime.now(UTC) - created).total_seconds(), 1)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _processes(settings: Settings, pipeline: str, generation: int) -> list[dict]:
+    directory = settings.data_dir / "run" / pipeline / f"g{generation}"
+    found = []
+    for path in sorted(directory.glob("process-*.json")) if directory.is_dir() else []:
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        local = beat.get("host") == os.uname().nodename
+        if local and not _pid_alive(beat["pid"]):
+            continue
+        beat["heartbeat_age_s"] = _age_s(beat["updated_at"])
+        found.append(beat)
+    return found
+
+
+def pipeline_status(settings: Settings, pipeline: str) -> dict:
+    registry = Registry(settings.snapshot_dir, pipeline).read()
+    current = registry.get("current")
+    generations = registry.get("generations", {})
+    topic = next((g["definition"]["topic"] for g in generations.values() if g.get("definition")), pipeline)
+    partitions = admin.partition_count(settings.broker, topic) or 0
+    ends = admin.end_offsets(settings.broker, topic, partitions) if partitions else {}
+    result: dict = {
+        "pipeline": pipeline,
+        "topic": topic,
+        "partitions": partitions,
+        "end_offsets": {str(p): o for p, o in ends.items()},
+        "current_generation": current,
+        "generations": [],
+    }
+    for number, entry in sorted(generations.items(), key=lambda item: int(item[0])):
+        if entry.get("state") in {"retired", "failed"}:
+            continue
+        committed = admin.committed_offsets(settings.broker, app_id(pipeline, int(number)), topic, partitions)
+        lag = {str(p): ends[p] - (committed.get(p) or 0) for p in ends}
+        result["generations"].append(
+            {
+                "generation": int(number),
+                "state": entry.get("state"),
+                "mode": entry.get("mode"),
+                "definition": entry.get("definition"),
+                "committed": {str(p): o for p, o in committed.items()},
+                "lag": lag,
+                "total_lag": sum(lag.values()),
+                "processes": _processes(settings, pipeline, int(number)),
+            }
+        )
+    try:
+        _, manifest = read_snapshot(settings.snapshot_dir, pipeline)
+        result["latest_snapshot"] = {
+            "generation": manifest["generation"],
+            "age_s": _age_s(manifest["created_at"]),
+            "keys": manifest["keys"],
+            "complete": manifest["complete"],
+            "records": manifest["records"],
+        }
+    except KappaError:
+        result["latest_snapshot"] = None
+    return result
+
+
+def gather(settings: Settings, pipeline: str | None = None) -> dict:
+    admin.wait_until_reachable(settings.broker, timeout=5)
+    if pipeline:
+        names = [pipeline]
+    elif settings.snapshot_dir.is_dir():
+        names = sorted(p.name for p in settings.snapshot_dir.iterdir() if (p / "generations.json").exists())
+    else:
+        names = []
+    return {"broker": settings.broker, "pipelines": [pipeline_status(settings, name) for name in names]}
+
+
+def render(status: dict) -> str:
+    lines = [f"broker {status['broker']}: reachable"]
+    if not status["pipelines"]:
+        lines.append("no pipelines yet: run `scripts/replay --batch` or `kappa worker`")
+    for pipe in status["pipelines"]:
+        ends = ", ".join(f"{p}:{o}" for p, o in pipe["end_offsets"].items())
+        lines.append(
+            f"pipeline {pipe['pipeline']}: topic {pipe['topic']!r}, {pipe['partitions']} partitions, end offsets {ends}"
+        )
+        lines.append(f"  current generation: {pipe['current_generation']}")
+        for gen in pipe["generations"]:
+            per_partition = ", ".join(f"{p}:{lag}" for p, lag in gen["lag"].items())
+            value = (gen["definition"] or {}).get("value")
+            lines.append(
+                f"  generation {gen['generation']} [{gen['state']}, {gen['mode']}] value={value}"
+                f" lag {gen['total_lag']:,} ({per_partition})"
+            )
+            for proc in gen["processes"]:
+                lines.append(
+                    f"    process pid {proc['pid']} on {proc['host']}: partitions {proc['partitions']}, "
+                    f"heartbeat {proc['heartbeat_age_s']}s ago"
+                )
+        snap = pipe["latest_snapshot"]
+        if snap:
+            records = snap["records"]
+            lines.append(
+                f"  latest snapshot: generation {snap['generation']}, {snap['keys']:,} keys, {snap['age_s']}s old, "
+                f"complete={snap['complete']}; counted {records['counted']:,}, skipped {records['skipped']:,}, "
+                f"rejected {records['rejected']:,}"
+            )
+        else:
+            lines.append("  latest snapshot: none yet")
+    return "\n".join(lines)
+
+
+def dumps(status: dict) -> str:
+    return json.dumps(status, indent=2, default=str)

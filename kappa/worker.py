@@ -1,0 +1,325 @@
+"""`kappa worker`: N Faust processes tail the log; a supervisor publishes merged snapshots.
+
+Each process owns some source partitions (Faust's consumer group decides which), keeps its
+own RocksDB directory, and every S seconds writes a part for each partition that changed
+(kappa.parts). The supervisor merges the newest part of every partition and publishes a
+snapshot when the cut moved. Publishing is thus off the processing path, and it works the
+same when processes on several hosts share one snapshot directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faust
+
+from agents.grouped_mean import Definition, Progress
+from kappa import admin, parts, snapshot
+from kappa.app import Pipeline, app_id, create_pipeline
+from kappa.config import Settings
+from kappa.errors import KappaError
+from kappa.generations import Registry
+from tables.grouped_mean import read_partition
+
+log = logging.getLogger("kappa.worker")
+STOP_GRACE_S = 60.0
+RESTART_DELAY_S = 2.0
+
+
+def run_dir(settings: Settings, pipeline: str, generation: int) -> Path:
+    """Heartbeat files of live processes, read by `kappa status`."""
+    return settings.data_dir / "run" / pipeline / f"g{generation}"
+
+
+def definition_record(definition: Definition) -> dict:
+    return {"topic": definition.topic, "value": definition.value_field, "key": definition.key_field}
+
+
+def current_generation(settings: Settings, pipeline: str, definition: Definition) -> int:
+    """The generation live workers should run: the current one, or a new generation 1."""
+    registry = Registry(settings.snapshot_dir, pipeline)
+    state = registry.read()
+    current = state.get("current")
+    if current is None:
+        generation = registry.begin("live", definition_record(definition))
+        registry.mark(generation, "live", current=True)
+        return generation
+    recorded = state["generations"][str(current)].get("definition", {})
+    if recorded and recorded != definition_record(definition):
+        raise KappaError(
+            f"the current generation {current} of {pipeline!r} computes {recorded}, not "
+            f"{definition_record(definition)}: run `scripts/replay` with the new definition to switch"
+        )
+    return int(current)
+
+
+# --- one worker process -------------------------------------------------------------------
+
+
+class PartWriter:
+    """Writes the parts of this process's partitions, and its heartbeat file."""
+
+    def __init__(self, pipe: Pipeline, directory: Path, heartbeat: Path) -> None:
+        self.pipe = pipe
+        self.directory = directory
+        self.heartbeat = heartbeat
+
+    def assigned(self) -> set[int]:
+        topic = self.pipe.definition.topic
+        return {tp.partition for tp in self.pipe.app.consumer.assignment() if tp.topic == topic}
+
+    def write(self, partitions: set[int]) -> None:
+        for partition in sorted(partitions):
+            partials, stats = read_partition(self.pipe.table, partition)
+            parts.write_part(self.directory, partition, partials, stats)
+
+    def write_dirty(self) -> None:
+        progress = self.pipe.progress
+        owned = self.assigned()
+        dirty, progress.dirty = progress.dirty & owned, set()
+        self.write(dirty)
+        self.beat(owned)
+
+    def beat(self, owned: set[int]) -> None:
+        progress = self.pipe.progress
+        state = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "partitions": sorted(owned),
+            "next_offsets": {str(p): o for p, o in sorted(progress.next_offsets.items()) if p in owned},
+            "records_seen": progress.records_seen,
+            "updated_at": snapshot.utc_now(),
+        }
+        self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.heartbeat.with_suffix(".tmp")
+        staging.write_text(json.dumps(state))
+        os.replace(staging, self.heartbeat)
+
+
+class FinalPartsWorker(faust.Worker):
+    """A Faust worker that writes every owned partition's part before it stops on a signal,
+    while the tables are still open, so a clean shutdown publishes everything applied."""
+
+    part_writer: PartWriter | None = None
+
+    async def _stop_on_signal(self, sig: signal.Signals) -> None:  # mode's signal hook
+        if self.part_writer is not None:
+            try:
+                self.part_writer.write(self.part_writer.assigned())
+            except Exception:  # the stop must go on; the next run rewrites parts
+                log.exception("could not write final parts")
+        await super()._stop_on_signal(sig)
+
+
+def run_process(
+    settings: Settings,
+    pipeline: str,
+    definition: Definition,
+    generation: int,
+    index: int,
+    interval: float,
+    loglevel: str = "warn",
+) -> int:
+    """One worker process: Faust app + agent, and a timer that writes changed parts."""
+    partitions = admin.require_partition_count(settings.broker, definition.topic)
+    state_dir = settings.state_dir(pipeline, generation) / f"p{index}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    pipe = create_pipeline(
+        broker=settings.broker,
+        pipeline=pipeline,
+        generation=generation,
+        definition=definition,
+        partitions=partitions,
+        state_dir=state_dir,
+        progress=progress,
+    )
+    heartbeat = run_dir(settings, pipeline, generation) / f"process-{socket.gethostname()}-{index}.json"
+    writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat)
+
+    async def write_parts() -> None:
+        try:
+            writer.write_dirty()
+        except OSError as exc:
+            log.error("could not write snapshot parts under %s: %s; retrying in %ss", writer.directory, exc, interval)
+
+    async def after_recovery() -> None:
+        progress.dirty |= writer.assigned()  # restored state is publishable even with no new records
+
+    pipe.table.on_recover(after_recovery)
+    pipe.app.timer(interval, name=f"kappa.{pipeline}.parts")(write_parts)
+    worker = FinalPartsWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.spinner = None
+    worker.part_writer = writer
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        heartbeat.unlink(missing_ok=True)
+        return int(exit_.code or 0)
+    finally:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+    return 0
+
+
+# --- the supervisor -----------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    index: int
+    process: subprocess.Popen
+
+
+class Publisher:
+    """Merges parts and publishes a snapshot whenever the cut has moved."""
+
+    def __init__(self, settings: Settings, pipeline: str, definition: Definition, generation: int, partitions: int):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.definition = definition
+        self.generation = generation
+        self.partitions = partitions
+        self.directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
+        self.last_offsets: dict[int, int] | None = self._published_offsets()
+
+    def _published_offsets(self) -> dict[int, int] | None:
+        try:
+            _, manifest = snapshot.read_snapshot(self.settings.snapshot_dir, self.pipeline)
+        except (KappaError, OSError):
+            return None
+        if manifest.get("generation") != self.generation:
+            return None
+        return {int(p): o for p, o in manifest["offsets"].items()}
+
+    def publish_if_changed(self) -> Path | None:
+        started = time.monotonic()
+        merged = parts.merge_parts(self.directory, self.partitions)
+        if not parts.newest_parts(self.directory) or merged.offsets == self.last_offsets:
+            return None
+        end_offsets = admin.end_offsets(self.settings.broker, self.definition.topic, self.partitions)
+        manifest = snapshot.build_manifest(
+            pipeline=self.pipeline,
+            topic=self.definition.topic,
+            generation=self.generation,
+            definition=definition_record(self.definition),
+            offsets=merged.offsets,
+            end_offsets=end_offsets,
+            records=merged.records,
+            keys=len(merged.frame),
+        )
+        path = snapshot.publish(self.settings.snapshot_dir, self.pipeline, self.generation, merged.frame, manifest)
+        self.last_offsets = merged.offsets
+        lag = sum(max(end - merged.offsets.get(p, 0), 0) for p, end in end_offsets.items())
+        print(
+            f"published {path.name}: generation {self.generation}, {len(merged.frame):,} keys, lag {lag:,}, "
+            f"{time.monotonic() - started:.2f}s",
+            flush=True,
+        )
+        return path
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: str,
+        definition: Definition,
+        processes: int,
+        interval: float,
+        loglevel: str,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.definition = definition
+        self.processes = processes
+        self.interval = interval
+        self.loglevel = loglevel
+        self.stopping = False
+        self.children: list[Child] = []
+
+    def _spawn(self, generation: int, index: int) -> Child:
+        command = [
+            sys.executable, "-m", "kappa", "worker-process",
+            "--topic", self.definition.topic, "--value", self.definition.value_field,
+            "--key", self.definition.key_field, "--pipeline", self.pipeline,
+            "--generation", str(generation), "--index", str(index),
+            "--snapshot-interval", str(self.interval), "--loglevel", self.loglevel,
+            "--broker", self.settings.broker, "--data-dir", str(self.settings.data_dir),
+            "--snapshot-dir", str(self.settings.snapshot_dir),
+        ]  # fmt: skip
+        return Child(index, subprocess.Popen(command, stdin=subprocess.DEVNULL))
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        admin.wait_until_reachable(self.settings.broker)
+        partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
+        admin.ensure_topic(self.settings.broker, self.definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+        generation = current_generation(self.settings, self.pipeline, self.definition)
+        publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        print(
+            f"kappa worker: pipeline {self.pipeline!r} generation {generation} ({app_id(self.pipeline, generation)}), "
+            f"{self.processes} process(es), snapshot every {self.interval:g}s",
+            flush=True,
+        )
+        self.children = [self._spawn(generation, i) for i in range(self.processes)]
+        next_publish = time.monotonic() + self.interval
+        try:
+            while not self.stopping:
+                time.sleep(0.1)
+                self._restart_dead(generation)
+                if time.monotonic() >= next_publish:
+                    next_publish = time.monotonic() + self.interval
+                    self._publish(publisher)
+        finally:
+            self._stop_children()
+        self._publish(publisher)
+        print(f"kappa worker: stopped; latest is {snapshot.resolve_latest(self.settings.snapshot_dir, self.pipeline)}")
+        return 0
+
+    def _publish(self, publisher: Publisher) -> None:
+        try:
+            publisher.publish_if_changed()
+        except KappaError as exc:
+            print(f"kappa worker: error: {exc}; the previous snapshot stays current, retrying", file=sys.stderr)
+        except OSError as exc:
+            print(f"kappa worker: error: reading parts failed: {exc}; retrying", file=sys.stderr)
+
+    def _restart_dead(self, generation: int) -> None:
+        for position, child in enumerate(self.children):
+            code = child.process.poll()
+            if code is not None and not self.stopping:
+                print(
+                    f"kappa worker: process {child.index} (pid {child.process.pid}) exited with code {code}; "
+                    f"restarting in {RESTART_DELAY_S:g}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(RESTART_DELAY_S)
+                self.children[position] = self._spawn(generation, child.index)
+
+    def _stop_children(self) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                print(f"kappa worker: process {child.index} did not stop in time; killing it", file=sys.stderr)
+                child.process.kill()
+                child.process.wait()

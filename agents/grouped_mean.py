@@ -10,17 +10,20 @@ as the current event, exactly as Faust's own stream iteration would set it.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from faust.streams import _current_event
+from faust.types import TP
 
 from kappa.codec import COUNTED, REJECTED, decode
 from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
 
+log = logging.getLogger("kappa.agent")
 BATCH_MAX_EVENTS = 20_000
 BATCH_WITHIN_S = 0.2
 
@@ -70,10 +73,46 @@ class GroupedMeanAgent:
         self.definition = definition
         self.dlq = dlq
         self.progress = progress
+        self._rewinds: dict[int, int] = {}
 
     async def __call__(self, stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_S):
             await self.apply(events)
+            await self._make_durable()
+
+    async def _make_durable(self) -> None:
+        """Wait until this batch's changelog and dead-letter records are on the broker.
+
+        take_events acks a batch's events only after this method returns, and Faust commits
+        only acked offsets, so a committed source offset is never ahead of the changelog. A
+        partition that moves to another process is then restored with every applied record.
+        Faust's own pre-commit flush is not enough: its buffer flush gives up after 0.1 s
+        with records still pending (faust/transport/producer.py, flush_atmost).
+        """
+        producer = self.table.app.producer
+        while producer.buffer.size:
+            await producer.buffer.flush()
+        await producer.flush()
+
+    async def _rewound(self, partition: int, first: int, stored: int) -> bool:
+        """Last line of defence: the consumer is ahead of what the table holds.
+
+        Resuming from the table's offsets on every assignment (kappa.app) should make this
+        impossible; if it happens anyway, seek back once so nothing is skipped. A second gap
+        at the same stored offset is a real hole in the log (transaction markers, compaction)
+        and is accepted.
+        """
+        if self._rewinds.get(partition) == stored:
+            return False
+        self._rewinds[partition] = stored
+        log.warning(
+            "partition %s resumed at offset %s but the table holds records up to %s; seeking back",
+            partition,
+            first,
+            stored,
+        )
+        await self.table.app.consumer.seek(TP(self.definition.topic, partition), stored)
+        return True
 
     async def apply(self, events: Sequence[Any]) -> None:
         by_partition: dict[int, list[Any]] = defaultdict(list)
@@ -87,11 +126,14 @@ class GroupedMeanAgent:
                 _current_event.reset(token)
         self.progress.records_seen += len(events)
 
-    async def _apply_partition(self, partition: int, events: Iterable[Any]) -> None:
+    async def _apply_partition(self, partition: int, events: Sequence[Any]) -> None:
         table, definition = self.table, self.definition
         stats = PartitionStats.decode(table.get(STATS_KEY))
         states: dict[bytes, MeanState] = {}
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
+        first = events[0].message.offset
+        if first > stats.next_offset and await self._rewound(partition, first, stats.next_offset):
+            return
         key_field, value_field = definition.key_field, definition.value_field
         for event in events:
             message = event.message

@@ -12,7 +12,7 @@ from pathlib import Path
 import faust
 
 from agents.grouped_mean import Definition, GroupedMeanAgent, Progress
-from tables.grouped_mean import TABLE_NAME, define_table
+from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
 
 def app_id(pipeline: str, generation: int) -> str:
@@ -69,4 +69,23 @@ def create_pipeline(
     table = define_table(app, partitions)
     agent = GroupedMeanAgent(table, definition, dlq, progress)
     app.agent(source, name=f"kappa.{pipeline}.grouped_mean")(agent.__call__)
-    return Pipeline(app=app, table=table, progress=progress, definition=definition)
+    wired = Pipeline(app=app, table=table, progress=progress, definition=definition)
+    table.on_recover(lambda: resume_from_table_offsets(wired))
+    return wired
+
+
+async def resume_from_table_offsets(pipe: Pipeline) -> None:
+    """Make the table, not the consumer group, decide where each partition resumes.
+
+    Faust seeks to the committed offsets right after table recovery. A committed offset can
+    be ahead of what the changelog restored (a commit raced a changelog write, or a process
+    lost its partitions while writing), and resuming there would skip records. Committing
+    the restored state's own next offset first makes the seek land exactly after the last
+    applied record; records the state already holds are skipped per key, so this is exact
+    in both directions (the idempotent-recovery design of Quix Streams).
+    """
+    consumer = pipe.app.consumer
+    topic = pipe.definition.topic
+    offsets = {tp: stored_next_offset(pipe.table, tp.partition) for tp in consumer.assignment() if tp.topic == topic}
+    if offsets:
+        await consumer._commit(offsets)

@@ -10,6 +10,8 @@ same when processes on several hosts share one snapshot directory.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import itertools
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import faust
 
@@ -33,6 +36,7 @@ from tables.grouped_mean import read_partition
 
 log = logging.getLogger("kappa.worker")
 STOP_GRACE_S = 60.0
+HEARTBEAT_S = 1.0
 RESTART_DELAY_S = 2.0
 
 
@@ -66,13 +70,34 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
 # --- one worker process -------------------------------------------------------------------
 
 
+def claim_state_slot(generation_dir: Path, preferred: int) -> tuple[int, IO]:
+    """Lock the first free per-process state directory from `preferred` on.
+
+    RocksDB allows one process per database directory; two workers started on one host
+    (or pointed at one data dir) each get their own slot instead of fighting over a LOCK.
+    The returned handle holds the claim for the life of the process.
+    """
+    generation_dir.mkdir(parents=True, exist_ok=True)
+    for slot in itertools.count(preferred):
+        handle = open(generation_dir / f"p{slot}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return slot, handle
+    raise AssertionError("unreachable")
+
+
 class PartWriter:
     """Writes the parts of this process's partitions, and its heartbeat file."""
 
-    def __init__(self, pipe: Pipeline, directory: Path, heartbeat: Path) -> None:
+    def __init__(self, pipe: Pipeline, directory: Path, heartbeat: Path, interval: float) -> None:
         self.pipe = pipe
         self.directory = directory
         self.heartbeat = heartbeat
+        self.interval = interval
+        self.next_parts = time.monotonic() + interval
 
     def assigned(self) -> set[int]:
         topic = self.pipe.definition.topic
@@ -83,11 +108,14 @@ class PartWriter:
             partials, stats = read_partition(self.pipe.table, partition)
             parts.write_part(self.directory, partition, partials, stats)
 
-    def write_dirty(self) -> None:
-        progress = self.pipe.progress
+    def tick(self) -> None:
+        """Heartbeat every tick; parts of changed partitions once per snapshot interval."""
         owned = self.assigned()
-        dirty, progress.dirty = progress.dirty & owned, set()
-        self.write(dirty)
+        if time.monotonic() >= self.next_parts:
+            self.next_parts = time.monotonic() + self.interval
+            progress = self.pipe.progress
+            dirty, progress.dirty = progress.dirty & owned, set()
+            self.write(dirty)
         self.beat(owned)
 
     def beat(self, owned: set[int]) -> None:
@@ -132,7 +160,8 @@ def run_process(
 ) -> int:
     """One worker process: Faust app + agent, and a timer that writes changed parts."""
     partitions = admin.require_partition_count(settings.broker, definition.topic)
-    state_dir = settings.state_dir(pipeline, generation) / f"p{index}"
+    slot, _claim = claim_state_slot(settings.state_dir(pipeline, generation), index)
+    state_dir = settings.state_dir(pipeline, generation) / f"p{slot}"
     state_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     pipe = create_pipeline(
@@ -144,12 +173,12 @@ def run_process(
         state_dir=state_dir,
         progress=progress,
     )
-    heartbeat = run_dir(settings, pipeline, generation) / f"process-{socket.gethostname()}-{index}.json"
-    writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat)
+    heartbeat = run_dir(settings, pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
+    writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat, interval)
 
     async def write_parts() -> None:
         try:
-            writer.write_dirty()
+            writer.tick()
         except OSError as exc:
             log.error("could not write snapshot parts under %s: %s; retrying in %ss", writer.directory, exc, interval)
 
@@ -157,7 +186,7 @@ def run_process(
         progress.dirty |= writer.assigned()  # restored state is publishable even with no new records
 
     pipe.table.on_recover(after_recovery)
-    pipe.app.timer(interval, name=f"kappa.{pipeline}.parts")(write_parts)
+    pipe.app.timer(min(interval, HEARTBEAT_S), name=f"kappa.{pipeline}.parts")(write_parts)
     worker = FinalPartsWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None
     worker.part_writer = writer

@@ -123,3 +123,9 @@ def read_partition(table, partition: int) -> tuple[list[tuple[bytes, MeanState]]
         else:
             partials.append((key, MeanState.decode(value)))
     return partials, stats
+
+
+def stored_next_offset(table, partition: int) -> int:
+    """The offset after the last record this partition's state has applied."""
+    raw = table.data._db_for_partition(partition).get(STATS_KEY)
+    return PartitionStats.decode(raw).next_offset

@@ -35,7 +35,9 @@ def assert_matches(table: pd.DataFrame, expected: pd.DataFrame) -> None:
     expected = expected.sort_index()
     got = table.set_index("key").sort_index()
     assert got.index.tolist() == expected.index.tolist()
-    assert got["count"].astype("int64").tolist() == expected["count"].astype("int64").tolist()
+    count_diff = got["count"].astype("int64") - expected["count"].astype("int64")
+    wrong = count_diff[count_diff != 0]
+    assert wrong.empty, f"{len(wrong)} keys have wrong counts (got - expected): {wrong.head(10).to_dict()}"
     np.testing.assert_allclose(got["sum"].to_numpy(float), expected["sum"].to_numpy(float), rtol=RTOL, atol=1e-6)
     got_mean, want_mean = got["mean"].to_numpy(float), expected["mean"].to_numpy(float)
     assert np.array_equal(np.isnan(got_mean), np.isnan(want_mean)), "empty means differ"

@@ -1,0 +1,112 @@
+"""Helpers for tests that run `kappa worker`: start it, wait for a caught-up snapshot, stop it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from kappa.admin import end_offsets
+from kappa.datagen import pandas_expectation
+from tests.conftest import REPO, Kappa
+from tests.oracle import assert_matches, read_latest
+
+
+@dataclass
+class LiveWorker:
+    kappa: Kappa
+    topic: str
+    process: subprocess.Popen
+    log: Path
+    partitions: int
+    rows: list[pd.DataFrame] = field(default_factory=list)
+
+    def heartbeats(self) -> list[dict]:
+        directory = self.kappa.data_dir / "run" / self.topic / "g1"
+        beats = []
+        for path in directory.glob("process-*.json"):
+            try:
+                beats.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass
+        return beats
+
+    def child_pids(self) -> set[int]:
+        listing = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return {int(pid) for pid in listing.split()}
+
+    def wait_caught_up(self, timeout: float = 180, running: bool = True) -> dict:
+        """The latest manifest once its offsets equal the log's end offsets (lag 0)."""
+        deadline = time.monotonic() + timeout
+        ends = {str(p): o for p, o in end_offsets(self.kappa.broker, self.topic, self.partitions).items()}
+        manifest: dict = {}
+        while time.monotonic() < deadline:
+            assert not running or self.process.poll() is None, f"worker exited early:\n{self.log.read_text()}"
+            try:
+                _, _, manifest = read_latest(self.kappa.snapshot_dir, self.topic)
+            except (FileNotFoundError, OSError, ValueError):
+                manifest = {}
+            if manifest.get("offsets") == ends:
+                return manifest
+            time.sleep(0.3)
+        raise AssertionError(f"snapshot never caught up to {ends}; last manifest {manifest}\n{self.log.read_text()}")
+
+    def assert_exact(self, tmp_path: Path, key: str, value: str, running: bool = True) -> None:
+        manifest = self.wait_caught_up(timeout=180 if running else 5, running=running)
+        everything = tmp_path / "so-far.csv"
+        pd.concat(self.rows, ignore_index=True).to_csv(everything, index=False)
+        expected = pandas_expectation(str(everything), key, value)
+        csv_table, parquet_table, latest = read_latest(self.kappa.snapshot_dir, self.topic)
+        assert latest["complete"] is True
+        assert_matches(csv_table, expected)
+        assert_matches(parquet_table, expected)
+        assert latest["records"]["counted"] == int(expected["count"].sum())
+        assert manifest["generation"] == 1
+
+    def stop(self, timeout: float = 90) -> int:
+        """SIGTERM, as an operator would; returns the exit code and checks no child is left."""
+        children = self.child_pids()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        for pid in children:
+            assert not _alive(pid), f"child {pid} outlived the worker"
+        return code
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie has exited; only a reaped or running process matters here
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "State:\tZ" not in status.read_text()
+
+
+def start_worker(kappa: Kappa, topic: str, value: str, key: str, processes: int, interval: float) -> LiveWorker:
+    log = kappa.data_dir.parent / f"worker-{topic}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kappa", "worker", "--topic", topic, "--value", value, "--key", key,
+         "--processes", str(processes), "--snapshot-interval", str(interval), *kappa.args()],
+        stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    handle.close()
+    return LiveWorker(kappa, topic, process, log, partitions=0)
+
+
+def kill_group(worker: LiveWorker) -> None:
+    """Teardown for any outcome: nothing the test started survives it."""
+    try:
+        os.killpg(worker.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    worker.process.wait(timeout=30)

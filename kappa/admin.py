@@ -131,3 +131,37 @@ def committed_offsets(broker: str, group: str, topic: str, partitions: int) -> d
     finally:
         consumer.close()
     return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed}
+
+
+def delete_consumer_group(broker: str, group: str, timeout: float = 60.0) -> None:
+    """Delete a consumer group once its members have left (retrying while it is not empty)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        client = admin(broker)  # must outlive its futures
+        future = client.delete_consumer_groups([group], request_timeout=10)[group]
+        try:
+            future.result(timeout=15)
+            return
+        except KafkaException as exc:
+            name = exc.args[0].name()
+            if name == "GROUP_ID_NOT_FOUND":
+                return
+            if name != "NON_EMPTY_GROUP" or time.monotonic() > deadline:
+                raise KappaError(f"could not delete consumer group {group!r}: {exc.args[0].str()}") from None
+        time.sleep(1.0)
+
+
+def retention_ms(broker: str, topic: str) -> int | None:
+    """The topic's retention.ms (-1 = unlimited), or None when it cannot be read."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    client = admin(broker)
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        configs = client.describe_configs([resource])[resource].result(timeout=10)
+    except KafkaException:
+        return None
+    entry = configs.get("retention.ms")
+    return int(entry.value) if entry is not None and entry.value is not None else None

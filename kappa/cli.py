@@ -62,16 +62,14 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from kappa.replay import run_batch
+    from kappa.switchover import retire_generation
 
-    if not args.batch:
-        raise KappaError(
-            "a replay beside running workers is not available yet: pass --batch to replay in the foreground"
-        )
     pipeline = validate_pipeline_name(args.pipeline or args.topic)
     definition = _definition(args)
-    result = run_batch(
-        _settings(args), pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel
-    )
+    if not args.batch:
+        return _replay_beside(args, pipeline, definition)
+    settings = _settings(args)
+    result = run_batch(settings, pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel)
     records = result.manifest["records"]
     rate = sum(records.values()) / result.seconds if result.seconds else 0.0
     print(
@@ -79,6 +77,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"({result.manifest['keys']:,} keys; counted {records['counted']:,}, skipped {records['skipped']:,}, "
         f"rejected {records['rejected']:,}) in {result.seconds:.2f}s ({rate:,.0f} rows/s)"
     )
+    if result.previous is not None and result.previous != result.generation and not args.keep_old:
+        retire_generation(settings, pipeline, result.previous, definition.topic)
     return 0
 
 
@@ -114,6 +114,32 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     state = status.gather(_settings(args), args.pipeline)
     print(status.dumps(state) if args.json else status.render(state))
+    return 0
+
+
+def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
+    from kappa.switchover import run_beside
+
+    result = run_beside(
+        _settings(args),
+        pipeline,
+        definition,
+        processes=args.processes,
+        interval=args.snapshot_interval,
+        keep_old=args.keep_old,
+        allow_truncated=args.allow_truncated,
+        loglevel=args.loglevel,
+    )
+    replaced = f", replacing generation {result.previous}" if result.previous else ""
+    retired = (
+        f"; generation {result.previous}'s state was deleted"
+        if result.retired
+        else (f"; generation {result.previous}'s state is kept" if result.previous else "")
+    )
+    print(
+        f"generation {result.generation} of {pipeline!r} is current{replaced}: {result.path} "
+        f"(caught up in {result.seconds:.1f}s){retired}"
+    )
     return 0
 
 
@@ -167,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--allow-truncated", action="store_true", help="replay even if retention removed the log's start"
     )
+    replay.add_argument("--processes", type=int, default=1, help="processes building the new generation (default 1)")
+    replay.add_argument("--snapshot-interval", type=float, default=1.0, help="seconds between parts (default 1)")
+    replay.add_argument("--keep-old", action="store_true", help="keep the replaced generation's state after the switch")
     _loglevel(replay)
     replay.set_defaults(handler=cmd_replay)
 

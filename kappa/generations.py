@@ -16,6 +16,13 @@ from pathlib import Path
 from kappa.snapshot import utc_now
 
 
+class GenerationBusy(Exception):
+    def __init__(self, generation: int, entry: dict) -> None:
+        super().__init__(generation)
+        self.generation = generation
+        self.entry = entry
+
+
 class Registry:
     def __init__(self, snapshot_dir: Path, pipeline: str) -> None:
         self.directory = snapshot_dir / pipeline
@@ -50,6 +57,48 @@ class Registry:
                 "started_at": utc_now(),
             }
         return generation
+
+    def current(self) -> int | None:
+        return self.read().get("current")
+
+    def building(self) -> tuple[int, dict] | None:
+        """The generation a replay is building beside the current one, if any."""
+        for number, entry in self.read()["generations"].items():
+            if entry.get("state") == "building":
+                return int(number), entry
+        return None
+
+    def begin_building(self, definition: dict, builder: dict) -> int:
+        """Allocate generation N+1 for a replay beside live work; refuse a second one."""
+        with self._locked() as state:
+            for number, entry in state["generations"].items():
+                if entry.get("state") == "building":
+                    raise GenerationBusy(int(number), entry)
+            generation = max((int(n) for n in state["generations"]), default=0) + 1
+            state["generations"][str(generation)] = {
+                "state": "building",
+                "mode": "replay",
+                "definition": definition,
+                "builder": builder,
+                "started_at": utc_now(),
+            }
+        return generation
+
+    def set_builder(self, generation: int, builder: dict) -> None:
+        with self._locked() as state:
+            state["generations"][str(generation)]["builder"] = builder
+
+    def switch_to(self, generation: int) -> int | None:
+        """Make `generation` current and the previous one retiring; returns the previous."""
+        with self._locked() as state:
+            previous = state.get("current")
+            state["current"] = generation
+            entry = state["generations"][str(generation)]
+            entry["state"] = "live"
+            entry["switched_at"] = utc_now()
+            if previous is not None and previous != generation:
+                state["generations"][str(previous)]["state"] = "retiring"
+        return previous
 
     def mark(self, generation: int, new_state: str, *, current: bool = False) -> None:
         with self._locked() as state:

@@ -35,6 +35,7 @@ class ReplayResult:
     path: Path
     manifest: dict
     seconds: float
+    previous: int | None = None
 
 
 def check_log_starts_at_zero(starts: dict[int, int], topic: str, allow_truncated: bool) -> None:
@@ -124,9 +125,15 @@ def run_batch(
                 records=records,
                 keys=len(frame),
             )
-            outcome["path"] = snapshot.publish(settings.snapshot_dir, pipeline, generation, frame, manifest)
+            outcome["previous"] = registry.current()
+
+            def switch() -> bool:
+                registry.switch_to(generation)
+                return True
+
+            outcome["path"] = snapshot.publish(settings.snapshot_dir, pipeline, generation, frame, manifest, switch)
             outcome["manifest"] = manifest
-            registry.mark(generation, "complete", current=True)
+            registry.mark(generation, "complete")
         except Exception as exc:  # reported after the worker stops, as one line
             outcome["error"] = exc
         finally:
@@ -160,4 +167,4 @@ def run_batch(
             f"replay of generation {generation} stopped before reaching the end offsets; "
             f"its state is kept under {settings.state_dir(pipeline, generation)}, run the replay again"
         )
-    return ReplayResult(generation, outcome["path"], outcome["manifest"], seconds)
+    return ReplayResult(generation, outcome["path"], outcome["manifest"], seconds, outcome.get("previous"))

@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,18 +80,39 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def publish(snapshot_dir: Path, pipeline: str, generation: int, frame: pd.DataFrame, manifest: dict) -> Path:
-    """Write one snapshot and point `latest` at it; returns the snapshot's directory."""
+def publish(
+    snapshot_dir: Path,
+    pipeline: str,
+    generation: int,
+    frame: pd.DataFrame,
+    manifest: dict,
+    allowed: Callable[[], bool] | None = None,
+) -> Path | None:
+    """Write one snapshot and point `latest` at it; returns the snapshot's directory.
+
+    `allowed` is checked under the publish lock: a generation that has been switched away
+    from gets None back and never moves `latest` again, so readers never go backwards.
+    """
     pipeline_dir = snapshot_dir / pipeline
     try:
         pipeline_dir.mkdir(parents=True, exist_ok=True)
-        with open(pipeline_dir / ".publish.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one publisher at a time allocates names and moves `latest`
+        with publish_lock(pipeline_dir):
+            if allowed is not None and not allowed():
+                return None
             final = _write_and_link(pipeline_dir, generation, frame, manifest)
     except OSError as exc:
         raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc
     prune(pipeline_dir)
     return final
+
+
+@contextmanager
+def publish_lock(pipeline_dir: Path) -> Iterator[None]:
+    """One publisher at a time allocates snapshot names and moves `latest`."""
+    pipeline_dir.mkdir(parents=True, exist_ok=True)
+    with open(pipeline_dir / ".publish.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _write_and_link(pipeline_dir: Path, generation: int, frame: pd.DataFrame, manifest: dict) -> Path:

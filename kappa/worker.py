@@ -149,6 +149,12 @@ class FinalPartsWorker(faust.Worker):
         await super()._stop_on_signal(sig)
 
 
+def quiet_faust_noise() -> None:
+    """Faust warns on every full producer buffer, which batches of table writes fill by
+    design; the drain in the agent handles it, so keep the log to what an operator needs."""
+    logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
+
+
 def run_process(
     settings: Settings,
     pipeline: str,
@@ -190,6 +196,7 @@ def run_process(
     worker = FinalPartsWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None
     worker.part_writer = writer
+    quiet_faust_noise()
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:
@@ -209,6 +216,67 @@ class Child:
     process: subprocess.Popen
 
 
+def spawn_process(
+    settings: Settings,
+    pipeline: str,
+    definition: Definition,
+    generation: int,
+    index: int,
+    interval: float,
+    loglevel: str,
+) -> Child:
+    command = [
+        sys.executable, "-m", "kappa", "worker-process",
+        "--topic", definition.topic, "--value", definition.value_field,
+        "--key", definition.key_field, "--pipeline", pipeline,
+        "--generation", str(generation), "--index", str(index),
+        "--snapshot-interval", str(interval), "--loglevel", loglevel,
+        "--broker", settings.broker, "--data-dir", str(settings.data_dir),
+        "--snapshot-dir", str(settings.snapshot_dir),
+    ]  # fmt: skip
+    return Child(index, subprocess.Popen(command, stdin=subprocess.DEVNULL))
+
+
+def stop_children(children: list[Child], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every child, then SIGKILL what has not stopped within `grace` seconds."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            print(f"kappa: process {child.index} did not stop in time; killing it", file=sys.stderr)
+            child.process.kill()
+            child.process.wait()
+
+
+def heartbeats(settings: Settings, pipeline: str, generation: int) -> list[dict]:
+    """Heartbeats of this host's live processes of one generation."""
+    beats = []
+    directory = run_dir(settings, pipeline, generation)
+    for path in sorted(directory.glob("process-*.json")) if directory.is_dir() else []:
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if beat.get("host") == socket.gethostname() and not _pid_alive(beat["pid"]):
+            continue
+        beats.append(beat)
+    return beats
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Publisher:
     """Merges parts and publishes a snapshot whenever the cut has moved."""
 
@@ -219,6 +287,7 @@ class Publisher:
         self.generation = generation
         self.partitions = partitions
         self.directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
+        self.registry = Registry(settings.snapshot_dir, pipeline)
         self.last_offsets: dict[int, int] | None = self._published_offsets()
 
     def _published_offsets(self) -> dict[int, int] | None:
@@ -230,7 +299,12 @@ class Publisher:
             return None
         return {int(p): o for p, o in manifest["offsets"].items()}
 
-    def publish_if_changed(self) -> Path | None:
+    def is_current(self) -> bool:
+        return self.registry.current() == self.generation
+
+    def publish_if_changed(self, make_current: bool = False) -> Path | None:
+        """Publish when the cut moved. Only the current generation may publish, unless
+        `make_current` is set: then this publish is the switch-over to this generation."""
         started = time.monotonic()
         merged = parts.merge_parts(self.directory, self.partitions)
         if not parts.newest_parts(self.directory) or merged.offsets == self.last_offsets:
@@ -246,7 +320,18 @@ class Publisher:
             records=merged.records,
             keys=len(merged.frame),
         )
-        path = snapshot.publish(self.settings.snapshot_dir, self.pipeline, self.generation, merged.frame, manifest)
+
+        def allowed() -> bool:
+            if make_current:
+                self.registry.switch_to(self.generation)
+                return True
+            return self.is_current()
+
+        path = snapshot.publish(
+            self.settings.snapshot_dir, self.pipeline, self.generation, merged.frame, manifest, allowed
+        )
+        if path is None:
+            return None
         self.last_offsets = merged.offsets
         lag = sum(max(end - merged.offsets.get(p, 0), 0) for p, end in end_offsets.items())
         print(
@@ -277,16 +362,9 @@ class Supervisor:
         self.children: list[Child] = []
 
     def _spawn(self, generation: int, index: int) -> Child:
-        command = [
-            sys.executable, "-m", "kappa", "worker-process",
-            "--topic", self.definition.topic, "--value", self.definition.value_field,
-            "--key", self.definition.key_field, "--pipeline", self.pipeline,
-            "--generation", str(generation), "--index", str(index),
-            "--snapshot-interval", str(self.interval), "--loglevel", self.loglevel,
-            "--broker", self.settings.broker, "--data-dir", str(self.settings.data_dir),
-            "--snapshot-dir", str(self.settings.snapshot_dir),
-        ]  # fmt: skip
-        return Child(index, subprocess.Popen(command, stdin=subprocess.DEVNULL))
+        return spawn_process(
+            self.settings, self.pipeline, self.definition, generation, index, self.interval, self.loglevel
+        )
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -306,18 +384,45 @@ class Supervisor:
         )
         self.children = [self._spawn(generation, i) for i in range(self.processes)]
         next_publish = time.monotonic() + self.interval
+        next_check = time.monotonic() + 1.0
         try:
             while not self.stopping:
                 time.sleep(0.1)
                 self._restart_dead(generation)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 1.0
+                    followed = self._follow_switch(generation)
+                    if followed is not None:
+                        generation = followed
+                        publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
                 if time.monotonic() >= next_publish:
                     next_publish = time.monotonic() + self.interval
                     self._publish(publisher)
         finally:
-            self._stop_children()
+            stop_children(self.children)
         self._publish(publisher)
         print(f"kappa worker: stopped; latest is {snapshot.resolve_latest(self.settings.snapshot_dir, self.pipeline)}")
         return 0
+
+    def _follow_switch(self, generation: int) -> int | None:
+        """When a replay has made another generation current, move this worker's processes to it."""
+        state = Registry(self.settings.snapshot_dir, self.pipeline).read()
+        current = state.get("current")
+        if current is None or current == generation:
+            return None
+        recorded = state["generations"][str(current)].get("definition") or {}
+        print(
+            f"kappa worker: generation {current} is now current (replaced {generation}); moving processes to it",
+            flush=True,
+        )
+        stop_children(self.children)
+        self.definition = Definition(
+            topic=recorded.get("topic", self.definition.topic),
+            value_field=recorded.get("value", self.definition.value_field),
+            key_field=recorded.get("key", self.definition.key_field),
+        )
+        self.children = [self._spawn(current, i) for i in range(self.processes)]
+        return int(current)
 
     def _publish(self, publisher: Publisher) -> None:
         try:
@@ -339,16 +444,3 @@ class Supervisor:
                 )
                 time.sleep(RESTART_DELAY_S)
                 self.children[position] = self._spawn(generation, child.index)
-
-    def _stop_children(self) -> None:
-        for child in self.children:
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
-            try:
-                child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                print(f"kappa worker: process {child.index} did not stop in time; killing it", file=sys.stderr)
-                child.process.kill()
-                child.process.wait()

@@ -1,0 +1,214 @@
+"""Replay beside live work (Kreps' recipe): build generation N+1 from offset 0 next to the
+current generation N, switch readers to it once it has caught up, then retire N.
+
+The script runs N+1's processes itself and shows their progress. Generation N keeps
+publishing until the switch; the switch is one publish, made under the same lock that every
+publisher takes, that also records N+1 as current, so N can never publish after it. Live
+supervisors see the switch in the registry and move their processes to N+1. A replay that is
+killed leaves N+1 "building"; running the same replay again resumes it (exactly, since
+state and offsets are idempotent), and a second replay is refused while one is alive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agents.grouped_mean import Definition
+from kappa import admin, parts
+from kappa.app import app_id, changelog_topic
+from kappa.config import Settings
+from kappa.errors import KappaError
+from kappa.generations import GenerationBusy, Registry
+from kappa.progress import ProgressLine
+from kappa.replay import check_log_starts_at_zero
+from kappa.worker import (
+    Child,
+    Publisher,
+    definition_record,
+    heartbeats,
+    run_dir,
+    spawn_process,
+    stop_children,
+)
+
+POLL_S = 0.5
+RETIRE_WAIT_S = 120.0
+
+
+@dataclass
+class SwitchResult:
+    generation: int
+    previous: int | None
+    path: Path
+    seconds: float
+    retired: bool
+
+
+def _builder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _builder_alive(builder: dict) -> bool:
+    if builder.get("host") != socket.gethostname():
+        return True  # cannot tell for another host: assume it is alive
+    try:
+        os.kill(int(builder.get("pid", 0)), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_generation(registry: Registry, definition: Definition) -> tuple[int, bool]:
+    """A new generation, or the half-built one a killed replay of the same definition left."""
+    record = definition_record(definition)
+    building = registry.building()
+    if building is not None:
+        number, entry = building
+        builder = entry.get("builder", {})
+        if _builder_alive(builder):
+            raise KappaError(
+                f"generation {number} is already being built by a replay (pid {builder.get('pid')} on "
+                f"{builder.get('host')}, started {entry.get('started_at')}): wait for it to switch over, "
+                "or stop it first; two replays at once are refused"
+            )
+        if entry.get("definition") == record:
+            registry.set_builder(number, _builder())
+            return number, True
+        registry.mark(number, "failed")
+    try:
+        return registry.begin_building(record, _builder()), False
+    except GenerationBusy as busy:
+        raise KappaError(f"generation {busy.generation} is already being built by another replay") from None
+
+
+def _warn_finite_retention(settings: Settings, topic: str) -> None:
+    retention = admin.retention_ms(settings.broker, topic)
+    if retention is not None and retention >= 0:
+        print(
+            f"warning: topic {topic!r} has finite retention ({retention / 3_600_000:.1f} h): once records expire, "
+            "a replay can no longer cover all history; set retention.ms=-1 on the log",
+            file=sys.stderr,
+        )
+
+
+def _progress_detail(offsets: dict[int, int], ends: dict[int, int]) -> str:
+    return " ".join(f"p{p}:{min(offsets.get(p, 0), end)}/{end}" for p, end in sorted(ends.items()))
+
+
+def run_beside(
+    settings: Settings,
+    pipeline: str,
+    definition: Definition,
+    *,
+    processes: int = 1,
+    interval: float = 1.0,
+    keep_old: bool = False,
+    allow_truncated: bool = False,
+    loglevel: str = "warn",
+) -> SwitchResult:
+    admin.wait_until_reachable(settings.broker)
+    partitions = admin.require_partition_count(settings.broker, definition.topic)
+    marks = admin.watermarks(settings.broker, definition.topic, partitions)
+    check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
+    _warn_finite_retention(settings, definition.topic)
+    admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+    registry = Registry(settings.snapshot_dir, pipeline)
+    generation, resumed = claim_generation(registry, definition)
+    ends = {p: high for p, (_, high) in marks.items()}
+    total = sum(ends.values())
+    current = registry.current()
+    verb = "resuming" if resumed else "building"
+    print(
+        f"replay {pipeline}: {verb} generation {generation} from offset 0 beside current generation {current}; "
+        f"{total:,} records to catch up in {partitions} partitions",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.monotonic()
+    children: list[Child] = [
+        spawn_process(settings, pipeline, definition, generation, i, interval, loglevel) for i in range(processes)
+    ]
+    publisher = Publisher(settings, pipeline, definition, generation, partitions)
+    line = ProgressLine(plain_every=5.0)
+    try:
+        path = _catch_up_and_switch(
+            settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition
+        )
+    finally:
+        line.finish()
+        stop_children(children)
+    previous = current if current != generation else None
+    retired = False
+    if previous is not None and not keep_old:
+        retired = retire_generation(settings, pipeline, previous, definition.topic)
+    return SwitchResult(generation, previous, path, time.monotonic() - started, retired)
+
+
+def _catch_up_and_switch(
+    settings: Settings,
+    pipeline: str,
+    generation: int,
+    ends: dict[int, int],
+    children: list[Child],
+    publisher: Publisher,
+    line: ProgressLine,
+    interval: float,
+    loglevel: str,
+    definition: Definition,
+) -> Path:
+    total = sum(ends.values())
+    directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
+    while True:
+        time.sleep(POLL_S)
+        for position, child in enumerate(children):
+            if child.process.poll() is not None:
+                print(f"replay: process {child.index} exited ({child.process.returncode}); restarting", file=sys.stderr)
+                children[position] = spawn_process(
+                    settings, pipeline, definition, generation, child.index, interval, loglevel
+                )
+        offsets: dict[int, int] = {}
+        for beat in heartbeats(settings, pipeline, generation):
+            for partition, offset in beat.get("next_offsets", {}).items():
+                offsets[int(partition)] = max(offsets.get(int(partition), 0), offset)
+        done = sum(min(offsets.get(p, 0), end) for p, end in ends.items())
+        line.update(done, total, label=f"g{generation}", detail=_progress_detail(offsets, ends))
+        published = {p: offset for p, (offset, _) in parts.newest_parts(directory).items()}
+        if all(published.get(p, 0) >= end for p, end in ends.items()) and (total == 0 or published):
+            path = publisher.publish_if_changed(make_current=True)
+            if path is None and publisher.is_current():
+                path = Path(os.path.realpath(settings.snapshot_dir / pipeline / "latest"))
+            if path is not None:
+                return path
+
+
+def retire_generation(settings: Settings, pipeline: str, generation: int, topic: str) -> bool:
+    """Delete a replaced generation's state once its processes are gone: RocksDB directories,
+    snapshot parts, heartbeats, consumer group and changelog topic."""
+    deadline = time.monotonic() + RETIRE_WAIT_S
+    while heartbeats(settings, pipeline, generation) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if heartbeats(settings, pipeline, generation):
+        print(
+            f"replay: generation {generation} still has live processes after {RETIRE_WAIT_S:g}s; "
+            "its state is kept (retire it later with another replay)",
+            file=sys.stderr,
+        )
+        return False
+    admin.delete_consumer_group(settings.broker, app_id(pipeline, generation))
+    admin.delete_topics(settings.broker, [changelog_topic(pipeline, generation)])
+    for directory in (
+        settings.state_dir(pipeline, generation),
+        parts.parts_dir(settings.snapshot_dir, pipeline, generation),
+        run_dir(settings, pipeline, generation),
+    ):
+        shutil.rmtree(directory, ignore_errors=True)
+    Registry(settings.snapshot_dir, pipeline).mark(generation, "retired")
+    return True

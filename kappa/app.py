@@ -6,6 +6,7 @@ share offsets or state, and retiring one is deleting what carries its id.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import faust
 
 from agents.grouped_mean import Definition, GroupedMeanAgent, Progress
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
+
+
+def quiet_faust_noise() -> None:
+    """Faust warns on every full producer buffer, which batches of table writes fill by
+    design; the agent drains it, so keep the log to what an operator needs."""
+    logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
 
 
 def app_id(pipeline: str, generation: int) -> str:
@@ -61,6 +68,9 @@ def create_pipeline(
         producer_linger_ms=20,
         producer_max_batch_size=1024 * 1024,
         table_cleanup_interval=3600.0,
+        # a killed process must leave the group in seconds, not Faust's default minute
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
     )
     source = app.topic(definition.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(

@@ -26,7 +26,8 @@ class ProgressLine:
         self.tty = self.stream.isatty()
         self.plain_every = plain_every
         self.started = time.monotonic()
-        self._last_plain = self.started
+        self._last_plain: float | None = None
+        self._last_line = ""
         self._drawn = False
 
     def elapsed(self) -> float:
@@ -43,16 +44,21 @@ class ProgressLine:
         else:
             head, tail = f"{label} {done:,}", f"{rate:,.0f} rows/s"
         line = f"{head} {tail} {detail}".rstrip()
+        self._last_line = line
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
             self.stream.flush()
             self._drawn = True
-        elif time.monotonic() - self._last_plain >= self.plain_every:
+        elif self._last_plain is None or time.monotonic() - self._last_plain >= self.plain_every:
             self._last_plain = time.monotonic()
+            self._drawn = False
             print(line, file=self.stream, flush=True)
+        else:
+            self._drawn = True
 
     def finish(self) -> None:
-        if self.tty and self._drawn:
-            self.stream.write("\n")
+        """End the bar on a terminal; on a pipe, print the last state if it was not shown."""
+        if self._drawn:
+            self.stream.write("\n" if self.tty else self._last_line + "\n")
             self.stream.flush()
             self._drawn = False

@@ -19,7 +19,7 @@ import faust
 
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, snapshot
-from kappa.app import Pipeline, create_pipeline
+from kappa.app import Pipeline, create_pipeline, quiet_faust_noise
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
@@ -46,6 +46,16 @@ def check_log_starts_at_zero(starts: dict[int, int], topic: str, allow_truncated
         raise KappaError(
             f"topic {topic!r} no longer starts at offset 0 ({detail}): retention removed records, so a replay "
             "cannot cover all history; pass --allow-truncated to replay what is left"
+        )
+
+
+def warn_finite_retention(settings: Settings, topic: str) -> None:
+    retention = admin.retention_ms(settings.broker, topic)
+    if retention is not None and retention >= 0:
+        print(
+            f"warning: topic {topic!r} has finite retention ({retention / 3_600_000:.1f} h): once records expire, "
+            "a replay can no longer cover all history; set retention.ms=-1 on the log",
+            file=sys.stderr,
         )
 
 
@@ -76,6 +86,7 @@ def run_batch(
     admin.wait_until_reachable(settings.broker)
     partitions = admin.require_partition_count(settings.broker, definition.topic)
     marks = admin.watermarks(settings.broker, definition.topic, partitions)
+    warn_finite_retention(settings, definition.topic)
     check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
     end_offsets = {p: high for p, (_, high) in marks.items()}
     admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
@@ -143,6 +154,7 @@ def run_batch(
     pipe.app.timer(WATCH_INTERVAL_S, name=f"kappa.{pipeline}.watch")(watch)
     worker = faust.Worker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)
     worker.spinner = None  # its cursor escapes would garble our own progress line
+    quiet_faust_noise()
     started = time.monotonic()
     try:
         worker.execute_from_commandline()

@@ -26,7 +26,7 @@ from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationBusy, Registry
 from kappa.progress import ProgressLine
-from kappa.replay import check_log_starts_at_zero
+from kappa.replay import check_log_starts_at_zero, warn_finite_retention
 from kappa.worker import (
     Child,
     Publisher,
@@ -89,16 +89,6 @@ def claim_generation(registry: Registry, definition: Definition) -> tuple[int, b
         raise KappaError(f"generation {busy.generation} is already being built by another replay") from None
 
 
-def _warn_finite_retention(settings: Settings, topic: str) -> None:
-    retention = admin.retention_ms(settings.broker, topic)
-    if retention is not None and retention >= 0:
-        print(
-            f"warning: topic {topic!r} has finite retention ({retention / 3_600_000:.1f} h): once records expire, "
-            "a replay can no longer cover all history; set retention.ms=-1 on the log",
-            file=sys.stderr,
-        )
-
-
 def _progress_detail(offsets: dict[int, int], ends: dict[int, int]) -> str:
     return " ".join(f"p{p}:{min(offsets.get(p, 0), end)}/{end}" for p, end in sorted(ends.items()))
 
@@ -117,8 +107,8 @@ def run_beside(
     admin.wait_until_reachable(settings.broker)
     partitions = admin.require_partition_count(settings.broker, definition.topic)
     marks = admin.watermarks(settings.broker, definition.topic, partitions)
+    warn_finite_retention(settings, definition.topic)
     check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
-    _warn_finite_retention(settings, definition.topic)
     admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
     registry = Registry(settings.snapshot_dir, pipeline)
     generation, resumed = claim_generation(registry, definition)

@@ -28,7 +28,7 @@ import faust
 
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, parts, snapshot
-from kappa.app import Pipeline, app_id, create_pipeline
+from kappa.app import Pipeline, app_id, create_pipeline, quiet_faust_noise
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
@@ -147,12 +147,6 @@ class FinalPartsWorker(faust.Worker):
             except Exception:  # the stop must go on; the next run rewrites parts
                 log.exception("could not write final parts")
         await super()._stop_on_signal(sig)
-
-
-def quiet_faust_noise() -> None:
-    """Faust warns on every full producer buffer, which batches of table writes fill by
-    design; the drain in the agent handles it, so keep the log to what an operator needs."""
-    logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
 
 
 def run_process(

@@ -1,0 +1,212 @@
+"""Replay beside live work: generation N+1 from offset 0, atomic switch-over, retirement of N."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import NewTopic
+
+from kappa.admin import admin, ensure_topic, partition_count
+from kappa.app import app_id, changelog_topic
+from kappa.datagen import pandas_expectation, sample_frame
+from tests.conftest import REPO
+from tests.live import kill_group, start_worker
+from tests.oracle import assert_matches, latest_dir, read_latest
+
+KEY = "city"
+
+
+def replay_command(kappa, topic: str, value: str, *extra: str) -> list[str]:
+    return [str(REPO / "scripts" / "replay"), "--topic", topic, "--value", value, "--key", KEY, *extra, *kappa.args()]
+
+
+def run_env() -> dict:
+    return {**os.environ, "KAPPA_PYTHON": sys.executable}
+
+
+def load_frame(kappa, tmp_path, topic: str, frame: pd.DataFrame, name: str) -> None:
+    path = tmp_path / f"{name}.csv"
+    frame.to_csv(path, index=False)
+    kappa.load(path, KEY, topic)
+
+
+def oracle(tmp_path, frames: list[pd.DataFrame], value: str) -> pd.DataFrame:
+    path = tmp_path / "all.csv"
+    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+    return pandas_expectation(str(path), KEY, value)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def consumer_groups(broker: str) -> set[str]:
+    listing = admin(broker).list_consumer_groups(request_timeout=10).result()
+    return {group.group_id for group in listing.valid}
+
+
+def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_path):
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 4)
+    worker = start_worker(kappa, topic, "amount", KEY, processes=2, interval=0.5)
+    worker.partitions = 4
+    frames = [sample_frame(6_000, 200, seed=40)]
+    seen: list[tuple[int, int]] = []
+    problems: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                directory = latest_dir(kappa.snapshot_dir, topic)
+                manifest = json.loads((directory / "manifest.json").read_text())
+            except (FileNotFoundError, OSError):
+                continue
+            except ValueError as exc:
+                problems.append(f"unreadable manifest: {exc!r}")
+                continue
+            generation, sequence = (int(part) for part in directory.name[1:].split("-"))
+            if manifest["generation"] != generation:
+                problems.append(f"{directory.name} holds generation {manifest['generation']}")
+            if seen and (generation, sequence) < seen[-1]:
+                problems.append(f"went backwards: {seen[-1]} -> {(generation, sequence)}")
+            if not seen or seen[-1] != (generation, sequence):
+                seen.append((generation, sequence))
+
+    try:
+        load_frame(kappa, tmp_path, topic, frames[0], "r0")
+        worker.rows = list(frames)
+        worker.wait_caught_up()
+        thread = threading.Thread(target=reader)
+        thread.start()
+        replay = subprocess.Popen(
+            replay_command(kappa, topic, "seq", "--processes", "2"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env(), start_new_session=True,
+        )  # fmt: skip
+        for seed in (41, 42, 43):
+            frame = sample_frame(3_000, 200, seed=seed)
+            load_frame(kappa, tmp_path, topic, frame, f"r{seed}")
+            frames.append(frame)
+            time.sleep(1.0)
+        out, err = replay.communicate(timeout=300)
+        assert replay.returncode == 0, err.decode()
+        assert "generation 2" in out.decode() and "replacing generation 1" in out.decode()
+        assert "p0:" in err.decode(), "the replay shows per-partition progress"
+
+        expected = oracle(tmp_path, frames, "seq")
+
+        def caught_up():
+            _, table, manifest = read_latest(kappa.snapshot_dir, topic)
+            ends = {str(p): o for p, o in worker_ends(kappa.broker, topic).items()}
+            return (table, manifest) if manifest["generation"] == 2 and manifest["offsets"] == ends else None
+
+        table, manifest = wait_for(caught_up, 180, "generation 2 to catch up with lag 0")
+        assert_matches(table, expected)
+        assert manifest["definition"]["value"] == "seq"
+        time.sleep(1.5)  # a retired generation that still published would show up now
+    finally:
+        done.set()
+        kill_after = worker.stop() if worker.process.poll() is None else worker.process.returncode
+        kill_group(worker)
+    thread.join(timeout=30)
+    assert kill_after == 0
+    assert problems == []
+    generations = [generation for generation, _ in seen]
+    assert generations[0] == 1 and generations[-1] == 2 and generations == sorted(generations)
+    assert not (kappa.data_dir / "state" / topic / "g1").exists()
+    assert not (kappa.snapshot_dir / topic / ".parts" / "g1").exists()
+    assert app_id(topic, 1) not in consumer_groups(kappa.broker)
+    assert partition_count(kappa.broker, changelog_topic(topic, 1)) is None
+    registry = json.loads((kappa.snapshot_dir / topic / "generations.json").read_text())
+    assert registry["current"] == 2 and registry["generations"]["1"]["state"] == "retired"
+
+
+def worker_ends(broker: str, topic: str) -> dict[int, int]:
+    from kappa.admin import end_offsets
+
+    return end_offsets(broker, topic, partition_count(broker, topic))
+
+
+def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp_path):
+    topic = kappa.topic()
+    frame = sample_frame(60_000, 400, seed=50)
+    path = tmp_path / "rows.csv"
+    frame.to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    first = subprocess.Popen(
+        replay_command(kappa, topic, "amount"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        run_dir = kappa.data_dir / "run" / topic / "g1"
+
+        def midway():
+            total = 0
+            for beat in run_dir.glob("process-*.json"):
+                try:
+                    total += sum(json.loads(beat.read_text())["next_offsets"].values())
+                except (OSError, ValueError, KeyError):
+                    pass
+            return total if 0 < total < 60_000 else None
+
+        wait_for(midway, 120, "the replay to be midway")
+        second = subprocess.run(
+            replay_command(kappa, topic, "amount"), capture_output=True, text=True, env=run_env(), timeout=60
+        )
+        assert second.returncode != 0
+        assert "already being built" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    subprocess.run(["pkill", "-9", "-f", f"--topic {topic} "], check=False)
+    resumed = subprocess.run(
+        replay_command(kappa, topic, "amount"), capture_output=True, text=True, env=run_env(), timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming generation 1" in resumed.stderr
+    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), KEY, "amount")
+    assert_matches(csv_table, expected)
+    assert_matches(parquet_table, expected)
+    assert manifest["generation"] == 1 and manifest["complete"] is True
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_truncated_log_is_refused_unless_allowed(kappa, tmp_path, batch):
+    topic = kappa.topic()
+    client = admin(kappa.broker)
+    futures = client.create_topics([NewTopic(topic, 1, 1, config={"retention.ms": "86400000"})])
+    futures[topic].result(timeout=30)
+    frame = sample_frame(1_000, 20, seed=60)
+    load_frame(kappa, tmp_path, topic, frame, "rows")
+    deleted = client.delete_records([TopicPartition(topic, 0, 100)], request_timeout=30)
+    list(deleted.values())[0].result(timeout=30)
+    mode = ["--batch"] if batch else []
+    refused = subprocess.run(
+        replay_command(kappa, topic, "amount", *mode), capture_output=True, text=True, env=run_env(), timeout=120
+    )
+    assert refused.returncode != 0
+    assert "no longer starts at offset 0" in refused.stderr and "--allow-truncated" in refused.stderr
+    assert "finite retention" in refused.stderr
+    allowed = subprocess.run(
+        replay_command(kappa, topic, "amount", *mode, "--allow-truncated"),
+        capture_output=True, text=True, env=run_env(), timeout=300,
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr
+    _, table, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["records"]["counted"] + manifest["records"]["skipped"] == 900

@@ -11,6 +11,7 @@ as the current event, exactly as Faust's own stream iteration would set it.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
 log = logging.getLogger("kappa.agent")
 BATCH_MAX_EVENTS = 20_000
 BATCH_WITHIN_S = 0.2
+REWIND_PATIENCE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class GroupedMeanAgent:
         self.definition = definition
         self.dlq = dlq
         self.progress = progress
-        self._rewinds: dict[int, int] = {}
+        self._rewinds: dict[int, tuple[int, float]] = {}
 
     async def __call__(self, stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_S):
@@ -94,25 +96,40 @@ class GroupedMeanAgent:
             await producer.buffer.flush()
         await producer.flush()
 
-    async def _rewound(self, partition: int, first: int, stored: int) -> bool:
+    async def _skip_for_rewind(self, partition: int, events: Sequence[Any], stored: int) -> Sequence[Any]:
         """Last line of defence: the consumer is ahead of what the table holds.
 
         Resuming from the table's offsets on every assignment (kappa.app) should make this
-        impossible; if it happens anyway, seek back once so nothing is skipped. A second gap
-        at the same stored offset is a real hole in the log (transaction markers, compaction)
-        and is accepted.
+        impossible; if it happens anyway, seek back so nothing is skipped, and drop the
+        events already fetched from beyond that point until the re-delivery arrives. A hole
+        that never fills (transaction markers, compaction) is accepted after a while. A
+        partition with nothing applied yet simply starts where the log starts.
         """
-        if self._rewinds.get(partition) == stored:
-            return False
-        self._rewinds[partition] = stored
+        pending = self._rewinds.get(partition)
+        if pending is None:
+            if events[0].message.offset <= stored or stored == 0:
+                return events
+            log.warning(
+                "partition %s resumed at offset %s but the table holds records up to %s; seeking back",
+                partition,
+                events[0].message.offset,
+                stored,
+            )
+            self._rewinds[partition] = (stored, time.monotonic() + REWIND_PATIENCE_S)
+            await self.table.app.consumer.seek(TP(self.definition.topic, partition), stored)
+            return ()
+        target, deadline = pending
+        for index, event in enumerate(events):
+            if event.message.offset <= target:
+                del self._rewinds[partition]
+                return events[index:]
+        if time.monotonic() < deadline:
+            return ()
         log.warning(
-            "partition %s resumed at offset %s but the table holds records up to %s; seeking back",
-            partition,
-            first,
-            stored,
+            "partition %s: no record at offsets %s..%s; accepting the hole", partition, target, events[0].message.offset
         )
-        await self.table.app.consumer.seek(TP(self.definition.topic, partition), stored)
-        return True
+        del self._rewinds[partition]
+        return events
 
     async def apply(self, events: Sequence[Any]) -> None:
         by_partition: dict[int, list[Any]] = defaultdict(list)
@@ -131,8 +148,8 @@ class GroupedMeanAgent:
         stats = PartitionStats.decode(table.get(STATS_KEY))
         states: dict[bytes, MeanState] = {}
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
-        first = events[0].message.offset
-        if first > stats.next_offset and await self._rewound(partition, first, stats.next_offset):
+        events = await self._skip_for_rewind(partition, events, stats.next_offset)
+        if not events:
             return
         key_field, value_field = definition.key_field, definition.value_field
         for event in events:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from kappa import security
 from kappa.errors import KappaError
 
 _quiet = logging.getLogger("kappa.librdkafka")
@@ -21,20 +22,45 @@ _quiet.propagate = False
 UNLIMITED_RETENTION = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
+class _AuthErrors:
+    """Remembers authentication failures librdkafka reports, to explain a timeout."""
+
+    last: str | None = None
+
+    @classmethod
+    def record(cls, error) -> None:
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            cls.last = error.str()
+
+
 def client_config(broker: str, **extra: object) -> dict:
-    """librdkafka settings shared by every client kappa builds."""
-    return {"bootstrap.servers": broker, "logger": _quiet, **extra}
+    """librdkafka settings shared by every client kappa builds, credentials included."""
+    return {
+        "bootstrap.servers": broker,
+        "logger": _quiet,
+        "error_cb": _AuthErrors.record,
+        **security.from_environment().librdkafka(),
+        **extra,
+    }
 
 
 def admin(broker: str) -> AdminClient:
     return AdminClient(client_config(broker))
 
 
-def wait_until_reachable(broker: str, timeout: float = 10.0) -> None:
-    """Fail fast, in one line, when nothing answers at `broker`."""
+def wait_until_reachable(broker: str, timeout: float = 10.0, **overrides: object) -> None:
+    """Fail fast, in one line, when nothing answers at `broker` or it refuses our credentials."""
+    _AuthErrors.last = None
+    client = AdminClient(client_config(broker, **overrides))
     try:
-        admin(broker).list_topics(timeout=timeout)
+        client.list_topics(timeout=timeout)
     except KafkaException as exc:
+        client.poll(0)  # serves error_cb, which is how an authentication failure is reported
+        if _AuthErrors.last:
+            raise KappaError(
+                f"authentication to the Kafka broker at {broker} failed ({_AuthErrors.last}): check "
+                "KAPPA_SASL_USERNAME / KAPPA_SASL_PASSWORD and KAPPA_SECURITY_PROTOCOL"
+            ) from None
         raise KappaError(
             f"cannot reach the Kafka broker at {broker} within {timeout:g}s ({exc.args[0].str()}): "
             "start one with `kappa kafka start`, or pass --broker HOST:PORT / set KAPPA_BROKER"

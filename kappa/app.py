@@ -13,6 +13,7 @@ from pathlib import Path
 import faust
 
 from agents.grouped_mean import Definition, GroupedMeanAgent, Progress
+from kappa import security
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
 
@@ -53,6 +54,7 @@ def create_pipeline(
     app = faust.App(
         app_id(pipeline, generation),
         broker=f"kafka://{broker}",
+        **security.from_environment().faust_options(),
         store="rocksdb://",
         datadir=str(state_dir),
         autodiscover=False,

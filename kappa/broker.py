@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kappa.errors import KappaError
+from kappa.processes import pid_alive
 
 KAFKA_VERSION = "4.1.0"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,10 @@ class BrokerPaths:
     def output(self) -> Path:
         return self.home / "broker.log"
 
+    @property
+    def protocol(self) -> Path:
+        return self.home / "broker.protocol"
+
 
 def jar_cache() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -103,16 +108,6 @@ def resolve_jars() -> Path:
     return libs
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -136,27 +131,59 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers(port: int, timeout: float) -> bool:
+def _answers(port: int, timeout: float, protocol: str = "PLAINTEXT") -> bool:
     from kappa.admin import wait_until_reachable
 
+    overrides: dict[str, str] = {"security.protocol": protocol}
+    if protocol == "SASL_PLAINTEXT":
+        username, password = sasl_credentials()
+        overrides.update({"sasl.mechanism": "PLAIN", "sasl.username": username, "sasl.password": password})
     try:
-        wait_until_reachable(f"127.0.0.1:{port}", timeout=timeout)
+        wait_until_reachable(f"127.0.0.1:{port}", timeout=timeout, **overrides)
     except KappaError:
         return False
     return True
 
 
-def _server_properties(paths: BrokerPaths, port: int, controller_port: int) -> str:
+def sasl_credentials() -> tuple[str, str]:
+    """The one SASL/PLAIN user of the embedded broker: the same variables clients use."""
+    username, password = os.environ.get("KAPPA_SASL_USERNAME"), os.environ.get("KAPPA_SASL_PASSWORD")
+    if not username or not password:
+        raise KappaError("--sasl needs KAPPA_SASL_USERNAME and KAPPA_SASL_PASSWORD in the environment")
+    if any(c in username + password for c in '"\\\n'):
+        raise KappaError("KAPPA_SASL_USERNAME and KAPPA_SASL_PASSWORD may not contain quotes, backslashes or newlines")
+    if not username.replace("-", "").replace("_", "").isalnum():
+        raise KappaError("KAPPA_SASL_USERNAME may hold letters, digits, '-' and '_' only")
+    return username, password
+
+
+def _listener_properties(protocol: str, port: int, controller_port: int) -> list[str]:
+    lines = [
+        f"listeners={protocol}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        f"advertised.listeners={protocol}://127.0.0.1:{port}",
+        "controller.listener.names=CONTROLLER",
+        f"inter.broker.listener.name={protocol}",
+        f"listener.security.protocol.map={protocol}:{protocol},CONTROLLER:PLAINTEXT",
+    ]
+    if protocol == "SASL_PLAINTEXT":
+        username, password = sasl_credentials()
+        lines += [
+            "sasl.enabled.mechanisms=PLAIN",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{username}" password="{password}" user_{username}="{password}";',
+        ]
+    return lines
+
+
+def _server_properties(paths: BrokerPaths, port: int, controller_port: int, protocol: str) -> str:
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            *_listener_properties(protocol, port, controller_port),
             f"log.dirs={paths.logs}",
             "num.partitions=8",
             "offsets.topic.replication.factor=1",
@@ -177,17 +204,22 @@ def running_port(data_dir: Path) -> int | None:
     """The port of a live broker started from `data_dir`, else None."""
     paths = BrokerPaths(data_dir / "kafka")
     pid = _read_int(paths.pid)
-    if pid is None or not _pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         return None
     return _read_int(paths.port)
 
 
-def start(data_dir: Path, port: int = 9092) -> str:
-    """Start the broker unless it already runs; return its address once it answers metadata."""
+def start(data_dir: Path, port: int = 9092, sasl: bool = False) -> str:
+    """Start the broker unless it already runs; return its address once it answers metadata.
+
+    With `sasl`, the client listener requires SASL/PLAIN (the user from KAPPA_SASL_USERNAME
+    and KAPPA_SASL_PASSWORD); the controller listener is internal. Both bind 127.0.0.1 only.
+    """
     paths = BrokerPaths(data_dir / "kafka")
+    protocol = "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
     current = running_port(data_dir)
     if current is not None:
-        if _answers(current, timeout=15):
+        if _answers(current, timeout=15, protocol=_running_protocol(paths)):
             return f"127.0.0.1:{current}"
         raise KappaError(
             f"a broker process from {paths.home} is running (pid file {paths.pid}) but does not answer on "
@@ -201,7 +233,9 @@ def start(data_dir: Path, port: int = 9092) -> str:
     libs = resolve_jars()
     paths.logs.mkdir(parents=True, exist_ok=True)
     (paths.home / "log4j2.yaml").write_text(LOG4J2)
-    paths.config.write_text(_server_properties(paths, port, _free_port()))
+    paths.config.write_text(_server_properties(paths, port, _free_port(), protocol))
+    paths.config.chmod(0o600)  # it may hold the SASL password
+    paths.protocol.write_text(protocol)
     classpath = f"{libs}/*"
     jvm = [
         java,
@@ -240,7 +274,7 @@ def start(data_dir: Path, port: int = 9092) -> str:
             raise KappaError(
                 f"the Kafka broker exited with code {process.returncode} while starting: {_tail(paths.output)}"
             )
-        if _answers(port, timeout=2):
+        if _answers(port, timeout=2, protocol=protocol):
             return f"127.0.0.1:{port}"
         time.sleep(0.3)
     _terminate(process.pid)
@@ -264,7 +298,7 @@ def _terminate(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return
         try:
             os.waitpid(pid, os.WNOHANG)
@@ -281,12 +315,19 @@ def stop(data_dir: Path) -> bool:
     """Stop the broker started from `data_dir`; False when none was running."""
     paths = BrokerPaths(data_dir / "kafka")
     pid = _read_int(paths.pid)
-    if pid is None or not _pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         paths.pid.unlink(missing_ok=True)
         return False
     _terminate(pid)
     paths.pid.unlink(missing_ok=True)
     return True
+
+
+def _running_protocol(paths: BrokerPaths) -> str:
+    try:
+        return paths.protocol.read_text().strip() or "PLAINTEXT"
+    except OSError:
+        return "PLAINTEXT"
 
 
 def status(data_dir: Path) -> dict:
@@ -295,7 +336,8 @@ def status(data_dir: Path) -> dict:
     return {
         "running": port is not None,
         "address": f"127.0.0.1:{port}" if port else None,
-        "answers": bool(port) and _answers(port, timeout=3),
+        "protocol": _running_protocol(paths),
+        "answers": bool(port) and _answers(port, timeout=3, protocol=_running_protocol(paths)),
         "pid": _read_int(paths.pid) if port else None,
         "home": str(paths.home),
         "version": KAFKA_VERSION,

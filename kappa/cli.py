@@ -28,7 +28,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.action == "start":
-        address = broker.start(settings.data_dir, args.port)
+        address = broker.start(settings.data_dir, args.port, sasl=args.sasl)
         print(f"kafka {broker.KAFKA_VERSION} is up at {address} (data in {settings.data_dir / 'kafka'})")
     elif args.action == "stop":
         stopped = broker.stop(settings.data_dir)
@@ -38,7 +38,10 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         if not state["running"]:
             print(f"kafka is not running (data dir {state['home']})")
             return 1
-        print(f"kafka {state['version']} running at {state['address']} pid {state['pid']}, answers: {state['answers']}")
+        print(
+            f"kafka {state['version']} running at {state['address']} ({state['protocol']}) pid {state['pid']}, "
+            f"answers: {state['answers']}"
+        )
     return 0
 
 
@@ -176,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     kafka = commands.add_parser("kafka", parents=[common], help="run the embedded single-node Kafka broker")
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.add_argument("--port", type=int, default=9092, help="listener port on 127.0.0.1 (default 9092)")
+    kafka.add_argument(
+        "--sasl",
+        action="store_true",
+        help="require SASL/PLAIN on the listener; the user is KAPPA_SASL_USERNAME / KAPPA_SASL_PASSWORD",
+    )
     kafka.set_defaults(handler=cmd_kafka)
 
     load = commands.add_parser("load", parents=[common], help="load a CSV, Parquet or JSON Lines file into the log")

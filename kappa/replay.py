@@ -75,6 +75,17 @@ def collect_table(pipe: Pipeline) -> tuple[dict[str, MeanState], dict[str, int]]
     return snapshot.merge_partials(partials), records
 
 
+def preflight(settings: Settings, definition: Definition, allow_truncated: bool) -> tuple[int, dict[int, int]]:
+    """Checks every replay makes first; returns the partition count and the end offsets now."""
+    admin.wait_until_reachable(settings.broker)
+    partitions = admin.require_partition_count(settings.broker, definition.topic)
+    marks = admin.watermarks(settings.broker, definition.topic, partitions)
+    warn_finite_retention(settings, definition.topic)
+    check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
+    admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+    return partitions, {p: high for p, (_, high) in marks.items()}
+
+
 def run_batch(
     settings: Settings,
     pipeline: str,
@@ -83,13 +94,7 @@ def run_batch(
     allow_truncated: bool = False,
     loglevel: str = "warn",
 ) -> ReplayResult:
-    admin.wait_until_reachable(settings.broker)
-    partitions = admin.require_partition_count(settings.broker, definition.topic)
-    marks = admin.watermarks(settings.broker, definition.topic, partitions)
-    warn_finite_retention(settings, definition.topic)
-    check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
-    end_offsets = {p: high for p, (_, high) in marks.items()}
-    admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+    partitions, end_offsets = preflight(settings, definition, allow_truncated)
     registry = Registry(settings.snapshot_dir, pipeline)
     definition_record = {"topic": definition.topic, "value": definition.value_field, "key": definition.key_field}
     generation = registry.begin("batch", definition_record)

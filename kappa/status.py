@@ -11,22 +11,13 @@ from kappa.app import app_id
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
+from kappa.processes import pid_alive
 from kappa.snapshot import read_snapshot
 
 
 def _age_s(stamp: str) -> float:
     created = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     return round((datetime.now(UTC) - created).total_seconds(), 1)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _processes(settings: Settings, pipeline: str, generation: int) -> list[dict]:
@@ -38,7 +29,7 @@ def _processes(settings: Settings, pipeline: str, generation: int) -> list[dict]
         except (OSError, ValueError):
             continue
         local = beat.get("host") == os.uname().nodename
-        if local and not _pid_alive(beat["pid"]):
+        if local and not pid_alive(beat["pid"]):
             continue
         beat["heartbeat_age_s"] = _age_s(beat["updated_at"])
         found.append(beat)

@@ -25,8 +25,9 @@ from kappa.app import app_id, changelog_topic
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationBusy, Registry
+from kappa.processes import pid_alive
 from kappa.progress import ProgressLine
-from kappa.replay import check_log_starts_at_zero, warn_finite_retention
+from kappa.replay import preflight
 from kappa.worker import (
     Child,
     Publisher,
@@ -57,13 +58,7 @@ def _builder() -> dict:
 def _builder_alive(builder: dict) -> bool:
     if builder.get("host") != socket.gethostname():
         return True  # cannot tell for another host: assume it is alive
-    try:
-        os.kill(int(builder.get("pid", 0)), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return bool(builder.get("pid")) and pid_alive(int(builder["pid"]))
 
 
 def claim_generation(registry: Registry, definition: Definition) -> tuple[int, bool]:
@@ -104,15 +99,9 @@ def run_beside(
     allow_truncated: bool = False,
     loglevel: str = "warn",
 ) -> SwitchResult:
-    admin.wait_until_reachable(settings.broker)
-    partitions = admin.require_partition_count(settings.broker, definition.topic)
-    marks = admin.watermarks(settings.broker, definition.topic, partitions)
-    warn_finite_retention(settings, definition.topic)
-    check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
-    admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+    partitions, ends = preflight(settings, definition, allow_truncated)
     registry = Registry(settings.snapshot_dir, pipeline)
     generation, resumed = claim_generation(registry, definition)
-    ends = {p: high for p, (_, high) in marks.items()}
     total = sum(ends.values())
     current = registry.current()
     verb = "resuming" if resumed else "building"

@@ -32,6 +32,7 @@ from kappa.app import Pipeline, app_id, create_pipeline, quiet_faust_noise
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
+from kappa.processes import pid_alive
 from tables.grouped_mean import read_partition
 
 log = logging.getLogger("kappa.worker")
@@ -255,20 +256,10 @@ def heartbeats(settings: Settings, pipeline: str, generation: int) -> list[dict]
             beat = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if beat.get("host") == socket.gethostname() and not _pid_alive(beat["pid"]):
+        if beat.get("host") == socket.gethostname() and not pid_alive(beat["pid"]):
             continue
         beats.append(beat)
     return beats
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Publisher:

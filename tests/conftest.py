@@ -78,3 +78,23 @@ class Kappa:
 def kappa(kafka, tmp_path, request) -> Kappa:
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
     return Kappa(kafka, tmp_path / "data", tmp_path / "snapshots", name)
+
+
+@pytest.fixture
+def live(kappa):
+    """Start `kappa worker` supervisors for this test; every one is killed at teardown."""
+    from kappa.admin import ensure_topic
+    from tests.live import kill_group, start_worker
+
+    started = []
+
+    def run(topic: str, partitions: int, processes: int = 2, interval: float = 1.0, value: str = "amount"):
+        ensure_topic(kappa.broker, topic, partitions)
+        worker = start_worker(kappa, topic, value, "city", processes, interval)
+        worker.partitions = partitions
+        started.append(worker)
+        return worker
+
+    yield run
+    for worker in started:
+        kill_group(worker)

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import pandas as pd
 
 from kappa.admin import end_offsets
-from kappa.datagen import pandas_expectation
+from kappa.datagen import pandas_expectation, sample_frame
 from tests.conftest import REPO, Kappa
 from tests.oracle import assert_matches, read_latest
 
@@ -110,3 +111,23 @@ def kill_group(worker: LiveWorker) -> None:
     except ProcessLookupError:
         pass
     worker.process.wait(timeout=30)
+
+
+def load_round(kappa, worker, tmp_path, rows: int, seed: int) -> None:
+    frame = sample_frame(rows, 300, seed=seed)
+    path = tmp_path / f"round-{seed}.csv"
+    frame.to_csv(path, index=False)
+    kappa.load(path, "city", worker.topic)
+    worker.rows.append(frame)
+
+
+def kcat_round(kappa, worker, rows: int, seed: int) -> None:
+    """An outside producer: kcat, with its own (CRC32) partitioner, so keys span partitions."""
+    frame = sample_frame(rows, 300, seed=seed)
+    frame = frame[frame["city"].notna() & ~frame["city"].str.contains("\n|\t", regex=True, na=False)]
+    lines = b"".join(row["city"].encode() + b"\t" + orjson.dumps(row) + b"\n" for row in frame.to_dict("records"))
+    subprocess.run(
+        ["kcat", "-P", "-b", kappa.broker, "-t", worker.topic, "-K", "\t", "-z", "lz4"],
+        input=lines, check=True, timeout=60,
+    )  # fmt: skip
+    worker.rows.append(frame)

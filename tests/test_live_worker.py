@@ -6,51 +6,10 @@ import subprocess
 import threading
 import time
 
-import orjson
-import pytest
-
-from kappa.admin import ensure_topic
-from kappa.datagen import sample_frame
-from tests.live import kill_group, start_worker
+from tests.live import kcat_round, load_round
 from tests.oracle import latest_dir, read_csv_table
 
 KEY, VALUE = "city", "amount"
-
-
-@pytest.fixture
-def live(kappa, tmp_path):
-    started = []
-
-    def run(topic: str, partitions: int, processes: int = 2, interval: float = 1.0):
-        ensure_topic(kappa.broker, topic, partitions)
-        worker = start_worker(kappa, topic, VALUE, KEY, processes, interval)
-        worker.partitions = partitions
-        started.append(worker)
-        return worker
-
-    yield run
-    for worker in started:
-        kill_group(worker)
-
-
-def load_round(kappa, worker, tmp_path, rows: int, seed: int) -> None:
-    frame = sample_frame(rows, 300, seed=seed)
-    path = tmp_path / f"round-{seed}.csv"
-    frame.to_csv(path, index=False)
-    kappa.load(path, KEY, worker.topic)
-    worker.rows.append(frame)
-
-
-def kcat_round(kappa, worker, rows: int, seed: int) -> None:
-    """An outside producer: kcat, with its own (CRC32) partitioner, so keys span partitions."""
-    frame = sample_frame(rows, 300, seed=seed)
-    frame = frame[frame[KEY].notna() & ~frame[KEY].str.contains("\n|\t", regex=True, na=False)]
-    lines = b"".join(row[KEY].encode() + b"\t" + orjson.dumps(row) + b"\n" for row in frame.to_dict("records"))
-    subprocess.run(
-        ["kcat", "-P", "-b", kappa.broker, "-t", worker.topic, "-K", "\t", "-z", "lz4"],
-        input=lines, check=True, timeout=60,
-    )  # fmt: skip
-    worker.rows.append(frame)
 
 
 def test_rounds_while_running_match_pandas_each_time(kappa, live, tmp_path):

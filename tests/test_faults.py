@@ -1,0 +1,162 @@
+"""Guarantees 3 and 5 under fire: kill -9, lost state, rebalance storms, shared dirs, outside
+producers and an unwritable snapshot directory. The verdict is always the pandas oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from kappa.admin import ensure_topic
+from kappa.datagen import pandas_expectation, sample_frame
+from tests.conftest import REPO
+from tests.live import load_round, start_worker
+from tests.oracle import assert_matches, read_latest
+
+KEY, VALUE = "city", "amount"
+pytestmark = pytest.mark.slow
+
+
+def test_sigkill_live_processes_at_random_moments(kappa, live, tmp_path):
+    rng = random.Random(5)
+    worker = live(kappa.topic(), partitions=4, processes=2, interval=0.5)
+    load_round(kappa, worker, tmp_path, 3_000, seed=100)
+    worker.wait_caught_up()
+    kills = 0
+    for seed in range(101, 107):
+        load_round(kappa, worker, tmp_path, 2_500, seed)
+        time.sleep(rng.uniform(0.0, 1.2))
+        victims = sorted(worker.child_pids())
+        if victims:
+            os.kill(rng.choice(victims), signal.SIGKILL)
+            kills += 1
+        time.sleep(rng.uniform(0.0, 0.8))
+    assert kills >= 5
+    worker.assert_exact(tmp_path, KEY, VALUE)
+    assert worker.log.read_text().count("restarting") >= 5
+    assert worker.stop() == 0
+
+
+def test_sigkill_a_replay_repeatedly_then_resume(kappa, tmp_path):
+    rng = random.Random(9)
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(80_000, 500, seed=110).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    command = [str(REPO / "scripts" / "replay"), "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args()]
+    env = {**os.environ, "KAPPA_PYTHON": sys.executable}
+    for _ in range(5):
+        replay = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+        time.sleep(rng.uniform(3.0, 7.0))
+        os.killpg(replay.pid, signal.SIGKILL)
+        replay.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", f"--topic {topic} "], check=False)
+        if (kappa.snapshot_dir / topic / "latest").exists():
+            break  # the replay finished before the kill: nothing left to resume
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), KEY, VALUE)
+    assert_matches(csv_table, expected)
+    assert_matches(parquet_table, expected)
+    assert manifest["generation"] == 1 and manifest["records"]["counted"] == int(expected["count"].sum())
+
+
+def test_wiped_local_state_is_rebuilt_from_the_changelog(kappa, live, tmp_path):
+    worker = live(kappa.topic(), partitions=3, processes=1, interval=0.5)
+    load_round(kappa, worker, tmp_path, 5_000, seed=120)
+    worker.assert_exact(tmp_path, KEY, VALUE)
+    assert worker.stop() == 0
+    state = kappa.data_dir / "state" / worker.topic
+    assert any(state.rglob("*.db")), "the worker kept RocksDB state"
+    shutil.rmtree(state)
+    restarted = live(worker.topic, partitions=3, processes=1, interval=0.5)
+    restarted.rows = worker.rows
+    load_round(kappa, restarted, tmp_path, 2_000, seed=121)
+    restarted.assert_exact(tmp_path, KEY, VALUE)
+    assert restarted.stop() == 0
+
+
+def test_rebalance_storm_of_a_second_worker(kappa, live, tmp_path):
+    worker = live(kappa.topic(), partitions=6, processes=1, interval=0.5)
+    load_round(kappa, worker, tmp_path, 2_000, seed=130)
+    for seed in range(131, 136):
+        second = start_worker(kappa, worker.topic, VALUE, KEY, processes=1, interval=0.5)
+        try:
+            load_round(kappa, worker, tmp_path, 1_500, seed)
+            time.sleep(2.0)
+        finally:
+            second.process.send_signal(signal.SIGTERM)
+            assert second.process.wait(timeout=90) == 0
+    worker.assert_exact(tmp_path, KEY, VALUE)
+    assert worker.stop() == 0
+
+
+def test_two_workers_on_one_data_dir_get_separate_state(kappa, live, tmp_path):
+    first = live(kappa.topic(), partitions=4, processes=1, interval=0.5)
+    second = live(first.topic, partitions=4, processes=1, interval=0.5)
+    load_round(kappa, first, tmp_path, 4_000, seed=140)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(first.heartbeats()) < 2:
+        time.sleep(0.3)
+    slots = sorted(p.name for p in (kappa.data_dir / "state" / first.topic / "g1").iterdir() if p.is_dir())
+    assert slots == ["p0", "p1"], "each process claims its own RocksDB directory"
+    first.assert_exact(tmp_path, KEY, VALUE)
+    for worker in (first, second):
+        assert worker.stop() == 0
+        assert "LOCK" not in worker.log.read_text()
+
+
+def test_kcat_with_every_codec_and_its_own_partitioner(kappa, tmp_path):
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 4)
+    frame = sample_frame(4_000, 150, seed=150)
+    frame = frame[frame[KEY].notna() & ~frame[KEY].str.contains("\n|\t", regex=True, na=False)]
+    chunks = [frame.iloc[i::4] for i in range(4)]
+    for codec, chunk in zip(["gzip", "snappy", "lz4", "zstd"], chunks, strict=True):
+        lines = b"".join(row[KEY].encode() + b"\t" + orjson.dumps(row) + b"\n" for row in chunk.to_dict("records"))
+        subprocess.run(
+            ["kcat", "-P", "-b", kappa.broker, "-t", topic, "-K", "\t", "-z", codec],
+            input=lines,
+            check=True,
+            timeout=60,
+        )
+    kappa.replay_batch(topic, VALUE, KEY)
+    path = tmp_path / "all.csv"
+    frame.to_csv(path, index=False)
+    _, table, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(table, pandas_expectation(str(path), KEY, VALUE))
+    assert manifest["records"]["rejected"] == 0
+
+
+def test_unwritable_snapshot_dir_keeps_latest_and_recovers(kappa, live, tmp_path):
+    worker = live(kappa.topic(), partitions=2, processes=1, interval=0.5)
+    load_round(kappa, worker, tmp_path, 2_000, seed=160)
+    worker.wait_caught_up()
+    pipeline_dir = kappa.snapshot_dir / worker.topic
+    before = os.readlink(pipeline_dir / "latest")
+    subprocess.run(["chattr", "+i", str(pipeline_dir)], check=True)
+    try:
+        load_round(kappa, worker, tmp_path, 1_000, seed=161)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "could not publish" not in worker.log.read_text():
+            time.sleep(0.3)
+        assert "could not publish" in worker.log.read_text()
+        assert os.readlink(pipeline_dir / "latest") == before
+        assert json.loads((pipeline_dir / "latest" / "manifest.json").read_text())["keys"] > 0
+        assert worker.process.poll() is None, "the worker keeps running"
+    finally:
+        subprocess.run(["chattr", "-i", str(pipeline_dir)], check=True)
+    worker.assert_exact(tmp_path, KEY, VALUE)
+    assert os.readlink(pipeline_dir / "latest") != before
+    assert worker.stop() == 0

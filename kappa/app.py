@@ -14,6 +14,7 @@ import faust
 
 from agents.grouped_mean import Definition, GroupedMeanAgent, Progress
 from kappa import security
+from kappa.lognoise import fold_repeated_client_errors
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
 
@@ -21,6 +22,7 @@ def quiet_faust_noise() -> None:
     """Faust warns on every full producer buffer, which batches of table writes fill by
     design; the agent drains it, so keep the log to what an operator needs."""
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
+    fold_repeated_client_errors()
 
 
 def app_id(pipeline: str, generation: int) -> str:

@@ -46,6 +46,33 @@ def run_dir(settings: Settings, pipeline: str, generation: int) -> Path:
     return settings.data_dir / "run" / pipeline / f"g{generation}"
 
 
+def claim_data_dir(settings: Settings, pipeline: str) -> IO:
+    """One supervisor per (data dir, pipeline), or refuse at once.
+
+    Two supervisors on one data directory would each spawn processes that claim the same
+    state slots and publish the same parts, racing each other. The lock is an flock, so it
+    disappears with the process, even after SIGKILL; there is no stale lock to clean up.
+    """
+    directory = settings.data_dir / "run" / pipeline
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / "worker.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise KappaError(
+            f"data dir {settings.data_dir} is already used by a kappa worker for pipeline {pipeline!r} "
+            f"({holder}); give this worker its own --data-dir, or raise --processes on the running one"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 def definition_record(definition: Definition) -> dict:
     return {"topic": definition.topic, "value": definition.value_field, "key": definition.key_field}
 
@@ -355,6 +382,7 @@ class Supervisor:
         self.stopping = True
 
     def run(self) -> int:
+        self._data_dir_claim = claim_data_dir(self.settings, self.pipeline)
         admin.wait_until_reachable(self.settings.broker)
         partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
         admin.ensure_topic(self.settings.broker, self.definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)

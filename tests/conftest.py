@@ -18,7 +18,7 @@ from kappa import broker as embedded
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -32,7 +32,7 @@ def kafka(tmp_path_factory) -> str:
         yield external
         return
     data_dir = tmp_path_factory.mktemp("broker")
-    address = embedded.start(data_dir, _free_port())
+    address = embedded.start(data_dir, free_port())
     try:
         yield address
     finally:

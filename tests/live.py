@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -91,8 +92,11 @@ def _alive(pid: int) -> bool:
     return status.exists() and "State:\tZ" not in status.read_text()
 
 
+_worker_numbers = itertools.count(1)
+
+
 def start_worker(kappa: Kappa, topic: str, value: str, key: str, processes: int, interval: float) -> LiveWorker:
-    log = kappa.data_dir.parent / f"worker-{topic}.log"
+    log = kappa.data_dir.parent / f"worker-{topic}-{next(_worker_numbers)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = open(log, "wb")
     process = subprocess.Popen(

@@ -3,6 +3,7 @@ producers and an unwritable snapshot directory. The verdict is always the pandas
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -15,10 +16,11 @@ import time
 import orjson
 import pytest
 
+from kappa import broker as embedded
 from kappa.admin import ensure_topic
 from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO
-from tests.live import load_round, start_worker
+from tests.conftest import REPO, free_port
+from tests.live import kill_group, load_round, start_worker
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -91,7 +93,9 @@ def test_rebalance_storm_of_a_second_worker(kappa, live, tmp_path):
     worker = live(kappa.topic(), partitions=6, processes=1, interval=0.5)
     load_round(kappa, worker, tmp_path, 2_000, seed=130)
     for seed in range(131, 136):
-        second = start_worker(kappa, worker.topic, VALUE, KEY, processes=1, interval=0.5)
+        # a second host: its own data dir, the shared snapshot dir
+        second_host = dataclasses.replace(kappa, data_dir=kappa.data_dir.parent / "second-host")
+        second = start_worker(second_host, worker.topic, VALUE, KEY, processes=1, interval=0.5)
         try:
             load_round(kappa, worker, tmp_path, 1_500, seed)
             time.sleep(2.0)
@@ -102,19 +106,19 @@ def test_rebalance_storm_of_a_second_worker(kappa, live, tmp_path):
     assert worker.stop() == 0
 
 
-def test_two_workers_on_one_data_dir_get_separate_state(kappa, live, tmp_path):
-    first = live(kappa.topic(), partitions=4, processes=1, interval=0.5)
-    second = live(first.topic, partitions=4, processes=1, interval=0.5)
+def test_a_second_worker_on_one_data_dir_is_refused_at_once(kappa, live, tmp_path):
+    first = live(kappa.topic(), partitions=4, processes=2, interval=0.5)
     load_round(kappa, first, tmp_path, 4_000, seed=140)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(first.heartbeats()) < 2:
-        time.sleep(0.3)
-    slots = sorted(p.name for p in (kappa.data_dir / "state" / first.topic / "g1").iterdir() if p.is_dir())
-    assert slots == ["p0", "p1"], "each process claims its own RocksDB directory"
+    first.wait_caught_up()
+    second = live(first.topic, partitions=4, processes=1, interval=0.5)
+    assert second.process.wait(timeout=30) == 2, "the second worker must stop, not hang"
+    error = second.log.read_text()
+    assert f"data dir {kappa.data_dir} is already used by a kappa worker" in error
+    assert f"pid {first.process.pid}" in error and "--data-dir" in error
+    load_round(kappa, first, tmp_path, 2_000, seed=141)
     first.assert_exact(tmp_path, KEY, VALUE)
-    for worker in (first, second):
-        assert worker.stop() == 0
-        assert "LOCK" not in worker.log.read_text()
+    assert first.stop() == 0
+    assert "LOCK" not in first.log.read_text()
 
 
 def test_kcat_with_every_codec_and_its_own_partitioner(kappa, tmp_path):
@@ -160,3 +164,33 @@ def test_unwritable_snapshot_dir_keeps_latest_and_recovers(kappa, live, tmp_path
     worker.assert_exact(tmp_path, KEY, VALUE)
     assert os.readlink(pipeline_dir / "latest") != before
     assert worker.stop() == 0
+
+
+def test_broker_stopped_for_30s_during_live_tailing(kappa, tmp_path):
+    """A private broker, so stopping it cannot disturb other tests; same port on restart."""
+    broker_dir = tmp_path / "private-broker"
+    port = free_port()
+    private = dataclasses.replace(kappa, broker=embedded.start(broker_dir, port))
+    try:
+        topic = private.topic()
+        ensure_topic(private.broker, topic, 4)
+        worker = start_worker(private, topic, VALUE, KEY, processes=2, interval=0.5)
+        worker.partitions = 4
+        try:
+            load_round(private, worker, tmp_path, 3_000, seed=150)
+            worker.wait_caught_up()
+            load_round(private, worker, tmp_path, 3_000, seed=151)  # still in flight when the broker goes
+            embedded.stop(broker_dir)
+            time.sleep(30)
+            assert worker.process.poll() is None, f"the worker gave up:\n{worker.log.read_text()}"
+            embedded.start(broker_dir, port)
+            load_round(private, worker, tmp_path, 2_000, seed=152)
+            worker.assert_exact(tmp_path, KEY, VALUE)
+            restarts = worker.log.read_text().count("restarting")
+            assert restarts <= 2, f"{restarts} process restarts: a crash loop\n{worker.log.read_text()}"
+            assert worker.log.read_text().count("Unable connect") < 100, "client errors are folded, not spammed"
+            assert worker.stop() == 0
+        finally:
+            kill_group(worker)
+    finally:
+        embedded.stop(broker_dir)

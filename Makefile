@@ -14,7 +14,7 @@ $(PY):
 venv: $(VENV)/.installed
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 # System tools the tests drive: Java and Maven for the broker, kcat as the outside client.
@@ -44,6 +44,10 @@ stop: venv
 test: venv deps
 	$(VENV)/bin/ruff check kappa agents tables tests scripts/make_sample.py
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The contenders of issue 6 on 1M rows (override: make bench BENCH_ARGS="--rows 5000000").
+bench: venv deps
+	scripts/bench $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check kappa agents tables tests scripts/make_sample.py

@@ -249,7 +249,8 @@ def start(data_dir: Path, port: int = 9092, sasl: bool = False) -> str:
     if not (paths.logs / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         formatted = subprocess.run(
-            [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(paths.config)],
+            # `=` form: a base64 id may start with "-", which argparse would take for an option
+            [*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(paths.config)],
             capture_output=True,
             text=True,
             timeout=120,

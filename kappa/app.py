@@ -14,6 +14,7 @@ import faust
 
 from agents.grouped_mean import Definition, GroupedMeanAgent, Progress
 from kappa import security
+from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor
 from kappa.lognoise import fold_repeated_client_errors
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
@@ -75,7 +76,9 @@ def create_pipeline(
         # a killed process must leave the group in seconds, not Faust's default minute
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
+        Monitor=PerRecordQuietMonitor,  # see kappa.fastpath
     )
+    app.transport.Consumer = BatchDeliveryConsumer  # see kappa.fastpath
     source = app.topic(definition.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(
         definition.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
@@ -101,5 +104,10 @@ async def resume_from_table_offsets(pipe: Pipeline) -> None:
     consumer = pipe.app.consumer
     topic = pipe.definition.topic
     offsets = {tp: stored_next_offset(pipe.table, tp.partition) for tp in consumer.assignment() if tp.topic == topic}
+    for tp, stored in offsets.items():
+        # a restored partition may already be at the replay's end offsets, with nothing left to apply
+        progress = pipe.progress.next_offsets
+        progress[tp.partition] = max(stored, progress.get(tp.partition, 0))
+        pipe.progress.dirty.add(tp.partition)
     if offsets:
         await consumer._commit(offsets)

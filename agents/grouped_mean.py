@@ -1,11 +1,11 @@
 """The grouped-mean agent: log records in, one table write per touched key per batch out.
 
 Faust's per-event table writes are its usual bottleneck (one changelog record and one
-RocksDB put each). This agent takes events in batches, folds each source partition's slice
-of the batch in plain Python dicts, and writes every touched key once. Faust only lets a
-table be written inside an event's context (the event picks the RocksDB partition and the
-changelog partition), so each partition's writes run with that partition's last event set
-as the current event, exactly as Faust's own stream iteration would set it.
+RocksDB put each). This agent gets each batch the consumer fetched (kappa.fastpath), folds
+each source partition's records in plain Python dicts, and writes every touched key once.
+Faust only lets a table be written inside an event's context (the event picks the RocksDB
+partition and the changelog partition), so each partition's writes run with an event for
+that partition's last record set as the current event, as Faust's stream iteration would.
 """
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from faust.streams import _current_event
-from faust.types import TP
+from faust.types import TP, Message
 
 from kappa.codec import COUNTED, REJECTED, decode
 from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
 
 log = logging.getLogger("kappa.agent")
-BATCH_MAX_EVENTS = 20_000
-BATCH_WITHIN_S = 0.2
+COMMIT_EVERY_S = 1.0
 REWIND_PATIENCE_S = 10.0
 
 
@@ -68,7 +66,7 @@ def _dlq_headers(error: str, topic: str, partition: int, offset: int) -> list[tu
 
 
 class GroupedMeanAgent:
-    """Applies batches of events to the table; idempotent per key (see tables.grouped_mean)."""
+    """Applies batches of records to the table; idempotent per key (see tables.grouped_mean)."""
 
     def __init__(self, table: Any, definition: Definition, dlq: Any, progress: Progress) -> None:
         self.table = table
@@ -76,84 +74,91 @@ class GroupedMeanAgent:
         self.dlq = dlq
         self.progress = progress
         self._rewinds: dict[int, tuple[int, float]] = {}
+        self._next_commit = 0.0
 
-    async def __call__(self, stream: Any) -> None:
-        async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_S):
-            await self.apply(events)
-            await self._make_durable()
+    async def on_batch(self, batches: Mapping[TP, Sequence[Message]]) -> None:
+        """One fetched batch: apply each partition's records, then make them durable."""
+        for tp, messages in batches.items():
+            last = messages[-1]
+            event = self.table.app.create_event(last.key, last.value, last.headers, last)
+            token = _current_event.set(weakref.ref(event))
+            try:
+                await self._apply_partition(tp.partition, messages)
+            finally:
+                _current_event.reset(token)
+            self.progress.records_seen += len(messages)
+        await self._make_durable()
+        await self._commit_applied(batches)
+
+    async def _commit_applied(self, batches: Mapping[TP, Sequence[Message]]) -> None:
+        """Commit what the table holds, so the group's offsets track it (for `kappa status`
+        and outside tools); resuming never relies on them (kappa.app.resume_from_table_offsets)."""
+        if time.monotonic() < self._next_commit:
+            return
+        self._next_commit = time.monotonic() + COMMIT_EVERY_S
+        held = self.progress.next_offsets
+        applied = {tp: held[tp.partition] for tp in batches if tp.partition in held}
+        if applied:
+            await self.table.app.consumer._commit(applied)
 
     async def _make_durable(self) -> None:
         """Wait until this batch's changelog and dead-letter records are on the broker.
 
-        take_events acks a batch's events only after this method returns, and Faust commits
-        only acked offsets, so a committed source offset is never ahead of the changelog. A
-        partition that moves to another process is then restored with every applied record.
-        Faust's own pre-commit flush is not enough: its buffer flush gives up after 0.1 s
-        with records still pending (faust/transport/producer.py, flush_atmost).
+        Offsets are committed only after this returns, so a committed source offset is never
+        ahead of the changelog, and a partition that moves to another process is restored
+        with every applied record. Faust's own flush is not enough: its buffer flush gives up
+        after 0.1 s with records still pending (faust/transport/producer.py, flush_atmost).
         """
         producer = self.table.app.producer
         while producer.buffer.size:
             await producer.buffer.flush()
         await producer.flush()
 
-    async def _skip_for_rewind(self, partition: int, events: Sequence[Any], stored: int) -> Sequence[Any]:
+    async def _skip_for_rewind(self, partition: int, messages: Sequence[Message], stored: int) -> Sequence[Message]:
         """Last line of defence: the consumer is ahead of what the table holds.
 
         Resuming from the table's offsets on every assignment (kappa.app) should make this
         impossible; if it happens anyway, seek back so nothing is skipped, and drop the
-        events already fetched from beyond that point until the re-delivery arrives. A hole
+        records already fetched from beyond that point until the re-delivery arrives. A hole
         that never fills (transaction markers, compaction) is accepted after a while. A
         partition with nothing applied yet simply starts where the log starts.
         """
         pending = self._rewinds.get(partition)
         if pending is None:
-            if events[0].message.offset <= stored or stored == 0:
-                return events
+            if messages[0].offset <= stored or stored == 0:
+                return messages
             log.warning(
                 "partition %s resumed at offset %s but the table holds records up to %s; seeking back",
                 partition,
-                events[0].message.offset,
+                messages[0].offset,
                 stored,
             )
             self._rewinds[partition] = (stored, time.monotonic() + REWIND_PATIENCE_S)
             await self.table.app.consumer.seek(TP(self.definition.topic, partition), stored)
             return ()
         target, deadline = pending
-        for index, event in enumerate(events):
-            if event.message.offset <= target:
+        for index, message in enumerate(messages):
+            if message.offset <= target:
                 del self._rewinds[partition]
-                return events[index:]
+                return messages[index:]
         if time.monotonic() < deadline:
             return ()
         log.warning(
-            "partition %s: no record at offsets %s..%s; accepting the hole", partition, target, events[0].message.offset
+            "partition %s: no record at offsets %s..%s; accepting the hole", partition, target, messages[0].offset
         )
         del self._rewinds[partition]
-        return events
+        return messages
 
-    async def apply(self, events: Sequence[Any]) -> None:
-        by_partition: dict[int, list[Any]] = defaultdict(list)
-        for event in events:
-            by_partition[event.message.partition].append(event)
-        for partition, partition_events in by_partition.items():
-            token = _current_event.set(weakref.ref(partition_events[-1]))
-            try:
-                await self._apply_partition(partition, partition_events)
-            finally:
-                _current_event.reset(token)
-        self.progress.records_seen += len(events)
-
-    async def _apply_partition(self, partition: int, events: Sequence[Any]) -> None:
+    async def _apply_partition(self, partition: int, messages: Sequence[Message]) -> None:
         table, definition = self.table, self.definition
         stats = PartitionStats.decode(table.get(STATS_KEY))
         states: dict[bytes, MeanState] = {}
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
-        events = await self._skip_for_rewind(partition, events, stats.next_offset)
-        if not events:
+        messages = await self._skip_for_rewind(partition, messages, stats.next_offset)
+        if not messages:
             return
         key_field, value_field = definition.key_field, definition.value_field
-        for event in events:
-            message = event.message
+        for message in messages:
             offset = message.offset
             if stop is not None and offset >= stop:
                 break

@@ -78,14 +78,15 @@ def create_pipeline(
         broker_heartbeat_interval=2.0,
         Monitor=PerRecordQuietMonitor,  # see kappa.fastpath
     )
-    app.transport.Consumer = BatchDeliveryConsumer  # see kappa.fastpath
     source = app.topic(definition.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(
         definition.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
     table = define_table(app, partitions)
     agent = GroupedMeanAgent(table, definition, dlq, progress)
-    app.agent(source, name=f"kappa.{pipeline}.grouped_mean")(agent.__call__)
+    # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
+    app.topics.add(source)
+    app.transport.Consumer = BatchDeliveryConsumer.for_topics({definition.topic: agent.on_batch})
     wired = Pipeline(app=app, table=table, progress=progress, definition=definition)
     table.on_recover(lambda: resume_from_table_offsets(wired))
     return wired

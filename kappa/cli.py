@@ -78,7 +78,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(
         f"generation {result.generation} of {pipeline!r} published: {result.path} "
         f"({result.manifest['keys']:,} keys; counted {records['counted']:,}, skipped {records['skipped']:,}, "
-        f"rejected {records['rejected']:,}) in {result.seconds:.2f}s ({rate:,.0f} rows/s)"
+        f"rejected {records['rejected']:,}) in {result.seconds:.2f}s "
+        f"({rate:,.0f} rows/s; snapshot {result.snapshot_seconds:.2f}s)"
     )
     if result.previous is not None and result.previous != result.generation and not args.keep_old:
         retire_generation(settings, pipeline, result.previous, definition.topic)

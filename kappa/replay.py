@@ -35,6 +35,7 @@ class ReplayResult:
     path: Path
     manifest: dict
     seconds: float
+    snapshot_seconds: float
     previous: int | None = None
 
 
@@ -129,6 +130,7 @@ def run_batch(
         outcome["pending"] = True
         try:
             await pipe.app.producer.flush()
+            snapshot_started = time.monotonic()
             aggregates, records = collect_table(pipe)
             frame = snapshot.to_frame(aggregates)
             manifest = snapshot.build_manifest(
@@ -148,6 +150,7 @@ def run_batch(
                 return True
 
             outcome["path"] = snapshot.publish(settings.snapshot_dir, pipeline, generation, frame, manifest, switch)
+            outcome["snapshot_seconds"] = time.monotonic() - snapshot_started
             outcome["manifest"] = manifest
             registry.mark(generation, "complete")
         except Exception as exc:  # reported after the worker stops, as one line
@@ -184,4 +187,6 @@ def run_batch(
             f"replay of generation {generation} stopped before reaching the end offsets; "
             f"its state is kept under {settings.state_dir(pipeline, generation)}, run the replay again"
         )
-    return ReplayResult(generation, outcome["path"], outcome["manifest"], seconds, outcome.get("previous"))
+    return ReplayResult(
+        generation, outcome["path"], outcome["manifest"], seconds, outcome["snapshot_seconds"], outcome.get("previous")
+    )

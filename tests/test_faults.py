@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from kappa import broker as embedded
-from kappa.admin import ensure_topic
+from kappa.admin import committed_offsets, ensure_topic
 from kappa.datagen import pandas_expectation, sample_frame
 from tests.conftest import REPO, free_port
 from tests.live import kill_group, load_round, start_worker
@@ -48,23 +48,30 @@ def test_sigkill_live_processes_at_random_moments(kappa, live, tmp_path):
 
 
 def test_sigkill_a_replay_repeatedly_then_resume(kappa, tmp_path):
+    """Kill -9 at five random points of progress (read from the group's commits), then finish."""
     rng = random.Random(9)
-    topic = kappa.topic()
+    topic, rows, partitions = kappa.topic(), 200_000, 4
     path = tmp_path / "rows.csv"
-    sample_frame(80_000, 500, seed=110).to_csv(path, index=False)
-    kappa.load(path, KEY, topic, partitions=4)
+    sample_frame(rows, 500, seed=110).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=partitions)
     command = [str(REPO / "scripts" / "replay"), "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args()]
     env = {**os.environ, "KAPPA_PYTHON": sys.executable}
-    for _ in range(5):
+    for fraction in sorted(rng.uniform(0.05, 0.85) for _ in range(5)):
         replay = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
         )
-        time.sleep(rng.uniform(3.0, 7.0))
-        os.killpg(replay.pid, signal.SIGKILL)
-        replay.wait(timeout=30)
-        subprocess.run(["pkill", "-9", "-f", f"--topic {topic} "], check=False)
-        if (kappa.snapshot_dir / topic / "latest").exists():
-            break  # the replay finished before the kill: nothing left to resume
+        try:
+            deadline = time.monotonic() + 120
+            while replay.poll() is None and time.monotonic() < deadline:
+                committed = committed_offsets(kappa.broker, f"kappa-{topic}-g1", topic, partitions)
+                if sum(offset or 0 for offset in committed.values()) >= fraction * rows:
+                    break
+                time.sleep(0.05)
+            assert replay.poll() is None, "the replay ended before it was killed"
+        finally:
+            os.killpg(replay.pid, signal.SIGKILL)
+            replay.wait(timeout=30)
+        assert not (kappa.snapshot_dir / topic / "latest").exists()
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr
     csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)

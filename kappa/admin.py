@@ -7,6 +7,7 @@ fast and complete, and the loader uses it to produce at full speed.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -150,10 +151,19 @@ def commit_offsets(broker: str, group: str, topic: str, offsets: dict[int, int])
 def committed_offsets(broker: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
     """A group's committed next offset per partition (None where it has committed nothing)."""
     consumer = Consumer(client_config(broker, **{"group.id": group, "enable.auto.commit": False}))
+    deadline = time.monotonic() + 30
     try:
-        committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-    except KafkaException as exc:
-        raise KappaError(f"could not read committed offsets of group {group!r}: {exc.args[0].str()}") from None
+        while True:
+            try:
+                committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+                break
+            except KafkaException as exc:
+                # a coordinator that is moving or still loading answers again within seconds
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                    raise KappaError(
+                        f"could not read committed offsets of group {group!r}: {exc.args[0].str()}"
+                    ) from None
+                time.sleep(0.5)
     finally:
         consumer.close()
     return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed}
@@ -161,8 +171,6 @@ def committed_offsets(broker: str, group: str, topic: str, partitions: int) -> d
 
 def delete_consumer_group(broker: str, group: str, timeout: float = 60.0) -> None:
     """Delete a consumer group once its members have left (retrying while it is not empty)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         client = admin(broker)  # must outlive its futures

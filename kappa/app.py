@@ -14,6 +14,7 @@ import faust
 
 from agents.grouped_mean import Definition, GroupedMeanAgent, Progress
 from kappa import security
+from kappa.config import fetch_partition_bytes
 from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor
 from kappa.lognoise import fold_repeated_client_errors
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
@@ -57,6 +58,8 @@ def create_pipeline(
     app = faust.App(
         app_id(pipeline, generation),
         broker=f"kafka://{broker}",
+        # one client id per generation: broker-side logs and quotas can tell generations apart
+        broker_client_id=app_id(pipeline, generation),
         **security.from_environment().faust_options(),
         store="rocksdb://",
         datadir=str(state_dir),
@@ -68,7 +71,7 @@ def create_pipeline(
         stream_recovery_delay=0.0,
         stream_buffer_maxsize=65_536,
         broker_commit_every=50_000,
-        consumer_max_fetch_size=16 * 1024 * 1024,
+        consumer_max_fetch_size=fetch_partition_bytes(),
         broker_max_poll_records=20_000,
         producer_linger_ms=20,
         producer_max_batch_size=1024 * 1024,

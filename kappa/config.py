@@ -45,3 +45,24 @@ def validate_pipeline_name(name: str) -> str:
             f"pipeline name {name!r} is not usable: expected letters, digits, '.', '_' or '-'; pass --pipeline NAME"
         )
     return name
+
+
+DEFAULT_FETCH_PARTITION_BYTES = 16 * 1024 * 1024
+
+
+def fetch_partition_bytes() -> int:
+    """Bytes fetched per partition per request ($KAPPA_FETCH_PARTITION_BYTES).
+
+    Large fetches keep a replay's consumer busy between round trips; a smaller value bounds
+    memory on very wide topics, and with a broker quota it paces a replay for drills.
+    """
+    raw = os.environ.get("KAPPA_FETCH_PARTITION_BYTES")
+    if raw is None:
+        return DEFAULT_FETCH_PARTITION_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1024:
+        raise KappaError(f"KAPPA_FETCH_PARTITION_BYTES must be a whole number of bytes >= 1024, not {raw!r}")
+    return value

@@ -70,6 +70,22 @@ class Kappa:
     def load(self, path: Path | str, key: str, topic: str, partitions: int = 8, **kwargs):
         return self.run("load", str(path), "--key", key, "--topic", topic, "--partitions", str(partitions), **kwargs)
 
+    def paced_replay_env(self, client_id: str, bytes_per_s: int) -> dict[str, str]:
+        """Pace a generation's consumer with a real broker quota, so a test can act midway through a replay.
+
+        The quota alone would not do: one 16 MiB fetch takes a small topic whole, so the
+        returned environment also makes each fetch small.
+        """
+        libs = embedded.resolve_jars()
+        command = [
+            "java", "-cp", f"{libs}/*", "kafka.admin.ConfigCommand", "--bootstrap-server", self.broker,
+            "--alter", "--add-config", f"consumer_byte_rate={bytes_per_s}",
+            "--entity-type", "clients", "--entity-name", client_id,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"setting the quota failed:\n{result.stdout}\n{result.stderr}"
+        return {**os.environ, "KAPPA_PYTHON": sys.executable, "KAPPA_FETCH_PARTITION_BYTES": "16384"}
+
     def replay_batch(self, topic: str, value: str, key: str, *extra: str, **kwargs):
         return self.run("replay", "--topic", topic, "--value", value, "--key", key, "--batch", *extra, **kwargs)
 

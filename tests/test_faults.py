@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import orjson
@@ -18,6 +17,7 @@ import pytest
 
 from kappa import broker as embedded
 from kappa.admin import committed_offsets, ensure_topic
+from kappa.app import app_id
 from kappa.datagen import pandas_expectation, sample_frame
 from tests.conftest import REPO, free_port
 from tests.live import kill_group, load_round, start_worker
@@ -54,8 +54,8 @@ def test_sigkill_a_replay_repeatedly_then_resume(kappa, tmp_path):
     path = tmp_path / "rows.csv"
     sample_frame(rows, 500, seed=110).to_csv(path, index=False)
     kappa.load(path, KEY, topic, partitions=partitions)
+    env = kappa.paced_replay_env(app_id(topic, 1), 400_000)  # about 15 s per pass: every fraction is observable
     command = [str(REPO / "scripts" / "replay"), "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args()]
-    env = {**os.environ, "KAPPA_PYTHON": sys.executable}
     for fraction in sorted(rng.uniform(0.05, 0.85) for _ in range(5)):
         replay = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
@@ -63,7 +63,7 @@ def test_sigkill_a_replay_repeatedly_then_resume(kappa, tmp_path):
         try:
             deadline = time.monotonic() + 120
             while replay.poll() is None and time.monotonic() < deadline:
-                committed = committed_offsets(kappa.broker, f"kappa-{topic}-g1", topic, partitions)
+                committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, partitions)
                 if sum(offset or 0 for offset in committed.values()) >= fraction * rows:
                     break
                 time.sleep(0.05)

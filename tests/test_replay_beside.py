@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from kappa.admin import admin, ensure_topic, partition_count
+from kappa.admin import admin, committed_offsets, ensure_topic, partition_count
 from kappa.app import app_id, changelog_topic
 from kappa.datagen import pandas_expectation, sample_frame
 from tests.conftest import REPO
@@ -148,20 +148,16 @@ def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp
     path = tmp_path / "rows.csv"
     frame.to_csv(path, index=False)
     kappa.load(path, KEY, topic, partitions=4)
+    paced = kappa.paced_replay_env(app_id(topic, 1), 100_000)  # about 15 s per pass, so "midway" exists
     first = subprocess.Popen(
         replay_command(kappa, topic, "amount"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=paced, start_new_session=True,
     )  # fmt: skip
     try:
-        run_dir = kappa.data_dir / "run" / topic / "g1"
 
         def midway():
-            total = 0
-            for beat in run_dir.glob("process-*.json"):
-                try:
-                    total += sum(json.loads(beat.read_text())["next_offsets"].values())
-                except (OSError, ValueError, KeyError):
-                    pass
+            committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, 4)
+            total = sum(offset or 0 for offset in committed.values())
             return total if 0 < total < 60_000 else None
 
         wait_for(midway, 120, "the replay to be midway")

@@ -75,6 +75,7 @@ class GroupedMeanAgent:
         self.progress = progress
         self._rewinds: dict[int, tuple[int, float]] = {}
         self._next_commit = 0.0
+        self._uncommitted: dict[TP, int] = {}
 
     async def on_batch(self, batches: Mapping[TP, Sequence[Message]]) -> None:
         """One fetched batch: apply each partition's records, then make them durable."""
@@ -93,13 +94,18 @@ class GroupedMeanAgent:
     async def _commit_applied(self, batches: Mapping[TP, Sequence[Message]]) -> None:
         """Commit what the table holds, so the group's offsets track it (for `kappa status`
         and outside tools); resuming never relies on them (kappa.app.resume_from_table_offsets)."""
-        if time.monotonic() < self._next_commit:
-            return
-        self._next_commit = time.monotonic() + COMMIT_EVERY_S
         held = self.progress.next_offsets
-        applied = {tp: held[tp.partition] for tp in batches if tp.partition in held}
-        if applied:
-            await self.table.app.consumer._commit(applied)
+        self._uncommitted.update({tp: held[tp.partition] for tp in batches if tp.partition in held})
+        if time.monotonic() >= self._next_commit:
+            await self.commit_pending()
+
+    async def commit_pending(self) -> None:
+        """Also run on a timer: the last batch before the log goes quiet must be committed too,
+        or the group would show lag that is not there."""
+        self._next_commit = time.monotonic() + COMMIT_EVERY_S
+        pending, self._uncommitted = self._uncommitted, {}
+        if pending:
+            await self.table.app.consumer._commit(pending)
 
     async def _make_durable(self) -> None:
         """Wait until this batch's changelog and dead-letter records are on the broker.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import faust
 
-from agents.grouped_mean import Definition, GroupedMeanAgent, Progress
+from agents.grouped_mean import COMMIT_EVERY_S, Definition, GroupedMeanAgent, Progress
 from kappa import security
 from kappa.config import fetch_partition_bytes
 from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor
@@ -90,6 +90,7 @@ def create_pipeline(
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
     app.topics.add(source)
     app.transport.Consumer = BatchDeliveryConsumer.for_topics({definition.topic: agent.on_batch})
+    app.timer(COMMIT_EVERY_S, name="kappa.commit_pending")(agent.commit_pending)
     wired = Pipeline(app=app, table=table, progress=progress, definition=definition)
     table.on_recover(lambda: resume_from_table_offsets(wired))
     return wired

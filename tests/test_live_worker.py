@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -21,7 +22,25 @@ def test_rounds_while_running_match_pandas_each_time(kappa, live, tmp_path):
     kcat_round(kappa, worker, 3_000, seed=4)
     worker.assert_exact(tmp_path, KEY, VALUE)
     assert {len(beat["partitions"]) for beat in worker.heartbeats()} == {3}
+    status = wait_for_status(kappa, worker.topic, lambda s: s["generations"][0]["total_lag"] == 0)
+    generation = status["generations"][0]
+    assert status["current_generation"] == 1 and status["partitions"] == 6
+    assert sum(int(o) for o in status["end_offsets"].values()) == sum(len(rows) for rows in worker.rows)
+    assert generation["committed"] == {p: int(o) for p, o in status["end_offsets"].items()}
+    assert sorted(process["pid"] for process in generation["processes"]) == sorted(worker.child_pids())
+    assert status["latest_snapshot"]["records"]["counted"] + status["latest_snapshot"]["records"]["skipped"] > 0
     assert worker.stop() == 0
+
+
+def wait_for_status(kappa, pipeline: str, predicate, timeout: float = 60) -> dict:
+    """`kappa status --json` once the predicate holds (commits follow the table within a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = json.loads(kappa.run("status", "--json", "--pipeline", pipeline).stdout)
+        [pipeline_status] = status["pipelines"]
+        if predicate(pipeline_status) or time.monotonic() > deadline:
+            return pipeline_status
+        time.sleep(0.5)
 
 
 def test_stop_and_restart_a_process_while_records_arrive(kappa, live, tmp_path):

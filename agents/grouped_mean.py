@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from faust.streams import _current_event
-from faust.types import TP, Message
+from faust.types import TP
 
 from kappa.codec import COUNTED, REJECTED, decode
+from kappa.fastpath import FetchedBatch, Record
 from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
 
 log = logging.getLogger("kappa.agent")
@@ -77,21 +78,21 @@ class GroupedMeanAgent:
         self._next_commit = 0.0
         self._uncommitted: dict[TP, int] = {}
 
-    async def on_batch(self, batches: Mapping[TP, Sequence[Message]]) -> None:
+    async def on_batch(self, batches: Mapping[TP, FetchedBatch]) -> None:
         """One fetched batch: apply each partition's records, then make them durable."""
-        for tp, messages in batches.items():
-            last = messages[-1]
+        for tp, batch in batches.items():
+            last = batch.last
             event = self.table.app.create_event(last.key, last.value, last.headers, last)
             token = _current_event.set(weakref.ref(event))
             try:
-                await self._apply_partition(tp.partition, messages)
+                await self._apply_partition(tp.partition, batch.records)
             finally:
                 _current_event.reset(token)
-            self.progress.records_seen += len(messages)
+            self.progress.records_seen += len(batch.records)
         await self._make_durable()
         await self._commit_applied(batches)
 
-    async def _commit_applied(self, batches: Mapping[TP, Sequence[Message]]) -> None:
+    async def _commit_applied(self, batches: Mapping[TP, FetchedBatch]) -> None:
         """Commit what the table holds, so the group's offsets track it (for `kappa status`
         and outside tools); resuming never relies on them (kappa.app.resume_from_table_offsets)."""
         held = self.progress.next_offsets
@@ -120,7 +121,7 @@ class GroupedMeanAgent:
             await producer.buffer.flush()
         await producer.flush()
 
-    async def _skip_for_rewind(self, partition: int, messages: Sequence[Message], stored: int) -> Sequence[Message]:
+    async def _skip_for_rewind(self, partition: int, messages: Sequence[Record], stored: int) -> Sequence[Record]:
         """Last line of defence: the consumer is ahead of what the table holds.
 
         Resuming from the table's offsets on every assignment (kappa.app) should make this
@@ -155,7 +156,7 @@ class GroupedMeanAgent:
         del self._rewinds[partition]
         return messages
 
-    async def _apply_partition(self, partition: int, messages: Sequence[Message]) -> None:
+    async def _apply_partition(self, partition: int, messages: Sequence[Record]) -> None:
         table, definition = self.table, self.definition
         stats = PartitionStats.decode(table.get(STATS_KEY))
         states: dict[bytes, MeanState] = {}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -16,6 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from kappa import security
 from kappa.errors import KappaError
 
+T = TypeVar("T")
 _quiet = logging.getLogger("kappa.librdkafka")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
@@ -137,6 +139,22 @@ def end_offsets(broker: str, topic: str, partitions: int) -> dict[int, int]:
     return {p: high for p, (_, high) in watermarks(broker, topic, partitions).items()}
 
 
+def _retrying(call: Callable[[], T], failure: str, absent: str | None = None, timeout: float = 30.0) -> T | None:
+    """Group calls meet a coordinator that is still loading or moving (a fresh or restarted
+    broker) and fail for a few seconds; retry them, and return None for the `absent` error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if absent is not None and error.name() == absent:
+                return None
+            if time.monotonic() > deadline:
+                raise KappaError(f"{failure}: {error.str() or error.name()}") from None
+            time.sleep(0.5)
+
+
 def commit_offsets(broker: str, group: str, topic: str, offsets: dict[int, int]) -> None:
     """Set a (memberless) consumer group's committed offsets, e.g. to a batch run's exact cut."""
     consumer = Consumer(client_config(broker, **{"group.id": group, "enable.auto.commit": False}))
@@ -151,19 +169,11 @@ def commit_offsets(broker: str, group: str, topic: str, offsets: dict[int, int])
 def committed_offsets(broker: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
     """A group's committed next offset per partition (None where it has committed nothing)."""
     consumer = Consumer(client_config(broker, **{"group.id": group, "enable.auto.commit": False}))
-    deadline = time.monotonic() + 30
     try:
-        while True:
-            try:
-                committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-                break
-            except KafkaException as exc:
-                # a coordinator that is moving or still loading answers again within seconds
-                if not exc.args[0].retriable() or time.monotonic() > deadline:
-                    raise KappaError(
-                        f"could not read committed offsets of group {group!r}: {exc.args[0].str()}"
-                    ) from None
-                time.sleep(0.5)
+        committed = _retrying(
+            lambda: consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10),
+            f"could not read committed offsets of group {group!r}",
+        )
     finally:
         consumer.close()
     return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed}
@@ -185,6 +195,28 @@ def delete_consumer_group(broker: str, group: str, timeout: float = 60.0) -> Non
             if name != "NON_EMPTY_GROUP" or time.monotonic() > deadline:
                 raise KappaError(f"could not delete consumer group {group!r}: {exc.args[0].str()}") from None
         time.sleep(1.0)
+
+
+def _describe_group(broker: str, group: str):
+    client = admin(broker)  # must outlive its futures
+    return _retrying(
+        lambda: client.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15),
+        f"could not describe consumer group {group!r}",
+        absent="GROUP_ID_NOT_FOUND",
+    )
+
+
+def group_member_count(broker: str, group: str) -> int:
+    described = _describe_group(broker, group)
+    return len(described.members) if described is not None else 0
+
+
+def group_exists(broker: str, group: str) -> bool:
+    """True when the broker knows the group: with members, or with committed offsets."""
+    from confluent_kafka import ConsumerGroupState
+
+    described = _describe_group(broker, group)
+    return described is not None and described.state != ConsumerGroupState.DEAD
 
 
 def retention_ms(broker: str, topic: str) -> int | None:

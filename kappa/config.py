@@ -37,6 +37,10 @@ class Settings:
         """One RocksDB home per (pipeline, generation): generations never share state."""
         return self.data_dir / "state" / pipeline / f"g{generation}"
 
+    def run_dir(self, pipeline: str, generation: int) -> Path:
+        """Heartbeat files of live processes, read by `kappa status`."""
+        return self.data_dir / "run" / pipeline / f"g{generation}"
+
 
 def validate_pipeline_name(name: str) -> str:
     """Pipeline names become directory, app-id and topic-name parts, so keep them plain."""

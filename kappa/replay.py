@@ -20,6 +20,7 @@ import faust
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, snapshot
 from kappa.app import Pipeline, create_pipeline, quiet_faust_noise
+from kappa.cleanup import clear_leftovers
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
@@ -99,6 +100,7 @@ def run_batch(
     registry = Registry(settings.snapshot_dir, pipeline)
     definition_record = {"topic": definition.topic, "value": definition.value_field, "key": definition.key_field}
     generation = registry.begin("batch", definition_record)
+    clear_leftovers(settings, pipeline, generation)
     total = sum(end_offsets.values())
     print(
         f"replay {pipeline} generation {generation}: {total:,} records in {partitions} partitions "

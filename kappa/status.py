@@ -21,7 +21,7 @@ def _age_s(stamp: str) -> float:
 
 
 def _processes(settings: Settings, pipeline: str, generation: int) -> list[dict]:
-    directory = settings.data_dir / "run" / pipeline / f"g{generation}"
+    directory = settings.run_dir(pipeline, generation)
     found = []
     for path in sorted(directory.glob("process-*.json")) if directory.is_dir() else []:
         try:

@@ -12,7 +12,6 @@ state and offsets are idempotent), and a second replay is refused while one is a
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 import time
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.grouped_mean import Definition
-from kappa import admin, parts
-from kappa.app import app_id, changelog_topic
+from kappa import parts
+from kappa.cleanup import clear_leftovers, delete_generation_state
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationBusy, Registry
@@ -33,7 +32,6 @@ from kappa.worker import (
     Publisher,
     definition_record,
     heartbeats,
-    run_dir,
     spawn_process,
     stop_children,
 )
@@ -102,6 +100,8 @@ def run_beside(
     partitions, ends = preflight(settings, definition, allow_truncated)
     registry = Registry(settings.snapshot_dir, pipeline)
     generation, resumed = claim_generation(registry, definition)
+    if not resumed:
+        clear_leftovers(settings, pipeline, generation)
     total = sum(ends.values())
     current = registry.current()
     verb = "resuming" if resumed else "building"
@@ -181,13 +181,6 @@ def retire_generation(settings: Settings, pipeline: str, generation: int, topic:
             file=sys.stderr,
         )
         return False
-    admin.delete_consumer_group(settings.broker, app_id(pipeline, generation))
-    admin.delete_topics(settings.broker, [changelog_topic(pipeline, generation)])
-    for directory in (
-        settings.state_dir(pipeline, generation),
-        parts.parts_dir(settings.snapshot_dir, pipeline, generation),
-        run_dir(settings, pipeline, generation),
-    ):
-        shutil.rmtree(directory, ignore_errors=True)
+    delete_generation_state(settings, pipeline, generation)
     Registry(settings.snapshot_dir, pipeline).mark(generation, "retired")
     return True

@@ -29,6 +29,7 @@ import faust
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, parts, snapshot
 from kappa.app import Pipeline, app_id, create_pipeline, quiet_faust_noise
+from kappa.cleanup import clear_leftovers
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
@@ -39,11 +40,6 @@ log = logging.getLogger("kappa.worker")
 STOP_GRACE_S = 60.0
 HEARTBEAT_S = 1.0
 RESTART_DELAY_S = 2.0
-
-
-def run_dir(settings: Settings, pipeline: str, generation: int) -> Path:
-    """Heartbeat files of live processes, read by `kappa status`."""
-    return settings.data_dir / "run" / pipeline / f"g{generation}"
 
 
 def claim_data_dir(settings: Settings, pipeline: str) -> IO:
@@ -84,6 +80,7 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
     current = state.get("current")
     if current is None:
         generation = registry.begin("live", definition_record(definition))
+        clear_leftovers(settings, pipeline, generation)
         registry.mark(generation, "live", current=True)
         return generation
     recorded = state["generations"][str(current)].get("definition", {})
@@ -201,7 +198,7 @@ def run_process(
         state_dir=state_dir,
         progress=progress,
     )
-    heartbeat = run_dir(settings, pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
+    heartbeat = settings.run_dir(pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
     writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat, interval)
 
     async def write_parts() -> None:
@@ -277,7 +274,7 @@ def stop_children(children: list[Child], grace: float = STOP_GRACE_S) -> None:
 def heartbeats(settings: Settings, pipeline: str, generation: int) -> list[dict]:
     """Heartbeats of this host's live processes of one generation."""
     beats = []
-    directory = run_dir(settings, pipeline, generation)
+    directory = settings.run_dir(pipeline, generation)
     for path in sorted(directory.glob("process-*.json")) if directory.is_dir() else []:
         try:
             beat = json.loads(path.read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import orjson
 import pandas as pd
@@ -114,6 +116,24 @@ def test_repeated_replays_are_identical_and_generations_rise(kappa, generated_cs
     assert (kappa.snapshot_dir / topic / "latest").readlink().name.startswith("g2-")
     assert_tables_identical(first_table, second_table)
     assert first_manifest["records"] == second_manifest["records"]
+
+
+def test_a_lost_registry_does_not_resurrect_an_old_generations_state(kappa, tmp_path):
+    """The snapshot dir (and its registry) deleted: generation 1 is handed out again, and the
+    first run's changelog, group and RocksDB dirs must not leak into it."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(5_000, 50, seed=70).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    kappa.replay_batch(topic, "seq", KEY)  # another definition, whose table must not survive
+    shutil.rmtree(kappa.snapshot_dir)
+    again = kappa.replay_batch(topic, VALUE, KEY)
+    assert "earlier run left state" in again.stderr.decode()
+    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), KEY, VALUE)
+    assert_matches(csv_table, expected)
+    assert_matches(parquet_table, expected)
+    assert manifest["generation"] == 1
 
 
 def test_empty_topic_gives_a_valid_empty_snapshot(kappa, tmp_path):

@@ -1,4 +1,10 @@
-"""Wall time and peak RSS of one contender process (and the children it waited for)."""
+"""Wall time and peak RSS of one contender's process group.
+
+Peak RSS is the sum of the group's VmHWM (the kernel's high-water mark of each process's
+own memory since its exec), sampled while it runs. wait4's ru_maxrss would be wrong here:
+a forked child starts with the bench's own pages counted (the dataset frame), so every
+contender reported at least the bench's size.
+"""
 
 from __future__ import annotations
 
@@ -24,22 +30,52 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
         started = time.monotonic()
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         reaped = False
+        peak_kb = 0
         try:
             while True:
                 pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
                     reaped = True
                     break
+                peak_kb = max(peak_kb, group_hwm_kb(process.pid))
                 if time.monotonic() - started > timeout_s:
                     output.write(f"\nbench: killed after {timeout_s:g}s\n".encode())
                     os.killpg(process.pid, signal.SIGKILL)
                     pid, status, usage = os.wait4(process.pid, 0)
                     reaped = True
                     break
-                time.sleep(0.02)
+                time.sleep(0.05)
         finally:
             if not reaped:
                 os.killpg(process.pid, signal.SIGKILL)
                 os.wait4(process.pid, 0)
         seconds = time.monotonic() - started
-    return Measured(seconds, usage.ru_maxrss / 1024.0, os.waitstatus_to_exitcode(status), log)
+    return Measured(seconds, peak_kb / 1024.0, os.waitstatus_to_exitcode(status), log)
+
+
+with open("/proc/self/cmdline", "rb") as _own:
+    _OWN_CMDLINE = _own.read()
+
+
+def group_hwm_kb(group: int) -> int:
+    """Sum of VmHWM over the live processes of a process group (0 for a process not yet exec'd)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) != group:
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                if cmdline.read() == _OWN_CMDLINE:
+                    continue  # forked but not yet exec'd: still the bench's own pages
+            with open(f"/proc/{entry.name}/status", "rb") as status:
+                for line in status:
+                    if line.startswith(b"VmHWM:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return total

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kappa import security
@@ -197,26 +197,18 @@ def delete_consumer_group(broker: str, group: str, timeout: float = 60.0) -> Non
         time.sleep(1.0)
 
 
-def _describe_group(broker: str, group: str):
+def group_members(broker: str, group: str) -> int | None:
+    """How many members a consumer group has, or None when the broker does not know the group
+    (never created, or deleted; a group with only committed offsets counts as known)."""
     client = admin(broker)  # must outlive its futures
-    return _retrying(
+    described = _retrying(
         lambda: client.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15),
         f"could not describe consumer group {group!r}",
         absent="GROUP_ID_NOT_FOUND",
     )
-
-
-def group_member_count(broker: str, group: str) -> int:
-    described = _describe_group(broker, group)
-    return len(described.members) if described is not None else 0
-
-
-def group_exists(broker: str, group: str) -> bool:
-    """True when the broker knows the group: with members, or with committed offsets."""
-    from confluent_kafka import ConsumerGroupState
-
-    described = _describe_group(broker, group)
-    return described is not None and described.state != ConsumerGroupState.DEAD
+    if described is None or described.state == ConsumerGroupState.DEAD:
+        return None
+    return len(described.members)
 
 
 def retention_ms(broker: str, topic: str) -> int | None:

@@ -40,7 +40,7 @@ def delete_generation_state(settings: Settings, pipeline: str, generation: int) 
 def clear_leftovers(settings: Settings, pipeline: str, generation: int) -> None:
     """Make a generation the registry has just allocated start from nothing."""
     group, changelog = app_id(pipeline, generation), changelog_topic(pipeline, generation)
-    members = admin.group_member_count(settings.broker, group)
+    members = admin.group_members(settings.broker, group)
     if members:
         raise KappaError(
             f"consumer group {group!r} has {members} live member(s), but generation {generation} of {pipeline!r} "
@@ -48,7 +48,7 @@ def clear_leftovers(settings: Settings, pipeline: str, generation: int) -> None:
             "pipeline on this broker; stop it, or give this one its own --pipeline NAME"
         )
     found = [f"changelog topic {changelog}"] if admin.partition_count(settings.broker, changelog) is not None else []
-    found += [f"consumer group {group}"] if admin.group_exists(settings.broker, group) else []
+    found += [f"consumer group {group}"] if members is not None else []
     found += [str(d) for d in _local_dirs(settings, pipeline, generation) if d.exists()]
     if not found:
         return

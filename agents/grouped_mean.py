@@ -20,7 +20,7 @@ from typing import Any
 from faust.streams import _current_event
 from faust.types import TP
 
-from kappa.codec import COUNTED, REJECTED, decode
+from agents.fold import fold
 from kappa.fastpath import FetchedBatch, Record
 from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
 
@@ -156,46 +156,29 @@ class GroupedMeanAgent:
         del self._rewinds[partition]
         return messages
 
-    async def _apply_partition(self, partition: int, messages: Sequence[Record]) -> None:
+    async def _apply_partition(self, partition: int, records: Sequence[Record]) -> None:
         table, definition = self.table, self.definition
         stats = PartitionStats.decode(table.get(STATS_KEY))
-        states: dict[bytes, MeanState] = {}
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
-        messages = await self._skip_for_rewind(partition, messages, stats.next_offset)
-        if not messages:
+        records = await self._skip_for_rewind(partition, records, stats.next_offset)
+        if not records:
             return
-        key_field, value_field = definition.key_field, definition.value_field
-        for message in messages:
-            offset = message.offset
-            if stop is not None and offset >= stop:
-                break
-            verdict = decode(message.key, message.value, key_field, value_field)
-            if offset >= stats.next_offset:
-                if verdict.kind == COUNTED:
-                    stats.counted += 1
-                elif verdict.kind == REJECTED:
-                    stats.rejected += 1
-                    await self.dlq.send(
-                        key=message.key,
-                        value=message.value,
-                        partition=partition,
-                        headers=_dlq_headers(verdict.error, message.topic, partition, offset),
-                    )
-                else:
-                    stats.skipped += 1
-                stats.next_offset = offset + 1
-            if verdict.key is None or verdict.kind == REJECTED:
-                continue
-            key = verdict.key.encode()
-            state = states.get(key)
-            if state is None:
-                state = states[key] = MeanState.decode(table.get(key))
-            if offset >= state.next_offset:
-                if verdict.kind == COUNTED:
-                    state.add(verdict.value)
-                state.next_offset = offset + 1
-        for key, state in states.items():
-            table[key] = state.encode()
+        folded = fold(records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop)
+        for record, error in folded.rejected:
+            await self.dlq.send(
+                key=record.key,
+                value=record.value,
+                partition=partition,
+                headers=_dlq_headers(error, definition.topic, partition, record.offset),
+            )
+        for key, run in folded.runs.items():
+            state = MeanState.decode(table.get(key))
+            if run.apply_to(state):
+                table[key] = state.encode()
+        stats.counted += folded.counted
+        stats.skipped += folded.skipped
+        stats.rejected += len(folded.rejected)
+        stats.next_offset = max(stats.next_offset, folded.last_offset + 1)
         table[STATS_KEY] = stats.encode()
         self.progress.next_offsets[partition] = max(stats.next_offset, self.progress.next_offsets.get(partition, 0))
         self.progress.dirty.add(partition)

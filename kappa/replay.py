@@ -16,18 +16,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import faust
 import pandas as pd
 
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, snapshot
-from kappa.app import Pipeline, create_pipeline, quiet_faust_noise
+from kappa.app import Pipeline, PromptWorker, create_pipeline, quiet_faust_noise, relax_garbage_collector
 from kappa.cleanup import clear_leftovers
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
 from kappa.progress import ProgressLine
-from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
+from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats, partition_items, read_stats
 
 WATCH_INTERVAL_S = 0.25
 
@@ -63,28 +62,28 @@ def warn_finite_retention(settings: Settings, topic: str) -> None:
         )
 
 
-def collect_table(pipe: Pipeline) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Every partition's partial aggregates and stats out of RocksDB, merged into the snapshot frame.
+def table_rows(pipe: Pipeline, partitions: int) -> Iterator[pd.DataFrame]:
+    """The snapshot's rows, streamed out of every partition's RocksDB in key order, in chunks.
 
-    The entries are decoded as they stream out of RocksDB, never held as a list, and the merged
-    map is dropped once the frame exists: with a million keys, each whole copy of the table as
-    Python objects costs well over 100 MB of the replay's peak memory.
+    Nothing holds the whole table: with a million keys each whole copy as Python objects
+    (a merged map, a sorted key list, a frame) cost over 100 MB of the replay's peak memory.
     """
+    streams = [
+        ((key, MeanState.decode(value)) for key, value in partition_items(pipe.table, p) if key != STATS_KEY)
+        for p in range(partitions)
+    ]
+    return snapshot.frame_chunks(snapshot.merge_sorted_partials(streams))
+
+
+def record_counts(pipe: Pipeline, partitions: int) -> dict[str, int]:
+    """counted, skipped and rejected over every partition's stats entry."""
     totals = PartitionStats()
-
-    def partials() -> Iterator[tuple[bytes, MeanState]]:
-        for key, value in pipe.table.data.items():
-            if key == STATS_KEY:
-                stats = PartitionStats.decode(value)
-                totals.counted += stats.counted
-                totals.skipped += stats.skipped
-                totals.rejected += stats.rejected
-            else:
-                yield key, MeanState.decode(value)
-
-    frame = snapshot.to_frame(snapshot.merge_partials(partials()))
-    records = {"counted": totals.counted, "skipped": totals.skipped, "rejected": totals.rejected}
-    return frame, records
+    for partition in range(partitions):
+        stats = read_stats(pipe.table, partition)
+        totals.counted += stats.counted
+        totals.skipped += stats.skipped
+        totals.rejected += stats.rejected
+    return {"counted": totals.counted, "skipped": totals.skipped, "rejected": totals.rejected}
 
 
 def preflight(settings: Settings, definition: Definition, allow_truncated: bool) -> tuple[int, dict[int, int]]:
@@ -143,7 +142,6 @@ def run_batch(
         try:
             await pipe.app.producer.flush()
             snapshot_started = time.monotonic()
-            frame, records = collect_table(pipe)
             manifest = snapshot.build_manifest(
                 pipeline=pipeline,
                 topic=definition.topic,
@@ -151,8 +149,7 @@ def run_batch(
                 definition=definition_record,
                 offsets=end_offsets,
                 end_offsets=end_offsets,
-                records=records,
-                keys=len(frame),
+                records=record_counts(pipe, partitions),
             )
             outcome["previous"] = registry.current()
 
@@ -160,7 +157,9 @@ def run_batch(
                 registry.switch_to(generation)
                 return True
 
-            outcome["path"] = snapshot.publish(settings.snapshot_dir, pipeline, generation, frame, manifest, switch)
+            outcome["path"] = snapshot.publish(
+                settings.snapshot_dir, pipeline, generation, table_rows(pipe, partitions), manifest, switch
+            )
             outcome["snapshot_seconds"] = time.monotonic() - snapshot_started
             outcome["manifest"] = manifest
             registry.mark(generation, "complete")
@@ -171,9 +170,10 @@ def run_batch(
             os.kill(os.getpid(), signal.SIGTERM)
 
     pipe.app.timer(WATCH_INTERVAL_S, name=f"kappa.{pipeline}.watch")(watch)
-    worker = faust.Worker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)
+    worker = PromptWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)
     worker.spinner = None  # its cursor escapes would garble our own progress line
     quiet_faust_noise()
+    relax_garbage_collector()
     started = time.monotonic()
     try:
         worker.execute_from_commandline()

@@ -8,14 +8,17 @@ reader that resolves `latest` once therefore sees one complete, consistent cut.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -28,30 +31,47 @@ from tables.grouped_mean import MeanState
 
 KEEP_SNAPSHOTS = 5
 SNAPSHOT_DIR = re.compile(r"^g(\d+)-(\d+)$")
+CHUNK_ROWS = 65_536
 SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64())])
 
 
-def merge_partials(partials: Iterable[tuple[bytes, MeanState]]) -> dict[str, MeanState]:
-    """Add up one key's partial aggregates from every partition it appeared on."""
-    merged: dict[str, MeanState] = {}
-    for raw_key, state in partials:
-        key = raw_key.decode("utf-8")
-        current = merged.get(key)
-        if current is None:
-            merged[key] = MeanState(state.total, state.compensation, state.count)
-        else:
-            current.merge(state)
-    return merged
+def merge_sorted_partials(streams: Iterable[Iterable[tuple[bytes, MeanState]]]) -> Iterator[tuple[str, MeanState]]:
+    """One row per key, in key order, from per-partition streams that are each in key order.
+
+    RocksDB iterates a partition in bytewise key order, which for UTF-8 is code-point order,
+    the order of the snapshot. A k-way merge then meets a key's partials from different
+    partitions one after another, so it can add them up without holding the table.
+    """
+    merged_key: bytes | None = None
+    merged: MeanState | None = None
+    for raw_key, state in heapq.merge(*streams, key=itemgetter(0)):
+        if raw_key == merged_key:
+            merged.merge(state)
+            continue
+        if merged_key is not None:
+            if raw_key < merged_key:
+                raise KappaError(f"state store returned key {raw_key!r} after {merged_key!r}: not in key order")
+            yield merged_key.decode("utf-8"), merged
+        merged_key, merged = raw_key, MeanState(state.total, state.compensation, state.count)
+    if merged_key is not None:
+        yield merged_key.decode("utf-8"), merged
 
 
-def to_frame(aggregates: Mapping[str, MeanState]) -> pd.DataFrame:
-    """Rows sorted by key, with the mean left empty where nothing was counted (as pandas)."""
-    keys = sorted(aggregates)
-    counts = np.fromiter((aggregates[k].count for k in keys), dtype=np.int64, count=len(keys))
-    sums = np.fromiter((aggregates[k].sum for k in keys), dtype=np.float64, count=len(keys))
+def frame_chunks(rows: Iterable[tuple[str, MeanState]], size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Snapshot rows as frames of at most `size` rows, so a large table is never whole in memory."""
+    rows = iter(rows)
+    while chunk := list(islice(rows, size)):
+        yield to_frame(chunk)
+
+
+def to_frame(rows: Sequence[tuple[str, MeanState]]) -> pd.DataFrame:
+    """Rows in the given order, with the mean left empty where nothing was counted (as pandas)."""
+    counts = np.fromiter((state.count for _, state in rows), dtype=np.int64, count=len(rows))
+    sums = np.fromiter((state.sum for _, state in rows), dtype=np.float64, count=len(rows))
     with np.errstate(divide="ignore", invalid="ignore"):
         means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return pd.DataFrame({"key": pd.Series(keys, dtype=object), "count": counts, "sum": sums, "mean": means})
+    keys = pd.Series([key for key, _ in rows], dtype=object)
+    return pd.DataFrame({"key": keys, "count": counts, "sum": sums, "mean": means})
 
 
 def _fsync_file(path: Path) -> None:
@@ -84,12 +104,14 @@ def publish(
     snapshot_dir: Path,
     pipeline: str,
     generation: int,
-    frame: pd.DataFrame,
+    table: pd.DataFrame | Iterable[pd.DataFrame],
     manifest: dict,
     allowed: Callable[[], bool] | None = None,
 ) -> Path | None:
     """Write one snapshot and point `latest` at it; returns the snapshot's directory.
 
+    `table` is the rows sorted by key, as one frame or as consecutive chunks (written as
+    they come); the manifest's `keys` is set to the number of rows written.
     `allowed` is checked under the publish lock: a generation that has been switched away
     from gets None back and never moves `latest` again, so readers never go backwards.
     """
@@ -99,7 +121,8 @@ def publish(
         with publish_lock(pipeline_dir):
             if allowed is not None and not allowed():
                 return None
-            final = _write_and_link(pipeline_dir, generation, frame, manifest)
+            chunks = [table] if isinstance(table, pd.DataFrame) else table
+            final = _write_and_link(pipeline_dir, generation, chunks, manifest)
     except OSError as exc:
         raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc
     prune(pipeline_dir)
@@ -115,12 +138,28 @@ def publish_lock(pipeline_dir: Path) -> Iterator[None]:
         yield
 
 
-def _write_and_link(pipeline_dir: Path, generation: int, frame: pd.DataFrame, manifest: dict) -> Path:
+def write_table_files(directory: Path, chunks: Iterable[pd.DataFrame]) -> int:
+    """table.csv and table.parquet from consecutive chunks of rows; returns the row count."""
+    rows = 0
+    with (
+        open(directory / "table.csv", "w", encoding="utf-8", newline="") as csv_file,
+        pq.ParquetWriter(directory / "table.parquet", SCHEMA) as parquet,
+    ):
+        for chunk in chunks:
+            chunk.to_csv(csv_file, index=False, header=rows == 0, lineterminator="\r\n")
+            parquet.write_table(pa.Table.from_pandas(chunk, schema=SCHEMA, preserve_index=False))
+            rows += len(chunk)
+        if rows == 0:  # still a header and a schema
+            csv_file.write(",".join(SCHEMA.names) + "\r\n")
+            parquet.write_table(SCHEMA.empty_table())
+    return rows
+
+
+def _write_and_link(pipeline_dir: Path, generation: int, chunks: Iterable[pd.DataFrame], manifest: dict) -> Path:
     name = f"g{generation}-{_next_sequence(pipeline_dir, generation):06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=pipeline_dir))
     try:
-        frame.to_csv(staging / "table.csv", index=False, lineterminator="\r\n", encoding="utf-8")
-        pq.write_table(pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False), staging / "table.parquet")
+        manifest["keys"] = write_table_files(staging, chunks)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for part in ("table.csv", "table.parquet", "manifest.json"):
             _fsync_file(staging / part)
@@ -159,8 +198,8 @@ def build_manifest(
     offsets: Mapping[int, int],
     end_offsets: Mapping[int, int],
     records: Mapping[str, int],
-    keys: int,
 ) -> dict:
+    """Everything a snapshot says about itself but its row count, which publish() fills in."""
     return {
         "pipeline": pipeline,
         "topic": topic,
@@ -171,7 +210,6 @@ def build_manifest(
         "end_offsets": {str(p): int(o) for p, o in sorted(end_offsets.items())},
         "complete": all(offsets.get(p, 0) >= end for p, end in end_offsets.items()),
         "records": dict(records),
-        "keys": keys,
     }
 
 

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import faust
-
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, parts, snapshot
-from kappa.app import Pipeline, app_id, create_pipeline, quiet_faust_noise
+from kappa.app import Pipeline, PromptWorker, app_id, create_pipeline, quiet_faust_noise, relax_garbage_collector
 from kappa.cleanup import clear_leftovers
 from kappa.config import Settings
 from kappa.errors import KappaError
@@ -159,7 +157,7 @@ class PartWriter:
         os.replace(staging, self.heartbeat)
 
 
-class FinalPartsWorker(faust.Worker):
+class FinalPartsWorker(PromptWorker):
     """A Faust worker that writes every owned partition's part before it stops on a signal,
     while the tables are still open, so a clean shutdown publishes everything applied."""
 
@@ -216,6 +214,7 @@ def run_process(
     worker.spinner = None
     worker.part_writer = writer
     quiet_faust_noise()
+    relax_garbage_collector()
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:
@@ -327,7 +326,6 @@ class Publisher:
             offsets=merged.offsets,
             end_offsets=end_offsets,
             records=merged.records,
-            keys=len(merged.frame),
         )
 
         def allowed() -> bool:

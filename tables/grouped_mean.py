@@ -17,6 +17,7 @@ agree with pandas to far better than the 1e-9 the product promises.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import orjson
@@ -46,6 +47,13 @@ class MeanState:
     def add(self, value: float) -> None:
         self._accumulate(value)
         self.count += 1
+
+    def add_all(self, values: list[float]) -> None:
+        """A batch's values at once: fsum is exact, so the batch enters as one correctly
+        rounded term, and this costs one C call instead of a Python step per value."""
+        if values:
+            self._accumulate(math.fsum(values))
+            self.count += len(values)
 
     @property
     def sum(self) -> float:
@@ -125,7 +133,10 @@ def read_partition(table, partition: int) -> tuple[list[tuple[bytes, MeanState]]
     return partials, stats
 
 
+def read_stats(table, partition: int) -> PartitionStats:
+    return PartitionStats.decode(table.data._db_for_partition(partition).get(STATS_KEY))
+
+
 def stored_next_offset(table, partition: int) -> int:
     """The offset after the last record this partition's state has applied."""
-    raw = table.data._db_for_partition(partition).get(STATS_KEY)
-    return PartitionStats.decode(raw).next_offset
+    return read_stats(table, partition).next_offset

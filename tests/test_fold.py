@@ -1,0 +1,141 @@
+"""The agent's batch fold against the record rules applied one record at a time.
+
+The fold recognises plain records inline and sends the rest to `kappa.codec.decode`; this
+checks that the two paths never disagree, on the awkward input the replay tests also use,
+and that offsets gate what is applied and counted exactly as the idempotence design says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+
+from agents.fold import fold
+from kappa.codec import COUNTED, REJECTED, decode
+from tables.grouped_mean import MeanState
+
+
+@dataclass
+class ParsedRecord:  # what aiokafka parses a record into: a fold is pure computation
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list = field(default_factory=list)
+
+
+AWKWARD_VALUES = [
+    b'{"amount": 1.5, "key": "a"}',
+    b'{"amount": 2, "key": "a"}',
+    b'{"amount": -3.25}',
+    b'{"amount": 1e12}',
+    b'{"amount": "3.5"}',
+    b'{"amount": " 4 "}',
+    b'{"amount": "abc"}',
+    b'{"amount": "1_000"}',
+    b'{"amount": null}',
+    b'{"amount": true}',
+    b'{"amount": [1]}',
+    b'{"amount": {}}',
+    b'{"other": 1}',
+    b'{"amount": NaN}',
+    b'{"amount": -Infinity}',
+    b'{"amount": 1e999}',
+    b'{"amount": 18446744073709551616}',
+    b'{"amount": 123456789012345678901234567890}',
+    b"[1, 2]",
+    b'"amount"',
+    b"42",
+    b"not json",
+    b"",
+    None,
+    b'{"amount": 7, "key": "from-row"}',
+    b'{"amount": 8, "key": 7}',
+    b'{"amount": 9, "key": ""}',
+]
+AWKWARD_KEYS = [b"a", b"b", 'ünï cödé, "q"\n'.encode(), b"007", b"", None, b"\xff\xfe"]
+
+
+def awkward_records(count: int, first_offset: int = 0) -> list[ParsedRecord]:
+    return [
+        ParsedRecord(
+            first_offset + i, AWKWARD_KEYS[(i * 3) % len(AWKWARD_KEYS)], AWKWARD_VALUES[i % len(AWKWARD_VALUES)]
+        )
+        for i in range(count)
+    ]
+
+
+def one_at_a_time(records, counted_from, stop, states):
+    """The per-record rules, as the agent applied them before batching (the reference)."""
+    counts = {"counted": 0, "skipped": 0, "rejected": []}
+    for record in records:
+        if stop is not None and record.offset >= stop:
+            break
+        verdict = decode(record.key, record.value, "key", "amount")
+        if record.offset >= counted_from:
+            if verdict.kind == COUNTED:
+                counts["counted"] += 1
+            elif verdict.kind == REJECTED:
+                counts["rejected"].append((record.offset, verdict.error))
+            else:
+                counts["skipped"] += 1
+        if verdict.key is None or verdict.kind == REJECTED:
+            continue
+        state = states.setdefault(verdict.key.encode(), MeanState())
+        if record.offset >= state.next_offset:
+            if verdict.kind == COUNTED:
+                state.add(verdict.value)
+            state.next_offset = record.offset + 1
+    return counts
+
+
+def folded(records, counted_from, stop, states):
+    result = fold(records, "key", "amount", counted_from=counted_from, stop=stop)
+    for key, run in result.runs.items():
+        run.apply_to(states.setdefault(key, MeanState()))
+    return {
+        "counted": result.counted,
+        "skipped": result.skipped,
+        "rejected": [(record.offset, error) for record, error in result.rejected],
+    }
+
+
+def assert_same_states(mine: dict, reference: dict) -> None:
+    assert mine.keys() == reference.keys()
+    for key, expected in reference.items():
+        got = mine[key]
+        assert (got.count, got.next_offset) == (expected.count, expected.next_offset), key
+        assert math.isclose(got.sum, expected.sum, rel_tol=1e-12, abs_tol=1e-9), key
+
+
+@pytest.mark.parametrize("counted_from,stop", [(0, None), (40, None), (0, 150), (60, 120), (500, None)])
+def test_fold_agrees_with_the_per_record_rules(counted_from, stop):
+    records = awkward_records(400)
+    reference_states, mine_states = {}, {}
+    reference = one_at_a_time(records, counted_from, stop, reference_states)
+    mine = folded(records, counted_from, stop, mine_states)
+    assert mine == reference
+    assert_same_states(mine_states, reference_states)
+    if counted_from == 0 and stop is None:  # the input really exercises every outcome
+        assert mine["counted"] and mine["skipped"] and mine["rejected"]
+
+
+def test_a_key_already_partly_applied_takes_only_the_rest():
+    """A state restored from the changelog may be ahead of the partition's stats entry."""
+    records = [ParsedRecord(offset, b"k", orjson.dumps({"amount": offset})) for offset in range(10)]
+    states = {b"k": MeanState(total=sum(range(6)), count=6, next_offset=6)}
+    counts = folded(records, 0, None, states)
+    assert counts["counted"] == 10  # stats count the records; the key applies only 6..9
+    assert (states[b"k"].count, states[b"k"].sum, states[b"k"].next_offset) == (10, 45.0, 10)
+    assert folded(records, 10, None, states)["counted"] == 0  # a re-delivered batch is a no-op
+    assert (states[b"k"].count, states[b"k"].sum) == (10, 45.0)
+
+
+def test_fsum_keeps_large_and_small_magnitudes_exact():
+    values = [1e12, 0.1, -1e12, 0.2] * 1000
+    records = [ParsedRecord(i, b"k", orjson.dumps({"amount": v})) for i, v in enumerate(values)]
+    states = {}
+    folded(records, 0, None, states)
+    assert states[b"k"].sum == pytest.approx(math.fsum(values), rel=1e-12)

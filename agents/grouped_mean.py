@@ -2,27 +2,24 @@
 
 Faust's per-event table writes are its usual bottleneck (one changelog record and one
 RocksDB put each). This agent gets each batch the consumer fetched (kappa.fastpath), folds
-each source partition's records in plain Python dicts, and writes every touched key once.
-Faust only lets a table be written inside an event's context (the event picks the RocksDB
-partition and the changelog partition), so each partition's writes run with an event for
-that partition's last record set as the current event, as Faust's stream iteration would.
+each source partition's records (agents.fold), and writes every touched key once, with
+the partition's stats entry, in one bulk write (tables.writer).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from faust.streams import _current_event
 from faust.types import TP
 
 from agents.fold import fold
-from kappa.fastpath import FetchedBatch, Record
+from kappa.fastpath import Record
 from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
+from tables.writer import TableWriter
 
 log = logging.getLogger("kappa.agent")
 COMMIT_EVERY_S = 1.0
@@ -71,6 +68,7 @@ class GroupedMeanAgent:
 
     def __init__(self, table: Any, definition: Definition, dlq: Any, progress: Progress) -> None:
         self.table = table
+        self.writer = TableWriter(table)
         self.definition = definition
         self.dlq = dlq
         self.progress = progress
@@ -78,21 +76,15 @@ class GroupedMeanAgent:
         self._next_commit = 0.0
         self._uncommitted: dict[TP, int] = {}
 
-    async def on_batch(self, batches: Mapping[TP, FetchedBatch]) -> None:
+    async def on_batch(self, batches: Mapping[TP, Sequence[Record]]) -> None:
         """One fetched batch: apply each partition's records, then make them durable."""
-        for tp, batch in batches.items():
-            last = batch.last
-            event = self.table.app.create_event(last.key, last.value, last.headers, last)
-            token = _current_event.set(weakref.ref(event))
-            try:
-                await self._apply_partition(tp.partition, batch.records)
-            finally:
-                _current_event.reset(token)
-            self.progress.records_seen += len(batch.records)
+        for tp, records in batches.items():
+            await self._apply_partition(tp.partition, records)
+            self.progress.records_seen += len(records)
         await self._make_durable()
         await self._commit_applied(batches)
 
-    async def _commit_applied(self, batches: Mapping[TP, FetchedBatch]) -> None:
+    async def _commit_applied(self, batches: Mapping[TP, Sequence[Record]]) -> None:
         """Commit what the table holds, so the group's offsets track it (for `kappa status`
         and outside tools); resuming never relies on them (kappa.app.resume_from_table_offsets)."""
         held = self.progress.next_offsets
@@ -120,6 +112,7 @@ class GroupedMeanAgent:
         while producer.buffer.size:
             await producer.buffer.flush()
         await producer.flush()
+        await self.writer.flush()
 
     async def _skip_for_rewind(self, partition: int, messages: Sequence[Record], stored: int) -> Sequence[Record]:
         """Last line of defence: the consumer is ahead of what the table holds.
@@ -157,8 +150,8 @@ class GroupedMeanAgent:
         return messages
 
     async def _apply_partition(self, partition: int, records: Sequence[Record]) -> None:
-        table, definition = self.table, self.definition
-        stats = PartitionStats.decode(table.get(STATS_KEY))
+        definition, writer = self.definition, self.writer
+        stats = PartitionStats.decode(writer.get(partition, STATS_KEY))
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:
@@ -171,14 +164,17 @@ class GroupedMeanAgent:
                 partition=partition,
                 headers=_dlq_headers(error, definition.topic, partition, record.offset),
             )
-        for key, run in folded.runs.items():
-            state = MeanState.decode(table.get(key))
-            if run.apply_to(state):
-                table[key] = state.encode()
+        keys = list(folded.runs)
+        entries: dict[bytes, bytes] = {}
+        for key, stored in zip(keys, writer.get_many(partition, keys), strict=True):
+            state = MeanState.decode(stored)
+            if folded.runs[key].apply_to(state):
+                entries[key] = state.encode()
         stats.counted += folded.counted
         stats.skipped += folded.skipped
         stats.rejected += len(folded.rejected)
         stats.next_offset = max(stats.next_offset, folded.last_offset + 1)
-        table[STATS_KEY] = stats.encode()
+        entries[STATS_KEY] = stats.encode()
+        await writer.write(partition, entries)
         self.progress.next_offsets[partition] = max(stats.next_offset, self.progress.next_offsets.get(partition, 0))
         self.progress.dirty.add(partition)

@@ -16,7 +16,8 @@ of other topics (table changelogs during recovery) take Faust's own path.
 The batch is taken from Faust's fetcher before its `getmany` turns it into a stream: that
 async generator looked up the highwater mark and built a Faust message for every record,
 about a quarter of the CPU left after the change above. The agent reads aiokafka's records
-as they are; only each batch's last record becomes a Faust message, for the table's event.
+as they are, and no Faust message or event is made for them at all (the agent writes the
+table in bulk, tables.writer, which needs no event context).
 
 2. aiokafka hands the source topic's records over as it parsed them. Its fetcher wraps
 every record in a Python `ConsumerRecord` dataclass (eleven fields, sizes and a headers
@@ -34,16 +35,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from aiokafka.consumer.fetcher import PartitionRecords
-from aiokafka.structs import ConsumerRecord
 from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
-from faust.types import TP, Message
+from faust.types import TP
 
 YIELD_EVERY = 100
 
@@ -58,20 +57,8 @@ class Record(Protocol):
     headers: Sequence[tuple[str, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
-class FetchedBatch:
-    """One partition's records from one fetch, in offset order.
-
-    `records` are the records aiokafka parsed (`offset`, `key`, `value`, `headers`), never
-    converted one by one into ConsumerRecords or Faust messages; `last` is the final record as a Faust
-    message, for the event that the table's changelog writes of this batch hang on.
-    """
-
-    records: Sequence[Record]
-    last: Message
-
-
-BatchHandler = Callable[[dict[TP, FetchedBatch]], Awaitable[None]]
+# a partition's records from one fetch, in offset order, as aiokafka parsed them
+BatchHandler = Callable[[dict[TP, Sequence[Record]]], Awaitable[None]]
 
 
 class BatchDeliveryConsumer(AIOKafkaConsumer):
@@ -117,7 +104,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             await self._seek_back_while_suspended()
             return
         generation_id = self.app.consumer_generation_id
-        batches: dict[str, dict[TP, FetchedBatch]] = {}
+        batches: dict[str, dict[TP, Sequence[Record]]] = {}
         others: list[tuple[TP, list]] = []
         for tp, fetched in records.items():
             if active is not None and tp not in active and tp not in self._buffered_partitions:
@@ -126,16 +113,15 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if not fresh:
                 continue
             if tp.topic in self.handlers:
-                last = self._to_message(tp, as_consumer_record(tp, fresh[-1]))
-                batches.setdefault(tp.topic, {})[tp] = FetchedBatch(fresh, last)
+                batches.setdefault(tp.topic, {})[tp] = fresh
             else:
                 others.append((tp, fresh))
         for topic, mine in batches.items():
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 return
             await self.handlers[topic](mine)
-            for tp, batch in mine.items():
-                self._read_offset[tp] = batch.records[-1].offset
+            for tp, records in mine.items():
+                self._read_offset[tp] = records[-1].offset
         for tp, fresh in others:
             await self._deliver_one_by_one(tp, fresh, generation_id)
 
@@ -189,26 +175,6 @@ class PassThroughRecords(PartitionRecords):
         if tp.topic in self.topics:
             return record
         return self._wrap(tp, record)
-
-
-def as_consumer_record(tp: TP, record: Any) -> ConsumerRecord:
-    """The ConsumerRecord aiokafka would have built, for the one record Faust must see."""
-    if isinstance(record, ConsumerRecord):
-        return record
-    key, value = record.key, record.value
-    return ConsumerRecord(
-        tp.topic,
-        tp.partition,
-        record.offset,
-        record.timestamp,
-        record.timestamp_type,
-        key,
-        value,
-        None,
-        -1 if key is None else len(key),
-        -1 if value is None else len(value),
-        tuple(record.headers),
-    )
 
 
 class PerRecordQuietMonitor(Monitor):

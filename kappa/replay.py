@@ -131,14 +131,7 @@ def run_batch(
     line = ProgressLine()
     outcome: dict[str, object] = {}
 
-    async def watch() -> None:
-        if outcome:
-            return
-        done = sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
-        line.update(done, total, label=f"g{generation}")
-        if not progress.reached_stop():
-            return
-        outcome["pending"] = True
+    async def finish() -> None:
         try:
             await pipe.app.producer.flush()
             snapshot_started = time.monotonic()
@@ -168,6 +161,15 @@ def run_batch(
         finally:
             line.finish()
             os.kill(os.getpid(), signal.SIGTERM)
+
+    async def watch() -> None:
+        if outcome:
+            return
+        done = sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
+        line.update(done, total, label=f"g{generation}")
+        if progress.reached_stop():
+            # publishing a large table takes seconds: not inside the timer, which would warn
+            outcome["pending"] = asyncio.ensure_future(finish())
 
     pipe.app.timer(WATCH_INTERVAL_S, name=f"kappa.{pipeline}.watch")(watch)
     worker = PromptWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)

@@ -1,0 +1,93 @@
+"""Reads and writes a batch of one partition's table entries in bulk, the way Faust would.
+
+Faust writes a table entry with `table[key] = value`: a RocksDB put, a changelog record
+through its producer buffer (a FutureMessage and an aiokafka future each) and, on every
+acknowledgement, one more RocksDB put of the changelog offset. With a distinct key per
+record py-spy put that path at half of a replay's CPU. This writer does the same three
+things once per batch: one RocksDB write batch, the changelog records appended straight
+into aiokafka record batches (one future per record batch), and the changelog offset
+stored once per acknowledged record batch. Topic, partition, key and value are exactly
+Faust's, so Faust's recovery, standbys and `kappa.cleanup` treat the changelog as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import rocksdict
+from faust.types import TP
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBatch:
+    """A changelog record batch in flight: its last record's offset is base + count - 1."""
+
+    partition: int
+    count: int
+    acked: asyncio.Future
+
+
+class TableWriter:
+    """Bulk access to a Faust RocksDB table, one source partition at a time.
+
+    Faust keeps one RocksDB database and one changelog partition per source partition;
+    entries here always go to the partition they are read from, as Faust's own writes do
+    inside an event of that partition.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.changelog = table.changelog_topic.get_topic_name()
+        self._pending: list[PendingBatch] = []
+
+    def _db(self, partition: int) -> Any:
+        return self.table.data._db_for_partition(partition)
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        return self._db(partition).get(key)
+
+    def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
+        """One RocksDB multi-get; None where a key has no entry."""
+        return self._db(partition).get(list(keys)) if keys else []
+
+    async def write(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
+        """Store the entries locally, and queue them for the changelog (see `flush`)."""
+        if not entries:
+            return
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        for key, value in entries.items():
+            batch.put(key, value)
+        self._db(partition).write(batch)
+        await self._send(partition, entries)
+
+    async def _send(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
+        producer = self.table.app.producer._ensure_producer()  # Faust's aiokafka producer
+        builder, count = producer.create_batch(), 0
+        for key, value in entries.items():
+            if builder.append(timestamp=None, key=key, value=value) is None:
+                await self._submit(producer, builder, partition, count)
+                builder, count = producer.create_batch(), 0
+                if builder.append(timestamp=None, key=key, value=value) is None:
+                    raise ValueError(f"table entry of {len(key) + len(value)} bytes exceeds the producer batch size")
+            count += 1
+        await self._submit(producer, builder, partition, count)
+
+    async def _submit(self, producer: Any, builder: Any, partition: int, count: int) -> None:
+        acked = await producer.send_batch(builder, self.changelog, partition=partition)
+        self._pending.append(PendingBatch(partition, count, acked))
+
+    async def flush(self) -> None:
+        """Wait until every queued changelog record is on the broker, then store each
+        partition's last changelog offset, which is where Faust's recovery resumes."""
+        pending, self._pending = self._pending, []
+        last: dict[int, int] = {}
+        for batch in pending:
+            metadata = await batch.acked
+            last[batch.partition] = max(last.get(batch.partition, -1), metadata.offset + batch.count - 1)
+        store = self.table.data
+        for partition, offset in last.items():
+            if partition in store._dbs:  # not if a rebalance closed it meanwhile: never reopen
+                store.set_persisted_offset(TP(self.changelog, partition), offset)

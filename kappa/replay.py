@@ -26,7 +26,7 @@ from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import Registry
 from kappa.progress import ProgressLine
-from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats, partition_items, read_stats
+from tables.grouped_mean import STATS_KEY, PartitionStats, partition_items, read_stats
 
 WATCH_INTERVAL_S = 0.25
 
@@ -69,8 +69,7 @@ def table_rows(pipe: Pipeline, partitions: int) -> Iterator[pd.DataFrame]:
     (a merged map, a sorted key list, a frame) cost over 100 MB of the replay's peak memory.
     """
     streams = [
-        ((key, MeanState.decode(value)) for key, value in partition_items(pipe.table, p) if key != STATS_KEY)
-        for p in range(partitions)
+        ((key, value) for key, value in partition_items(pipe.table, p) if key != STATS_KEY) for p in range(partitions)
     ]
     return snapshot.frame_chunks(snapshot.merge_sorted_partials(streams))
 
@@ -150,8 +149,16 @@ def run_batch(
                 registry.switch_to(generation)
                 return True
 
-            outcome["path"] = snapshot.publish(
-                settings.snapshot_dir, pipeline, generation, table_rows(pipe, partitions), manifest, switch
+            # in a thread: with a million keys this takes seconds, and a blocked loop would stall
+            # the group's heartbeats and commits (RocksDB reads are safe beside the idle agent)
+            outcome["path"] = await asyncio.to_thread(
+                snapshot.publish,
+                settings.snapshot_dir,
+                pipeline,
+                generation,
+                table_rows(pipe, partitions),
+                manifest,
+                switch,
             )
             outcome["snapshot_seconds"] = time.monotonic() - snapshot_started
             outcome["manifest"] = manifest
@@ -168,8 +175,7 @@ def run_batch(
         done = sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
         line.update(done, total, label=f"g{generation}")
         if progress.reached_stop():
-            # publishing a large table takes seconds: not inside the timer, which would warn
-            outcome["pending"] = asyncio.ensure_future(finish())
+            outcome["pending"] = asyncio.ensure_future(finish())  # not inside the timer: it takes a while
 
     pipe.app.timer(WATCH_INTERVAL_S, name=f"kappa.{pipeline}.watch")(watch)
     worker = PromptWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import islice
-from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kappa.errors import KappaError
-from tables.grouped_mean import MeanState
+from tables.grouped_mean import MeanState, decode_sums_and_counts
 
 KEEP_SNAPSHOTS = 5
 SNAPSHOT_DIR = re.compile(r"^g(\d+)-(\d+)$")
@@ -35,42 +34,45 @@ CHUNK_ROWS = 65_536
 SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64())])
 
 
-def merge_sorted_partials(streams: Iterable[Iterable[tuple[bytes, MeanState]]]) -> Iterator[tuple[str, MeanState]]:
-    """One row per key, in key order, from per-partition streams that are each in key order.
+def merge_sorted_partials(streams: Iterable[Iterable[tuple[bytes, bytes]]]) -> Iterator[tuple[bytes, bytes]]:
+    """One encoded entry per key, in key order, from per-partition streams each in key order.
 
     RocksDB iterates a partition in bytewise key order, which for UTF-8 is code-point order,
     the order of the snapshot. A k-way merge then meets a key's partials from different
-    partitions one after another, so it can add them up without holding the table.
+    partitions one after another, so it can add them up without holding the table. Entries
+    stay encoded: most keys live on one partition, and `to_frame` decodes a chunk at once.
     """
     merged_key: bytes | None = None
-    merged: MeanState | None = None
-    for raw_key, state in heapq.merge(*streams, key=itemgetter(0)):
-        if raw_key == merged_key:
-            merged.merge(state)
+    merged = b""
+    for key, entry in heapq.merge(*streams):
+        if key == merged_key:
+            state = MeanState.decode(merged)
+            state.merge(MeanState.decode(entry))
+            merged = state.encode()
             continue
         if merged_key is not None:
-            if raw_key < merged_key:
-                raise KappaError(f"state store returned key {raw_key!r} after {merged_key!r}: not in key order")
-            yield merged_key.decode("utf-8"), merged
-        merged_key, merged = raw_key, MeanState(state.total, state.compensation, state.count)
+            if key < merged_key:
+                raise KappaError(f"state store returned key {key!r} after {merged_key!r}: not in key order")
+            yield merged_key, merged
+        merged_key, merged = key, entry
     if merged_key is not None:
-        yield merged_key.decode("utf-8"), merged
+        yield merged_key, merged
 
 
-def frame_chunks(rows: Iterable[tuple[str, MeanState]], size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+def frame_chunks(rows: Iterable[tuple[bytes, bytes]], size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
     """Snapshot rows as frames of at most `size` rows, so a large table is never whole in memory."""
     rows = iter(rows)
     while chunk := list(islice(rows, size)):
         yield to_frame(chunk)
 
 
-def to_frame(rows: Sequence[tuple[str, MeanState]]) -> pd.DataFrame:
-    """Rows in the given order, with the mean left empty where nothing was counted (as pandas)."""
-    counts = np.fromiter((state.count for _, state in rows), dtype=np.int64, count=len(rows))
-    sums = np.fromiter((state.sum for _, state in rows), dtype=np.float64, count=len(rows))
+def to_frame(rows: Sequence[tuple[bytes, bytes]]) -> pd.DataFrame:
+    """(UTF-8 key, encoded entry) rows, in their order, with the mean left empty where
+    nothing was counted (as pandas)."""
+    sums, counts = decode_sums_and_counts([entry for _, entry in rows])
     with np.errstate(divide="ignore", invalid="ignore"):
         means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    keys = pd.Series([key for key, _ in rows], dtype=object)
+    keys = pd.Series([key.decode("utf-8") for key, _ in rows], dtype=object)
     return pd.DataFrame({"key": keys, "count": counts, "sum": sums, "mean": means})
 
 

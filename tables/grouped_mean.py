@@ -18,8 +18,10 @@ agree with pandas to far better than the 1e-9 the product promises.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 
 TABLE_NAME = "grouped_mean"
@@ -73,6 +75,18 @@ class MeanState:
             return cls()
         total, compensation, count, next_offset = orjson.loads(raw)
         return cls(total, compensation, count, next_offset)
+
+
+def decode_sums_and_counts(entries: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and counts of many encoded MeanStates at once, for snapshots of large tables.
+
+    One orjson call over the joined entries replaces a MeanState object per key; joining is
+    safe because every entry is a JSON array this module encoded.
+    """
+    if not entries:
+        return np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64)
+    fields = np.array(orjson.loads(b"[" + b",".join(entries) + b"]"), dtype=np.float64)
+    return fields[:, 0] + fields[:, 1], fields[:, 2].astype(np.int64)
 
 
 @dataclass(slots=True)

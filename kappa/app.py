@@ -127,7 +127,13 @@ def create_pipeline(
         table_cleanup_interval=3600.0,
         # a killed process must leave the group in seconds, not Faust's default minute
         broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
+        # a member learns of a rebalance at its next heartbeat; at Faust's 3 s, every process
+        # joining a replay held the whole group for seconds
+        broker_heartbeat_interval=0.5,
+        # no standby copies: each process would also replay every other process's changelog,
+        # doubling the table work on a host; a moved partition is restored from the changelog
+        # (compact: one entry per key), and exactness never depends on standbys
+        table_standby_replicas=0,
         Monitor=PerRecordQuietMonitor,  # see kappa.fastpath
         TableManager=PromptTableManager,
     )

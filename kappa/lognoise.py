@@ -1,8 +1,11 @@
-"""Keep worker logs readable when the broker is away.
+"""Keep worker logs readable: fold client errors that repeat, demote routine warnings.
 
 While a broker is down, aiokafka logs "Unable connect to node" thousands of times a second
 (300k lines in a 30 s outage, measured). One line per message template per window carries
 the same information for an operator, plus a count of what was folded into it.
+
+aiokafka also warns when a heartbeat meets a rebalance, which happens every time a process
+joins a group (each start of a replay with several processes); it is logged at info here.
 """
 
 from __future__ import annotations
@@ -36,11 +39,25 @@ class RepeatFolder(logging.Filter):
         return True
 
 
+ROUTINE_WARNINGS = frozenset({"Heartbeat failed for group %s because it is rebalancing"})
+
+
+class RoutineWarningDemoter(logging.Filter):
+    """Log the warnings in ROUTINE_WARNINGS at info: shown only where info is enabled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or record.msg not in ROUTINE_WARNINGS:
+            return True
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
 def fold_repeated_client_errors(window_s: float = REPEAT_WINDOW_S) -> None:
     """Filter every aiokafka logger; a logger's filter only sees records logged to it."""
     import aiokafka  # noqa: F401  (creates its module loggers)
 
-    folder = RepeatFolder(window_s)
+    folder, demoter = RepeatFolder(window_s), RoutineWarningDemoter()
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if (name == "aiokafka" or name.startswith("aiokafka.")) and isinstance(logger, logging.Logger):
+            logger.addFilter(demoter)
             logger.addFilter(folder)

@@ -11,16 +11,20 @@ while partitions move between processes (a stale owner's part simply has a lower
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kappa.snapshot import CHUNK_ROWS, rows_frame
 from tables.grouped_mean import MeanState, PartitionStats
 
 PART_NAME = re.compile(r"^p(\d+)-o(\d+)\.parquet$")
@@ -85,15 +89,20 @@ def _prune_partition(directory: Path, partition: int) -> None:
 
 @dataclass
 class MergedParts:
-    frame: pd.DataFrame
+    """The newest part of every partition: their rows (one per key and partition) and cut."""
+
+    table: pa.Table
     offsets: dict[int, int]
     records: dict[str, int]
 
+    def snapshot_chunks(self, size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+        return snapshot_chunks(self.table, size)
+
 
 def merge_parts(directory: Path, partitions: int) -> MergedParts:
-    """The newest part of every partition, added up per key into snapshot rows."""
+    """The newest part of every partition, read as Arrow (no Python object per row)."""
     newest = newest_parts(directory)
-    frames, offsets = [], {p: 0 for p in range(partitions)}
+    tables, offsets = [], {p: 0 for p in range(partitions)}
     records = {"counted": 0, "skipped": 0, "rejected": 0}
     for partition, (offset, path) in sorted(newest.items()):
         table = pq.read_table(path)
@@ -101,17 +110,36 @@ def merge_parts(directory: Path, partitions: int) -> MergedParts:
         offsets[partition] = offset
         for kind, count in meta["records"].items():
             records[kind] += count
-        frames.append(table.to_pandas())
-    if frames:
-        combined = pd.concat(frames, ignore_index=True)
-        grouped = combined.groupby("key", sort=True).agg(
-            total=("total", "sum"), compensation=("compensation", "sum"), count=("count", "sum")
-        )
-    else:
-        grouped = pd.DataFrame({"total": [], "compensation": [], "count": []}, index=pd.Index([], name="key"))
-    counts = grouped["count"].to_numpy(np.int64)
-    sums = grouped["total"].to_numpy(np.float64) + grouped["compensation"].to_numpy(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    frame = pd.DataFrame({"key": grouped.index.to_numpy(dtype=object), "count": counts, "sum": sums, "mean": means})
-    return MergedParts(frame=frame, offsets=offsets, records=records)
+        tables.append(table.replace_schema_metadata(None))
+    combined = pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
+    return MergedParts(table=combined, offsets=offsets, records=records)
+
+
+def snapshot_chunks(rows: pa.Table, size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Snapshot rows in key order from part rows, in chunks; a key's partials are added up.
+
+    Arrow sorts the rows (bytewise, which is code-point order for UTF-8) without a Python
+    object per row, and equal keys, now adjacent, are added up with numpy. A key on several
+    partitions is the rare case (the loader partitions by key; only outside partitioners
+    spread one), and only those keys' sums are redone with math.fsum over every partial's
+    total and compensation: correctly rounded, however the partials cancel.
+    """
+    rows = rows.sort_by("key")
+    keys = rows.column("key")
+    totals = rows.column("total").to_numpy()
+    compensations = rows.column("compensation").to_numpy()
+    starts = np.arange(len(rows))
+    if len(rows) > 1:
+        repeats = pc.equal(keys.slice(1), keys.slice(0, len(rows) - 1)).to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.concatenate(([True], ~repeats)))
+    counts = np.add.reduceat(rows.column("count").to_numpy(), starts) if len(rows) else np.empty(0, np.int64)
+    sums = totals[starts] + compensations[starts]
+    if len(starts) < len(rows):
+        ends = np.append(starts[1:], len(rows))
+        for group in np.flatnonzero(ends - starts > 1):
+            first, last = starts[group], ends[group]
+            sums[group] = math.fsum([*totals[first:last], *compensations[first:last]])
+        keys = keys.take(pa.array(starts))
+    for start in range(0, len(sums), size):
+        end = start + size
+        yield rows_frame(keys.slice(start, size).to_pylist(), counts[start:end], sums[start:end])

@@ -70,10 +70,14 @@ def to_frame(rows: Sequence[tuple[bytes, bytes]]) -> pd.DataFrame:
     """(UTF-8 key, encoded entry) rows, in their order, with the mean left empty where
     nothing was counted (as pandas)."""
     sums, counts = decode_sums_and_counts([entry for _, entry in rows])
+    return rows_frame([key.decode("utf-8") for key, _ in rows], counts, sums)
+
+
+def rows_frame(keys: list[str], counts: np.ndarray, sums: np.ndarray) -> pd.DataFrame:
+    """Snapshot rows; the mean is left empty where nothing was counted, as pandas leaves it."""
     with np.errstate(divide="ignore", invalid="ignore"):
         means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    keys = pd.Series([key.decode("utf-8") for key, _ in rows], dtype=object)
-    return pd.DataFrame({"key": keys, "count": counts, "sum": sums, "mean": means})
+    return pd.DataFrame({"key": pd.Series(keys, dtype=object), "count": counts, "sum": sums, "mean": means})
 
 
 def _fsync_file(path: Path) -> None:

@@ -335,14 +335,14 @@ class Publisher:
             return self.is_current()
 
         path = snapshot.publish(
-            self.settings.snapshot_dir, self.pipeline, self.generation, merged.frame, manifest, allowed
+            self.settings.snapshot_dir, self.pipeline, self.generation, merged.snapshot_chunks(), manifest, allowed
         )
         if path is None:
             return None
         self.last_offsets = merged.offsets
         lag = sum(max(end - merged.offsets.get(p, 0), 0) for p, end in end_offsets.items())
         print(
-            f"published {path.name}: generation {self.generation}, {len(merged.frame):,} keys, lag {lag:,}, "
+            f"published {path.name}: generation {self.generation}, {manifest['keys']:,} keys, lag {lag:,}, "
             f"{time.monotonic() - started:.2f}s",
             flush=True,
         )

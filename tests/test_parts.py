@@ -1,0 +1,60 @@
+"""Merging partition parts into snapshot rows: key order, partials added up, any chunking.
+
+Parts are real Parquet files on disk, written by the workers' own `write_part`; the oracle
+is computed here with math.fsum over every partial, per key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kappa import parts
+from tables.grouped_mean import MeanState, PartitionStats
+
+AWKWARD = ["São Paulo", "東京", "a,b", 'say "hi"', "line\nbreak", "007", "7", "emoji 🎉", " padded "]
+
+
+def write_spread_parts(directory, partitions: int, seed: int = 3) -> dict[str, tuple[int, float]]:
+    """Keys spread over several partitions (as an outside partitioner does), with partials
+    that nearly cancel; returns key -> (count, exact sum)."""
+    rng = np.random.default_rng(seed)
+    partials_by_key: dict[str, list[MeanState]] = defaultdict(list)
+    for partition in range(partitions):
+        names = {f"k{int(k)}" for k in rng.integers(0, 400, 250)} | set(AWKWARD[partition::2])
+        partials = []
+        for name in sorted(names, key=lambda n: n.encode()):
+            state = MeanState(
+                float(rng.choice([1e12, -1e12]) + rng.normal()), float(rng.normal(0, 1e-5)), int(rng.integers(0, 4))
+            )
+            partials.append((name.encode(), state))
+            partials_by_key[name].append(state)
+        parts.write_part(directory, partition, partials, PartitionStats(next_offset=partition + 1))
+    return {
+        key: (sum(s.count for s in states), math.fsum([s.total for s in states] + [s.compensation for s in states]))
+        for key, states in partials_by_key.items()
+    }
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 97, 65_536])
+def test_parts_merge_into_key_ordered_exact_rows(tmp_path, chunk_rows):
+    expected = write_spread_parts(tmp_path, partitions=4)
+    merged = parts.merge_parts(tmp_path, 4)
+    frame = pd.concat(list(merged.snapshot_chunks(chunk_rows)), ignore_index=True)
+
+    assert list(frame["key"]) == sorted(expected)  # code-point order, one row per key
+    assert merged.offsets == {0: 1, 1: 2, 2: 3, 3: 4}
+    for key, count, total, mean in frame[["key", "count", "sum", "mean"]].itertuples(index=False):
+        want_count, want_sum = expected[key]
+        assert count == want_count, key
+        assert total == pytest.approx(want_sum, rel=1e-12, abs=1e-9), key
+        assert math.isnan(mean) if count == 0 else mean == pytest.approx(want_sum / count, rel=1e-12, abs=1e-9)
+    assert sum(1 for v in expected.values() if v[0] == 0) > 0  # the empty-mean case was exercised
+
+
+def test_no_parts_is_an_empty_table(tmp_path):
+    assert list(parts.merge_parts(tmp_path, 3).snapshot_chunks()) == []

@@ -149,16 +149,10 @@ def run_batch(
                 registry.switch_to(generation)
                 return True
 
-            # in a thread: with a million keys this takes seconds, and a blocked loop would stall
-            # the group's heartbeats and commits (RocksDB reads are safe beside the idle agent)
-            outcome["path"] = await asyncio.to_thread(
-                snapshot.publish,
-                settings.snapshot_dir,
-                pipeline,
-                generation,
-                table_rows(pipe, partitions),
-                manifest,
-                switch,
+            # on the loop, not in a thread: a stop signal then waits until the snapshot and the
+            # switch are complete, and Faust never closes RocksDB under a running merge
+            outcome["path"] = snapshot.publish(
+                settings.snapshot_dir, pipeline, generation, table_rows(pipe, partitions), manifest, switch
             )
             outcome["snapshot_seconds"] = time.monotonic() - snapshot_started
             outcome["manifest"] = manifest

@@ -125,10 +125,8 @@ def publish(
     try:
         pipeline_dir.mkdir(parents=True, exist_ok=True)
         with publish_lock(pipeline_dir):
-            if allowed is not None and not allowed():
-                return None
             chunks = [table] if isinstance(table, pd.DataFrame) else table
-            final = _write_and_link(pipeline_dir, generation, chunks, manifest)
+            final = _write_and_link(pipeline_dir, generation, chunks, manifest, allowed)
     except OSError as exc:
         raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc
     prune(pipeline_dir)
@@ -161,7 +159,15 @@ def write_table_files(directory: Path, chunks: Iterable[pd.DataFrame]) -> int:
     return rows
 
 
-def _write_and_link(pipeline_dir: Path, generation: int, chunks: Iterable[pd.DataFrame], manifest: dict) -> Path:
+def _write_and_link(
+    pipeline_dir: Path,
+    generation: int,
+    chunks: Iterable[pd.DataFrame],
+    manifest: dict,
+    allowed: Callable[[], bool] | None,
+) -> Path | None:
+    """Stage the files, then ask `allowed` (which may switch generations): a table streamed
+    from state can still fail while it is written, and must fail before any switch."""
     name = f"g{generation}-{_next_sequence(pipeline_dir, generation):06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=pipeline_dir))
     try:
@@ -170,6 +176,9 @@ def _write_and_link(pipeline_dir: Path, generation: int, chunks: Iterable[pd.Dat
         for part in ("table.csv", "table.parquet", "manifest.json"):
             _fsync_file(staging / part)
         os.chmod(staging, 0o755)
+        if allowed is not None and not allowed():
+            shutil.rmtree(staging, ignore_errors=True)
+            return None
         final = pipeline_dir / name
         os.rename(staging, final)
     except BaseException:

@@ -54,7 +54,11 @@ class MeanState:
         """A batch's values at once: fsum is exact, so the batch enters as one correctly
         rounded term, and this costs one C call instead of a Python step per value."""
         if values:
-            self._accumulate(math.fsum(values))
+            try:
+                batch_sum = math.fsum(values)
+            except OverflowError:  # partial sums beyond 1.8e308: infinite, as pandas has it
+                batch_sum = sum(values)
+            self._accumulate(batch_sum)
             self.count += len(values)
 
     @property

@@ -4,8 +4,8 @@ Faust writes a table entry with `table[key] = value`: a RocksDB put, a changelog
 through its producer buffer (a FutureMessage and an aiokafka future each) and, on every
 acknowledgement, one more RocksDB put of the changelog offset. With a distinct key per
 record py-spy put that path at half of a replay's CPU. This writer does the same three
-things once per batch: one RocksDB write batch, the changelog records appended straight
-into aiokafka record batches (one future per record batch), and the changelog offset
+things once per batch: the changelog records appended straight into aiokafka record
+batches (one future per record batch), one RocksDB write batch, and the changelog offset
 stored once per acknowledged record batch. Topic, partition, key and value are exactly
 Faust's, so Faust's recovery, standbys and `kappa.cleanup` treat the changelog as before.
 """
@@ -54,14 +54,21 @@ class TableWriter:
         return self._db(partition).get(list(keys)) if keys else []
 
     async def write(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
-        """Store the entries locally, and queue them for the changelog (see `flush`)."""
+        """Queue the entries for the changelog (see `flush`), then store them locally.
+
+        The order matters. Queueing a second record batch waits for the first to be taken,
+        and a rebalance can cancel the task right there. Stored first, the local database
+        would then hold entries the changelog never gets, lost for good once the partition
+        moves. Queued first, a cancel can only leave the changelog ahead: Faust's recovery
+        applies its tail, and the re-delivered records are skipped per key (by offset).
+        """
         if not entries:
             return
+        await self._send(partition, entries)
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in entries.items():
             batch.put(key, value)
         self._db(partition).write(batch)
-        await self._send(partition, entries)
 
     async def _send(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
         producer = self.table.app.producer._ensure_producer()  # Faust's aiokafka producer
@@ -76,6 +83,7 @@ class TableWriter:
         await self._submit(producer, builder, partition, count)
 
     async def _submit(self, producer: Any, builder: Any, partition: int, count: int) -> None:
+        builder.close()  # nothing else may join it: `count` must stay its record count
         acked = await producer.send_batch(builder, self.changelog, partition=partition)
         self._pending.append(PendingBatch(partition, count, acked))
 
@@ -83,9 +91,12 @@ class TableWriter:
         """Wait until every queued changelog record is on the broker, then store each
         partition's last changelog offset, which is where Faust's recovery resumes."""
         pending, self._pending = self._pending, []
+        outcomes = await asyncio.gather(*(batch.acked for batch in pending), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         last: dict[int, int] = {}
-        for batch in pending:
-            metadata = await batch.acked
+        for batch, metadata in zip(pending, outcomes, strict=True):
             last[batch.partition] = max(last.get(batch.partition, -1), metadata.offset + batch.count - 1)
         store = self.table.data
         for partition, offset in last.items():

@@ -139,3 +139,11 @@ def test_fsum_keeps_large_and_small_magnitudes_exact():
     states = {}
     folded(records, 0, None, states)
     assert states[b"k"].sum == pytest.approx(math.fsum(values), rel=1e-12)
+
+
+def test_sums_beyond_the_float_range_become_infinite_instead_of_failing():
+    """fsum raises on overflow; a record that pandas would sum to inf must not crash the worker."""
+    records = [ParsedRecord(i, b"k", orjson.dumps({"amount": 1e308})) for i in range(3)]
+    states = {}
+    assert folded(records, 0, None, states)["counted"] == 3
+    assert states[b"k"].count == 3 and math.isinf(states[b"k"].total)

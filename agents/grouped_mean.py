@@ -18,7 +18,7 @@ from faust.types import TP
 
 from agents.fold import fold
 from kappa.fastpath import Record
-from tables.grouped_mean import STATS_KEY, MeanState, PartitionStats
+from tables.grouped_mean import STATS_KEY, MeanState, read_stats
 from tables.writer import TableWriter
 
 log = logging.getLogger("kappa.agent")
@@ -151,7 +151,7 @@ class GroupedMeanAgent:
 
     async def _apply_partition(self, partition: int, records: Sequence[Record]) -> None:
         definition, writer = self.definition, self.writer
-        stats = PartitionStats.decode(writer.get(partition, STATS_KEY))
+        stats = read_stats(self.table, partition)
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,20 +99,31 @@ class MergedParts:
         return snapshot_chunks(self.table, size)
 
 
-def merge_parts(directory: Path, partitions: int) -> MergedParts:
-    """The newest part of every partition, read as Arrow (no Python object per row)."""
-    newest = newest_parts(directory)
-    tables, offsets = [], {p: 0 for p in range(partitions)}
+def cut_of(newest: Mapping[int, tuple[int, Path]], partitions: int) -> dict[int, int]:
+    """The per-partition offsets a merge of these parts stands for (0 where none exists yet);
+    known from the file names alone, so an unchanged cut costs no read."""
+    offsets = {p: 0 for p in range(partitions)}
+    offsets.update({partition: offset for partition, (offset, _) in newest.items()})
+    return offsets
+
+
+def read_parts(newest: Mapping[int, tuple[int, Path]], partitions: int) -> MergedParts:
+    """The given parts, read as Arrow (no Python object per row)."""
+    tables = []
     records = {"counted": 0, "skipped": 0, "rejected": 0}
-    for partition, (offset, path) in sorted(newest.items()):
+    for _, (_, path) in sorted(newest.items()):
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[b"kappa"])
-        offsets[partition] = offset
         for kind, count in meta["records"].items():
             records[kind] += count
         tables.append(table.replace_schema_metadata(None))
     combined = pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
-    return MergedParts(table=combined, offsets=offsets, records=records)
+    return MergedParts(table=combined, offsets=cut_of(newest, partitions), records=records)
+
+
+def merge_parts(directory: Path, partitions: int) -> MergedParts:
+    """The newest part of every partition."""
+    return read_parts(newest_parts(directory), partitions)
 
 
 def snapshot_chunks(rows: pa.Table, size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:

@@ -110,14 +110,14 @@ def publish(
     snapshot_dir: Path,
     pipeline: str,
     generation: int,
-    table: pd.DataFrame | Iterable[pd.DataFrame],
+    chunks: Iterable[pd.DataFrame],
     manifest: dict,
     allowed: Callable[[], bool] | None = None,
 ) -> Path | None:
     """Write one snapshot and point `latest` at it; returns the snapshot's directory.
 
-    `table` is the rows sorted by key, as one frame or as consecutive chunks (written as
-    they come); the manifest's `keys` is set to the number of rows written.
+    `chunks` are the rows sorted by key, as consecutive frames written as they come; the
+    manifest's `keys` is set to the number of rows written.
     `allowed` is checked under the publish lock: a generation that has been switched away
     from gets None back and never moves `latest` again, so readers never go backwards.
     """
@@ -125,7 +125,6 @@ def publish(
     try:
         pipeline_dir.mkdir(parents=True, exist_ok=True)
         with publish_lock(pipeline_dir):
-            chunks = [table] if isinstance(table, pd.DataFrame) else table
             final = _write_and_link(pipeline_dir, generation, chunks, manifest, allowed)
     except OSError as exc:
         raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc

@@ -314,9 +314,10 @@ class Publisher:
         """Publish when the cut moved. Only the current generation may publish, unless
         `make_current` is set: then this publish is the switch-over to this generation."""
         started = time.monotonic()
-        merged = parts.merge_parts(self.directory, self.partitions)
-        if not parts.newest_parts(self.directory) or merged.offsets == self.last_offsets:
+        newest = parts.newest_parts(self.directory)
+        if not newest or parts.cut_of(newest, self.partitions) == self.last_offsets:
             return None
+        merged = parts.read_parts(newest, self.partitions)
         end_offsets = admin.end_offsets(self.settings.broker, self.definition.topic, self.partitions)
         manifest = snapshot.build_manifest(
             pipeline=self.pipeline,

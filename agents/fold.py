@@ -1,10 +1,11 @@
 """Folds one partition's batch of records into per-key runs: the agent's hot loop.
 
-Almost every record is plain: a JSON object whose value field is a JSON number, under a
-UTF-8 message key. The loop recognises those with one orjson call and a type check, and
+Almost every record is plain: a JSON object whose value field is a JSON number and whose
+key field is a non-empty string (or, for a pipeline without a key field, a record with a
+UTF-8 message key). The loop recognises those with one orjson call and type checks, and
 keeps their values in per-key lists that the table adds up with one `math.fsum` each.
-Every other record (no message key, a string or null value, bad JSON, a non-object) goes
-through `kappa.codec.decode`, which owns SPEC.md's record rules; for a plain record both
+Every other record (no key, a string or null value, bad JSON, a non-object) goes through
+`kappa.codec.decode`, which owns the record rules; for a plain record both
 paths give the same verdict (tests/test_fold.py checks this on awkward input).
 
 Offsets decide what is applied (see tables.grouped_mean): the fold keeps each key's
@@ -26,7 +27,6 @@ from kappa.fastpath import Record
 from tables.grouped_mean import MeanState
 
 NO_STOP = 1 << 63
-_SLOW = object()
 
 
 @dataclass(slots=True)
@@ -65,54 +65,60 @@ class Fold:
 
 
 def fold(
-    records: Sequence[Record], key_field: str, value_field: str, *, counted_from: int, stop: int | None = None
+    records: Sequence[Record],
+    key_field: str | None,
+    value_field: str,
+    *,
+    counted_from: int,
+    stop: int | None = None,
 ) -> Fold:
-    """Fold records (offset order) below `stop`; count those at or after `counted_from`."""
+    """Fold records (offset order) below `stop`; count those at or after `counted_from`.
+
+    The group key is the row's `key_field`, or the message key when `key_field` is None.
+    """
     result = Fold()
-    runs = result.runs
+    runs: dict[str, KeyRun] = {}
     loads = orjson.loads
     stop_at = NO_STOP if stop is None else stop
+    by_field = key_field is not None
     counted = 0
     for record in records:
         offset = record.offset
         if offset >= stop_at:
             break
         try:
-            number = loads(record.value)[value_field]
+            row = loads(record.value)
+            number = row[value_field]
+            group = row[key_field] if by_field else record.key.decode("utf-8")
         except Exception:  # anything unusual: decode() gives the exact verdict
-            number = _SLOW
-        else:
-            kind = type(number)
-            if kind is int:
-                number = float(number)
-            elif kind is not float:  # orjson's floats are always finite
-                number = _SLOW
-        key = record.key
-        if number is not _SLOW and key:
-            run = runs.get(key)
-            if run is None and _is_utf8(key):
-                run = runs[key] = KeyRun()
-            if run is not None:
-                run.offsets.append(offset)
-                run.values.append(number)
-                if offset >= counted_from:
-                    counted += 1
-                result.last_offset = offset
-                continue
-        _fold_slow(result, record, key_field, value_field, counted_from)
+            _fold_slow(result, runs, record, key_field, value_field, counted_from)
+            continue
+        kind = type(number)
+        if kind is int:
+            number = float(number)
+        elif kind is not float:  # orjson's floats are always finite
+            _fold_slow(result, runs, record, key_field, value_field, counted_from)
+            continue
+        if type(group) is not str or not group:
+            _fold_slow(result, runs, record, key_field, value_field, counted_from)
+            continue
+        run = runs.get(group)
+        if run is None:
+            run = runs[group] = KeyRun()
+        run.offsets.append(offset)
+        run.values.append(number)
+        if offset >= counted_from:
+            counted += 1
+        result.last_offset = offset
     result.counted += counted
+    # orjson refuses lone surrogates, and the slow path rejects them, so every key encodes
+    result.runs = {group.encode("utf-8"): run for group, run in runs.items()}
     return result
 
 
-def _is_utf8(key: bytes) -> bool:
-    try:
-        key.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _fold_slow(result: Fold, record: Record, key_field: str, value_field: str, counted_from: int) -> None:
+def _fold_slow(
+    result: Fold, runs: dict[str, KeyRun], record: Record, key_field: str | None, value_field: str, counted_from: int
+) -> None:
     offset = record.offset
     verdict = decode(record.key, record.value, key_field, value_field)
     result.last_offset = offset
@@ -125,10 +131,9 @@ def _fold_slow(result: Fold, record: Record, key_field: str, value_field: str, c
             result.skipped += 1
     if verdict.key is None or verdict.kind == REJECTED:
         return
-    key = verdict.key.encode()
-    run = result.runs.get(key)
+    run = runs.get(verdict.key)
     if run is None:
-        run = result.runs[key] = KeyRun()
+        run = runs[verdict.key] = KeyRun()
     run.offsets.append(offset)
     if verdict.kind == COUNTED:
         run.values.append(verdict.value)

@@ -28,15 +28,24 @@ REWIND_PATIENCE_S = 10.0
 
 @dataclass(frozen=True)
 class Definition:
-    """What a pipeline computes: mean of `value_field` grouped by key, over `topic`."""
+    """What a pipeline computes: mean of `value_field` grouped by the row's `key_field`
+    (by the message key when `key_field` is None), over `topic`."""
 
     topic: str
     value_field: str
-    key_field: str
+    key_field: str | None
 
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic}.dlq"
+
+    def to_record(self) -> dict:
+        """The definition as the registry and manifests keep it."""
+        return {"topic": self.topic, "value": self.value_field, "key": self.key_field}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Definition:
+        return cls(topic=record["topic"], value_field=record["value"], key_field=record.get("key"))
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """A generation's state outside the registry: consumer group, changelog topic, local dirs.
 
+Nothing kappa creates is left behind without a way to remove it: a replaced generation is
+retired by the replay that replaced it, or by the next command if that replay was stopped
+halfway; an abandoned one is resumed by the same replay or deleted by `kappa gc`.
+
 Deleting it is how a replaced generation is retired. Checking for it is how a new one starts
 clean: generation numbers come from the registry beside the snapshots, so a registry that was
 deleted (or another snapshot dir) hands out a number an earlier run already used, and Faust
@@ -17,6 +21,7 @@ from kappa import admin, parts
 from kappa.app import app_id, changelog_topic
 from kappa.config import Settings
 from kappa.errors import KappaError
+from kappa.generations import GenerationState, Registry, builder_alive
 
 TOPIC_GONE_TIMEOUT_S = 30.0
 
@@ -64,3 +69,54 @@ def clear_leftovers(settings: Settings, pipeline: str, generation: int) -> None:
         if time.monotonic() > deadline:
             raise KappaError(f"the broker did not delete topic {changelog!r} within {TOPIC_GONE_TIMEOUT_S:g}s")
         time.sleep(0.2)
+
+
+def retire_if_stopped(settings: Settings, pipeline: str, generation: int) -> bool:
+    """Delete a replaced or abandoned generation's state once none of its processes runs."""
+    from kappa.worker import heartbeats  # the worker module imports this one
+
+    if heartbeats(settings, pipeline, generation):
+        return False
+    delete_generation_state(settings, pipeline, generation)
+    Registry(settings.snapshot_dir, pipeline).mark(generation, GenerationState.RETIRED)
+    return True
+
+
+def finish_half_done_steps(settings: Settings, pipeline: str) -> list[str]:
+    """Finish what an interrupted command left half done: a generation left `retiring` by a
+    switch-over that was stopped before it deleted the old state is retired now, once its
+    processes are gone. Run by every command that starts or replaces a generation."""
+    done = []
+    for generation, _ in Registry(settings.snapshot_dir, pipeline).in_state(GenerationState.RETIRING):
+        if retire_if_stopped(settings, pipeline, generation):
+            done.append(f"retired generation {generation} (replaced earlier; its state is deleted)")
+    return done
+
+
+def abandoned(registry: Registry) -> list[tuple[int, dict]]:
+    """Generations that stopped before becoming current and that nobody is computing."""
+    return [
+        (number, entry)
+        for number, entry in registry.in_state(GenerationState.FAILED, GenerationState.RUNNING)
+        if not builder_alive(entry)
+    ]
+
+
+def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = None) -> list[str]:
+    """Everything a pipeline no longer needs: half-done retirements and abandoned generations
+    (all of them, or all but `keep`, which a resumed replay is about to take over)."""
+    done = finish_half_done_steps(settings, pipeline)
+    registry = Registry(settings.snapshot_dir, pipeline)
+    for generation, entry in abandoned(registry):
+        if generation == keep:
+            continue
+        if entry.get("state") == GenerationState.RUNNING:
+            registry.mark(generation, GenerationState.FAILED)
+        if retire_if_stopped(settings, pipeline, generation):
+            done.append(f"deleted generation {generation} ({entry.get('mode')}, stopped before it became current)")
+    return done
+
+
+def report(lines: list[str], pipeline: str) -> None:
+    for line in lines:
+        print(f"kappa: {pipeline}: {line}", file=sys.stderr, flush=True)

@@ -72,7 +72,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not args.batch:
         return _replay_beside(args, pipeline, definition)
     settings = _settings(args)
-    result = run_batch(settings, pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel)
+    result = run_batch(
+        settings,
+        pipeline,
+        definition,
+        allow_truncated=args.allow_truncated,
+        force=args.force,
+        loglevel=args.loglevel,
+    )
     records = result.manifest["records"]
     rate = sum(records.values()) / result.seconds if result.seconds else 0.0
     print(
@@ -121,6 +128,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from kappa.cleanup import collect_garbage
+
+    settings = _settings(args)
+    if args.pipeline:
+        names = [validate_pipeline_name(args.pipeline)]
+    elif settings.snapshot_dir.is_dir():
+        names = sorted(p.name for p in settings.snapshot_dir.iterdir() if (p / "generations.json").exists())
+    else:
+        names = []
+    cleaned = 0
+    for name in names:
+        for line in collect_garbage(settings, name):
+            print(f"{name}: {line}")
+            cleaned += 1
+    if not cleaned:
+        print("nothing to clean: no abandoned or half-retired generations")
+    return 0
+
+
 def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
     from kappa.switchover import run_beside
 
@@ -132,6 +159,7 @@ def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
         interval=args.snapshot_interval,
         keep_old=args.keep_old,
         allow_truncated=args.allow_truncated,
+        force=args.force,
         loglevel=args.loglevel,
     )
     replaced = f", replacing generation {result.previous}" if result.previous else ""
@@ -202,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--allow-truncated", action="store_true", help="replay even if retention removed the log's start"
     )
+    replay.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the check that the named fields exist, and publish even a generation that counted nothing",
+    )
     replay.add_argument("--processes", type=int, default=1, help="processes building the new generation (default 1)")
     replay.add_argument("--snapshot-interval", type=float, default=1.0, help="seconds between parts (default 1)")
     replay.add_argument("--keep-old", action="store_true", help="keep the replaced generation's state after the switch")
@@ -228,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
 
+    gc = commands.add_parser(
+        "gc", parents=[common], help="delete the state of abandoned generations and finish interrupted retirements"
+    )
+    gc.add_argument("--pipeline", help="only this pipeline (default: every pipeline under --snapshot-dir)")
+    gc.set_defaults(handler=cmd_gc)
+
     snap = commands.add_parser("snapshot", parents=[common], help="print the latest snapshot and its manifest")
     snap.add_argument("--pipeline", required=True, help="pipeline name (by default its topic name)")
     snap.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -244,7 +283,8 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", required=True, help="the log: the source topic")
     parser.add_argument("--value", required=True, help="the row field to average")
     parser.add_argument(
-        "--key", default="key", help="row field used as group key when a message has no key (default: key)"
+        "--key",
+        help="the row field to group by (default: group by the message key, for producers that send no key field)",
     )
     parser.add_argument("--pipeline", help="pipeline name (default: the topic name)")
 

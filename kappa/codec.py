@@ -1,4 +1,8 @@
-"""Turns one log record into a verdict under SPEC.md's rules, with pandas' semantics.
+"""Turns one log record into a verdict under the record rules, with pandas' semantics.
+
+The group key is the row's key field when the pipeline names one, whatever message key the
+producer chose (so any `--key` groups as pandas does); only a pipeline without a key field
+groups by the message key.
 
 Parsing is the hot path of every replay: orjson first, and the standard library only for
 the rare record orjson refuses (NaN/Infinity literals, integers beyond 64 bits), which
@@ -73,8 +77,18 @@ def _number(field: Any) -> float | None | str:
     return number if math.isfinite(number) else None
 
 
-def decode(key: bytes | None, value: bytes | None, key_field: str, value_field: str) -> Verdict:
-    """Apply the record rules: which key the row belongs to and whether its value counts."""
+def _is_valid_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode(key: bytes | None, value: bytes | None, key_field: str | None, value_field: str) -> Verdict:
+    """Apply the record rules: which key the row belongs to and whether its value counts.
+
+    `key_field` None means the message key is the group key."""
     if not value:
         return Verdict(REJECTED, error="empty message: expected a JSON object")
     try:
@@ -85,13 +99,15 @@ def decode(key: bytes | None, value: bytes | None, key_field: str, value_field: 
         return Verdict(REJECTED, error="not JSON: number out of range")
     if not isinstance(row, dict):
         return Verdict(REJECTED, error=f"JSON {type(row).__name__} where a JSON object was expected")
-    if key:
+    if key_field is None:
         try:
-            group = key.decode("utf-8")
+            group = key.decode("utf-8") if key else None
         except UnicodeDecodeError:
             return Verdict(REJECTED, error="message key is not valid UTF-8")
     else:
         group = _key_from_row(row.get(key_field))
+        if group is not None and not _is_valid_utf8(group):
+            return Verdict(REJECTED, error=f"key field {key_field!r} is not valid UTF-8 (a lone surrogate)")
     number = _number(row.get(value_field))
     if isinstance(number, str):
         return Verdict(REJECTED, key=group, error=number)

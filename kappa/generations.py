@@ -1,7 +1,9 @@
 """The record of a pipeline's generations, kept beside its snapshots.
 
 A small JSON file, changed only under an exclusive lock and replaced atomically, so that
-concurrent replays agree on numbering and every reader sees one consistent state.
+concurrent replays agree on numbering and every reader sees one consistent state. Each
+generation has a state; every change of state is checked against the transitions below, so
+a bug that would, say, bring a retired generation back to life fails loudly instead.
 """
 
 from __future__ import annotations
@@ -9,11 +11,66 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 
+from kappa.errors import KappaError
+from kappa.processes import pid_alive
 from kappa.snapshot import utc_now
+
+
+class GenerationState(StrEnum):
+    RUNNING = "running"  # a batch replay is computing it in the foreground
+    BUILDING = "building"  # a replay beside the current generation is computing it
+    LIVE = "live"  # current: workers tail the log and publish it
+    COMPLETE = "complete"  # current: a batch replay published it; workers may continue it
+    RETIRING = "retiring"  # replaced; its state is deleted once its processes have stopped
+    RETIRED = "retired"  # replaced or abandoned, and its state is deleted
+    FAILED = "failed"  # stopped before it became current; its state is kept to resume or delete
+
+
+ALLOWED: dict[GenerationState | None, set[GenerationState]] = {
+    None: {GenerationState.RUNNING, GenerationState.BUILDING},
+    GenerationState.RUNNING: {GenerationState.LIVE, GenerationState.FAILED},
+    GenerationState.BUILDING: {GenerationState.LIVE, GenerationState.FAILED, GenerationState.BUILDING},
+    GenerationState.LIVE: {GenerationState.COMPLETE, GenerationState.RETIRING, GenerationState.LIVE},
+    GenerationState.COMPLETE: {GenerationState.LIVE, GenerationState.RETIRING},
+    GenerationState.RETIRING: {GenerationState.RETIRED},
+    GenerationState.FAILED: {GenerationState.RUNNING, GenerationState.BUILDING, GenerationState.RETIRED},
+    GenerationState.RETIRED: set(),
+}
+CURRENT_STATES = {GenerationState.LIVE, GenerationState.COMPLETE}
+
+
+def this_builder() -> dict:
+    """Who is computing a generation: checked before another process takes it over."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def builder_alive(entry: dict) -> bool:
+    builder = entry.get("builder") or {}
+    if builder.get("host") != socket.gethostname():
+        return bool(builder)  # cannot tell for another host: assume it is alive
+    return bool(builder.get("pid")) and pid_alive(int(builder["pid"]))
+
+
+def _state_of(entry: dict) -> GenerationState | None:
+    raw = entry.get("state")
+    return GenerationState(raw) if raw is not None else None
+
+
+def _transition(generation: int, entry: dict, new: GenerationState) -> None:
+    old = _state_of(entry)
+    if new not in ALLOWED[old]:
+        raise KappaError(
+            f"generation {generation} cannot go from {old.value if old else 'nothing'} to {new.value}; "
+            "the registry may have been edited by hand or by another kappa version"
+        )
+    entry["state"] = new.value
+    entry["updated_at"] = utc_now()
 
 
 class GenerationBusy(Exception):
@@ -45,43 +102,48 @@ class Registry:
             staging.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
             os.replace(staging, self.path)
 
-    def begin(self, mode: str, definition: dict) -> int:
+    def begin(self, mode: str, definition: dict, builder: dict | None = None) -> int:
         """Allocate the next generation number and record it as running."""
         with self._locked() as state:
             numbers = [int(n) for n in state["generations"]]
             generation = max(numbers, default=0) + 1
-            state["generations"][str(generation)] = {
-                "state": "running",
-                "mode": mode,
-                "definition": definition,
-                "started_at": utc_now(),
-            }
+            entry = {"mode": mode, "definition": definition, "started_at": utc_now(), "builder": builder or {}}
+            _transition(generation, entry, GenerationState.RUNNING)
+            state["generations"][str(generation)] = entry
         return generation
+
+    def resume(self, generation: int, new: GenerationState, builder: dict) -> None:
+        """Take over a failed generation to finish it (its state and offsets are kept)."""
+        with self._locked() as state:
+            entry = state["generations"][str(generation)]
+            _transition(generation, entry, new)
+            entry["builder"] = builder
+
+    def entries(self) -> dict[int, dict]:
+        return {int(number): entry for number, entry in self.read()["generations"].items()}
+
+    def in_state(self, *states: GenerationState) -> list[tuple[int, dict]]:
+        wanted = {state.value for state in states}
+        return sorted((n, e) for n, e in self.entries().items() if e.get("state") in wanted)
 
     def current(self) -> int | None:
         return self.read().get("current")
 
     def building(self) -> tuple[int, dict] | None:
         """The generation a replay is building beside the current one, if any."""
-        for number, entry in self.read()["generations"].items():
-            if entry.get("state") == "building":
-                return int(number), entry
-        return None
+        building = self.in_state(GenerationState.BUILDING)
+        return building[0] if building else None
 
     def begin_building(self, definition: dict, builder: dict) -> int:
         """Allocate generation N+1 for a replay beside live work; refuse a second one."""
         with self._locked() as state:
             for number, entry in state["generations"].items():
-                if entry.get("state") == "building":
+                if entry.get("state") == GenerationState.BUILDING:
                     raise GenerationBusy(int(number), entry)
             generation = max((int(n) for n in state["generations"]), default=0) + 1
-            state["generations"][str(generation)] = {
-                "state": "building",
-                "mode": "replay",
-                "definition": definition,
-                "builder": builder,
-                "started_at": utc_now(),
-            }
+            entry = {"mode": "replay", "definition": definition, "builder": builder, "started_at": utc_now()}
+            _transition(generation, entry, GenerationState.BUILDING)
+            state["generations"][str(generation)] = entry
         return generation
 
     def set_builder(self, generation: int, builder: dict) -> None:
@@ -94,16 +156,15 @@ class Registry:
             previous = state.get("current")
             state["current"] = generation
             entry = state["generations"][str(generation)]
-            entry["state"] = "live"
+            _transition(generation, entry, GenerationState.LIVE)
             entry["switched_at"] = utc_now()
             if previous is not None and previous != generation:
-                state["generations"][str(previous)]["state"] = "retiring"
+                _transition(previous, state["generations"][str(previous)], GenerationState.RETIRING)
         return previous
 
-    def mark(self, generation: int, new_state: str, *, current: bool = False) -> None:
+    def mark(self, generation: int, new_state: GenerationState, *, current: bool = False) -> None:
         with self._locked() as state:
             entry = state["generations"].setdefault(str(generation), {})
-            entry["state"] = new_state
-            entry["updated_at"] = utc_now()
+            _transition(generation, entry, new_state)
             if current:
                 state["current"] = generation

@@ -21,10 +21,11 @@ import pandas as pd
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, snapshot
 from kappa.app import Pipeline, PromptWorker, create_pipeline, quiet_faust_noise, relax_garbage_collector
-from kappa.cleanup import clear_leftovers
+from kappa.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.config import Settings
 from kappa.errors import KappaError
-from kappa.generations import Registry
+from kappa.generations import GenerationState, Registry, builder_alive, this_builder
+from kappa.guards import EmptyResult, check_fields, refuse_empty_result, sample_fields
 from kappa.progress import ProgressLine
 from tables.grouped_mean import STATS_KEY, PartitionStats, partition_items, read_stats
 
@@ -39,6 +40,23 @@ class ReplayResult:
     seconds: float
     snapshot_seconds: float
     previous: int | None = None
+
+
+def resumable_batch(registry: Registry, definition: Definition) -> int | None:
+    """The newest abandoned batch generation of this very definition: finishing it is exact
+    (its table resumes from the offsets it holds) and saves redoing its work."""
+    for number, entry in reversed(abandoned(registry)):
+        if entry.get("mode") == "batch" and entry.get("definition") == definition.to_record():
+            if entry.get("state") == GenerationState.RUNNING:
+                registry.mark(number, GenerationState.FAILED)
+            return number
+    running = [n for n, e in registry.in_state(GenerationState.RUNNING) if builder_alive(e)]
+    if running:
+        raise KappaError(
+            f"generation {running[0]} is being computed by another batch replay that is still running; "
+            "wait for it, or stop it first"
+        )
+    return None
 
 
 def check_log_starts_at_zero(starts: dict[int, int], topic: str, allow_truncated: bool) -> None:
@@ -85,10 +103,20 @@ def record_counts(pipe: Pipeline, partitions: int) -> dict[str, int]:
     return {"counted": totals.counted, "skipped": totals.skipped, "rejected": totals.rejected}
 
 
-def preflight(settings: Settings, definition: Definition, allow_truncated: bool) -> tuple[int, dict[int, int]]:
+def check_definition(settings: Settings, definition: Definition, partitions: int) -> None:
+    """Refuse a definition naming a field that no sampled row has (a typo would build empty counts)."""
+    sample = sample_fields(settings.broker, definition.topic, partitions)
+    check_fields(sample, definition.topic, {"--value": definition.value_field, "--key": definition.key_field})
+
+
+def preflight(
+    settings: Settings, definition: Definition, allow_truncated: bool, force: bool = False
+) -> tuple[int, dict[int, int]]:
     """Checks every replay makes first; returns the partition count and the end offsets now."""
     admin.wait_until_reachable(settings.broker)
     partitions = admin.require_partition_count(settings.broker, definition.topic)
+    if not force:
+        check_definition(settings, definition, partitions)
     marks = admin.watermarks(settings.broker, definition.topic, partitions)
     warn_finite_retention(settings, definition.topic)
     check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
@@ -102,16 +130,24 @@ def run_batch(
     definition: Definition,
     *,
     allow_truncated: bool = False,
+    force: bool = False,
     loglevel: str = "warn",
 ) -> ReplayResult:
-    partitions, end_offsets = preflight(settings, definition, allow_truncated)
+    partitions, end_offsets = preflight(settings, definition, allow_truncated, force)
     registry = Registry(settings.snapshot_dir, pipeline)
-    definition_record = {"topic": definition.topic, "value": definition.value_field, "key": definition.key_field}
-    generation = registry.begin("batch", definition_record)
-    clear_leftovers(settings, pipeline, generation)
+    definition_record = definition.to_record()
+    resumable = resumable_batch(registry, definition)
+    report(collect_garbage(settings, pipeline, keep=resumable), pipeline)
+    if resumable is not None:
+        generation = resumable
+        registry.resume(generation, GenerationState.RUNNING, this_builder())
+    else:
+        generation = registry.begin("batch", definition_record, this_builder())
+        clear_leftovers(settings, pipeline, generation)
     total = sum(end_offsets.values())
+    verb = "resuming the stopped generation" if resumable is not None else "generation"
     print(
-        f"replay {pipeline} generation {generation}: {total:,} records in {partitions} partitions "
+        f"replay {pipeline} {verb} {generation}: {total:,} records in {partitions} partitions "
         f"of {definition.topic!r}, from offset 0 to the end offsets captured now",
         file=sys.stderr,
         flush=True,
@@ -134,6 +170,8 @@ def run_batch(
         try:
             await pipe.app.producer.flush()
             snapshot_started = time.monotonic()
+            counts = record_counts(pipe, partitions)
+            refuse_empty_result(counts, total, force)
             manifest = snapshot.build_manifest(
                 pipeline=pipeline,
                 topic=definition.topic,
@@ -141,7 +179,7 @@ def run_batch(
                 definition=definition_record,
                 offsets=end_offsets,
                 end_offsets=end_offsets,
-                records=record_counts(pipe, partitions),
+                records=counts,
             )
             outcome["previous"] = registry.current()
 
@@ -156,7 +194,7 @@ def run_batch(
             )
             outcome["snapshot_seconds"] = time.monotonic() - snapshot_started
             outcome["manifest"] = manifest
-            registry.mark(generation, "complete")
+            registry.mark(generation, GenerationState.COMPLETE)
         except Exception as exc:  # reported after the worker stops, as one line
             outcome["error"] = exc
         finally:
@@ -189,16 +227,22 @@ def run_batch(
         # must resume exactly where the published table stops.
         admin.commit_offsets(settings.broker, pipe.app.conf.id, definition.topic, end_offsets)
     if "error" in outcome:
-        registry.mark(generation, "failed")
+        registry.mark(generation, GenerationState.FAILED)
         error = outcome["error"]
+        if isinstance(error, EmptyResult):  # nothing worth resuming
+            delete_generation_state(settings, pipeline, generation)
+            registry.mark(generation, GenerationState.RETIRED)
         if isinstance(error, KappaError):
             raise error
-        raise KappaError(f"replay of generation {generation} failed while publishing: {error!r}")
-    if "path" not in outcome:
-        registry.mark(generation, "failed")
         raise KappaError(
-            f"replay of generation {generation} stopped before reaching the end offsets; "
-            f"its state is kept under {settings.state_dir(pipeline, generation)}, run the replay again"
+            f"replay of generation {generation} failed while publishing: {error!r}; its state is kept: run the "
+            f"same replay again to finish it, or `kappa gc --pipeline {pipeline}` to delete it"
+        )
+    if "path" not in outcome:
+        registry.mark(generation, GenerationState.FAILED)
+        raise KappaError(
+            f"replay of generation {generation} stopped before reaching the end offsets; its state is kept: run "
+            f"the same replay again to resume it where it stopped, or `kappa gc --pipeline {pipeline}` to delete it"
         )
     return ReplayResult(
         generation, outcome["path"], outcome["manifest"], seconds, outcome["snapshot_seconds"], outcome.get("previous")

@@ -10,7 +10,7 @@ from kappa import admin
 from kappa.app import app_id
 from kappa.config import Settings
 from kappa.errors import KappaError
-from kappa.generations import Registry
+from kappa.generations import GenerationState, Registry
 from kappa.processes import pid_alive
 from kappa.snapshot import read_snapshot
 
@@ -52,7 +52,7 @@ def pipeline_status(settings: Settings, pipeline: str) -> dict:
         "generations": [],
     }
     for number, entry in sorted(generations.items(), key=lambda item: int(item[0])):
-        if entry.get("state") in {"retired", "failed"}:
+        if entry.get("state") == GenerationState.RETIRED:
             continue
         committed = admin.committed_offsets(settings.broker, app_id(pipeline, int(number)), topic, partitions)
         lag = {str(p): ends[p] - (committed.get(p) or 0) for p in ends}

@@ -12,7 +12,6 @@ state and offsets are idempotent), and a second replay is refused while one is a
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -20,17 +19,16 @@ from pathlib import Path
 
 from agents.grouped_mean import Definition
 from kappa import parts
-from kappa.cleanup import clear_leftovers, delete_generation_state
+from kappa.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.config import Settings
 from kappa.errors import KappaError
-from kappa.generations import GenerationBusy, Registry
-from kappa.processes import pid_alive
+from kappa.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
+from kappa.guards import EmptyResult
 from kappa.progress import ProgressLine
 from kappa.replay import preflight
 from kappa.worker import (
     Child,
     Publisher,
-    definition_record,
     heartbeats,
     spawn_process,
     stop_children,
@@ -49,35 +47,25 @@ class SwitchResult:
     retired: bool
 
 
-def _builder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname()}
-
-
-def _builder_alive(builder: dict) -> bool:
-    if builder.get("host") != socket.gethostname():
-        return True  # cannot tell for another host: assume it is alive
-    return bool(builder.get("pid")) and pid_alive(int(builder["pid"]))
-
-
 def claim_generation(registry: Registry, definition: Definition) -> tuple[int, bool]:
     """A new generation, or the half-built one a killed replay of the same definition left."""
-    record = definition_record(definition)
+    record = definition.to_record()
     building = registry.building()
     if building is not None:
         number, entry = building
         builder = entry.get("builder", {})
-        if _builder_alive(builder):
+        if builder_alive(entry):
             raise KappaError(
                 f"generation {number} is already being built by a replay (pid {builder.get('pid')} on "
                 f"{builder.get('host')}, started {entry.get('started_at')}): wait for it to switch over, "
                 "or stop it first; two replays at once are refused"
             )
         if entry.get("definition") == record:
-            registry.set_builder(number, _builder())
+            registry.set_builder(number, this_builder())
             return number, True
-        registry.mark(number, "failed")
+        registry.mark(number, GenerationState.FAILED)
     try:
-        return registry.begin_building(record, _builder()), False
+        return registry.begin_building(record, this_builder()), False
     except GenerationBusy as busy:
         raise KappaError(f"generation {busy.generation} is already being built by another replay") from None
 
@@ -95,11 +83,13 @@ def run_beside(
     interval: float = 1.0,
     keep_old: bool = False,
     allow_truncated: bool = False,
+    force: bool = False,
     loglevel: str = "warn",
 ) -> SwitchResult:
-    partitions, ends = preflight(settings, definition, allow_truncated)
+    partitions, ends = preflight(settings, definition, allow_truncated, force)
     registry = Registry(settings.snapshot_dir, pipeline)
     generation, resumed = claim_generation(registry, definition)
+    report(collect_garbage(settings, pipeline, keep=generation), pipeline)
     if not resumed:
         clear_leftovers(settings, pipeline, generation)
     total = sum(ends.values())
@@ -115,12 +105,18 @@ def run_beside(
     children: list[Child] = [
         spawn_process(settings, pipeline, definition, generation, i, interval, loglevel) for i in range(processes)
     ]
-    publisher = Publisher(settings, pipeline, definition, generation, partitions)
+    publisher = Publisher(settings, pipeline, definition, generation, partitions, force=force)
     line = ProgressLine(plain_every=5.0)
     try:
         path = _catch_up_and_switch(
             settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition
         )
+    except EmptyResult:
+        line.finish()
+        stop_children(children)
+        delete_generation_state(settings, pipeline, generation)
+        registry.mark(generation, GenerationState.FAILED)
+        raise
     finally:
         line.finish()
         stop_children(children)
@@ -177,10 +173,10 @@ def retire_generation(settings: Settings, pipeline: str, generation: int, topic:
     if heartbeats(settings, pipeline, generation):
         print(
             f"replay: generation {generation} still has live processes after {RETIRE_WAIT_S:g}s; "
-            "its state is kept (retire it later with another replay)",
+            "it is retired by the next replay or worker start once they have stopped, or by `kappa gc`",
             file=sys.stderr,
         )
         return False
     delete_generation_state(settings, pipeline, generation)
-    Registry(settings.snapshot_dir, pipeline).mark(generation, "retired")
+    Registry(settings.snapshot_dir, pipeline).mark(generation, GenerationState.RETIRED)
     return True

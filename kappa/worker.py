@@ -27,10 +27,11 @@ from typing import IO
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, parts, snapshot
 from kappa.app import Pipeline, PromptWorker, app_id, create_pipeline, quiet_faust_noise, relax_garbage_collector
-from kappa.cleanup import clear_leftovers
+from kappa.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.config import Settings
 from kappa.errors import KappaError
-from kappa.generations import Registry
+from kappa.generations import GenerationState, Registry
+from kappa.guards import refuse_empty_result
 from kappa.processes import pid_alive
 from tables.grouped_mean import read_partition
 
@@ -67,25 +68,22 @@ def claim_data_dir(settings: Settings, pipeline: str) -> IO:
     return handle
 
 
-def definition_record(definition: Definition) -> dict:
-    return {"topic": definition.topic, "value": definition.value_field, "key": definition.key_field}
-
-
 def current_generation(settings: Settings, pipeline: str, definition: Definition) -> int:
     """The generation live workers should run: the current one, or a new generation 1."""
     registry = Registry(settings.snapshot_dir, pipeline)
+    report(finish_half_done_steps(settings, pipeline), pipeline)
     state = registry.read()
     current = state.get("current")
     if current is None:
-        generation = registry.begin("live", definition_record(definition))
+        generation = registry.begin("live", definition.to_record())
         clear_leftovers(settings, pipeline, generation)
-        registry.mark(generation, "live", current=True)
+        registry.mark(generation, GenerationState.LIVE, current=True)
         return generation
     recorded = state["generations"][str(current)].get("definition", {})
-    if recorded and recorded != definition_record(definition):
+    if recorded and recorded != definition.to_record():
         raise KappaError(
             f"the current generation {current} of {pipeline!r} computes {recorded}, not "
-            f"{definition_record(definition)}: run `scripts/replay` with the new definition to switch"
+            f"{definition.to_record()}: run `scripts/replay` with the new definition to switch"
         )
     return int(current)
 
@@ -246,7 +244,7 @@ def spawn_process(
     command = [
         sys.executable, "-m", "kappa", "worker-process",
         "--topic", definition.topic, "--value", definition.value_field,
-        "--key", definition.key_field, "--pipeline", pipeline,
+        *(["--key", definition.key_field] if definition.key_field is not None else []), "--pipeline", pipeline,
         "--generation", str(generation), "--index", str(index),
         "--snapshot-interval", str(interval), "--loglevel", loglevel,
         "--broker", settings.broker, "--data-dir", str(settings.data_dir),
@@ -288,7 +286,16 @@ def heartbeats(settings: Settings, pipeline: str, generation: int) -> list[dict]
 class Publisher:
     """Merges parts and publishes a snapshot whenever the cut has moved."""
 
-    def __init__(self, settings: Settings, pipeline: str, definition: Definition, generation: int, partitions: int):
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: str,
+        definition: Definition,
+        generation: int,
+        partitions: int,
+        *,
+        force: bool = False,
+    ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.definition = definition
@@ -296,6 +303,7 @@ class Publisher:
         self.partitions = partitions
         self.directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
         self.registry = Registry(settings.snapshot_dir, pipeline)
+        self.force = force
         self.last_offsets: dict[int, int] | None = self._published_offsets()
 
     def _published_offsets(self) -> dict[int, int] | None:
@@ -323,7 +331,7 @@ class Publisher:
             pipeline=self.pipeline,
             topic=self.definition.topic,
             generation=self.generation,
-            definition=definition_record(self.definition),
+            definition=self.definition.to_record(),
             offsets=merged.offsets,
             end_offsets=end_offsets,
             records=merged.records,
@@ -331,6 +339,7 @@ class Publisher:
 
         def allowed() -> bool:
             if make_current:
+                refuse_empty_result(merged.records, sum(end_offsets.values()), self.force)
                 self.registry.switch_to(self.generation)
                 return True
             return self.is_current()
@@ -425,11 +434,8 @@ class Supervisor:
             flush=True,
         )
         stop_children(self.children)
-        self.definition = Definition(
-            topic=recorded.get("topic", self.definition.topic),
-            value_field=recorded.get("value", self.definition.value_field),
-            key_field=recorded.get("key", self.definition.key_field),
-        )
+        if recorded:
+            self.definition = Definition.from_record(recorded)
         self.children = [self._spawn(current, i) for i in range(self.processes)]
         return int(current)
 

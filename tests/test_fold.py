@@ -67,13 +67,13 @@ def awkward_records(count: int, first_offset: int = 0) -> list[ParsedRecord]:
     ]
 
 
-def one_at_a_time(records, counted_from, stop, states):
+def one_at_a_time(records, counted_from, stop, states, key_field="key"):
     """The per-record rules, as the agent applied them before batching (the reference)."""
     counts = {"counted": 0, "skipped": 0, "rejected": []}
     for record in records:
         if stop is not None and record.offset >= stop:
             break
-        verdict = decode(record.key, record.value, "key", "amount")
+        verdict = decode(record.key, record.value, key_field, "amount")
         if record.offset >= counted_from:
             if verdict.kind == COUNTED:
                 counts["counted"] += 1
@@ -91,8 +91,8 @@ def one_at_a_time(records, counted_from, stop, states):
     return counts
 
 
-def folded(records, counted_from, stop, states):
-    result = fold(records, "key", "amount", counted_from=counted_from, stop=stop)
+def folded(records, counted_from, stop, states, key_field="key"):
+    result = fold(records, key_field, "amount", counted_from=counted_from, stop=stop)
     for key, run in result.runs.items():
         run.apply_to(states.setdefault(key, MeanState()))
     return {
@@ -110,12 +110,13 @@ def assert_same_states(mine: dict, reference: dict) -> None:
         assert math.isclose(got.sum, expected.sum, rel_tol=1e-12, abs_tol=1e-9), key
 
 
+@pytest.mark.parametrize("key_field", ["key", None])
 @pytest.mark.parametrize("counted_from,stop", [(0, None), (40, None), (0, 150), (60, 120), (500, None)])
-def test_fold_agrees_with_the_per_record_rules(counted_from, stop):
+def test_fold_agrees_with_the_per_record_rules(counted_from, stop, key_field):
     records = awkward_records(400)
     reference_states, mine_states = {}, {}
-    reference = one_at_a_time(records, counted_from, stop, reference_states)
-    mine = folded(records, counted_from, stop, mine_states)
+    reference = one_at_a_time(records, counted_from, stop, reference_states, key_field)
+    mine = folded(records, counted_from, stop, mine_states, key_field)
     assert mine == reference
     assert_same_states(mine_states, reference_states)
     if counted_from == 0 and stop is None:  # the input really exercises every outcome
@@ -126,10 +127,10 @@ def test_a_key_already_partly_applied_takes_only_the_rest():
     """A state restored from the changelog may be ahead of the partition's stats entry."""
     records = [ParsedRecord(offset, b"k", orjson.dumps({"amount": offset})) for offset in range(10)]
     states = {b"k": MeanState(total=sum(range(6)), count=6, next_offset=6)}
-    counts = folded(records, 0, None, states)
+    counts = folded(records, 0, None, states, key_field=None)
     assert counts["counted"] == 10  # stats count the records; the key applies only 6..9
     assert (states[b"k"].count, states[b"k"].sum, states[b"k"].next_offset) == (10, 45.0, 10)
-    assert folded(records, 10, None, states)["counted"] == 0  # a re-delivered batch is a no-op
+    assert folded(records, 10, None, states, key_field=None)["counted"] == 0  # a re-delivered batch is a no-op
     assert (states[b"k"].count, states[b"k"].sum) == (10, 45.0)
 
 
@@ -137,7 +138,7 @@ def test_fsum_keeps_large_and_small_magnitudes_exact():
     values = [1e12, 0.1, -1e12, 0.2] * 1000
     records = [ParsedRecord(i, b"k", orjson.dumps({"amount": v})) for i, v in enumerate(values)]
     states = {}
-    folded(records, 0, None, states)
+    folded(records, 0, None, states, key_field=None)
     assert states[b"k"].sum == pytest.approx(math.fsum(values), rel=1e-12)
 
 
@@ -145,5 +146,30 @@ def test_sums_beyond_the_float_range_become_infinite_instead_of_failing():
     """fsum raises on overflow; a record that pandas would sum to inf must not crash the worker."""
     records = [ParsedRecord(i, b"k", orjson.dumps({"amount": 1e308})) for i in range(3)]
     states = {}
-    assert folded(records, 0, None, states)["counted"] == 3
+    assert folded(records, 0, None, states, key_field=None)["counted"] == 3
     assert states[b"k"].count == 3 and math.isinf(states[b"k"].total)
+
+
+def test_the_key_field_is_the_group_key_whatever_the_message_key():
+    """A topic loaded with one key and replayed with another groups by the row's field."""
+    records = [
+        ParsedRecord(0, b"ideal", b'{"amount": 1, "color": "E"}'),
+        ParsedRecord(1, b"ideal", b'{"amount": 3, "color": "F"}'),
+        ParsedRecord(2, b"fair", b'{"amount": 5, "color": "E"}'),
+        ParsedRecord(3, b"fair", b'{"amount": 7}'),
+        ParsedRecord(4, None, b'{"amount": 9, "color": "F"}'),
+        ParsedRecord(5, b"\xff", b'{"amount": 2, "color": "E"}'),
+    ]
+    states = {}
+    counts = folded(records, 0, None, states, key_field="color")
+    assert {key: (state.count, state.sum) for key, state in states.items()} == {b"E": (3, 8.0), b"F": (2, 12.0)}
+    assert counts == {"counted": 5, "skipped": 1, "rejected": []}
+    by_message_key = {}
+    folded(records, 0, None, by_message_key, key_field=None)
+    assert {key: state.count for key, state in by_message_key.items()} == {b"ideal": 2, b"fair": 2}
+
+
+def test_a_key_field_with_a_lone_surrogate_is_rejected():
+    records = [ParsedRecord(0, b"k", b'{"amount": 1, "key": "\\ud800"}')]
+    counts = folded(records, 0, None, {}, key_field="key")
+    assert counts["rejected"] and "UTF-8" in counts["rejected"][0][1]

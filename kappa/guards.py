@@ -1,0 +1,128 @@
+"""Guards that keep a wrong definition from replacing a good result.
+
+A definition is checked against the log before anything is built.
+A typo in `--value` or `--key` would otherwise build a whole generation of empty counts and,
+once it caught up, replace a good result. Reading a few records from the start and the end
+of every partition is cheap and tells the fields the log's rows really have; a named field
+that appears in none of them is refused with the fields that were seen. An empty log
+proves nothing either way and is accepted. Whatever the sample said, a generation that
+counted nothing from a log that has records never becomes current unless forced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+from kappa import admin
+from kappa.errors import KappaError
+
+SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
+SAMPLE_TIMEOUT_S = 10.0
+FIELDS_SHOWN = 20
+
+
+@dataclass
+class FieldSample:
+    """The fields seen in a sample of the log's JSON objects."""
+
+    records: int = 0
+    objects: int = 0
+    fields: Counter[str] = field(default_factory=Counter)
+
+    def add(self, value: bytes | None) -> None:
+        self.records += 1
+        try:
+            row = orjson.loads(value or b"")
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(row, dict):
+            self.objects += 1
+            self.fields.update(row.keys())
+
+    def seen(self) -> str:
+        names = [name for name, _ in self.fields.most_common(FIELDS_SHOWN)]
+        more = len(self.fields) - len(names)
+        return ", ".join(names) + (f" (and {more} more)" if more > 0 else "") if names else "none"
+
+
+def _passes(watermarks: dict[int, tuple[int, int]]) -> list[dict[int, tuple[int, int]]]:
+    """Two passes of partition -> (first offset, stop): the heads, then the tails."""
+    heads, tails = {}, {}
+    for partition, (low, high) in sorted(watermarks.items()):
+        if high <= low:
+            continue
+        head_stop = min(low + SAMPLE_PER_END, high)
+        heads[partition] = (low, head_stop)
+        tail_start = max(high - SAMPLE_PER_END, head_stop)
+        if tail_start < high:
+            tails[partition] = (tail_start, high)
+    return [ranges for ranges in (heads, tails) if ranges]
+
+
+def sample_fields(broker: str, topic: str, partitions: int) -> FieldSample:
+    """Read the head and tail of every partition of `topic` and collect the rows' fields."""
+    sample = FieldSample()
+    deadline = time.monotonic() + SAMPLE_TIMEOUT_S
+    for ranges in _passes(admin.watermarks(broker, topic, partitions)):
+        consumer = Consumer(
+            admin.client_config(broker, **{"group.id": "kappa-field-sample", "enable.auto.commit": False})
+        )
+        try:
+            consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in ranges.items()])
+            _read_ranges(consumer, sample, {p: stop for p, (_, stop) in ranges.items()}, deadline)
+        finally:
+            consumer.close()
+    return sample
+
+
+def _read_ranges(consumer: Consumer, sample: FieldSample, stops: dict[int, int], deadline: float) -> None:
+    """Add the records below each partition's stop; a sample, so a slow or missing record (a
+    control marker, a partition without a leader) ends the pass, not the check."""
+    pending = set(stops)
+    while pending and (remaining := deadline - time.monotonic()) > 0:
+        messages = consumer.consume(500, timeout=min(remaining, 2.0))
+        if not messages:
+            return
+        for message in messages:
+            partition = message.partition()
+            if message.error() is not None or partition not in pending:
+                continue
+            if message.offset() < stops[partition]:
+                sample.add(message.value())
+            if message.offset() >= stops[partition] - 1:
+                pending.discard(partition)
+
+
+def check_fields(sample: FieldSample, topic: str, named: dict[str, str | None]) -> None:
+    """Refuse a definition whose named field is in none of the sampled rows.
+
+    `named` maps an option (`--value`) to the field it names (None: not given)."""
+    if sample.objects == 0:
+        return
+    for option, name in named.items():
+        if name is not None and name not in sample.fields:
+            raise KappaError(
+                f"{option} {name!r} is a field of none of the {sample.objects:,} rows sampled from the start and "
+                f"end of every partition of {topic!r}; fields seen: {sample.seen()}. Check the spelling "
+                "(nothing was built or switched)"
+            )
+
+
+class EmptyResult(KappaError):
+    """A finished generation counted no value at all from a log that has records."""
+
+
+def refuse_empty_result(records: dict[str, int], total: int, force: bool) -> None:
+    """A generation that counted nothing from a log that has records never becomes current
+    unless forced: it would replace a real result with an empty one."""
+    if total > 0 and records.get("counted", 0) == 0 and not force:
+        raise EmptyResult(
+            f"the new generation counted no value out of {total:,} records (skipped {records.get('skipped', 0):,}, "
+            f"rejected {records.get('rejected', 0):,}), so it does not replace the current one; check --value and "
+            "--key, or pass --force to publish it anyway"
+        )

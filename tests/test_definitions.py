@@ -1,0 +1,98 @@
+"""What a pipeline groups by, and definitions that must never replace a good result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from kappa.datagen import pandas_expectation, sample_frame
+from tests.oracle import assert_matches, latest_dir, read_latest
+
+
+def registry(kappa, pipeline: str) -> dict:
+    return json.loads((kappa.snapshot_dir / pipeline / "generations.json").read_text())
+
+
+def test_the_group_key_is_the_rows_key_field_whatever_key_the_loader_used(kappa, tmp_path):
+    """Loaded keyed by `cut`, replayed with --key color: grouped by color, as pandas does."""
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {
+            "cut": rng.choice(["Ideal", "Fair", "Good"], size=3_000),
+            "color": rng.choice(["D", "E", "F", "G", "007", "a,b"], size=3_000),
+            "price": rng.normal(500, 100, size=3_000).round(2),
+        }
+    )
+    frame.loc[::97, "color"] = None
+    path = tmp_path / "diamonds.csv"
+    frame.to_csv(path, index=False)
+    topic = kappa.topic()
+    kappa.load(path, "cut", topic, partitions=4)
+    kappa.replay_batch(topic, "price", "color")
+    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), "color", "price")
+    assert_matches(csv_table, expected)
+    assert_matches(parquet_table, expected)
+    assert manifest["definition"]["key"] == "color"
+
+
+def test_a_field_no_row_has_is_refused_and_the_current_result_stays(kappa, tmp_path):
+    path = tmp_path / "rows.csv"
+    sample_frame(4_000, 50).to_csv(path, index=False)
+    topic = kappa.topic()
+    kappa.load(path, "city", topic, partitions=4)
+    kappa.replay_batch(topic, "amount", "city")
+    before = latest_dir(kappa.snapshot_dir, topic)
+
+    for option, args in (("--value", ("nosuchval", "city")), ("--key", ("amount", "nosuchkey"))):
+        result = kappa.replay_batch(topic, *args, check=False)
+        message = result.stderr.decode()
+        assert result.returncode != 0
+        assert f"{option} 'nosuch" in message and "fields seen: " in message and "amount" in message, message
+        assert message.count("\n") <= 3, message  # a line, not a traceback
+        assert latest_dir(kappa.snapshot_dir, topic) == before
+        assert registry(kappa, topic)["current"] == 1
+        assert set(registry(kappa, topic)["generations"]) == {"1"}, "nothing may be built"
+        assert not (kappa.data_dir / "state" / topic / "g2").exists()
+
+    beside = kappa.run("replay", "--topic", topic, "--value", "nosuchval", "--key", "city", check=False)
+    assert beside.returncode != 0 and "--value 'nosuchval'" in beside.stderr.decode()
+    assert latest_dir(kappa.snapshot_dir, topic) == before
+
+
+def test_an_empty_log_is_not_a_reason_to_refuse(kappa):
+    topic = kappa.topic()
+    kappa.run("load", "-", "--key", "city", "--topic", topic, stdin=b"")
+    kappa.replay_batch(topic, "anything", "city")
+    _, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["keys"] == 0 and manifest["complete"] is True
+
+
+def test_a_generation_that_counted_nothing_never_replaces_the_current_one(kappa, tmp_path):
+    """`empty` is a field of every row but never has a value: the sample passes, the result is empty."""
+    frame = sample_frame(3_000, 40)
+    frame["empty"] = np.nan
+    path = tmp_path / "rows.csv"
+    frame.to_csv(path, index=False)
+    topic = kappa.topic()
+    kappa.load(path, "city", topic, partitions=4)
+    kappa.replay_batch(topic, "amount", "city")
+    before = latest_dir(kappa.snapshot_dir, topic)
+
+    refused = kappa.replay_batch(topic, "empty", "city", check=False)
+    assert refused.returncode != 0
+    assert "counted no value out of 3,000 records" in refused.stderr.decode()
+    assert latest_dir(kappa.snapshot_dir, topic) == before
+    assert registry(kappa, topic)["current"] == 1
+    assert not (kappa.data_dir / "state" / topic / "g2").exists(), "an empty generation is not kept"
+
+    beside = kappa.run("replay", "--topic", topic, "--value", "empty", "--key", "city", check=False, timeout=300)
+    assert beside.returncode != 0 and "counted no value" in beside.stderr.decode(), beside.stderr.decode()
+    assert latest_dir(kappa.snapshot_dir, topic) == before
+    assert registry(kappa, topic)["current"] == 1
+
+    kappa.replay_batch(topic, "empty", "city", "--force")
+    table, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["records"]["counted"] == 0 and (table["count"] == 0).all()

@@ -17,7 +17,8 @@ from typing import Any
 from faust.types import TP
 
 from agents.fold import fold
-from kappa.fastpath import Record
+from kappa import deadletters
+from kappa.fastpath import Record, commit_offsets
 from tables.grouped_mean import STATS_KEY, MeanState, read_stats
 from tables.writer import TableWriter
 
@@ -63,23 +64,33 @@ class Progress:
         return all(self.next_offsets.get(p, 0) >= end for p, end in self.stop_at.items() if end > 0)
 
 
-def _dlq_headers(error: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
-    return [
-        ("kappa.error", error.encode()),
-        ("kappa.source.topic", topic.encode()),
-        ("kappa.source.partition", str(partition).encode()),
-        ("kappa.source.offset", str(offset).encode()),
-    ]
+@dataclass
+class DeadLetters:
+    """Where this generation's rejects go, and what its definition already wrote there."""
+
+    pipeline: str
+    generation: int
+    definition_id: str
+    written_up_to: dict[int, int] = field(default_factory=dict)
+
+    def headers(self, error: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+        return deadletters.headers(error, topic, partition, offset, self.pipeline, self.generation, self.definition_id)
+
+    def already_written(self, partition: int, offset: int) -> bool:
+        return offset <= self.written_up_to.get(partition, -1)
 
 
 class GroupedMeanAgent:
     """Applies batches of records to the table; idempotent per key (see tables.grouped_mean)."""
 
-    def __init__(self, table: Any, definition: Definition, dlq: Any, progress: Progress) -> None:
+    def __init__(
+        self, table: Any, definition: Definition, dlq: Any, progress: Progress, dead_letters: DeadLetters
+    ) -> None:
         self.table = table
         self.writer = TableWriter(table)
         self.definition = definition
         self.dlq = dlq
+        self.dead_letters = dead_letters
         self.progress = progress
         self._rewinds: dict[int, tuple[int, float]] = {}
         self._next_commit = 0.0
@@ -107,7 +118,7 @@ class GroupedMeanAgent:
         self._next_commit = time.monotonic() + COMMIT_EVERY_S
         pending, self._uncommitted = self._uncommitted, {}
         if pending:
-            await self.table.app.consumer._commit(pending)
+            await commit_offsets(self.table.app.consumer, pending)
 
     async def _make_durable(self) -> None:
         """Wait until this batch's changelog and dead-letter records are on the broker.
@@ -167,11 +178,13 @@ class GroupedMeanAgent:
             return
         folded = fold(records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop)
         for record, error in folded.rejected:
+            if self.dead_letters.already_written(partition, record.offset):
+                continue
             await self.dlq.send(
                 key=record.key,
                 value=record.value,
                 partition=partition,
-                headers=_dlq_headers(error, definition.topic, partition, record.offset),
+                headers=self.dead_letters.headers(error, definition.topic, partition, record.offset),
             )
         keys = list(folded.runs)
         entries: dict[bytes, bytes] = {}

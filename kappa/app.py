@@ -15,10 +15,10 @@ from pathlib import Path
 import faust
 from faust.tables.manager import TableManager
 
-from agents.grouped_mean import COMMIT_EVERY_S, Definition, GroupedMeanAgent, Progress
-from kappa import security
+from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, Definition, GroupedMeanAgent, Progress
+from kappa import deadletters, security
 from kappa.config import fetch_partition_bytes
-from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor
+from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor, commit_offsets
 from kappa.lognoise import fold_repeated_client_errors
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
@@ -142,7 +142,9 @@ def create_pipeline(
         definition.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
     table = define_table(app, partitions)
-    agent = GroupedMeanAgent(table, definition, dlq, progress)
+    identity = deadletters.definition_id(definition.to_record())
+    written = deadletters.written_up_to(broker, definition.dlq_topic, definition.topic, identity)
+    agent = GroupedMeanAgent(table, definition, dlq, progress, DeadLetters(pipeline, generation, identity, written))
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
     app.topics.add(source)
     app.transport.Consumer = BatchDeliveryConsumer.for_topics({definition.topic: agent.on_batch})
@@ -170,5 +172,4 @@ async def resume_from_table_offsets(pipe: Pipeline) -> None:
         progress = pipe.progress.next_offsets
         progress[tp.partition] = max(stored, progress.get(tp.partition, 0))
         pipe.progress.dirty.add(tp.partition)
-    if offsets:
-        await consumer._commit(offsets)
+    await commit_offsets(consumer, offsets)

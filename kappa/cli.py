@@ -194,6 +194,14 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             print(frame.to_string(index=False, max_rows=args.rows))
     print(f"# snapshot {resolve_latest(settings.snapshot_dir, pipeline)}", file=sys.stderr)
     print("# manifest " + json.dumps(manifest, sort_keys=True), file=sys.stderr)
+    if not manifest.get("complete"):
+        lag = manifest.get("lag")
+        missing = f"{lag:,} records" if isinstance(lag, int) else "records"
+        print(
+            f"# warning: this snapshot is not complete: it does not cover {missing} the log held when it was "
+            "written (the pipeline was still catching up)",
+            file=sys.stderr,
+        )
     return 0
 
 

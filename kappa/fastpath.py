@@ -191,3 +191,17 @@ class PerRecordQuietMonitor(Monitor):
 
     def on_message_out(self, tp: Any, offset: int, message: Any) -> None:
         return None
+
+
+async def commit_offsets(consumer: Any, offsets: Mapping[TP, int]) -> bool:
+    """Commit `offsets` of the partitions this consumer still owns; False when none is left.
+
+    Offsets gathered before a rebalance can all belong to revoked partitions. Faust's driver
+    drops those and would hand aiokafka an empty map, which it refuses with `ValueError({})`,
+    crashing the worker; a partition's new owner commits for it instead.
+    """
+    assigned = consumer.assignment()
+    owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+    if not owned:
+        return False
+    return bool(await consumer._commit(owned))

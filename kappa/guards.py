@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
+from agents.grouped_mean import Definition
 from kappa import admin
+from kappa.config import Settings
 from kappa.errors import KappaError
 
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
@@ -111,6 +113,12 @@ def check_fields(sample: FieldSample, topic: str, named: dict[str, str | None]) 
                 f"end of every partition of {topic!r}; fields seen: {sample.seen()}. Check the spelling "
                 "(nothing was built or switched)"
             )
+
+
+def check_definition(settings: Settings, definition: Definition, partitions: int) -> None:
+    """Refuse a definition naming a field that no sampled row has (a typo would build empty counts)."""
+    sample = sample_fields(settings.broker, definition.topic, partitions)
+    check_fields(sample, definition.topic, {"--value": definition.value_field, "--key": definition.key_field})
 
 
 class EmptyResult(KappaError):

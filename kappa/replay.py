@@ -25,7 +25,7 @@ from kappa.cleanup import abandoned, clear_leftovers, collect_garbage, delete_ge
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationState, Registry, builder_alive, this_builder
-from kappa.guards import EmptyResult, check_fields, refuse_empty_result, sample_fields
+from kappa.guards import EmptyResult, check_definition, refuse_empty_result
 from kappa.progress import ProgressLine
 from tables.grouped_mean import STATS_KEY, PartitionStats, partition_items, read_stats
 
@@ -101,12 +101,6 @@ def record_counts(pipe: Pipeline, partitions: int) -> dict[str, int]:
         totals.skipped += stats.skipped
         totals.rejected += stats.rejected
     return {"counted": totals.counted, "skipped": totals.skipped, "rejected": totals.rejected}
-
-
-def check_definition(settings: Settings, definition: Definition, partitions: int) -> None:
-    """Refuse a definition naming a field that no sampled row has (a typo would build empty counts)."""
-    sample = sample_fields(settings.broker, definition.topic, partitions)
-    check_fields(sample, definition.topic, {"--value": definition.value_field, "--key": definition.key_field})
 
 
 def preflight(

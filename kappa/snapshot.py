@@ -120,16 +120,34 @@ def publish(
     manifest's `keys` is set to the number of rows written.
     `allowed` is checked under the publish lock: a generation that has been switched away
     from gets None back and never moves `latest` again, so readers never go backwards.
+    Within a generation `latest` is monotonic: a cut that covers fewer records of any
+    partition than the published one (parts of a process that has just started or
+    restarted) gets None back too, and the publisher tries again later.
     """
     pipeline_dir = snapshot_dir / pipeline
     try:
         pipeline_dir.mkdir(parents=True, exist_ok=True)
         with publish_lock(pipeline_dir):
+            if steps_back(pipeline_dir, generation, manifest):
+                return None
             final = _write_and_link(pipeline_dir, generation, chunks, manifest, allowed)
     except OSError as exc:
         raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc
     prune(pipeline_dir)
     return final
+
+
+def steps_back(pipeline_dir: Path, generation: int, manifest: Mapping) -> bool:
+    """True when `manifest`'s cut is behind the published snapshot of the same generation in
+    some partition."""
+    try:
+        published = json.loads((pipeline_dir / "latest" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if published.get("generation") != generation:
+        return False
+    offsets = manifest["offsets"]
+    return any(offsets.get(p, 0) < o for p, o in published.get("offsets", {}).items())
 
 
 @contextmanager
@@ -214,6 +232,7 @@ def build_manifest(
     records: Mapping[str, int],
 ) -> dict:
     """Everything a snapshot says about itself but its row count, which publish() fills in."""
+    lag = sum(max(end - offsets.get(p, 0), 0) for p, end in end_offsets.items())
     return {
         "pipeline": pipeline,
         "topic": topic,
@@ -222,7 +241,8 @@ def build_manifest(
         "created_at": utc_now(),
         "offsets": {str(p): int(o) for p, o in sorted(offsets.items())},
         "end_offsets": {str(p): int(o) for p, o in sorted(end_offsets.items())},
-        "complete": all(offsets.get(p, 0) >= end for p, end in end_offsets.items()),
+        "complete": lag == 0,
+        "lag": lag,
         "records": dict(records),
     }
 
@@ -240,8 +260,14 @@ def resolve_latest(snapshot_dir: str | os.PathLike, pipeline: str) -> Path:
 
 
 def read_snapshot(snapshot_dir: str | os.PathLike, pipeline: str) -> tuple[pd.DataFrame, dict]:
-    """The latest snapshot as (DataFrame sorted by key, manifest), read from one resolved cut."""
+    """The latest snapshot as (DataFrame sorted by key, manifest), read from one resolved cut.
+
+    A snapshot published while the pipeline still had lag is valid but not complete: check
+    `manifest["complete"]` (also `frame.attrs["complete"]`; `manifest["lag"]` is the number of
+    records of the log it did not cover yet)."""
     directory = resolve_latest(snapshot_dir, pipeline)
     manifest = json.loads((directory / "manifest.json").read_text())
     frame = pq.read_table(directory / "table.parquet").to_pandas()
+    frame.attrs["complete"] = bool(manifest.get("complete"))
+    frame.attrs["lag"] = manifest.get("lag")
     return frame, manifest

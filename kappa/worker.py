@@ -10,6 +10,7 @@ same when processes on several hosts share one snapshot directory.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import itertools
 import json
@@ -31,11 +32,12 @@ from kappa.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationState, Registry
-from kappa.guards import refuse_empty_result
+from kappa.guards import check_definition, refuse_empty_result
 from kappa.processes import pid_alive
 from tables.grouped_mean import read_partition
 
 log = logging.getLogger("kappa.worker")
+PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
 HEARTBEAT_S = 1.0
 RESTART_DELAY_S = 2.0
@@ -68,13 +70,14 @@ def claim_data_dir(settings: Settings, pipeline: str) -> IO:
     return handle
 
 
-def current_generation(settings: Settings, pipeline: str, definition: Definition) -> int:
+def current_generation(settings: Settings, pipeline: str, definition: Definition, partitions: int) -> int:
     """The generation live workers should run: the current one, or a new generation 1."""
     registry = Registry(settings.snapshot_dir, pipeline)
     report(finish_half_done_steps(settings, pipeline), pipeline)
     state = registry.read()
     current = state.get("current")
     if current is None:
+        check_definition(settings, definition, partitions)
         generation = registry.begin("live", definition.to_record())
         clear_leftovers(settings, pipeline, generation)
         registry.mark(generation, GenerationState.LIVE, current=True)
@@ -240,7 +243,10 @@ def spawn_process(
     index: int,
     interval: float,
     loglevel: str,
+    hold: IO | None = None,
 ) -> Child:
+    """Start one worker process. It gets SIGTERM when this process dies, however it dies, and
+    it inherits `hold` (the data dir's lock): the lock is free only once every process is gone."""
     command = [
         sys.executable, "-m", "kappa", "worker-process",
         "--topic", definition.topic, "--value", definition.value_field,
@@ -250,7 +256,23 @@ def spawn_process(
         "--broker", settings.broker, "--data-dir", str(settings.data_dir),
         "--snapshot-dir", str(settings.snapshot_dir),
     ]  # fmt: skip
-    return Child(index, subprocess.Popen(command, stdin=subprocess.DEVNULL))
+    parent = os.getpid()
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        pass_fds=(hold.fileno(),) if hold is not None else (),
+        preexec_fn=lambda: _die_with_parent(parent),
+    )
+    return Child(index, process)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (a clean stop that
+    writes final parts), and stop at once if the parent is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def stop_children(children: list[Child], grace: float = STOP_GRACE_S) -> None:
@@ -377,24 +399,32 @@ class Supervisor:
         self.loglevel = loglevel
         self.stopping = False
         self.children: list[Child] = []
+        self._data_dir_claim: IO | None = None
 
     def _spawn(self, generation: int, index: int) -> Child:
         return spawn_process(
-            self.settings, self.pipeline, self.definition, generation, index, self.interval, self.loglevel
+            self.settings,
+            self.pipeline,
+            self.definition,
+            generation,
+            index,
+            self.interval,
+            self.loglevel,
+            hold=self._data_dir_claim,
         )
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
 
     def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is still clean
+        signal.signal(signal.SIGINT, self._on_signal)
         self._data_dir_claim = claim_data_dir(self.settings, self.pipeline)
         admin.wait_until_reachable(self.settings.broker)
         partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
         admin.ensure_topic(self.settings.broker, self.definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
-        generation = current_generation(self.settings, self.pipeline, self.definition)
+        generation = current_generation(self.settings, self.pipeline, self.definition, partitions)
         publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
         print(
             f"kappa worker: pipeline {self.pipeline!r} generation {generation} ({app_id(self.pipeline, generation)}), "
             f"{self.processes} process(es), snapshot every {self.interval:g}s",

@@ -1,0 +1,131 @@
+"""Worker processes over their life: first start, continuing a batch generation, the
+supervisor dying, and what `latest` shows meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+from kappa.datagen import sample_frame
+from tests.live import _alive, kill_group, start_worker
+from tests.oracle import latest_dir
+
+KEY, VALUE = "city", "amount"
+
+
+class LatestWatcher(threading.Thread):
+    """Reads every manifest `latest` points at, as fast as a reader could, until stopped."""
+
+    def __init__(self, snapshot_dir, pipeline: str) -> None:
+        super().__init__(daemon=True)
+        self.link = snapshot_dir / pipeline / "latest"
+        self.seen: list[dict] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        last = None
+        while not self.stopped.is_set():
+            try:
+                target = os.readlink(self.link)
+                if target != last:
+                    manifest = json.loads((self.link.parent / target / "manifest.json").read_text())
+                    self.seen.append(manifest)
+                    last = target
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+
+    def steps_back(self) -> list[str]:
+        problems = []
+        for before, after in zip(self.seen, self.seen[1:], strict=False):
+            if before["generation"] != after["generation"]:
+                continue
+            behind = {p: (o, after["offsets"].get(p, 0)) for p, o in before["offsets"].items()}
+            behind = {p: pair for p, pair in behind.items() if pair[1] < pair[0]}
+            if behind:
+                problems.append(f"{before['created_at']} -> {after['created_at']}: {behind}")
+        return problems
+
+
+def test_latest_never_steps_back_when_workers_continue_a_batch_generation(kappa, tmp_path):
+    path = tmp_path / "rows.csv"
+    sample_frame(200_000, 5_000).to_csv(path, index=False)
+    topic = kappa.topic()
+    kappa.load(path, KEY, topic, partitions=8)
+    kappa.replay_batch(topic, VALUE, KEY)
+    batch_snapshot = latest_dir(kappa.snapshot_dir, topic)
+
+    watcher = LatestWatcher(kappa.snapshot_dir, topic)
+    watcher.start()
+    worker = start_worker(kappa, topic, VALUE, KEY, processes=2, interval=0.3)
+    worker.partitions = 8
+    try:
+        more = tmp_path / "more.csv"
+        sample_frame(2_000, 100, seed=9).to_csv(more, index=False)
+        kappa.load(more, KEY, topic)
+        worker.wait_caught_up(timeout=180)
+        time.sleep(2)
+    finally:
+        watcher.stopped.set()
+        watcher.join()
+        kill_group(worker)
+    assert watcher.seen[0]["offsets"] == json.loads((batch_snapshot / "manifest.json").read_text())["offsets"]
+    assert len(watcher.seen) >= 2, "the worker never published"
+    assert watcher.steps_back() == []
+    assert all(not m["complete"] or m["lag"] == 0 for m in watcher.seen)
+
+
+def test_a_brand_new_pipeline_starts_without_a_crash(kappa, tmp_path):
+    """Two processes joining a new group: revoked partitions must never reach a commit."""
+    path = tmp_path / "rows.csv"
+    sample_frame(60_000, 2_000).to_csv(path, index=False)
+    for attempt in range(3):
+        topic = kappa.topic(f"-{attempt}")
+        kappa.load(path, KEY, topic, partitions=8)
+        worker = start_worker(kappa, topic, VALUE, KEY, processes=2, interval=0.5)
+        worker.partitions = 8
+        try:
+            worker.wait_caught_up(timeout=180)
+            assert worker.stop() == 0
+        finally:
+            kill_group(worker)
+        log = worker.log.read_text()
+        for sign in ("Traceback", "crash", "ValueError"):
+            assert sign not in log, f"attempt {attempt}: {sign!r} in the worker's output:\n{log}"
+
+
+def test_worker_processes_die_with_their_supervisor(kappa, tmp_path):
+    path = tmp_path / "rows.csv"
+    sample_frame(5_000, 100).to_csv(path, index=False)
+    topic = kappa.topic()
+    kappa.load(path, KEY, topic, partitions=4)
+    worker = start_worker(kappa, topic, VALUE, KEY, processes=2, interval=0.5)
+    worker.partitions = 4
+    try:
+        worker.wait_caught_up(timeout=180)
+        children = worker.child_pids()
+        assert len(children) == 2
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if _alive(pid)], "worker processes outlived their supervisor"
+
+        second = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
+        second.partitions = 4
+        try:
+            more = tmp_path / "more.csv"
+            sample_frame(500, 20, seed=5).to_csv(more, index=False)
+            kappa.load(more, KEY, topic)
+            second.wait_caught_up(timeout=180)
+            assert second.stop() == 0
+        finally:
+            kill_group(second)
+    finally:
+        for pid in worker.child_pids():
+            os.kill(pid, signal.SIGKILL)
+        kill_group(worker)

@@ -102,11 +102,15 @@ def abandoned(registry: Registry) -> list[tuple[int, dict]]:
     ]
 
 
-def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = None) -> list[str]:
+def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = None, kept: bool = False) -> list[str]:
     """Everything a pipeline no longer needs: half-done retirements and abandoned generations
-    (all of them, or all but `keep`, which a resumed replay is about to take over)."""
+    (all of them, or all but `keep`, which a resumed replay is about to take over), and with
+    `kept` the generations replaced with --keep-old."""
     done = finish_half_done_steps(settings, pipeline)
     registry = Registry(settings.snapshot_dir, pipeline)
+    for generation, _ in registry.in_state(GenerationState.KEPT) if kept else []:
+        if retire_if_stopped(settings, pipeline, generation):
+            done.append(f"deleted generation {generation} (replaced earlier and kept with --keep-old)")
     for generation, entry in abandoned(registry):
         if generation == keep:
             continue

@@ -65,7 +65,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from kappa.replay import run_batch
-    from kappa.switchover import retire_generation
+    from kappa.switchover import keep_generation, retire_generation
 
     pipeline = validate_pipeline_name(args.pipeline or args.topic)
     definition = _definition(args)
@@ -88,8 +88,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"rejected {records['rejected']:,}) in {result.seconds:.2f}s "
         f"({rate:,.0f} rows/s; snapshot {result.snapshot_seconds:.2f}s)"
     )
-    if result.previous is not None and result.previous != result.generation and not args.keep_old:
-        retire_generation(settings, pipeline, result.previous, definition.topic)
+    if result.previous is not None and result.previous != result.generation:
+        if args.keep_old:
+            keep_generation(settings, pipeline, result.previous)
+        else:
+            retire_generation(settings, pipeline, result.previous, definition.topic)
     return 0
 
 
@@ -140,7 +143,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         names = []
     cleaned = 0
     for name in names:
-        for line in collect_garbage(settings, name):
+        for line in collect_garbage(settings, name, kept=args.kept):
             print(f"{name}: {line}")
             cleaned += 1
     if not cleaned:
@@ -273,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gc", parents=[common], help="delete the state of abandoned generations and finish interrupted retirements"
     )
     gc.add_argument("--pipeline", help="only this pipeline (default: every pipeline under --snapshot-dir)")
+    gc.add_argument("--kept", action="store_true", help="also delete generations replaced with --keep-old")
     gc.set_defaults(handler=cmd_gc)
 
     snap = commands.add_parser("snapshot", parents=[common], help="print the latest snapshot and its manifest")

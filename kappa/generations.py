@@ -28,6 +28,7 @@ class GenerationState(StrEnum):
     LIVE = "live"  # current: workers tail the log and publish it
     COMPLETE = "complete"  # current: a batch replay published it; workers may continue it
     RETIRING = "retiring"  # replaced; its state is deleted once its processes have stopped
+    KEPT = "kept"  # replaced, and its state kept on request (--keep-old) until `kappa gc --kept`
     RETIRED = "retired"  # replaced or abandoned, and its state is deleted
     FAILED = "failed"  # stopped before it became current; its state is kept to resume or delete
 
@@ -38,7 +39,8 @@ ALLOWED: dict[GenerationState | None, set[GenerationState]] = {
     GenerationState.BUILDING: {GenerationState.LIVE, GenerationState.FAILED, GenerationState.BUILDING},
     GenerationState.LIVE: {GenerationState.COMPLETE, GenerationState.RETIRING, GenerationState.LIVE},
     GenerationState.COMPLETE: {GenerationState.LIVE, GenerationState.RETIRING},
-    GenerationState.RETIRING: {GenerationState.RETIRED},
+    GenerationState.RETIRING: {GenerationState.RETIRED, GenerationState.KEPT},
+    GenerationState.KEPT: {GenerationState.RETIRED},
     GenerationState.FAILED: {GenerationState.RUNNING, GenerationState.BUILDING, GenerationState.RETIRED},
     GenerationState.RETIRED: set(),
 }

@@ -122,7 +122,9 @@ def run_beside(
         stop_children(children)
     previous = current if current != generation else None
     retired = False
-    if previous is not None and not keep_old:
+    if previous is not None and keep_old:
+        keep_generation(settings, pipeline, previous)
+    elif previous is not None:
         retired = retire_generation(settings, pipeline, previous, definition.topic)
     return SwitchResult(generation, previous, path, time.monotonic() - started, retired)
 
@@ -162,6 +164,11 @@ def _catch_up_and_switch(
                 path = Path(os.path.realpath(settings.snapshot_dir / pipeline / "latest"))
             if path is not None:
                 return path
+
+
+def keep_generation(settings: Settings, pipeline: str, generation: int) -> None:
+    """A replaced generation whose state the user wants kept (--keep-old)."""
+    Registry(settings.snapshot_dir, pipeline).mark(generation, GenerationState.KEPT)
 
 
 def retire_generation(settings: Settings, pipeline: str, generation: int, topic: str) -> bool:

@@ -1,0 +1,122 @@
+"""Interrupted commands: what they promise is what happens, and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kappa.admin import committed_offsets
+from kappa.app import app_id
+from kappa.datagen import pandas_expectation, sample_frame
+from tests.conftest import REPO
+from tests.live import kill_group, start_worker
+from tests.oracle import assert_matches, read_latest
+
+KEY, VALUE = "city", "amount"
+
+
+def registry(kappa, pipeline: str) -> dict:
+    return json.loads((kappa.snapshot_dir / pipeline / "generations.json").read_text())
+
+
+def batch_command(kappa, topic: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kappa", "replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--batch",
+            *extra, *kappa.args()]  # fmt: skip
+
+
+def interrupt_when(kappa, command: list[str], env: dict, topic: str, generation: int, records: int) -> str:
+    """Start `command`, Ctrl-C it once its generation has committed `records`; its stderr."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            committed = committed_offsets(kappa.broker, app_id(topic, generation), topic, 4)
+            if sum(offset or 0 for offset in committed.values()) >= records:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the replay ended before it was interrupted"
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
+    return stderr.decode()
+
+
+@pytest.mark.slow
+def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path):
+    topic, rows = kappa.topic(), 60_000
+    path = tmp_path / "rows.csv"
+    sample_frame(rows, 500, seed=21).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    env = kappa.paced_replay_env(app_id(topic, 1), 50_000)  # bursts, but about 30 s in all
+
+    message = interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, rows // 4)
+    assert "run the same replay again to resume it" in message, message
+    assert registry(kappa, topic)["generations"]["1"]["state"] == "failed"
+    assert (kappa.data_dir / "state" / topic / "g1").exists()
+
+    finished = subprocess.run(batch_command(kappa, topic), capture_output=True, env=env, cwd=REPO, timeout=300)
+    assert finished.returncode == 0, finished.stderr.decode()
+    assert "resuming the stopped generation 1" in finished.stderr.decode()
+    csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
+    assert manifest["generation"] == 1
+    assert set(registry(kappa, topic)["generations"]) == {"1"}
+
+
+@pytest.mark.slow
+def test_abandoned_and_half_retired_generations_are_cleaned_up(kappa, tmp_path):
+    topic, rows = kappa.topic(), 60_000
+    path = tmp_path / "rows.csv"
+    sample_frame(rows, 500, seed=22).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    kappa.replay_batch(topic, VALUE, KEY)  # generation 1
+
+    # an abandoned generation: a batch replay interrupted midway, never rerun
+    env = kappa.paced_replay_env(app_id(topic, 2), 50_000)  # bursts, but about 30 s in all
+    interrupt_when(kappa, batch_command(kappa, topic), env, topic, 2, rows // 4)
+    status = json.loads(kappa.run("status", "--json", "--pipeline", topic).stdout)
+    assert {g["generation"]: g["state"] for g in status["pipelines"][0]["generations"]}[2] == "failed"
+    gc = kappa.run("gc", "--pipeline", topic)
+    assert "deleted generation 2" in gc.stdout.decode()
+    assert not (kappa.data_dir / "state" / topic / "g2").exists()
+    assert registry(kappa, topic)["generations"]["2"]["state"] == "retired"
+    assert "nothing to clean" in kappa.run("gc", "--pipeline", topic).stdout.decode()
+
+    # a half-done switch: generation 1's worker is frozen, so the replay that replaced it
+    # waits for it to stop before deleting its state, and is interrupted while it waits
+    worker = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
+    worker.partitions = 4
+    try:
+        deadline = time.monotonic() + 120
+        while not worker.heartbeats() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert worker.heartbeats(), "the worker never started"
+        os.killpg(worker.process.pid, signal.SIGSTOP)
+        replay = subprocess.Popen(batch_command(kappa, topic), stderr=subprocess.PIPE, cwd=REPO, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while registry(kappa, topic).get("current") != 3 and time.monotonic() < deadline:
+            assert replay.poll() is None, replay.stderr.read().decode()
+            time.sleep(0.2)
+        time.sleep(1)
+        os.killpg(replay.pid, signal.SIGINT)
+        replay.wait(timeout=60)
+        assert registry(kappa, topic)["generations"]["1"]["state"] == "retiring"
+    finally:
+        kill_group(worker)
+    assert (kappa.data_dir / "state" / topic / "g1").exists()
+    assert "retired generation 1" in kappa.run("gc", "--pipeline", topic).stdout.decode()
+    assert registry(kappa, topic)["generations"]["1"]["state"] == "retired"
+    assert not (kappa.data_dir / "state" / topic / "g1").exists()
+    csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["generation"] == 3
+    assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))

@@ -5,17 +5,35 @@ PY := $(VENV)/bin/python
 KAPPA := $(VENV)/bin/kappa
 DEMO_PORT ?= 9092
 DEMO := --broker 127.0.0.1:$(DEMO_PORT) --data-dir .kappa --snapshot-dir snapshots
+LINT_PATHS := kappa agents tables tests scripts/make_sample.py
+# Every runtime, dev/test and bench package, exact versions with hashes, for CPython 3.11 on Linux x86_64.
+LOCK := requirements.lock
+LOCK_ARGS ?=
+UV_COMPILE := $(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra bench --generate-hashes \
+	--python-version 3.11 --python-platform x86_64-unknown-linux-gnu --quiet --custom-compile-command "make lock"
 
-.PHONY: venv deps demo test bench lint stop clean
+.PHONY: venv deps demo test test-fast bench lint format lock stop clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
+# Installs exactly the lock (and kappa itself, editable, without resolving anything), again whenever the lock
+# changes; packages that left the lock are uninstalled.
 venv: $(VENV)/.installed
-$(VENV)/.installed: $(PY) pyproject.toml
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+$(VENV)/.installed: $(PY) $(LOCK) pyproject.toml
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	@stale=$$(comm -23 <($(PY) -m pip freeze --exclude-editable | sed 's/[ =@].*//' | tr 'A-Z_.' 'a-z--' | sort) \
+	                   <(sed -n 's/^\([A-Za-z0-9][A-Za-z0-9._-]*\)==.*/\1/p' $(LOCK) | tr 'A-Z_.' 'a-z--' | sort)); \
+	if [ -n "$$stale" ]; then echo "uninstalling (not in $(LOCK)):" $$stale; $(PY) -m pip uninstall --quiet -y $$stale; fi
 	touch $@
+
+# Re-resolves the lock from pyproject.toml, keeping every version already locked unless pyproject.toml excludes it.
+# To upgrade: make lock LOCK_ARGS="--upgrade-package pandas" (or LOCK_ARGS=--upgrade for everything).
+lock: venv
+	cp $(LOCK) $(LOCK).tmp
+	$(UV_COMPILE) $(LOCK_ARGS) -o $(LOCK).tmp
+	@if cmp -s $(LOCK).tmp $(LOCK); then rm $(LOCK).tmp; echo "$(LOCK) unchanged"; else mv $(LOCK).tmp $(LOCK); echo "$(LOCK) updated: make venv installs it; run make test"; fi
 
 # System tools the tests drive: Java and Maven for the broker, kcat as the outside client.
 deps:
@@ -41,16 +59,24 @@ demo: venv deps
 stop: venv
 	$(KAPPA) kafka stop --data-dir .kappa
 
-test: venv deps
-	$(VENV)/bin/ruff check kappa agents tables tests scripts/make_sample.py
+test: venv deps lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The quick loop: everything but the slow fault, security and bench tests (CI runs `make test`, all of them).
+test-fast: venv deps
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
 
 # The contenders of issue 6 on 1M rows (override: make bench BENCH_ARGS="--rows 5000000").
 bench: venv deps
 	scripts/bench $(BENCH_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check kappa agents tables tests scripts/make_sample.py
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: venv
+	$(VENV)/bin/ruff check --select I --fix --quiet $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) .kappa snapshots sample.csv

@@ -128,6 +128,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     state = status.gather(_settings(args), args.pipeline)
     print(status.dumps(state) if args.json else status.render(state))
+    if not state["broker_reachable"]:
+        # what is on disk was shown; the broker's part is missing, so the command did not fully succeed
+        print(f"kappa: error: {state['broker_error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -36,35 +36,43 @@ def _processes(settings: Settings, pipeline: str, generation: int) -> list[dict]
     return found
 
 
-def pipeline_status(settings: Settings, pipeline: str) -> dict:
+def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = True) -> dict:
+    """What disk holds (generations, processes, the latest snapshot) and, when the broker answers, the log's
+    end offsets and each generation's committed offsets and lag (None when it cannot be asked)."""
     registry = Registry(settings.snapshot_dir, pipeline).read()
     current = registry.get("current")
     generations = registry.get("generations", {})
     topic = next((g["definition"]["topic"] for g in generations.values() if g.get("definition")), pipeline)
-    partitions = admin.partition_count(settings.broker, topic) or 0
-    ends = admin.end_offsets(settings.broker, topic, partitions) if partitions else {}
+    partitions: int | None = None
+    ends: dict[int, int] | None = None
+    if broker_reachable:
+        partitions = admin.partition_count(settings.broker, topic) or 0
+        ends = admin.end_offsets(settings.broker, topic, partitions) if partitions else {}
     result: dict = {
         "pipeline": pipeline,
         "topic": topic,
         "partitions": partitions,
-        "end_offsets": {str(p): o for p, o in ends.items()},
+        "end_offsets": None if ends is None else {str(p): o for p, o in ends.items()},
         "current_generation": current,
         "generations": [],
     }
     for number, entry in sorted(generations.items(), key=lambda item: int(item[0])):
         if entry.get("state") == GenerationState.RETIRED:
             continue
-        committed = admin.committed_offsets(settings.broker, app_id(pipeline, int(number)), topic, partitions)
-        lag = {str(p): ends[p] - (committed.get(p) or 0) for p in ends}
+        committed: dict[int, int | None] | None = None
+        lag: dict[str, int] | None = None
+        if ends is not None and partitions is not None:
+            committed = admin.committed_offsets(settings.broker, app_id(pipeline, int(number)), topic, partitions)
+            lag = {str(p): ends[p] - (committed.get(p) or 0) for p in ends}
         result["generations"].append(
             {
                 "generation": int(number),
                 "state": entry.get("state"),
                 "mode": entry.get("mode"),
                 "definition": entry.get("definition"),
-                "committed": {str(p): o for p, o in committed.items()},
+                "committed": None if committed is None else {str(p): o for p, o in committed.items()},
                 "lag": lag,
-                "total_lag": sum(lag.values()),
+                "total_lag": None if lag is None else sum(lag.values()),
                 "processes": _processes(settings, pipeline, int(number)),
             }
         )
@@ -83,33 +91,52 @@ def pipeline_status(settings: Settings, pipeline: str) -> dict:
 
 
 def gather(settings: Settings, pipeline: str | None = None) -> dict:
-    admin.wait_until_reachable(settings.broker, timeout=5)
+    """Everything `kappa status` shows. A broker that does not answer (or refuses the credentials) is not an
+    error here: `broker_reachable` is False, `broker_error` says why, and the disk's part is still there."""
+    error: str | None = None
+    try:
+        admin.wait_until_reachable(settings.broker, timeout=5)
+    except KappaError as exc:
+        error = str(exc)
     if pipeline:
         names = [pipeline]
     elif settings.snapshot_dir.is_dir():
         names = sorted(p.name for p in settings.snapshot_dir.iterdir() if (p / "generations.json").exists())
     else:
         names = []
-    return {"broker": settings.broker, "pipelines": [pipeline_status(settings, name) for name in names]}
+    pipelines = []
+    for name in names:
+        try:
+            pipelines.append(pipeline_status(settings, name, broker_reachable=error is None))
+        except KappaError as exc:  # the broker went away between the check and these calls
+            error = str(exc)
+            pipelines.append(pipeline_status(settings, name, broker_reachable=False))
+    return {"broker": settings.broker, "broker_reachable": error is None, "broker_error": error, "pipelines": pipelines}
 
 
 def render(status: dict) -> str:
-    lines = [f"broker {status['broker']}: reachable"]
+    reachable = "reachable" if status["broker_reachable"] else "unreachable (end offsets and lag unknown)"
+    lines = [f"broker {status['broker']}: {reachable}"]
     if not status["pipelines"]:
         lines.append("no pipelines yet: run `scripts/replay --batch` or `kappa worker`")
     for pipe in status["pipelines"]:
-        ends = ", ".join(f"{p}:{o}" for p, o in pipe["end_offsets"].items())
-        lines.append(
-            f"pipeline {pipe['pipeline']}: topic {pipe['topic']!r}, {pipe['partitions']} partitions, end offsets {ends}"
-        )
+        if pipe["end_offsets"] is None:
+            lines.append(f"pipeline {pipe['pipeline']}: topic {pipe['topic']!r}, partitions and end offsets unknown")
+        else:
+            ends = ", ".join(f"{p}:{o}" for p, o in pipe["end_offsets"].items())
+            lines.append(
+                f"pipeline {pipe['pipeline']}: topic {pipe['topic']!r}, {pipe['partitions']} partitions, "
+                f"end offsets {ends}"
+            )
         lines.append(f"  current generation: {pipe['current_generation']}")
         for gen in pipe["generations"]:
-            per_partition = ", ".join(f"{p}:{lag}" for p, lag in gen["lag"].items())
             value = (gen["definition"] or {}).get("value")
-            lines.append(
-                f"  generation {gen['generation']} [{gen['state']}, {gen['mode']}] value={value}"
-                f" lag {gen['total_lag']:,} ({per_partition})"
-            )
+            if gen["lag"] is None:
+                lag = "lag unknown"
+            else:
+                per_partition = ", ".join(f"{p}:{lag}" for p, lag in gen["lag"].items())
+                lag = f"lag {gen['total_lag']:,} ({per_partition})"
+            lines.append(f"  generation {gen['generation']} [{gen['state']}, {gen['mode']}] value={value} {lag}")
             for proc in gen["processes"]:
                 lines.append(
                     f"    process pid {proc['pid']} on {proc['host']}: partitions {proc['partitions']}, "

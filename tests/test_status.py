@@ -1,0 +1,50 @@
+"""`kappa status` with the broker down still shows what is on disk: generations, processes and the latest
+snapshot's age, marks the broker part unreachable, and exits non-zero."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from tests.conftest import free_port
+from tests.live import load_round
+
+
+def test_status_with_the_broker_down_shows_what_is_on_disk(kappa, live, tmp_path):
+    worker = live(kappa.topic(), partitions=2, processes=1)
+    load_round(kappa, worker, tmp_path, 2_000, seed=5)
+    worker.wait_caught_up()
+    pids = sorted(worker.child_pids())
+    assert pids
+
+    # the same data and snapshot dirs, but nothing listens at the broker address
+    down = dataclasses.replace(kappa, broker=f"127.0.0.1:{free_port()}")
+
+    result = down.run("status", "--json", "--pipeline", worker.topic, check=False, timeout=120)
+    assert result.returncode != 0, result.stdout.decode()
+    assert "cannot reach the Kafka broker" in result.stderr.decode()
+    status = json.loads(result.stdout)
+    assert status["broker_reachable"] is False
+    assert "cannot reach the Kafka broker" in status["broker_error"]
+    [pipeline] = status["pipelines"]
+    assert pipeline["pipeline"] == worker.topic and pipeline["topic"] == worker.topic
+    assert pipeline["partitions"] is None and pipeline["end_offsets"] is None
+    assert pipeline["current_generation"] == 1
+    [generation] = pipeline["generations"]
+    assert generation["generation"] == 1 and generation["state"] and generation["definition"]["value"] == "amount"
+    assert generation["committed"] is None and generation["lag"] is None and generation["total_lag"] is None
+    assert sorted(process["pid"] for process in generation["processes"]) == pids
+    snapshot = pipeline["latest_snapshot"]
+    assert snapshot["generation"] == 1 and snapshot["age_s"] >= 0 and snapshot["keys"] > 0
+
+    text = down.run("status", check=False, timeout=120)
+    assert text.returncode != 0
+    out = text.stdout.decode()
+    assert f"broker {down.broker}: unreachable" in out
+    assert f"pipeline {worker.topic}: topic {worker.topic!r}" in out
+    assert "generation 1 [" in out and "lag unknown" in out
+    for pid in pids:
+        assert f"process pid {pid} " in out
+    assert "latest snapshot: generation 1," in out
+    assert len(text.stderr.decode().strip().splitlines()) == 1
+    assert worker.stop() == 0

@@ -106,10 +106,10 @@ def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_res
     _, stderr = load.communicate(timeout=120)
     assert load.returncode not in (0, None), "the load finished before it was interrupted"
     last = stderr.decode().strip().splitlines()[-1]
-    found = re.search(r"([\d,]+) of ([\d,]+) rows are on the log", last)
+    found = re.search(r"interrupted .*: ([\d,]+) rows are on the log;", last)
     assert found and "run the same command again" in last, last
-    on_log, total = (int(group.replace(",", "")) for group in found.groups())
-    assert total == rows and 0 < on_log < rows
+    on_log = int(found.group(1).replace(",", ""))
+    assert 0 < on_log < rows
     assert messages_on(kappa.broker, topic) == on_log
 
     resumed = kappa.load(path, KEY, topic, partitions=3)

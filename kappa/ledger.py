@@ -3,7 +3,8 @@
 `<topic>.loads` is a compacted one-partition topic; its key is a load id, its value a JSON entry
 (file, fingerprint, key, state `started` or `complete`, the topic's end offsets when the load
 started). The loader writes `started` before it sends a row and `complete` after every row is
-acknowledged, and puts the load id and the row number on each message as headers. So the log
+acknowledged, and puts the load id and the row number on each message in one header
+(`kappa.load: <load id>:<row>`). So the log
 itself says which rows of an interrupted load arrived: the rows carrying its id after its start
 offsets. Entries name the topic's id, so a deleted and re-created topic starts a new ledger.
 """
@@ -22,8 +23,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from kappa import admin
 from kappa.errors import KappaError
 
-HEADER_LOAD = "kappa.load"
-HEADER_ROW = "kappa.row"
+HEADER = "kappa.load"  # value: b"<load id>:<row number>"; one header, since every replay parses it
 STARTED, COMPLETE = "started", "complete"
 SCAN_STALL_S = 60.0
 
@@ -61,8 +61,9 @@ class LedgerEntry:
 
 
 def load_id(fingerprint: str, occurrence: int) -> str:
-    """The first load of a file is its fingerprint; each `--again` is a further occurrence."""
-    base = fingerprint[:32]
+    """The first load of a file is its fingerprint (64 bits of it: ids only need to differ among
+    one topic's loads, and every message carries one); each `--again` is a further occurrence."""
+    base = fingerprint[:16]
     return base if occurrence == 1 else f"{base}.{occurrence}"
 
 
@@ -165,16 +166,17 @@ class RowsOnLog:
         return row < len(self.present) and self.present[row] == 1
 
 
-def _row_of(headers: Iterable[tuple[str, bytes]] | None, wanted: bytes) -> int | None:
+def header_prefix(load: str) -> bytes:
+    return load.encode() + b":"
+
+
+def _row_of(headers: Iterable[tuple[str, bytes]] | None, prefix: bytes) -> int | None:
     if not headers:
         return None
-    load, row = None, None
     for name, value in headers:
-        if name == HEADER_LOAD:
-            load = value
-        elif name == HEADER_ROW:
-            row = value
-    return int(row) if load == wanted and row is not None else None
+        if name == HEADER and value.startswith(prefix):
+            return int(value[len(prefix) :])
+    return None
 
 
 def rows_on_log(broker: str, topic: str, entry: LedgerEntry) -> RowsOnLog:
@@ -182,11 +184,11 @@ def rows_on_log(broker: str, topic: str, entry: LedgerEntry) -> RowsOnLog:
     partitions = admin.require_partition_count(broker, topic)
     ends = admin.end_offsets(broker, topic, partitions)
     ranges = {p: (entry.start_offsets.get(p, 0), end) for p, end in ends.items()}
-    wanted = entry.load_id.encode()
+    prefix = header_prefix(entry.load_id)
     rows = array("q")
 
     def collect(message: Message) -> None:
-        row = _row_of(message.headers(), wanted)
+        row = _row_of(message.headers(), prefix)
         if row is not None:
             rows.append(row)
 

@@ -6,7 +6,7 @@ and idempotence on, so a retried batch is never written twice. The message key i
 field as UTF-8, partitioned with murmur2 as the Java client and Faust do.
 
 Across runs, exactly-once comes from the ledger (kappa/ledger.py): a file is known by the
-sha256 of its bytes, every message carries its load id and row number as headers, and a re-run
+sha256 of its bytes, every message carries its load id and row number in a header, and a re-run
 of an interrupted load sends only the rows the log does not hold; a completed file is not sent
 again unless the user asks for another occurrence (`--again`).
 """
@@ -28,12 +28,12 @@ from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.ledger import (
     COMPLETE,
-    HEADER_LOAD,
-    HEADER_ROW,
+    HEADER,
     STARTED,
     LedgerEntry,
     LedgerWriter,
     RowsOnLog,
+    header_prefix,
     ledger_topic,
     load_id,
     now_utc,
@@ -223,14 +223,14 @@ def _send(
     line = ProgressLine()
     total = plan.total if plan.total is not None else source.estimated_rows
     present, known = plan.on_log.present, len(plan.on_log.present)
-    load_header = (HEADER_LOAD, plan.entry.load_id.encode())
+    prefix = header_prefix(plan.entry.load_id)
     produce, poll = producer.produce, producer.poll
     try:
         for row, (message_key, value) in enumerate(source.messages()):
             sent.rows = row + 1
             if row < known and present[row]:
                 continue
-            headers = [load_header, (HEADER_ROW, b"%d" % row)]
+            headers = [(HEADER, prefix + b"%d" % row)]
             while True:
                 try:
                     produce(topic, value, message_key, headers=headers)

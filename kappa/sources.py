@@ -56,16 +56,29 @@ def split_name(name: str) -> tuple[str, str] | None:
 
 
 def _key_bytes(value: object) -> bytes | None:
-    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NaT or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return None
     text = value if isinstance(value, str) else str(value)
     return text.encode("utf-8") if text else None
 
 
+def _json_default(value: object) -> object:
+    """Missing values pandas keeps as objects are null; anything else orjson does not know is its text."""
+    return None if value is pd.NA or value is pd.NaT else str(value)
+
+
 def _frame_messages(frame: pd.DataFrame, key: str) -> Iterator[Message]:
-    keys = frame[key].tolist()
-    for key_value, row in zip(keys, frame.to_dict("records"), strict=True):
-        yield _key_bytes(key_value), orjson.dumps(row, default=str, option=ORJSON_OPTIONS)
+    """One message per row. Columns become Python lists once (as `to_dict("records")` does, but
+    without its per-value boxing call), and each row is one dict for orjson."""
+    names = list(frame.columns)
+    columns = [frame[name].tolist() for name in names]
+    dumps, options = orjson.dumps, ORJSON_OPTIONS
+    for key_value, values in zip(frame[key].tolist(), zip(*columns, strict=True), strict=True):
+        if key_value.__class__ is str and key_value:
+            message_key = key_value.encode()
+        else:
+            message_key = _key_bytes(key_value)
+        yield message_key, dumps(dict(zip(names, values, strict=True)), default=_json_default, option=options)
 
 
 def _timestamp_text(column: pa.Array) -> pa.Array:

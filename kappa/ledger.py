@@ -12,7 +12,6 @@ offsets. Entries name the topic's id, so a deleted and re-created topic starts a
 from __future__ import annotations
 
 import time
-from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -76,7 +75,13 @@ def _read_ranges(
         return
     consumer = Consumer(
         admin.client_config(
-            broker, **{"group.id": "kappa-load-ledger", "enable.auto.commit": False, "enable.partition.eof": True}
+            broker,
+            **{
+                "group.id": "kappa-load-ledger",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",  # a start offset that retention removed reads what is left
+            },
         )
     )
     try:
@@ -162,8 +167,14 @@ class RowsOnLog:
     def none(cls) -> RowsOnLog:
         return cls(bytearray(), 0, 0)
 
-    def __contains__(self, row: int) -> bool:
-        return row < len(self.present) and self.present[row] == 1
+    def add(self, row: int) -> None:
+        if row >= len(self.present):
+            self.present.extend(bytes(max(row + 1 - len(self.present), len(self.present))))
+        if self.present[row]:
+            self.duplicates += 1
+        else:
+            self.present[row] = 1
+            self.count += 1
 
 
 def header_prefix(load: str) -> bytes:
@@ -185,17 +196,12 @@ def rows_on_log(broker: str, topic: str, entry: LedgerEntry) -> RowsOnLog:
     ends = admin.end_offsets(broker, topic, partitions)
     ranges = {p: (entry.start_offsets.get(p, 0), end) for p, end in ends.items()}
     prefix = header_prefix(entry.load_id)
-    rows = array("q")
+    found = RowsOnLog.none()
 
     def collect(message: Message) -> None:
         row = _row_of(message.headers(), prefix)
         if row is not None:
-            rows.append(row)
+            found.add(row)
 
     _read_ranges(broker, topic, ranges, collect)
-    present = bytearray(max(rows) + 1 if rows else 0)
-    duplicates = 0
-    for row in rows:
-        duplicates += present[row]
-        present[row] = 1
-    return RowsOnLog(present, len(rows) - duplicates, duplicates)
+    return found

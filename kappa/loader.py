@@ -34,7 +34,6 @@ from kappa.ledger import (
     LedgerWriter,
     RowsOnLog,
     header_prefix,
-    ledger_topic,
     load_id,
     now_utc,
     read_ledger,
@@ -150,9 +149,7 @@ class Plan:
     total: int | None
 
 
-def _plan(
-    settings: Settings, topic: str, source: Source, again: bool, writer: LedgerWriter
-) -> Plan | LedgerEntry:
+def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: LedgerWriter) -> Plan | LedgerEntry:
     """Resume this file's unfinished load if there is one; else report it as loaded (the
     complete entry is returned) unless `again`; else record the start of a new occurrence."""
     fingerprint = source.fingerprint()
@@ -222,6 +219,7 @@ def _send(
     first delivery error or when `stop` is requested (checked between poll intervals)."""
     line = ProgressLine()
     total = plan.total if plan.total is not None else source.estimated_rows
+    to_send = total - plan.on_log.count if total is not None else None
     present, known = plan.on_log.present, len(plan.on_log.present)
     prefix = header_prefix(plan.entry.load_id)
     produce, poll = producer.produce, producer.poll
@@ -244,7 +242,7 @@ def _send(
             sent.produced += 1
             if sent.produced % POLL_EVERY == 0:
                 poll(0)
-                line.update(row + 1, total, label=f"load {topic}")
+                line.update(sent.produced, to_send, label=f"load {topic}")
                 if errors.count or stop.requested:
                     break
     finally:
@@ -299,7 +297,7 @@ def _load(
     try:
         _send(producer, topic, source, plan, errors, sent, stop)
         if stop.requested:
-            reason = "interrupted by the user"
+            reason = "Ctrl-C"
             producer.purge(in_queue=True, in_flight=False)
         unsent = producer.flush(flush_s)
     finally:
@@ -312,9 +310,7 @@ def _load(
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()
     writer.write(plan.entry)
     resumed = plan.on_log.count if plan.total is not None else None
-    return LoadResult(
-        topic, sent.produced, time.monotonic() - started, created, sent.rows, resumed, source.not_objects
-    )
+    return LoadResult(topic, sent.produced, time.monotonic() - started, created, sent.rows, resumed, source.not_objects)
 
 
-__all__ = ["LoadResult", "check_topic_name", "ledger_topic", "load", "producer_config", "topic_for_path"]
+__all__ = ["LoadResult", "check_topic_name", "load", "producer_config", "topic_for_path"]

@@ -127,17 +127,27 @@ def _prepare_topic(broker: str, topic: str, partitions: int | None) -> bool:
 
 
 class DeliveryErrors:
-    """librdkafka reports only failed messages (successes are not worth a Python call each)."""
+    """librdkafka reports only failed messages (successes are not worth a Python call each).
+    A message purged while in flight may or may not have reached the broker: it is `unsure`."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.failed = 0
+        self.unsure = 0
         self.first: str | None = None
 
     def __call__(self, error, _message) -> None:
-        if error is not None:
-            self.count += 1
-            if self.first is None and error.name() not in ("_PURGE_QUEUE", "_PURGE_INFLIGHT"):
-                self.first = error.str()
+        if error is None:
+            return
+        if error.name() == "_PURGE_INFLIGHT":
+            self.unsure += 1
+            return
+        self.failed += 1
+        if self.first is None and error.name() != "_PURGE_QUEUE":
+            self.first = error.str()
+
+    @property
+    def count(self) -> int:
+        return self.failed + self.unsure
 
 
 @dataclass
@@ -195,13 +205,18 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
 
 
 class StopRequest:
-    """A SIGINT handler that only asks the send loop to stop. A KeyboardInterrupt raised inside
-    librdkafka's produce() would surface as an unrelated TypeError and lose the count of what was sent."""
+    """A SIGINT handler that only counts Ctrl-Cs for the send loop to act on. A KeyboardInterrupt
+    raised inside librdkafka's produce() would surface as an unrelated TypeError and lose the
+    count of what was sent."""
 
-    requested = False
+    count = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
 
     def __call__(self, _signum, _frame) -> None:
-        self.requested = True
+        self.count += 1
 
 
 @dataclass
@@ -214,9 +229,10 @@ class Sent:
 
 def _send(
     producer: Producer, topic: str, source: Source, plan: Plan, errors: DeliveryErrors, sent: Sent, stop: StopRequest
-) -> None:
-    """Produce every row the log lacks, in file order, counting into `sent`. Stops early on the
-    first delivery error or when `stop` is requested (checked between poll intervals)."""
+) -> bool:
+    """Produce every row the log lacks, in file order, counting into `sent`; True when every row
+    was read. Stops early on the first delivery error or when `stop` is requested (checked
+    between poll intervals)."""
     line = ProgressLine()
     total = plan.total if plan.total is not None else source.estimated_rows
     to_send = total - plan.on_log.count if total is not None else None
@@ -236,7 +252,7 @@ def _send(
                 except BufferError:
                     poll(0.05)
                     if stop.requested:
-                        return
+                        return False
                 except KafkaException as exc:
                     raise KappaError(f"could not produce to {topic!r}: {exc.args[0].str()}") from None
             sent.produced += 1
@@ -244,9 +260,24 @@ def _send(
                 poll(0)
                 line.update(sent.produced, to_send, label=f"load {topic}")
                 if errors.count or stop.requested:
-                    break
+                    return False
     finally:
         line.finish()
+    return True
+
+
+def _drain(producer: Producer, stop: StopRequest, seconds: float) -> int:
+    """Wait up to `seconds` for every message to be acknowledged or failed; returns how many are
+    neither. A Ctrl-C drops the messages still queued; a second one stops waiting for those in flight."""
+    deadline = time.monotonic() + seconds
+    purges = 0
+    while True:
+        if stop.count > purges and purges < 2:
+            producer.purge(in_queue=True, in_flight=purges == 1)
+            purges += 1
+        unsent = producer.flush(0.5)
+        if unsent == 0 or time.monotonic() >= deadline:
+            return unsent
 
 
 def _interrupted(source: Source, topic: str, on_log: int, unsure: int, reason: str) -> KappaError:
@@ -290,23 +321,19 @@ def _load(
     producer = Producer(producer_config(settings.broker), on_delivery=errors)
     started = time.monotonic()
     sent = Sent()
-    reason = None
     flush_s = DELIVERY_TIMEOUT_S + 30
     stop = StopRequest()
     previous = signal.signal(signal.SIGINT, stop)
     try:
-        _send(producer, topic, source, plan, errors, sent, stop)
-        if stop.requested:
-            reason = "Ctrl-C"
-            producer.purge(in_queue=True, in_flight=False)
-        unsent = producer.flush(flush_s)
+        finished = _send(producer, topic, source, plan, errors, sent, stop)
+        unsent = _drain(producer, stop, flush_s)
     finally:
         signal.signal(signal.SIGINT, previous)
-    if reason is None and (errors.count or unsent):
-        reason = errors.first or f"{unsent:,} messages unacknowledged after {flush_s}s"
-    if reason is not None:
+    if errors.count or unsent or not finished:
+        timed_out = f"{unsent:,} messages unacknowledged after {flush_s}s"
+        reason = "Ctrl-C" if stop.requested else errors.first or timed_out
         on_log = plan.on_log.count + sent.produced - errors.count - unsent
-        raise _interrupted(source, topic, on_log, unsent, reason)
+        raise _interrupted(source, topic, on_log, errors.unsure + unsent, reason)
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()
     writer.write(plan.entry)
     resumed = plan.on_log.count if plan.total is not None else None

@@ -82,6 +82,17 @@ def partition_count(broker: str, topic: str, timeout: float = 10.0) -> int | Non
     return len(info.partitions)
 
 
+def topic_id(broker: str, topic: str) -> str:
+    """The id Kafka gave the topic when it was created: a re-created topic of the same name has another."""
+    from confluent_kafka import TopicCollection
+
+    client = admin(broker)  # must outlive its futures
+    try:
+        return str(client.describe_topics(TopicCollection([topic]))[topic].result(timeout=30).topic_id)
+    except KafkaException as exc:
+        raise KappaError(f"cannot describe topic {topic!r} on {broker}: {exc.args[0].str()}") from None
+
+
 def require_partition_count(broker: str, topic: str) -> int:
     count = partition_count(broker, topic)
     if count is None:

@@ -48,7 +48,15 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from kappa.loader import load
 
-    result = load(_settings(args), args.path, args.key, args.topic, args.partitions)
+    result = load(_settings(args), args.path, args.key, args.topic, args.partitions, again=args.again)
+    if result.previous is not None:
+        entry = result.previous
+        print(
+            f"{args.path if args.path != '-' else 'stdin'} is already loaded into {result.topic!r}: "
+            f"{result.total:,} rows with --key {entry.key}, completed {entry.completed_at}; nothing sent "
+            "(pass --again to load it once more)"
+        )
+        return 0
     if result.not_objects:
         print(
             f"warning: {result.not_objects:,} lines were not JSON objects; workers will reject them to "
@@ -56,9 +64,10 @@ def cmd_load(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     created = " (created)" if result.created else ""
+    resumed = f"; {result.resumed_from:,} were already there" if result.resumed_from is not None else ""
     print(
         f"loaded {result.rows:,} rows into {result.topic!r}{created} in {result.seconds:.2f}s "
-        f"({result.rows_per_s:,.0f} rows/s)"
+        f"({result.rows_per_s:,.0f} rows/s){resumed}"
     )
     return 0
 
@@ -233,8 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", parents=[common], help="load a CSV, Parquet or JSON Lines file into the log")
     load.add_argument("path", help="input file, or - for JSON Lines on stdin")
     load.add_argument("--key", required=True, help="the row field whose value becomes the message key")
-    load.add_argument("--topic", help="target topic (default: the file name without extension)")
-    load.add_argument("--partitions", type=int, default=8, help="partitions when the topic is created (default 8)")
+    load.add_argument("--topic", help="target topic (default: the file name without its extension)")
+    load.add_argument(
+        "--partitions",
+        type=int,
+        help="partitions when the topic is created (default 8); an existing topic keeps its count",
+    )
+    load.add_argument(
+        "--again",
+        action="store_true",
+        help="load a file the topic already holds once more (by default a loaded file is not sent twice)",
+    )
     load.set_defaults(handler=cmd_load)
 
     replay = commands.add_parser("replay", parents=[common], help="run a new generation of a pipeline from offset 0")

@@ -1,32 +1,52 @@
-"""`kappa load`: put a file's rows on the log, one message per row, as fast as Kafka takes them.
+"""`kappa load`: put a file's rows on the log exactly once, one message per row, as fast as Kafka takes them.
 
 Rows are read in chunks (bounded memory), turned into JSON objects with orjson (NaN becomes
-null), and produced through librdkafka with large lz4 batches and idempotence on, so a
-retried batch is never written twice. The message key is the row's key field as UTF-8,
-partitioned with murmur2 as the Java client and Faust do.
+null), and produced through librdkafka with large lz4 batches, acks from all in-sync replicas
+and idempotence on, so a retried batch is never written twice. The message key is the row's key
+field as UTF-8, partitioned with murmur2 as the Java client and Faust do.
+
+Across runs, exactly-once comes from the ledger (kappa/ledger.py): a file is known by the
+sha256 of its bytes, every message carries its load id and row number in a header, and a re-run
+of an interrupted load sends only the rows the log does not hold; a completed file is not sent
+again unless the user asks for another occurrence (`--again`).
 """
 
 from __future__ import annotations
 
-import math
+import re
+import signal
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import orjson
-import pandas as pd
 from confluent_kafka import KafkaException, Producer
 
 from kappa import admin
 from kappa.config import Settings
 from kappa.errors import KappaError
+from kappa.ledger import (
+    COMPLETE,
+    HEADER,
+    STARTED,
+    LedgerEntry,
+    LedgerWriter,
+    RowsOnLog,
+    header_prefix,
+    load_id,
+    now_utc,
+    read_ledger,
+    rows_on_log,
+)
 from kappa.progress import ProgressLine
+from kappa.sources import Source, open_source, split_name
 
-CHUNK_ROWS = 100_000
-ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-Message = tuple[bytes | None, bytes]
+DEFAULT_PARTITIONS = 8
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_TOPIC_LENGTH = 249 - len(".loads")  # Kafka's limit, leaving room for the ledger beside the topic
+DELIVERY_TIMEOUT_S = 120  # librdkafka retries a batch this long: long enough to ride out a leader election
+POLL_EVERY = 20_000
 
 
 @dataclass
@@ -35,112 +55,40 @@ class LoadResult:
     rows: int
     seconds: float
     created: bool
+    total: int = 0
+    resumed_from: int | None = None
     not_objects: int = 0
+    previous: LedgerEntry | None = None
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def _key_bytes(value: object) -> bytes | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text.encode("utf-8") if text else None
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
-def _require_column(columns, key: str, source: str) -> None:
-    if key not in list(columns):
-        raise KappaError(f"key column {key!r} not found in {source}; its columns are: {', '.join(map(str, columns))}")
+def topic_for_path(path: str) -> str:
+    """The file name without its known extension; a name Kafka would refuse is refused here."""
+    if path == "-":
+        raise KappaError("reading from stdin needs a topic name: pass --topic NAME")
+    split = split_name(Path(path).name)
+    stem = split[0] if split else Path(path).name
+    return check_topic_name(stem, derived_from=path)
 
 
-def _frame_messages(frame: pd.DataFrame, key: str, source: str) -> Iterator[Message]:
-    keys = frame[key].tolist()
-    for key_value, row in zip(keys, frame.to_dict("records"), strict=True):
-        yield _key_bytes(key_value), orjson.dumps(row, default=str, option=ORJSON_OPTIONS)
-
-
-def _count_lines(path: Path) -> int:
-    lines = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            lines += block.count(b"\n")
-    return lines
-
-
-class JsonLinesStats:
-    not_objects = 0
-
-
-def _jsonl_messages(handle: BinaryIO, key: str, stats: JsonLinesStats) -> Iterator[Message]:
-    """Each line is loaded unchanged; lines that are not JSON objects still go to the log
-    (it is the system of record) and are counted, since workers will reject them."""
-    for line in handle:
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            stats.not_objects += 1
-            yield None, line
-            continue
-        yield _key_bytes(row.get(key)), line
-
-
-def _detect_format(path: str) -> str:
-    lowered = path.lower()
-    if path == "-" or lowered.endswith((".jsonl", ".ndjson", ".json")):
-        return "jsonl"
-    if lowered.endswith((".parquet", ".pq")):
-        return "parquet"
-    if lowered.endswith((".csv", ".csv.gz", ".tsv")):
-        return "csv"
+def check_topic_name(topic: str, derived_from: str | None = None) -> str:
+    """Kafka accepts [a-zA-Z0-9._-] up to 249 characters, except `.` and `..`; the ledger topic
+    `<topic>.loads` must fit as well."""
+    if TOPIC_NAME.match(topic) and len(topic) <= MAX_TOPIC_LENGTH and topic not in (".", ".."):
+        return topic
+    origin = f" (derived from {derived_from!r})" if derived_from else ""
+    shown = topic if len(topic) <= 60 else topic[:57] + "..."
     raise KappaError(
-        f"cannot tell the format of {path!r}: expected a .csv, .parquet or .jsonl file, or - for JSON Lines on stdin"
+        f"topic name {shown!r}{origin} is not one Kafka accepts: expected 1 to {MAX_TOPIC_LENGTH} letters, digits, "
+        f"'.', '_' or '-' (not '.' or '..'); pass --topic NAME"
     )
-
-
-def _messages(path: str, key: str, stats: JsonLinesStats) -> tuple[Iterator[Message], int | None]:
-    """The file's messages and, where cheap to know, how many rows it holds."""
-    kind = _detect_format(path)
-    if kind == "jsonl" and path == "-":
-        return _jsonl_messages(sys.stdin.buffer, key, stats), None
-    file = Path(path)
-    if not file.is_file():
-        raise KappaError(f"input file {path!r} not found")
-    if kind == "jsonl":
-        return _jsonl_messages(open(file, "rb"), key, stats), _count_lines(file)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        parquet = pq.ParquetFile(file)
-        _require_column(parquet.schema_arrow.names, key, path)
-
-        def parquet_rows() -> Iterator[Message]:
-            for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
-                yield from _frame_messages(batch.to_pandas(), key, path)
-
-        return parquet_rows(), parquet.metadata.num_rows
-
-    try:
-        _require_column(pd.read_csv(file, nrows=0).columns, key, path)
-    except pd.errors.EmptyDataError:
-        raise KappaError(f"{path} is empty: expected a CSV header naming the key column {key!r}") from None
-
-    def csv_rows() -> Iterator[Message]:
-        try:
-            reader = pd.read_csv(file, dtype={key: str}, chunksize=CHUNK_ROWS)
-            for chunk in reader:
-                yield from _frame_messages(chunk, key, path)
-        except pd.errors.EmptyDataError:
-            return
-        except pd.errors.ParserError as exc:
-            raise KappaError(f"{path} is not valid CSV: {exc}") from None
-
-    return csv_rows(), max(_count_lines(file) - 1, 0)
 
 
 def producer_config(broker: str) -> dict:
@@ -149,6 +97,7 @@ def producer_config(broker: str) -> dict:
         **{
             "enable.idempotence": True,
             "acks": "all",
+            "delivery.timeout.ms": DELIVERY_TIMEOUT_S * 1000,
             "linger.ms": 50,
             "batch.size": 1_000_000,
             "batch.num.messages": 100_000,
@@ -162,45 +111,233 @@ def producer_config(broker: str) -> dict:
     )
 
 
-def load(settings: Settings, path: str, key: str, topic: str | None = None, partitions: int = 8) -> LoadResult:
-    if topic is None:
-        if path == "-":
-            raise KappaError("reading from stdin needs a topic name: pass --topic T")
-        topic = Path(path).name.split(".")[0]
-    if partitions < 1:
-        raise KappaError(f"--partitions must be at least 1, got {partitions}")
-    stats = JsonLinesStats()
-    messages, expected = _messages(path, key, stats)
-    admin.wait_until_reachable(settings.broker)
-    created = admin.ensure_topic(settings.broker, topic, partitions, admin.UNLIMITED_RETENTION)
-    failures: list[str] = []
+def _prepare_topic(broker: str, topic: str, partitions: int | None) -> bool:
+    """Create the topic if missing (True when created here). An explicit --partitions that
+    differs from an existing topic's count is reported, and the rows go to the existing partitions:
+    changing a topic's partition count would move keys between partitions."""
+    existing = admin.partition_count(broker, topic)
+    if existing is None:
+        return admin.ensure_topic(broker, topic, partitions or DEFAULT_PARTITIONS, admin.UNLIMITED_RETENTION)
+    if partitions is not None and partitions != existing:
+        note(
+            f"warning: topic {topic!r} already has {existing} partitions; --partitions {partitions} applies only "
+            f"when the topic is created, so the rows go to its {existing} partitions"
+        )
+    return False
 
-    def on_delivery(error, message) -> None:
-        if error is not None:
-            failures.append(error.str())
 
-    producer = Producer(producer_config(settings.broker), on_delivery=on_delivery)
+class DeliveryErrors:
+    """librdkafka reports only failed messages (successes are not worth a Python call each).
+    A message purged while in flight may or may not have reached the broker: it is `unsure`."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.unsure = 0
+        self.first: str | None = None
+
+    def __call__(self, error, _message) -> None:
+        if error is None:
+            return
+        if error.name() == "_PURGE_INFLIGHT":
+            self.unsure += 1
+            return
+        self.failed += 1
+        if self.first is None and error.name() != "_PURGE_QUEUE":
+            self.first = error.str()
+
+    @property
+    def count(self) -> int:
+        return self.failed + self.unsure
+
+
+@dataclass
+class Plan:
+    """What this run does: a fresh load, or the rest of an interrupted one."""
+
+    entry: LedgerEntry
+    on_log: RowsOnLog
+    total: int | None
+
+
+def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: LedgerWriter) -> Plan | LedgerEntry:
+    """Resume this file's unfinished load if there is one; else report it as loaded (the
+    complete entry is returned) unless `again`; else record the start of a new occurrence."""
+    fingerprint = source.fingerprint()
+    topic_id = admin.topic_id(settings.broker, topic)
+    entries = [
+        entry
+        for entry in read_ledger(settings.broker, topic)
+        if entry.fingerprint == fingerprint and entry.topic_id == topic_id
+    ]
+    unfinished = [entry for entry in entries if entry.state == STARTED]
+    if unfinished:
+        entry = unfinished[-1]
+        if entry.key != source.key:
+            raise KappaError(
+                f"an interrupted load of {source.name} into {topic!r} used --key {entry.key}, not {source.key}: "
+                f"run it again with --key {entry.key} to finish it"
+            )
+        on_log = rows_on_log(settings.broker, topic, entry)
+        total = source.count_rows()
+        note(
+            f"resuming: {on_log.count:,} of {total:,} rows already on the log, sending {total - on_log.count:,} "
+            f"(an interrupted load of {source.name} started {entry.started_at})"
+        )
+        if on_log.duplicates:
+            note(f"warning: {on_log.duplicates:,} rows of that load are on the log more than once")
+        return Plan(entry, on_log, total)
+    if entries and not again:
+        return entries[-1]
+    occurrence = max((entry.occurrence for entry in entries), default=0) + 1
+    partitions = admin.require_partition_count(settings.broker, topic)
+    entry = LedgerEntry(
+        load_id=load_id(fingerprint, occurrence),
+        fingerprint=fingerprint,
+        occurrence=occurrence,
+        file=source.name,
+        key=source.key,
+        topic_id=topic_id,
+        state=STARTED,
+        start_offsets=admin.end_offsets(settings.broker, topic, partitions),
+    )
+    writer.write(entry)
+    return Plan(entry, RowsOnLog.none(), None)
+
+
+class StopRequest:
+    """A SIGINT handler that only counts Ctrl-Cs for the send loop to act on. A KeyboardInterrupt
+    raised inside librdkafka's produce() would surface as an unrelated TypeError and lose the
+    count of what was sent."""
+
+    count = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def __call__(self, _signum, _frame) -> None:
+        self.count += 1
+
+
+@dataclass
+class Sent:
+    """How far a run got: rows read from the file, and rows of them handed to librdkafka."""
+
+    rows: int = 0
+    produced: int = 0
+
+
+def _send(
+    producer: Producer, topic: str, source: Source, plan: Plan, errors: DeliveryErrors, sent: Sent, stop: StopRequest
+) -> bool:
+    """Produce every row the log lacks, in file order, counting into `sent`; True when every row
+    was read. Stops early on the first delivery error or when `stop` is requested (checked
+    between poll intervals)."""
     line = ProgressLine()
-    rows = 0
+    total = plan.total if plan.total is not None else source.estimated_rows
+    to_send = total - plan.on_log.count if total is not None else None
+    present, known = plan.on_log.present, len(plan.on_log.present)
+    prefix = header_prefix(plan.entry.load_id)
     produce, poll = producer.produce, producer.poll
-    for message_key, value in messages:
-        while True:
-            try:
-                produce(topic, value, message_key)
-                break
-            except BufferError:
-                poll(0.05)
-            except KafkaException as exc:
-                raise KappaError(f"could not produce to {topic!r}: {exc.args[0].str()}") from None
-        rows += 1
-        if rows % 20_000 == 0:
-            poll(0)
-            line.update(rows, expected, label=f"load {topic}")
-        if failures:
-            break
-    remaining = producer.flush(60)
-    line.finish()
-    if failures or remaining:
-        reason = failures[0] if failures else f"{remaining} messages still unsent after 60s"
-        raise KappaError(f"load into {topic!r} failed after {rows:,} rows: {reason}; the topic may hold a partial load")
-    return LoadResult(topic, rows, line.elapsed(), created, stats.not_objects)
+    try:
+        for row, (message_key, value) in enumerate(source.messages()):
+            sent.rows = row + 1
+            if row < known and present[row]:
+                continue
+            headers = [(HEADER, prefix + b"%d" % row)]
+            while True:
+                try:
+                    produce(topic, value, message_key, headers=headers)
+                    break
+                except BufferError:
+                    poll(0.05)
+                    if stop.requested:
+                        return False
+                except KafkaException as exc:
+                    raise KappaError(f"could not produce to {topic!r}: {exc.args[0].str()}") from None
+            sent.produced += 1
+            if sent.produced % POLL_EVERY == 0:
+                poll(0)
+                line.update(sent.produced, to_send, label=f"load {topic}")
+                if errors.count or stop.requested:
+                    return False
+    finally:
+        line.finish()
+    return True
+
+
+def _drain(producer: Producer, stop: StopRequest, seconds: float) -> int:
+    """Wait up to `seconds` for every message to be acknowledged or failed; returns how many are
+    neither. A Ctrl-C drops the messages still queued; a second one stops waiting for those in flight."""
+    deadline = time.monotonic() + seconds
+    purges = 0
+    while True:
+        if stop.count > purges and purges < 2:
+            producer.purge(in_queue=True, in_flight=purges == 1)
+            purges += 1
+        unsent = producer.flush(0.5)
+        if unsent == 0 or time.monotonic() >= deadline:
+            return unsent
+
+
+def _interrupted(source: Source, topic: str, on_log: int, unsure: int, reason: str) -> KappaError:
+    maybe = f" ({unsure:,} more may be)" if unsure else ""
+    return KappaError(
+        f"load of {source.name} into {topic!r} interrupted ({reason}): {on_log:,} rows are on the log{maybe}; "
+        "run the same command again to send the rest exactly once"
+    )
+
+
+def load(
+    settings: Settings,
+    path: str,
+    key: str,
+    topic: str | None = None,
+    partitions: int | None = None,
+    again: bool = False,
+) -> LoadResult:
+    topic = check_topic_name(topic) if topic is not None else topic_for_path(path)
+    if partitions is not None and partitions < 1:
+        raise KappaError(f"--partitions must be at least 1, got {partitions}")
+    with tempfile.TemporaryDirectory(prefix="kappa-load-") as spool:
+        source = open_source(path, key, Path(spool))
+        for text in source.notes:
+            note(text)
+        admin.wait_until_reachable(settings.broker)
+        created = _prepare_topic(settings.broker, topic, partitions)
+        writer = LedgerWriter(settings.broker, topic)
+        plan = _plan(settings, topic, source, again, writer)
+        if isinstance(plan, LedgerEntry):
+            return LoadResult(topic, 0, 0.0, created, plan.rows or 0, previous=plan)
+        return _load(settings, topic, source, plan, writer, created)
+
+
+def _load(
+    settings: Settings, topic: str, source: Source, plan: Plan, writer: LedgerWriter, created: bool
+) -> LoadResult:
+    """Send the plan's rows; record the load complete once every one is acknowledged, or say
+    how many rows the log holds and how to finish."""
+    errors = DeliveryErrors()
+    producer = Producer(producer_config(settings.broker), on_delivery=errors)
+    started = time.monotonic()
+    sent = Sent()
+    flush_s = DELIVERY_TIMEOUT_S + 30
+    stop = StopRequest()
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        finished = _send(producer, topic, source, plan, errors, sent, stop)
+        unsent = _drain(producer, stop, flush_s)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if errors.count or unsent or not finished:
+        timed_out = f"{unsent:,} messages unacknowledged after {flush_s}s"
+        reason = "Ctrl-C" if stop.requested else errors.first or timed_out
+        on_log = plan.on_log.count + sent.produced - errors.count - unsent
+        raise _interrupted(source, topic, on_log, errors.unsure + unsent, reason)
+    plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()
+    writer.write(plan.entry)
+    resumed = plan.on_log.count if plan.total is not None else None
+    return LoadResult(topic, sent.produced, time.monotonic() - started, created, sent.rows, resumed, source.not_objects)
+
+
+__all__ = ["LoadResult", "check_topic_name", "load", "producer_config", "topic_for_path"]

@@ -1,0 +1,207 @@
+"""The load ledger: which files are on a topic, kept in Kafka beside it.
+
+`<topic>.loads` is a compacted one-partition topic; its key is a load id, its value a JSON entry
+(file, fingerprint, key, state `started` or `complete`, the topic's end offsets when the load
+started). The loader writes `started` before it sends a row and `complete` after every row is
+acknowledged, and puts the load id and the row number on each message in one header
+(`kappa.load: <load id>:<row>`). So the log
+itself says which rows of an interrupted load arrived: the rows carrying its id after its start
+offsets. Entries name the topic's id, so a deleted and re-created topic starts a new ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from kappa import admin
+from kappa.errors import KappaError
+
+HEADER = "kappa.load"  # value: b"<load id>:<row number>"; one header, since every replay parses it
+STARTED, COMPLETE = "started", "complete"
+SCAN_STALL_S = 60.0
+
+
+def ledger_topic(topic: str) -> str:
+    return f"{topic}.loads"
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class LedgerEntry:
+    load_id: str
+    fingerprint: str
+    occurrence: int
+    file: str
+    key: str
+    topic_id: str
+    state: str
+    start_offsets: dict[int, int]
+    started_at: str = field(default_factory=now_utc)
+    rows: int | None = None
+    completed_at: str | None = None
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_NON_STR_KEYS)
+
+    @classmethod
+    def decode(cls, value: bytes) -> LedgerEntry:
+        entry = cls(**orjson.loads(value))
+        entry.start_offsets = {int(p): int(o) for p, o in entry.start_offsets.items()}
+        return entry
+
+
+def load_id(fingerprint: str, occurrence: int) -> str:
+    """The first load of a file is its fingerprint (64 bits of it: ids only need to differ among
+    one topic's loads, and every message carries one); each `--again` is a further occurrence."""
+    base = fingerprint[:16]
+    return base if occurrence == 1 else f"{base}.{occurrence}"
+
+
+def _read_ranges(
+    broker: str, topic: str, ranges: dict[int, tuple[int, int]], on_message: Callable[[Message], None]
+) -> None:
+    """Call `on_message` for every record of `topic` in [start, end) per partition."""
+    todo = {p: (start, end) for p, (start, end) in ranges.items() if end > start}
+    if not todo:
+        return
+    consumer = Consumer(
+        admin.client_config(
+            broker,
+            **{
+                "group.id": "kappa-load-ledger",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",  # a start offset that retention removed reads what is left
+            },
+        )
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
+        last_progress = time.monotonic()
+        while todo:
+            batch = consumer.consume(10_000, timeout=1.0)
+            if batch:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > SCAN_STALL_S:
+                raise KappaError(
+                    f"reading topic {topic!r} stalled for {SCAN_STALL_S:g}s with partitions {sorted(todo)} unread: "
+                    "check that the broker is up, then run the same command again"
+                )
+            for message in batch:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        todo.pop(message.partition(), None)
+                        continue
+                    raise KappaError(f"could not read topic {topic!r}: {error.str()}")
+                partition = message.partition()
+                if partition not in todo:
+                    continue
+                on_message(message)
+                if message.offset() >= todo[partition][1] - 1:
+                    todo.pop(partition)
+    finally:
+        consumer.close()
+
+
+def read_ledger(broker: str, topic: str) -> list[LedgerEntry]:
+    """Every load recorded for `topic`, latest entry per load id, in the order they were written."""
+    name = ledger_topic(topic)
+    if admin.partition_count(broker, name) is None:
+        return []
+    entries: dict[str, LedgerEntry] = {}
+
+    def keep(message: Message) -> None:
+        if message.value() is not None:
+            entry = LedgerEntry.decode(message.value())
+            entries.pop(entry.load_id, None)
+            entries[entry.load_id] = entry
+
+    _read_ranges(broker, name, {p: (low, high) for p, (low, high) in admin.watermarks(broker, name, 1).items()}, keep)
+    return list(entries.values())
+
+
+class LedgerWriter:
+    """Writes entries with acks from all in-sync replicas; returns only once the broker has one."""
+
+    def __init__(self, broker: str, topic: str) -> None:
+        admin.ensure_topic(broker, ledger_topic(topic), 1, {"cleanup.policy": "compact"})
+        self.topic = ledger_topic(topic)
+        self.producer = Producer(admin.client_config(broker, **{"enable.idempotence": True, "acks": "all"}))
+
+    def write(self, entry: LedgerEntry) -> None:
+        errors: list[str] = []
+
+        def delivered(error, _message) -> None:
+            if error is not None:
+                errors.append(error.str())
+
+        self.producer.produce(self.topic, entry.encode(), entry.load_id.encode(), on_delivery=delivered)
+        unsent = self.producer.flush(120)
+        if errors or unsent:
+            reason = errors[0] if errors else "no acknowledgement within 120s"
+            raise KappaError(
+                f"could not record the load of {entry.file} as {entry.state} in {self.topic!r} ({reason}): "
+                "check the broker, then run the same command again"
+            )
+
+
+@dataclass
+class RowsOnLog:
+    """Which row numbers of one load the log holds (a byte per row; enough for a billion rows)."""
+
+    present: bytearray
+    count: int
+    duplicates: int
+
+    @classmethod
+    def none(cls) -> RowsOnLog:
+        return cls(bytearray(), 0, 0)
+
+    def add(self, row: int) -> None:
+        if row >= len(self.present):
+            self.present.extend(bytes(max(row + 1 - len(self.present), len(self.present))))
+        if self.present[row]:
+            self.duplicates += 1
+        else:
+            self.present[row] = 1
+            self.count += 1
+
+
+def header_prefix(load: str) -> bytes:
+    return load.encode() + b":"
+
+
+def _row_of(headers: Iterable[tuple[str, bytes]] | None, prefix: bytes) -> int | None:
+    if not headers:
+        return None
+    for name, value in headers:
+        if name == HEADER and value.startswith(prefix):
+            return int(value[len(prefix) :])
+    return None
+
+
+def rows_on_log(broker: str, topic: str, entry: LedgerEntry) -> RowsOnLog:
+    """Scan the topic from the load's start offsets to its end for rows carrying its id."""
+    partitions = admin.require_partition_count(broker, topic)
+    ends = admin.end_offsets(broker, topic, partitions)
+    ranges = {p: (entry.start_offsets.get(p, 0), end) for p, end in ends.items()}
+    prefix = header_prefix(entry.load_id)
+    found = RowsOnLog.none()
+
+    def collect(message: Message) -> None:
+        row = _row_of(message.headers(), prefix)
+        if row is not None:
+            found.add(row)
+
+    _read_ranges(broker, topic, ranges, collect)
+    return found

@@ -1,0 +1,250 @@
+"""Input files as numbered rows: (message key, JSON value) pairs in file order.
+
+A row's number is its position among the file's rows, and reading the same bytes again yields
+the same rows in the same order: that is what lets a re-run of a load tell which rows the log
+already holds. One value has one text whatever the input format: Parquet dates become
+`2024-01-31`, timestamps `2024-01-31T10:00:00` (UTC with `Z` when the column has a time zone),
+in the message key and in the JSON row alike; CSV and JSON Lines text stays as written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kappa.errors import KappaError
+
+CHUNK_ROWS = 100_000
+ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+Message = tuple[bytes | None, bytes]
+
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+COMPRESSED_TEXT = (".gz", ".bz2", ".xz", ".zst", ".zip")  # pandas reads these for CSV and TSV
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """(stem, format) of a file name with a known extension, else None.
+
+    Only a known extension is cut off (`sales.2024.csv` -> `sales.2024`), so files that differ
+    before it never share a stem."""
+    lowered = name.lower()
+    for compression in ("", *COMPRESSED_TEXT):
+        for suffix, kind in FORMATS.items():
+            ending = suffix + compression
+            if lowered.endswith(ending) and (not compression or kind in ("csv", "tsv")):
+                return name[: -len(ending)], kind
+    return None
+
+
+def _key_bytes(value: object) -> bytes | None:
+    if value is None or value is pd.NaT or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8") if text else None
+
+
+def _json_default(value: object) -> object:
+    """Missing values pandas keeps as objects are null; anything else orjson does not know is its text."""
+    return None if value is pd.NA or value is pd.NaT else str(value)
+
+
+def _frame_messages(frame: pd.DataFrame, key: str) -> Iterator[Message]:
+    """One message per row. Columns become Python lists once (as `to_dict("records")` does, but
+    without its per-value boxing call), and each row is one dict for orjson."""
+    names = list(frame.columns)
+    columns = [frame[name].tolist() for name in names]
+    dumps, options = orjson.dumps, ORJSON_OPTIONS
+    for key_value, values in zip(frame[key].tolist(), zip(*columns, strict=True), strict=True):
+        if key_value.__class__ is str and key_value:
+            message_key = key_value.encode()
+        else:
+            message_key = _key_bytes(key_value)
+        yield message_key, dumps(dict(zip(names, values, strict=True)), default=_json_default, option=options)
+
+
+def _timestamp_text(column: pa.Array) -> pa.Array:
+    """ISO 8601 with a `T`, the fraction only as long as it is non-zero, and `Z` for a zoned
+    column (its instants are UTC), so one instant has one text whatever the column's unit."""
+    zoned = column.type.tz is not None
+    text = column.cast(pa.timestamp(column.type.unit)).cast(pa.string())
+    text = pc.replace_substring(text, " ", "T", max_replacements=1)
+    text = pc.replace_substring_regex(text, r"(\.\d*[1-9])0+$", r"\1")
+    text = pc.replace_substring_regex(text, r"\.0+$", "")
+    return pc.binary_join_element_wise(text, pa.scalar("Z"), "") if zoned else text
+
+
+def _iso_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_date(column.type):
+            column = column.cast(pa.string())
+        elif pa.types.is_timestamp(column.type):
+            column = _timestamp_text(column)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+@dataclass
+class Source:
+    """One input file (stdin is spooled to a file first) and how to read its rows."""
+
+    path: Path
+    name: str
+    kind: str
+    key: str
+    separator: str = ","
+    estimated_rows: int | None = None
+    notes: list[str] = field(default_factory=list)
+    not_objects: int = 0
+
+    def fingerprint(self) -> str:
+        """sha256 of the file's bytes: the same content is the same load, whatever its name."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def messages(self) -> Iterator[Message]:
+        """Every row in file order; the n-th item is row n on every read."""
+        if self.kind == "jsonl":
+            return self._jsonl_messages()
+        if self.kind == "parquet":
+            return self._parquet_messages()
+        return self._csv_messages()
+
+    def count_rows(self) -> int:
+        """The exact number of rows `messages` yields (it reads the whole file)."""
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(self.path).metadata.num_rows
+        if self.kind == "jsonl":
+            with open(self.path, "rb") as handle:
+                return sum(1 for line in handle if line.strip())
+        return sum(len(chunk) for chunk in self._csv_chunks(usecols=[self.key]))
+
+    def _jsonl_messages(self) -> Iterator[Message]:
+        """Each non-blank line is loaded unchanged; lines that are not JSON objects still go to
+        the log (it is the system of record) and are counted, since workers will reject them."""
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict):
+                    self.not_objects += 1
+                    yield None, line
+                    continue
+                yield _key_bytes(row.get(self.key)), line
+
+    def _parquet_messages(self) -> Iterator[Message]:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=CHUNK_ROWS):
+            yield from _frame_messages(_iso_batch(batch).to_pandas(), self.key)
+
+    def _csv_chunks(self, usecols: list[str] | None = None) -> Iterator[pd.DataFrame]:
+        try:
+            yield from pd.read_csv(
+                self.path, sep=self.separator, dtype={self.key: str}, usecols=usecols, chunksize=CHUNK_ROWS
+            )
+        except pd.errors.EmptyDataError:
+            return
+        except pd.errors.ParserError as exc:
+            kind = "TSV" if self.separator == "\t" else "CSV"
+            raise KappaError(f"{self.name} is not valid {kind}: {exc}") from None
+
+    def _csv_messages(self) -> Iterator[Message]:
+        for chunk in self._csv_chunks():
+            yield from _frame_messages(chunk, self.key)
+
+
+def _require_column(columns: list, key: str, source: str) -> None:
+    if key not in columns:
+        raise KappaError(f"key column {key!r} not found in {source}; its columns are: {', '.join(map(str, columns))}")
+
+
+def _header(path: Path, separator: str, name: str) -> list:
+    try:
+        return list(pd.read_csv(path, sep=separator, nrows=0).columns)
+    except pd.errors.EmptyDataError:
+        raise KappaError(f"{name} is empty: expected a header line naming the columns") from None
+
+
+def _open_text_table(source: Source) -> Source:
+    """Read the header with the separator the extension implies; a `.csv` whose only column
+    name holds tabs is a tab-separated file, read as TSV with a note saying so."""
+    source.separator = "\t" if source.kind == "tsv" else ","
+    columns = _header(source.path, source.separator, source.name)
+    if source.key not in columns and source.kind == "csv" and len(columns) == 1 and "\t" in str(columns[0]):
+        source.separator, source.kind = "\t", "tsv"
+        columns = _header(source.path, "\t", source.name)
+        source.notes.append(f"{source.name} is tab-separated, not comma-separated: reading it as TSV")
+    _require_column(columns, source.key, source.name)
+    source.estimated_rows = max(_count_lines(source.path) - 1, 0) if source.path.suffix.lower() in FORMATS else None
+    return source
+
+
+def _count_lines(path: Path) -> int:
+    lines = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            lines += block.count(b"\n")
+    return lines
+
+
+def spool_stdin(directory: Path) -> Path:
+    """Copy stdin to a file, so that it can be fingerprinted and re-read like any file."""
+    spooled = directory / "stdin.jsonl"
+    with open(spooled, "wb") as handle:
+        shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 22)
+    return spooled
+
+
+def open_source(path: str, key: str, spool_dir: Path) -> Source:
+    """The input named on the command line, checked: it exists, has a known format and the key column."""
+    if path == "-":
+        return Source(spool_stdin(spool_dir), "stdin", "jsonl", key)
+    split = split_name(Path(path).name)
+    if split is None:
+        known = ", ".join(FORMATS)
+        raise KappaError(f"cannot tell the format of {path!r}: expected one of {known}, or - for JSON Lines on stdin")
+    file = Path(path)
+    if not file.is_file():
+        raise KappaError(f"input file {path!r} not found")
+    source = Source(file, path, split[1], key)
+    if source.kind == "jsonl":
+        source.estimated_rows = _count_lines(file)
+        return source
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(file)
+        _require_column(parquet.schema_arrow.names, key, path)
+        source.estimated_rows = parquet.metadata.num_rows
+        return source
+    return _open_text_table(source)

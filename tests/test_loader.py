@@ -1,0 +1,238 @@
+"""`kappa load`: every row of a file lands on the log exactly once, however often the load is run or
+interrupted; topic names, partition counts, dates and tab-separated files are handled as a user expects."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from kappa import admin
+from kappa.datagen import pandas_expectation, sample_frame
+from tests.conftest import REPO
+from tests.oracle import assert_matches, read_latest
+
+KEY, VALUE = "city", "amount"
+
+
+def messages_on(broker: str, topic: str) -> int:
+    partitions = admin.partition_count(broker, topic) or 0
+    return sum(admin.end_offsets(broker, topic, partitions).values())
+
+
+def read_messages(broker: str, topic: str) -> list[tuple[bytes | None, dict]]:
+    """Every (key, JSON row) on the topic, read back from the broker."""
+    partitions = admin.partition_count(broker, topic) or 0
+    ends = admin.end_offsets(broker, topic, partitions)
+    consumer = Consumer({"bootstrap.servers": broker, "group.id": "test-loader", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    seen: list[tuple[bytes | None, dict]] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(seen) < sum(ends.values()) and time.monotonic() < deadline:
+            for message in consumer.consume(1000, timeout=1.0):
+                if message.error() is None:
+                    seen.append((message.key(), orjson.loads(message.value())))
+    finally:
+        consumer.close()
+    return seen
+
+
+def start_load(kappa, path: Path, topic: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kappa", "load", str(path), "--key", KEY, "--topic", topic, *extra, *kappa.args()],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+
+
+def wait_for_progress(load: subprocess.Popen) -> list[str]:
+    """Block until the loader's progress shows rows on their way; returns the stderr lines so far."""
+    lines = []
+    while True:
+        line = load.stderr.readline().decode()
+        assert line, f"the load ended before showing progress (exit {load.wait()}): {''.join(lines)}"
+        lines.append(line)
+        if re.search(r"load \S+ \[#*\s*\]", line):
+            return lines
+
+
+def write_sample(path: Path, rows: int, seed: int) -> Path:
+    sample_frame(rows, 500, seed=seed).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
+    rng = random.Random(14)
+    rows, topic = 600_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=140)
+    load = start_load(kappa, path, topic, "--partitions", "4")
+    try:
+        wait_for_progress(load)
+        time.sleep(rng.uniform(0.0, 0.8))
+    finally:
+        load.send_signal(signal.SIGKILL)
+        load.wait(timeout=30)
+    assert load.returncode == -signal.SIGKILL, "the load finished before it was killed"
+    partial = messages_on(kappa.broker, topic)
+    assert partial < rows
+
+    again = kappa.load(path, KEY, topic, partitions=4)
+    assert "resuming" in again.stderr.decode()
+    assert messages_on(kappa.broker, topic) == rows
+    kappa.replay_batch(topic, VALUE, KEY)
+    csv_table, parquet_table, _ = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), KEY, VALUE)
+    assert_matches(csv_table, expected)
+    assert_matches(parquet_table, expected)
+
+
+def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_rest(kappa, tmp_path):
+    rows, topic = 400_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=141)
+    load = start_load(kappa, path, topic, "--partitions", "3")
+    wait_for_progress(load)
+    load.send_signal(signal.SIGINT)
+    _, stderr = load.communicate(timeout=120)
+    assert load.returncode not in (0, None), "the load finished before it was interrupted"
+    last = stderr.decode().strip().splitlines()[-1]
+    found = re.search(r"interrupted .*: ([\d,]+) rows are on the log;", last)
+    assert found and "run the same command again" in last, last
+    on_log = int(found.group(1).replace(",", ""))
+    assert 0 < on_log < rows
+    assert messages_on(kappa.broker, topic) == on_log
+
+    resumed = kappa.load(path, KEY, topic, partitions=3)
+    expected_line = f"resuming: {on_log:,} of {rows:,} rows already on the log, sending {rows - on_log:,}"
+    assert expected_line in resumed.stderr.decode()
+    assert messages_on(kappa.broker, topic) == rows
+    kappa.replay_batch(topic, VALUE, KEY)
+    csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
+
+
+def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):
+    rows, topic = 5_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=142)
+    kappa.load(path, KEY, topic, partitions=2)
+    assert messages_on(kappa.broker, topic) == rows
+
+    repeated = kappa.load(path, KEY, topic, partitions=2)
+    assert "already loaded" in repeated.stdout.decode() and "--again" in repeated.stdout.decode()
+    assert f"{rows:,} rows" in repeated.stdout.decode()
+    assert messages_on(kappa.broker, topic) == rows
+
+    kappa.run("load", str(path), "--key", KEY, "--topic", topic, "--again")
+    assert messages_on(kappa.broker, topic) == 2 * rows
+    kappa.load(path, KEY, topic, partitions=2)
+    assert messages_on(kappa.broker, topic) == 2 * rows
+
+    copy = tmp_path / "same-bytes-other-name.csv"
+    copy.write_bytes(path.read_bytes())
+    kappa.load(copy, KEY, topic, partitions=2)
+    assert messages_on(kappa.broker, topic) == 2 * rows
+
+
+def test_the_same_lines_on_stdin_are_loaded_once(kappa):
+    topic = kappa.topic()
+    lines = b"".join(orjson.dumps({"k": f"k{i % 7}", "v": i}) + b"\n" for i in range(1_000))
+    kappa.run("load", "-", "--key", "k", "--topic", topic, stdin=lines)
+    again = kappa.run("load", "-", "--key", "k", "--topic", topic, stdin=lines)
+    assert "already loaded" in again.stdout.decode()
+    assert messages_on(kappa.broker, topic) == 1_000
+
+
+def test_topic_names_keep_dots_and_strip_only_known_extensions(kappa, tmp_path):
+    base = kappa.topic()
+    for year, rows in (("2024", 30), ("2025", 50)):
+        path = write_sample(tmp_path / f"{base}.{year}.csv", rows, seed=int(year))
+        kappa.run("load", str(path), "--key", KEY)
+        assert messages_on(kappa.broker, f"{base}.{year}") == rows
+    assert admin.partition_count(kappa.broker, base) is None
+
+    tsv = tmp_path / f"{base}.v2.tsv"
+    tsv.write_text("city\tamount\nx\t1\n")
+    kappa.run("load", str(tsv), "--key", KEY)
+    assert messages_on(kappa.broker, f"{base}.v2") == 1
+
+
+@pytest.mark.parametrize("name", ["my sales (2024).csv", "ä.csv", f"{'x' * 250}.csv", "...csv"])
+def test_a_topic_name_kafka_would_refuse_is_refused_with_the_fix(kappa, tmp_path, name):
+    path = tmp_path / name
+    path.write_text("city,amount\nx,1\n")
+    result = kappa.run("load", str(path), "--key", KEY, check=False)
+    assert result.returncode != 0
+    error = result.stderr.decode().strip()
+    assert len(error.splitlines()) == 1 and "--topic NAME" in error and "topic name" in error, error
+
+
+def test_partitions_differing_from_an_existing_topic_are_reported(kappa, tmp_path):
+    topic = kappa.topic()
+    kappa.load(write_sample(tmp_path / "a.csv", 100, seed=1), KEY, topic, partitions=2)
+    second = kappa.load(write_sample(tmp_path / "b.csv", 100, seed=2), KEY, topic, partitions=5)
+    warning = second.stderr.decode()
+    assert "has 2 partitions" in warning and "--partitions 5" in warning, warning
+    assert admin.partition_count(kappa.broker, topic) == 2
+    assert messages_on(kappa.broker, topic) == 200
+
+    unasked = kappa.run("load", str(write_sample(tmp_path / "c.csv", 100, seed=3)), "--key", KEY, "--topic", topic)
+    assert "partitions" not in unasked.stderr.decode()
+
+
+def test_dates_and_timestamps_become_one_iso_text_whatever_the_format(kappa, tmp_path):
+    frame = pd.DataFrame(
+        {
+            "day": [dt.date(2024, 1, 31), dt.date(1970, 1, 1), None],
+            "at": pd.to_datetime(["2024-01-31 10:00:00", "2024-01-31 10:00:00.5", None], format="ISO8601"),
+            "utc": pd.to_datetime(["2024-01-31 10:00", "2024-02-01 00:00", None]).tz_localize("Europe/Paris"),
+            "amount": [1.0, 2.0, 3.0],
+        }
+    )
+    parquet = tmp_path / "dates.parquet"
+    frame.to_parquet(parquet, index=False)
+    csv = tmp_path / "dates.csv"
+    csv.write_text("day,amount\n2024-01-31,1.0\n1970-01-01,2.0\n,3.0\n")
+
+    by_day, by_time, from_csv = kappa.topic("-day"), kappa.topic("-at"), kappa.topic("-csv")
+    kappa.run("load", str(parquet), "--key", "day", "--topic", by_day)
+    kappa.run("load", str(parquet), "--key", "at", "--topic", by_time)
+    kappa.run("load", str(csv), "--key", "day", "--topic", from_csv)
+
+    days = sorted((key, row["day"]) for key, row in read_messages(kappa.broker, by_day) if key is not None)
+    assert days == [(b"1970-01-01", "1970-01-01"), (b"2024-01-31", "2024-01-31")]
+    csv_days = sorted((key, row["day"]) for key, row in read_messages(kappa.broker, from_csv) if key is not None)
+    assert csv_days == days
+
+    rows = sorted(read_messages(kappa.broker, by_time), key=lambda message: message[1]["amount"])
+    assert [key for key, _ in rows] == [b"2024-01-31T10:00:00", b"2024-01-31T10:00:00.5", None]
+    assert [row["at"] for _, row in rows] == ["2024-01-31T10:00:00", "2024-01-31T10:00:00.5", None]
+    assert [row["utc"] for _, row in rows] == ["2024-01-31T09:00:00Z", "2024-01-31T23:00:00Z", None]
+    assert [row["day"] for _, row in rows] == ["2024-01-31", "1970-01-01", None]
+
+
+def test_tab_separated_input(kappa, tmp_path):
+    frame = sample_frame(2_000, 40, seed=143)
+    frame = frame[~frame[KEY].str.contains("\n|\t", regex=True, na=False)]
+    tsv, misnamed = tmp_path / "rows.tsv", tmp_path / "rows.csv"
+    frame.to_csv(tsv, sep="\t", index=False)
+    frame.to_csv(misnamed, sep="\t", index=False)
+    expected = frame.dropna(subset=[KEY]).groupby(KEY)[VALUE].agg(["count", "sum", "mean"])
+
+    for path, topic in ((tsv, kappa.topic("-tsv")), (misnamed, kappa.topic("-csv"))):
+        loaded = kappa.load(path, KEY, topic, partitions=2)
+        if path is misnamed:
+            assert "tab-separated" in loaded.stderr.decode()
+        assert messages_on(kappa.broker, topic) == len(frame)
+        kappa.replay_batch(topic, VALUE, KEY)
+        csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
+        assert_matches(csv_table, expected)

@@ -16,7 +16,7 @@ import faust
 from faust.tables.manager import TableManager
 
 from agents.grouped_mean import COMMIT_EVERY_S, Definition, GroupedMeanAgent, Progress
-from kappa import security
+from kappa import admin, security
 from kappa.config import fetch_partition_bytes
 from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor
 from kappa.lognoise import fold_repeated_client_errors
@@ -84,6 +84,11 @@ def changelog_topic(pipeline: str, generation: int) -> str:
     return f"{app_id(pipeline, generation)}-{TABLE_NAME}-changelog"
 
 
+def assignor_topic(pipeline: str, generation: int) -> str:
+    """Faust's leader-election topic of a generation (faust.assignor.leader_assignor)."""
+    return f"{app_id(pipeline, generation)}-__assignor-__leader"
+
+
 @dataclass
 class Pipeline:
     """A wired Faust app and the handles the runner needs to watch and snapshot it."""
@@ -103,7 +108,12 @@ def create_pipeline(
     partitions: int,
     state_dir: Path,
     progress: Progress,
+    replication: admin.Replication,
 ) -> Pipeline:
+    """Wire the generation's app. Every topic it creates is replicated as `replication` says:
+    Faust's changelog through its own settings, its assignor topic made here first (Faust
+    gives that one no config, and leaves an existing topic as it is)."""
+    admin.ensure_topic(broker, assignor_topic(pipeline, generation), 1, replication_factor=replication.factor)
     app = faust.App(
         app_id(pipeline, generation),
         broker=f"kafka://{broker}",
@@ -115,7 +125,10 @@ def create_pipeline(
         autodiscover=False,
         web_enabled=False,
         topic_partitions=partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=replication.factor,
+        # every changelog and dead-letter write waits for all in-sync replicas: a write the
+        # table counts on must survive the death of the broker that took it
+        producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
         stream_buffer_maxsize=65_536,
@@ -141,7 +154,7 @@ def create_pipeline(
     dlq = app.topic(
         definition.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    table = define_table(app, partitions)
+    table = define_table(app, partitions, replication.topic_config)
     agent = GroupedMeanAgent(table, definition, dlq, progress)
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
     app.topics.add(source)

@@ -172,7 +172,9 @@ def load(settings: Settings, path: str, key: str, topic: str | None = None, part
     stats = JsonLinesStats()
     messages, expected = _messages(path, key, stats)
     admin.wait_until_reachable(settings.broker)
-    created = admin.ensure_topic(settings.broker, topic, partitions, admin.UNLIMITED_RETENTION)
+    created = admin.ensure_topic(
+        settings.broker, topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
+    )
     failures: list[str] = []
 
     def on_delivery(error, message) -> None:

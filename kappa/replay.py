@@ -92,7 +92,9 @@ def preflight(settings: Settings, definition: Definition, allow_truncated: bool)
     marks = admin.watermarks(settings.broker, definition.topic, partitions)
     warn_finite_retention(settings, definition.topic)
     check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
-    admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+    admin.ensure_topic(
+        settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
+    )
     return partitions, {p: high for p, (_, high) in marks.items()}
 
 
@@ -126,6 +128,7 @@ def run_batch(
         partitions=partitions,
         state_dir=settings.state_dir(pipeline, generation),
         progress=progress,
+        replication=admin.replication(settings.broker, settings.replication_factor),
     )
     line = ProgressLine()
     outcome: dict[str, object] = {}

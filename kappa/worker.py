@@ -195,6 +195,7 @@ def run_process(
         partitions=partitions,
         state_dir=state_dir,
         progress=progress,
+        replication=admin.replication(settings.broker, settings.replication_factor),
     )
     heartbeat = settings.run_dir(pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
     writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat, interval)
@@ -252,6 +253,8 @@ def spawn_process(
         "--broker", settings.broker, "--data-dir", str(settings.data_dir),
         "--snapshot-dir", str(settings.snapshot_dir),
     ]  # fmt: skip
+    if settings.replication_factor is not None:
+        command += ["--replication-factor", str(settings.replication_factor)]
     return Child(index, subprocess.Popen(command, stdin=subprocess.DEVNULL))
 
 
@@ -381,7 +384,13 @@ class Supervisor:
         self._data_dir_claim = claim_data_dir(self.settings, self.pipeline)
         admin.wait_until_reachable(self.settings.broker)
         partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
-        admin.ensure_topic(self.settings.broker, self.definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+        admin.ensure_topic(
+            self.settings.broker,
+            self.definition.dlq_topic,
+            partitions,
+            admin.UNLIMITED_RETENTION,
+            self.settings.replication_factor,
+        )
         generation = current_generation(self.settings, self.pipeline, self.definition)
         publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
         signal.signal(signal.SIGTERM, self._on_signal)

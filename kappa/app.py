@@ -17,9 +17,10 @@ from faust.tables.manager import TableManager
 
 from agents.grouped_mean import COMMIT_EVERY_S, Definition, GroupedMeanAgent, Progress
 from kappa import admin, security
+from kappa.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.config import fetch_partition_bytes
 from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor
-from kappa.lognoise import fold_repeated_client_errors
+from kappa.lognoise import fold_repeated_client_errors, hold_back_during_outages
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
 
@@ -45,7 +46,8 @@ class PromptTableManager(TableManager):
 
 
 class PromptWorker(faust.Worker):
-    """Faust's worker without mode's final one-second sleep after the loop has stopped.
+    """Faust's worker without mode's final one-second sleep after the loop has stopped, and
+    with the clients' outage noise held back (kappa.lognoise.HeldBackDuringOutage).
 
     That sleep only lets stray callbacks run before the loop closes; by then every service,
     the consumer and the producer are stopped, and a short yield does the same job.
@@ -53,6 +55,10 @@ class PromptWorker(faust.Worker):
 
     async def _sentinel_task(self) -> None:
         await asyncio.sleep(0.05)
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        hold_back_during_outages(logger)
 
 
 # Young-generation collections per allocated container object; CPython's default is 700.
@@ -97,6 +103,7 @@ class Pipeline:
     table: object
     progress: Progress
     definition: Definition
+    outages: OutageReporter
 
 
 def create_pipeline(
@@ -109,10 +116,15 @@ def create_pipeline(
     state_dir: Path,
     progress: Progress,
     replication: admin.Replication,
+    outage_label: str | None = None,
 ) -> Pipeline:
     """Wire the generation's app. Every topic it creates is replicated as `replication` says:
     Faust's changelog through its own settings, its assignor topic made here first (Faust
-    gives that one no config, and leaves an existing topic as it is)."""
+    gives that one no config, and leaves an existing topic as it is).
+
+    A leader watch runs beside it; with `outage_label` it prints the outage lines itself
+    (a replay), without it only the log filters learn of outages (a worker process, whose
+    supervisor prints them once for all processes)."""
     admin.ensure_topic(broker, assignor_topic(pipeline, generation), 1, replication_factor=replication.factor)
     app = faust.App(
         app_id(pipeline, generation),
@@ -160,9 +172,24 @@ def create_pipeline(
     app.topics.add(source)
     app.transport.Consumer = BatchDeliveryConsumer.for_topics({definition.topic: agent.on_batch})
     app.timer(COMMIT_EVERY_S, name="kappa.commit_pending")(agent.commit_pending)
-    wired = Pipeline(app=app, table=table, progress=progress, definition=definition)
+    watch = LeaderWatch(broker, [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)])
+    outages = OutageReporter(watch, outage_label or "", emit=stderr_line if outage_label else None)
+
+    async def watch_leaders() -> None:
+        await _poll_in_thread(outages)
+
+    app.timer(CHECK_EVERY_S, name="kappa.watch_leaders")(watch_leaders)
+    wired = Pipeline(app=app, table=table, progress=progress, definition=definition, outages=outages)
     table.on_recover(lambda: resume_from_table_offsets(wired))
     return wired
+
+
+async def _poll_in_thread(outages: OutageReporter) -> None:
+    """The watch blocks on metadata and TCP probes; the loop must keep processing meanwhile."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, outages.poll)
+    except Exception:  # a watch must never stop the pipeline; the next tick retries
+        logging.getLogger("kappa.availability").debug("leader watch failed", exc_info=True)
 
 
 async def resume_from_table_offsets(pipe: Pipeline) -> None:

@@ -85,9 +85,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     pipeline = validate_pipeline_name(args.pipeline or args.topic)
     definition = _definition(args)
     if not args.batch:
+        if args.timeout is not None:
+            raise KappaError("--timeout applies to --batch replays only: add --batch, or leave out --timeout")
         return _replay_beside(args, pipeline, definition)
     settings = _settings(args)
-    result = run_batch(settings, pipeline, definition, allow_truncated=args.allow_truncated, loglevel=args.loglevel)
+    if args.timeout is not None and args.timeout <= 0:
+        raise KappaError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
+    result = run_batch(
+        settings,
+        pipeline,
+        definition,
+        allow_truncated=args.allow_truncated,
+        loglevel=args.loglevel,
+        timeout=args.timeout,
+    )
     records = result.manifest["records"]
     rate = sum(records.values()) / result.seconds if result.seconds else 0.0
     print(
@@ -224,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_arguments(replay)
     replay.add_argument(
         "--batch", action="store_true", help="run in the foreground to the current end offsets, publish, exit"
+    )
+    replay.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --batch: give up after this long (exit non-zero, state kept), e.g. while a broker is down",
     )
     replay.add_argument(
         "--allow-truncated", action="store_true", help="replay even if retention removed the log's start"

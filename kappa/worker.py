@@ -26,7 +26,16 @@ from typing import IO
 
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, parts, snapshot
-from kappa.app import Pipeline, PromptWorker, app_id, create_pipeline, quiet_faust_noise, relax_garbage_collector
+from kappa.app import (
+    Pipeline,
+    PromptWorker,
+    app_id,
+    changelog_topic,
+    create_pipeline,
+    quiet_faust_noise,
+    relax_garbage_collector,
+)
+from kappa.availability import LeaderWatch, OutageReporter, ReporterThread
 from kappa.cleanup import clear_leftovers
 from kappa.config import Settings
 from kappa.errors import KappaError
@@ -371,6 +380,17 @@ class Supervisor:
         self.loglevel = loglevel
         self.stopping = False
         self.children: list[Child] = []
+        self.outages: OutageReporter | None = None
+
+    def _watch_leaders(self, generation: int) -> None:
+        """One outage line for all processes, printed here (the processes stay quiet)."""
+        topics = [self.definition.topic, self.definition.dlq_topic, changelog_topic(self.pipeline, generation)]
+        if self.outages is None:
+            self.outages = OutageReporter(LeaderWatch(self.settings.broker, topics), "kappa worker")
+            self._outage_thread = ReporterThread(self.outages)
+            self._outage_thread.start()
+        else:
+            self.outages.watch.topics = topics
 
     def _spawn(self, generation: int, index: int) -> Child:
         return spawn_process(
@@ -401,6 +421,7 @@ class Supervisor:
             flush=True,
         )
         self.children = [self._spawn(generation, i) for i in range(self.processes)]
+        self._watch_leaders(generation)
         next_publish = time.monotonic() + self.interval
         next_check = time.monotonic() + 1.0
         try:
@@ -412,12 +433,15 @@ class Supervisor:
                     followed = self._follow_switch(generation)
                     if followed is not None:
                         generation = followed
+                        self._watch_leaders(generation)
                         publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
                 if time.monotonic() >= next_publish:
                     next_publish = time.monotonic() + self.interval
                     self._publish(publisher)
         finally:
             stop_children(self.children)
+            if self.outages is not None:
+                self._outage_thread.stop()
         self._publish(publisher)
         print(f"kappa worker: stopped; latest is {snapshot.resolve_latest(self.settings.snapshot_dir, self.pipeline)}")
         return 0
@@ -446,6 +470,8 @@ class Supervisor:
         try:
             publisher.publish_if_changed()
         except KappaError as exc:
+            if self.outages is not None and self.outages.current is not None:
+                return  # the outage line says why; the next interval retries
             print(f"kappa worker: error: {exc}; the previous snapshot stays current, retrying", file=sys.stderr)
         except OSError as exc:
             print(f"kappa worker: error: reading parts failed: {exc}; retrying", file=sys.stderr)

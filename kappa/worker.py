@@ -470,7 +470,7 @@ class Supervisor:
         try:
             publisher.publish_if_changed()
         except KappaError as exc:
-            if self.outages is not None and self.outages.current is not None:
+            if self.outages is not None and (self.outages.current or self.outages.watch.check()) is not None:
                 return  # the outage line says why; the next interval retries
             print(f"kappa worker: error: {exc}; the previous snapshot stays current, retrying", file=sys.stderr)
         except OSError as exc:

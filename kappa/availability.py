@@ -37,6 +37,7 @@ class _Recent:
 
     active = False
     ended_at: float | None = None
+    watching = False  # a leader watch runs in this process
 
 
 def mark_outage(active: bool) -> None:
@@ -44,6 +45,11 @@ def mark_outage(active: bool) -> None:
     if _Recent.active and not active:
         _Recent.ended_at = time.monotonic()
     _Recent.active = active
+
+
+def watched() -> bool:
+    """True once a leader watch runs in this process: it, not the clients, reports dead brokers."""
+    return _Recent.watching
 
 
 def outage_recent(within_s: float) -> bool:
@@ -147,6 +153,7 @@ class OutageReporter:
         self.emit = emit
         self.repeat_s = repeat_s
         self.current: Outage | None = None
+        _Recent.watching = True
         self._since: float | None = None
         self._last_line: float | None = None
 

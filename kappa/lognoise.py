@@ -81,14 +81,31 @@ def _is_client_error(record: logging.LogRecord) -> bool:
     return False
 
 
+# what aiokafka says when it cannot talk to one broker (aiokafka/conn.py, client.py, consumer/)
+CONNECTION_ERRORS = ("KafkaConnectionError", "NodeNotReadyError", "Unable connect", "Connect call failed")
+
+
+def _is_connection_error(record: logging.LogRecord) -> bool:
+    if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+        return False
+    text = record.getMessage() if record.args else str(record.msg)
+    return any(marker in text for marker in CONNECTION_ERRORS)
+
+
 class HeldBackDuringOutage(logging.Filter):
     """While partitions have no reachable leader (kappa.availability says so in one line),
     the clients' own reports of it are held back: Faust's stall block, which names every
-    partition in twelve lines, aiokafka's connection errors and Kafka error tracebacks."""
+    partition in twelve lines, aiokafka's connection errors and Kafka error tracebacks.
+
+    Where a leader watch runs, aiokafka's connection errors are held back from the start:
+    they come in the very second a broker dies, seconds before the watch's next check, and
+    the watch reports a dead broker whenever it matters (it leads a partition we read)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from kappa.availability import CLIENT_ERRORS_AFTER_S, STALL_REPORTS_AFTER_S, outage_recent
+        from kappa.availability import CLIENT_ERRORS_AFTER_S, STALL_REPORTS_AFTER_S, outage_recent, watched
 
+        if watched() and _is_connection_error(record):
+            return False
         if record.levelno < logging.WARNING or not outage_recent(STALL_REPORTS_AFTER_S):
             return True
         if FAUST_STALL_REPORT in str(record.msg):

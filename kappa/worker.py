@@ -35,7 +35,7 @@ from kappa.app import (
     quiet_faust_noise,
     relax_garbage_collector,
 )
-from kappa.availability import LeaderWatch, OutageReporter, ReporterThread
+from kappa.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
 from kappa.cleanup import clear_leftovers
 from kappa.config import Settings
 from kappa.errors import KappaError
@@ -470,8 +470,10 @@ class Supervisor:
         try:
             publisher.publish_if_changed()
         except KappaError as exc:
-            if self.outages is not None and (self.outages.current or self.outages.watch.check()) is not None:
-                return  # the outage line says why; the next interval retries
+            if self.outages is not None and (
+                outage_recent(CLIENT_ERRORS_AFTER_S) or self.outages.watch.check() is not None
+            ):
+                return  # the outage line says why (or said it just now); the next interval retries
             print(f"kappa worker: error: {exc}; the previous snapshot stays current, retrying", file=sys.stderr)
         except OSError as exc:
             print(f"kappa worker: error: reading parts failed: {exc}; retrying", file=sys.stderr)

@@ -71,3 +71,8 @@ def test_client_outage_noise_is_held_back_only_during_an_outage():
         availability.mark_outage(False)
         availability._Recent.ended_at = None
     assert held_back.filter(stall) and held_back.filter(connect)
+    availability._Recent.watching = True  # a watch reports dead brokers; aiokafka need not
+    try:
+        assert not held_back.filter(connect) and held_back.filter(stall)
+    finally:
+        availability._Recent.watching = False

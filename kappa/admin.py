@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from kappa import security
 from kappa.errors import KappaError
@@ -103,13 +104,108 @@ def require_partition_count(broker: str, topic: str) -> int:
     return count
 
 
-def ensure_topic(broker: str, topic: str, partitions: int, config: Mapping[str, str] | None = None) -> bool:
-    """Create `topic` if missing; returns True when it was created here."""
+@dataclass(frozen=True)
+class Replication:
+    """How the topics kappa creates are replicated on one cluster.
+
+    `factor` is the cluster's default.replication.factor, never more than its brokers (a
+    single laptop broker gives 1), unless the user chose one. `min_insync` is factor - 1 from
+    three replicas on: an acks=all write then survives one dead broker and still lands on two.
+    `use_broker_default` asks CreateTopics for the broker's own default (-1, KIP-464).
+    """
+
+    factor: int
+    min_insync: int
+    brokers: int
+    use_broker_default: bool = False
+
+    @property
+    def topic_config(self) -> dict[str, str]:
+        return {"min.insync.replicas": str(self.min_insync)}
+
+    @property
+    def create_factor(self) -> int:
+        return -1 if self.use_broker_default else self.factor
+
+
+def min_insync_for(factor: int) -> int:
+    return factor - 1 if factor >= 3 else 1
+
+
+_replication_cache: dict[tuple[str, int | None], Replication] = {}
+
+
+def replication(broker: str, requested: int | None = None) -> Replication:
+    """The replication of every topic kappa creates on `broker`'s cluster; asked once per process.
+
+    Faust needs a concrete factor for its changelog and assignor topics, so the default is
+    read from the cluster (its brokers' default.replication.factor, capped at the broker
+    count) rather than left to each CreateTopics call.
+    """
+    cached = _replication_cache.get((broker, requested))
+    if cached is not None:
+        return cached
+    client = admin(broker)
+    try:
+        metadata = client.list_topics(timeout=10)
+    except KafkaException as exc:
+        raise KappaError(f"cannot read the cluster's brokers from {broker}: {exc.args[0].str()}") from None
+    brokers = len(metadata.brokers)
+    if requested is not None:
+        if requested > brokers:
+            raise KappaError(
+                f"replication factor {requested} was asked for, but the cluster at {broker} has {brokers} "
+                "broker(s): pass a --replication-factor (or KAPPA_REPLICATION_FACTOR) of at most that"
+            )
+        found = Replication(requested, min_insync_for(requested), brokers)
+    else:
+        default = _default_replication_factor(client, sorted(metadata.brokers))
+        if default is None:  # not allowed to read broker configs: as many as there are, up to 3
+            found = Replication(min(brokers, 3), min_insync_for(min(brokers, 3)), brokers)
+        else:
+            factor = max(1, min(default, brokers))
+            found = Replication(factor, min_insync_for(factor), brokers, use_broker_default=factor == default)
+    _replication_cache[(broker, requested)] = found
+    return found
+
+
+def _default_replication_factor(client: AdminClient, broker_ids: list[int]) -> int | None:
+    if not broker_ids:
+        return None
+    resource = ConfigResource(ResourceType.BROKER, str(broker_ids[0]))
+    try:
+        entries = client.describe_configs([resource])[resource].result(timeout=10)
+    except KafkaException:
+        return None
+    entry = entries.get("default.replication.factor")
+    try:
+        return int(entry.value) if entry is not None and entry.value is not None else None
+    except ValueError:
+        return None
+
+
+def ensure_topic(
+    broker: str,
+    topic: str,
+    partitions: int,
+    config: Mapping[str, str] | None = None,
+    replication_factor: int | None = None,
+) -> bool:
+    """Create `topic` if missing, replicated as the cluster allows (kappa.admin.replication);
+    returns True when it was created here."""
     if partition_count(broker, topic) is not None:
         return False
+    chosen = replication(broker, replication_factor)
     client = admin(broker)  # must outlive its futures
     futures = client.create_topics(
-        [NewTopic(topic, num_partitions=partitions, replication_factor=1, config=dict(config or {}))]
+        [
+            NewTopic(
+                topic,
+                num_partitions=partitions,
+                replication_factor=chosen.create_factor,
+                config={**chosen.topic_config, **(config or {})},
+            )
+        ]
     )
     try:
         futures[topic].result(timeout=30)
@@ -118,6 +214,42 @@ def ensure_topic(broker: str, topic: str, partitions: int, config: Mapping[str, 
             raise KappaError(f"could not create topic {topic!r} on {broker}: {exc.args[0].str()}") from None
         return False
     return True
+
+
+@dataclass(frozen=True)
+class TopicReplication:
+    """What a topic has: its fewest replicas over partitions, and its min.insync.replicas."""
+
+    topic: str
+    replicas: int
+    min_insync: int | None
+
+
+def topic_replication(broker: str, topics: list[str]) -> dict[str, TopicReplication]:
+    """Existing topics among `topics` with their replication; missing ones are left out."""
+    client = admin(broker)
+    try:
+        metadata = client.list_topics(timeout=10)
+    except KafkaException as exc:
+        raise KappaError(f"cannot read topic metadata from {broker}: {exc.args[0].str()}") from None
+    found = {}
+    for topic in topics:
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            continue
+        replicas = min(len(partition.replicas) for partition in info.partitions.values())
+        found[topic] = TopicReplication(topic, replicas, _topic_min_insync(client, topic))
+    return found
+
+
+def _topic_min_insync(client: AdminClient, topic: str) -> int | None:
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        entries = client.describe_configs([resource])[resource].result(timeout=10)
+    except KafkaException:
+        return None
+    entry = entries.get("min.insync.replicas")
+    return int(entry.value) if entry is not None and entry.value is not None else None
 
 
 def delete_topics(broker: str, topics: list[str]) -> None:
@@ -224,8 +356,6 @@ def group_members(broker: str, group: str) -> int | None:
 
 def retention_ms(broker: str, topic: str) -> int | None:
     """The topic's retention.ms (-1 = unlimited), or None when it cannot be read."""
-    from confluent_kafka.admin import ConfigResource, ResourceType
-
     client = admin(broker)
     resource = ConfigResource(ResourceType.TOPIC, topic)
     try:

@@ -16,10 +16,11 @@ import faust
 from faust.tables.manager import TableManager
 
 from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, Definition, GroupedMeanAgent, Progress
-from kappa import deadletters, security
+from kappa import admin, deadletters, security
+from kappa.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.config import fetch_partition_bytes
 from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor, commit_offsets
-from kappa.lognoise import fold_repeated_client_errors
+from kappa.lognoise import fold_repeated_client_errors, hold_back_during_outages
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
 
@@ -45,7 +46,8 @@ class PromptTableManager(TableManager):
 
 
 class PromptWorker(faust.Worker):
-    """Faust's worker without mode's final one-second sleep after the loop has stopped.
+    """Faust's worker without mode's final one-second sleep after the loop has stopped, and
+    with the clients' outage noise held back (kappa.lognoise.HeldBackDuringOutage).
 
     That sleep only lets stray callbacks run before the loop closes; by then every service,
     the consumer and the producer are stopped, and a short yield does the same job.
@@ -53,6 +55,10 @@ class PromptWorker(faust.Worker):
 
     async def _sentinel_task(self) -> None:
         await asyncio.sleep(0.05)
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        hold_back_during_outages(logger)
 
 
 # Young-generation collections per allocated container object; CPython's default is 700.
@@ -84,6 +90,11 @@ def changelog_topic(pipeline: str, generation: int) -> str:
     return f"{app_id(pipeline, generation)}-{TABLE_NAME}-changelog"
 
 
+def assignor_topic(pipeline: str, generation: int) -> str:
+    """Faust's leader-election topic of a generation (faust.assignor.leader_assignor)."""
+    return f"{app_id(pipeline, generation)}-__assignor-__leader"
+
+
 @dataclass
 class Pipeline:
     """A wired Faust app and the handles the runner needs to watch and snapshot it."""
@@ -92,6 +103,7 @@ class Pipeline:
     table: object
     progress: Progress
     definition: Definition
+    outages: OutageReporter
 
 
 def create_pipeline(
@@ -103,7 +115,17 @@ def create_pipeline(
     partitions: int,
     state_dir: Path,
     progress: Progress,
+    replication: admin.Replication,
+    outage_label: str | None = None,
 ) -> Pipeline:
+    """Wire the generation's app. Every topic it creates is replicated as `replication` says:
+    Faust's changelog through its own settings, its assignor topic made here first (Faust
+    gives that one no config, and leaves an existing topic as it is).
+
+    A leader watch runs beside it; with `outage_label` it prints the outage lines itself
+    (a replay), without it only the log filters learn of outages (a worker process, whose
+    supervisor prints them once for all processes)."""
+    admin.ensure_topic(broker, assignor_topic(pipeline, generation), 1, replication_factor=replication.factor)
     app = faust.App(
         app_id(pipeline, generation),
         broker=f"kafka://{broker}",
@@ -115,7 +137,10 @@ def create_pipeline(
         autodiscover=False,
         web_enabled=False,
         topic_partitions=partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=replication.factor,
+        # every changelog and dead-letter write waits for all in-sync replicas: a write the
+        # table counts on must survive the death of the broker that took it
+        producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
         stream_buffer_maxsize=65_536,
@@ -141,7 +166,7 @@ def create_pipeline(
     dlq = app.topic(
         definition.dlq_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    table = define_table(app, partitions)
+    table = define_table(app, partitions, replication.topic_config)
     identity = deadletters.definition_id(definition.to_record())
     written = deadletters.written_up_to(broker, definition.dlq_topic, definition.topic, identity)
     agent = GroupedMeanAgent(table, definition, dlq, progress, DeadLetters(pipeline, generation, identity, written))
@@ -149,9 +174,24 @@ def create_pipeline(
     app.topics.add(source)
     app.transport.Consumer = BatchDeliveryConsumer.for_topics({definition.topic: agent.on_batch})
     app.timer(COMMIT_EVERY_S, name="kappa.commit_pending")(agent.commit_pending)
-    wired = Pipeline(app=app, table=table, progress=progress, definition=definition)
+    watch = LeaderWatch(broker, [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)])
+    outages = OutageReporter(watch, outage_label or "", emit=stderr_line if outage_label else None)
+
+    async def watch_leaders() -> None:
+        await _poll_in_thread(outages)
+
+    app.timer(CHECK_EVERY_S, name="kappa.watch_leaders")(watch_leaders)
+    wired = Pipeline(app=app, table=table, progress=progress, definition=definition, outages=outages)
     table.on_recover(lambda: resume_from_table_offsets(wired))
     return wired
+
+
+async def _poll_in_thread(outages: OutageReporter) -> None:
+    """The watch blocks on metadata and TCP probes; the loop must keep processing meanwhile."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, outages.poll)
+    except Exception:  # a watch must never stop the pipeline; the next tick retries
+        logging.getLogger("kappa.availability").debug("leader watch failed", exc_info=True)
 
 
 async def resume_from_table_offsets(pipe: Pipeline) -> None:

@@ -16,11 +16,17 @@ def _common() -> argparse.ArgumentParser:
     parent.add_argument("--broker", help="Kafka bootstrap address (default: $KAPPA_BROKER, else localhost:9092)")
     parent.add_argument("--data-dir", help="local state and the embedded broker's files (default: ./.kappa)")
     parent.add_argument("--snapshot-dir", help="where snapshots are published (default: ./snapshots)")
+    parent.add_argument(
+        "--replication-factor",
+        type=int,
+        help="replicas of every topic kappa creates (default: $KAPPA_REPLICATION_FACTOR, else the cluster's "
+        "default.replication.factor, at most its broker count)",
+    )
     return parent
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_args(args.broker, args.data_dir, args.snapshot_dir)
+    return Settings.from_args(args.broker, args.data_dir, args.snapshot_dir, args.replication_factor)
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
@@ -28,8 +34,10 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.action == "start":
-        address = broker.start(settings.data_dir, args.port, sasl=args.sasl)
-        print(f"kafka {broker.KAFKA_VERSION} is up at {address} (data in {settings.data_dir / 'kafka'})")
+        address = broker.start(settings.data_dir, args.port, sasl=args.sasl, nodes=args.nodes)
+        count = broker.recorded_nodes(settings.data_dir)
+        shape = f"a {count}-node cluster" if count > 1 else "up"
+        print(f"kafka {broker.KAFKA_VERSION} is {shape} at {address} (data in {settings.data_dir / 'kafka'})")
     elif args.action == "stop":
         stopped = broker.stop(settings.data_dir)
         print("kafka stopped" if stopped else f"no kafka broker was running from {settings.data_dir / 'kafka'}")
@@ -42,6 +50,13 @@ def cmd_kafka(args: argparse.Namespace) -> int:
             f"kafka {state['version']} running at {state['address']} ({state['protocol']}) pid {state['pid']}, "
             f"answers: {state['answers']}"
         )
+        if len(state["nodes"]) > 1:
+            for node in state["nodes"]:
+                where = f"{node['address']} pid {node['pid']}" if node["running"] else f"{node['address']} stopped"
+                print(f"  node {node['node']}: {where}")
+            print(f"  {state['registered']} of {len(state['nodes'])} nodes registered")
+            if not all(node["running"] for node in state["nodes"]):
+                return 1
     return 0
 
 
@@ -79,8 +94,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     pipeline = validate_pipeline_name(args.pipeline or args.topic)
     definition = _definition(args)
     if not args.batch:
+        if args.timeout is not None:
+            raise KappaError("--timeout applies to --batch replays only: add --batch, or leave out --timeout")
         return _replay_beside(args, pipeline, definition)
     settings = _settings(args)
+    if args.timeout is not None and args.timeout <= 0:
+        raise KappaError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
     result = run_batch(
         settings,
         pipeline,
@@ -88,6 +107,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         allow_truncated=args.allow_truncated,
         force=args.force,
         loglevel=args.loglevel,
+        timeout=args.timeout,
     )
     records = result.manifest["records"]
     rate = sum(records.values()) / result.seconds if result.seconds else 0.0
@@ -229,9 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    kafka = commands.add_parser("kafka", parents=[common], help="run the embedded single-node Kafka broker")
+    kafka = commands.add_parser("kafka", parents=[common], help="run the embedded Kafka broker (one node or a cluster)")
     kafka.add_argument("action", choices=["start", "stop", "status"])
-    kafka.add_argument("--port", type=int, default=9092, help="listener port on 127.0.0.1 (default 9092)")
+    kafka.add_argument(
+        "--port",
+        type=int,
+        help="listener port on 127.0.0.1 (default 9092, or the port the data dir's broker has); "
+        "a cluster's nodes listen on consecutive ports from it, their controllers right after",
+    )
+    kafka.add_argument(
+        "--nodes",
+        type=int,
+        help="KRaft nodes (broker+controller each; default 1, or what the data dir holds); 3 make a cluster "
+        "that survives one node's death",
+    )
     kafka.add_argument(
         "--sasl",
         action="store_true",
@@ -259,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_arguments(replay)
     replay.add_argument(
         "--batch", action="store_true", help="run in the foreground to the current end offsets, publish, exit"
+    )
+    replay.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --batch: give up after this long (exit non-zero, state kept), e.g. while a broker is down",
     )
     replay.add_argument(
         "--allow-truncated", action="store_true", help="replay even if retention removed the log's start"

@@ -22,15 +22,22 @@ class Settings:
     broker: str
     data_dir: Path
     snapshot_dir: Path
+    # replicas of the topics kappa creates; None = what the cluster gives (kappa.admin.replication)
+    replication_factor: int | None = None
 
     @classmethod
     def from_args(
-        cls, broker: str | None, data_dir: str | os.PathLike | None, snapshot_dir: str | os.PathLike | None
+        cls,
+        broker: str | None,
+        data_dir: str | os.PathLike | None,
+        snapshot_dir: str | os.PathLike | None,
+        replication_factor: int | None = None,
     ) -> "Settings":
         return cls(
             broker=broker or os.environ.get("KAPPA_BROKER") or DEFAULT_BROKER,
             data_dir=Path(data_dir or os.environ.get("KAPPA_DATA_DIR") or ".kappa").absolute(),
             snapshot_dir=Path(snapshot_dir or os.environ.get("KAPPA_SNAPSHOT_DIR") or "snapshots").absolute(),
+            replication_factor=_replication_factor(replication_factor),
         )
 
     def state_dir(self, pipeline: str, generation: int) -> Path:
@@ -40,6 +47,23 @@ class Settings:
     def run_dir(self, pipeline: str, generation: int) -> Path:
         """Heartbeat files of live processes, read by `kappa status`."""
         return self.data_dir / "run" / pipeline / f"g{generation}"
+
+
+def _replication_factor(given: int | None) -> int | None:
+    """--replication-factor, else $KAPPA_REPLICATION_FACTOR, else None (the cluster decides)."""
+    raw = given if given is not None else os.environ.get("KAPPA_REPLICATION_FACTOR")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise KappaError(
+            f"the replication factor must be a whole number >= 1, not {raw!r}: fix --replication-factor "
+            "or KAPPA_REPLICATION_FACTOR"
+        )
+    return value
 
 
 def validate_pipeline_name(name: str) -> str:

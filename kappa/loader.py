@@ -111,13 +111,15 @@ def producer_config(broker: str) -> dict:
     )
 
 
-def _prepare_topic(broker: str, topic: str, partitions: int | None) -> bool:
+def _prepare_topic(broker: str, topic: str, partitions: int | None, replication_factor: int | None) -> bool:
     """Create the topic if missing (True when created here). An explicit --partitions that
     differs from an existing topic's count is reported, and the rows go to the existing partitions:
     changing a topic's partition count would move keys between partitions."""
     existing = admin.partition_count(broker, topic)
     if existing is None:
-        return admin.ensure_topic(broker, topic, partitions or DEFAULT_PARTITIONS, admin.UNLIMITED_RETENTION)
+        return admin.ensure_topic(
+            broker, topic, partitions or DEFAULT_PARTITIONS, admin.UNLIMITED_RETENTION, replication_factor
+        )
     if partitions is not None and partitions != existing:
         note(
             f"warning: topic {topic!r} already has {existing} partitions; --partitions {partitions} applies only "
@@ -304,7 +306,7 @@ def load(
         for text in source.notes:
             note(text)
         admin.wait_until_reachable(settings.broker)
-        created = _prepare_topic(settings.broker, topic, partitions)
+        created = _prepare_topic(settings.broker, topic, partitions, settings.replication_factor)
         writer = LedgerWriter(settings.broker, topic)
         plan = _plan(settings, topic, source, again, writer)
         if isinstance(plan, LedgerEntry):

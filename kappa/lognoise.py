@@ -61,3 +61,61 @@ def fold_repeated_client_errors(window_s: float = REPEAT_WINDOW_S) -> None:
         if (name == "aiokafka" or name.startswith("aiokafka.")) and isinstance(logger, logging.Logger):
             logger.addFilter(demoter)
             logger.addFilter(folder)
+
+
+# how Faust's stall report begins its explanation (faust.transport.drivers.aiokafka)
+FAUST_STALL_REPORT = "There are multiple possible explanations"
+CLIENT_LOGGERS = ("aiokafka", "faust", "mode", "kafka")
+
+
+def _is_client_error(record: logging.LogRecord) -> bool:
+    """A warning or error of the Kafka clients, or a traceback of a Kafka or network error."""
+    if record.levelno < logging.WARNING:
+        return False
+    if record.name.split(".")[0] in CLIENT_LOGGERS:
+        return True
+    if record.exc_info and record.exc_info[1] is not None:
+        from aiokafka.errors import KafkaError
+
+        return isinstance(record.exc_info[1], KafkaError | OSError | TimeoutError)
+    return False
+
+
+# what aiokafka says when it cannot talk to one broker (aiokafka/conn.py, client.py, consumer/)
+CONNECTION_ERRORS = ("KafkaConnectionError", "NodeNotReadyError", "Unable connect", "Connect call failed")
+
+
+def _is_connection_error(record: logging.LogRecord) -> bool:
+    if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+        return False
+    text = record.getMessage() if record.args else str(record.msg)
+    return any(marker in text for marker in CONNECTION_ERRORS)
+
+
+class HeldBackDuringOutage(logging.Filter):
+    """While partitions have no reachable leader (kappa.availability says so in one line),
+    the clients' own reports of it are held back: Faust's stall block, which names every
+    partition in twelve lines, aiokafka's connection errors and Kafka error tracebacks.
+
+    Where a leader watch runs, aiokafka's connection errors are held back from the start:
+    they come in the very second a broker dies, seconds before the watch's next check, and
+    the watch reports a dead broker whenever it matters (it leads a partition we read)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kappa.availability import CLIENT_ERRORS_AFTER_S, STALL_REPORTS_AFTER_S, outage_recent, watched
+
+        if watched() and _is_connection_error(record):
+            return False
+        if record.levelno < logging.WARNING or not outage_recent(STALL_REPORTS_AFTER_S):
+            return True
+        if FAUST_STALL_REPORT in str(record.msg):
+            return False
+        return not (_is_client_error(record) and outage_recent(CLIENT_ERRORS_AFTER_S))
+
+
+def hold_back_during_outages(logger: logging.Logger) -> None:
+    """Filter every handler of `logger` (the root logger, once Faust has set it up): a
+    handler's filter sees records of every module, including loggers made later."""
+    for handler in logger.handlers:
+        if not any(isinstance(existing, HeldBackDuringOutage) for existing in handler.filters):
+            handler.addFilter(HeldBackDuringOutage())

@@ -21,6 +21,7 @@ import pandas as pd
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, snapshot
 from kappa.app import Pipeline, PromptWorker, create_pipeline, quiet_faust_noise, relax_garbage_collector
+from kappa.availability import wait_for_leaders
 from kappa.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.config import Settings
 from kappa.errors import KappaError
@@ -104,17 +105,28 @@ def record_counts(pipe: Pipeline, partitions: int) -> dict[str, int]:
 
 
 def preflight(
-    settings: Settings, definition: Definition, allow_truncated: bool, force: bool = False
+    settings: Settings,
+    definition: Definition,
+    allow_truncated: bool,
+    force: bool = False,
+    timeout: float | None = None,
 ) -> tuple[int, dict[int, int]]:
-    """Checks every replay makes first; returns the partition count and the end offsets now."""
+    """Checks every replay makes first; returns the partition count and the end offsets now.
+
+    The end offsets need every partition's leader: with a broker down, this waits (saying
+    so) for at most `timeout` seconds, or as long as it takes when that is None.
+    """
     admin.wait_until_reachable(settings.broker)
     partitions = admin.require_partition_count(settings.broker, definition.topic)
+    wait_for_leaders(settings.broker, [definition.topic], f"replay of {definition.topic!r}", timeout)
     if not force:
         check_definition(settings, definition, partitions)
     marks = admin.watermarks(settings.broker, definition.topic, partitions)
     warn_finite_retention(settings, definition.topic)
     check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
-    admin.ensure_topic(settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+    admin.ensure_topic(
+        settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
+    )
     return partitions, {p: high for p, (_, high) in marks.items()}
 
 
@@ -126,8 +138,13 @@ def run_batch(
     allow_truncated: bool = False,
     force: bool = False,
     loglevel: str = "warn",
+    timeout: float | None = None,
 ) -> ReplayResult:
-    partitions, end_offsets = preflight(settings, definition, allow_truncated, force)
+    """Replay to the end offsets captured now and publish. With `timeout`, give up after that
+    many seconds (the generation is marked failed and its state kept) rather than wait for
+    brokers that do not come back."""
+    began = time.monotonic()
+    partitions, end_offsets = preflight(settings, definition, allow_truncated, force, timeout)
     registry = Registry(settings.snapshot_dir, pipeline)
     definition_record = definition.to_record()
     resumable = resumable_batch(registry, definition)
@@ -156,6 +173,8 @@ def run_batch(
         partitions=partitions,
         state_dir=settings.state_dir(pipeline, generation),
         progress=progress,
+        replication=admin.replication(settings.broker, settings.replication_factor),
+        outage_label=f"replay {pipeline} g{generation}",
     )
     line = ProgressLine()
     outcome: dict[str, object] = {}
@@ -195,11 +214,18 @@ def run_batch(
             line.finish()
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def applied() -> int:
+        return sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
+
     async def watch() -> None:
         if outcome:
             return
-        done = sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
-        line.update(done, total, label=f"g{generation}")
+        line.update(applied(), total, label=f"g{generation}")
+        if timeout is not None and time.monotonic() - began > timeout and not progress.reached_stop():
+            outcome["timed_out"] = True
+            line.finish()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if progress.reached_stop():
             outcome["pending"] = asyncio.ensure_future(finish())  # not inside the timer: it takes a while
 
@@ -231,6 +257,15 @@ def run_batch(
         raise KappaError(
             f"replay of generation {generation} failed while publishing: {error!r}; its state is kept: run the "
             f"same replay again to finish it, or `kappa gc --pipeline {pipeline}` to delete it"
+        )
+    if "timed_out" in outcome:
+        registry.mark(generation, GenerationState.FAILED)
+        outage = pipe.outages.current
+        why = f"; {outage.line().split('; waiting')[0]}" if outage is not None else ""
+        raise KappaError(
+            f"replay of generation {generation} did not reach the end offsets within --timeout {timeout:g}s "
+            f"({applied():,} of {total:,} records applied{why}); its state is kept: run the same replay again "
+            f"to resume it, or `kappa gc --pipeline {pipeline}` to delete it"
         )
     if "path" not in outcome:
         registry.mark(generation, GenerationState.FAILED)

@@ -7,7 +7,7 @@ import os
 from datetime import UTC, datetime
 
 from kappa import admin
-from kappa.app import app_id
+from kappa.app import app_id, assignor_topic, changelog_topic
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationState, Registry
@@ -76,6 +76,8 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
                 "processes": _processes(settings, pipeline, int(number)),
             }
         )
+    kept = [gen["generation"] for gen in result["generations"]]
+    result["warnings"] = replication_warnings(settings, pipeline, topic, kept)
     try:
         _, manifest = read_snapshot(settings.snapshot_dir, pipeline)
         result["latest_snapshot"] = {
@@ -88,6 +90,24 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
     except KappaError:
         result["latest_snapshot"] = None
     return result
+
+
+def replication_warnings(settings: Settings, pipeline: str, topic: str, generations: list[int]) -> list[str]:
+    """One line per pipeline topic with fewer replicas than the cluster could give it.
+
+    Such a topic (made by an older kappa, another tool, or --replication-factor) goes
+    offline, in part, when one broker dies, however well the rest is replicated.
+    """
+    possible = admin.replication(settings.broker).factor
+    topics = [topic, f"{topic}.dlq"]
+    for generation in generations:
+        topics += [changelog_topic(pipeline, generation), assignor_topic(pipeline, generation)]
+    return [
+        f"topic {found.topic!r} has {found.replicas} replica(s) where the cluster could give {possible}: one "
+        "broker's death takes its partitions offline; raise it with kafka-reassign-partitions"
+        for found in admin.topic_replication(settings.broker, topics).values()
+        if found.replicas < possible
+    ]
 
 
 def gather(settings: Settings, pipeline: str | None = None) -> dict:
@@ -142,6 +162,7 @@ def render(status: dict) -> str:
                     f"    process pid {proc['pid']} on {proc['host']}: partitions {proc['partitions']}, "
                     f"heartbeat {proc['heartbeat_age_s']}s ago"
                 )
+        lines.extend(f"  warning: {warning}" for warning in pipe.get("warnings", []))
         snap = pipe["latest_snapshot"]
         if snap:
             records = snap["records"]

@@ -27,7 +27,16 @@ from typing import IO
 
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, parts, snapshot
-from kappa.app import Pipeline, PromptWorker, app_id, create_pipeline, quiet_faust_noise, relax_garbage_collector
+from kappa.app import (
+    Pipeline,
+    PromptWorker,
+    app_id,
+    changelog_topic,
+    create_pipeline,
+    quiet_faust_noise,
+    relax_garbage_collector,
+)
+from kappa.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
 from kappa.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.config import Settings
 from kappa.errors import KappaError
@@ -196,6 +205,7 @@ def run_process(
         partitions=partitions,
         state_dir=state_dir,
         progress=progress,
+        replication=admin.replication(settings.broker, settings.replication_factor),
     )
     heartbeat = settings.run_dir(pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
     writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat, interval)
@@ -256,6 +266,8 @@ def spawn_process(
         "--broker", settings.broker, "--data-dir", str(settings.data_dir),
         "--snapshot-dir", str(settings.snapshot_dir),
     ]  # fmt: skip
+    if settings.replication_factor is not None:
+        command += ["--replication-factor", str(settings.replication_factor)]
     parent = os.getpid()
     process = subprocess.Popen(
         command,
@@ -400,6 +412,17 @@ class Supervisor:
         self.stopping = False
         self.children: list[Child] = []
         self._data_dir_claim: IO | None = None
+        self.outages: OutageReporter | None = None
+
+    def _watch_leaders(self, generation: int) -> None:
+        """One outage line for all processes, printed here (the processes stay quiet)."""
+        topics = [self.definition.topic, self.definition.dlq_topic, changelog_topic(self.pipeline, generation)]
+        if self.outages is None:
+            self.outages = OutageReporter(LeaderWatch(self.settings.broker, topics), "kappa worker")
+            self._outage_thread = ReporterThread(self.outages)
+            self._outage_thread.start()
+        else:
+            self.outages.watch.topics = topics
 
     def _spawn(self, generation: int, index: int) -> Child:
         return spawn_process(
@@ -422,7 +445,13 @@ class Supervisor:
         self._data_dir_claim = claim_data_dir(self.settings, self.pipeline)
         admin.wait_until_reachable(self.settings.broker)
         partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
-        admin.ensure_topic(self.settings.broker, self.definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION)
+        admin.ensure_topic(
+            self.settings.broker,
+            self.definition.dlq_topic,
+            partitions,
+            admin.UNLIMITED_RETENTION,
+            self.settings.replication_factor,
+        )
         generation = current_generation(self.settings, self.pipeline, self.definition, partitions)
         publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
         print(
@@ -431,6 +460,7 @@ class Supervisor:
             flush=True,
         )
         self.children = [self._spawn(generation, i) for i in range(self.processes)]
+        self._watch_leaders(generation)
         next_publish = time.monotonic() + self.interval
         next_check = time.monotonic() + 1.0
         try:
@@ -442,14 +472,23 @@ class Supervisor:
                     followed = self._follow_switch(generation)
                     if followed is not None:
                         generation = followed
+                        self._watch_leaders(generation)
                         publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
                 if time.monotonic() >= next_publish:
                     next_publish = time.monotonic() + self.interval
                     self._publish(publisher)
         finally:
             stop_children(self.children)
+            if self.outages is not None:
+                self._outage_thread.stop()
         self._publish(publisher)
-        print(f"kappa worker: stopped; latest is {snapshot.resolve_latest(self.settings.snapshot_dir, self.pipeline)}")
+        latest = self.settings.snapshot_dir / self.pipeline / "latest"
+        where = (
+            f"latest is {snapshot.resolve_latest(self.settings.snapshot_dir, self.pipeline)}"
+            if latest.is_symlink()
+            else "no snapshot was published yet"
+        )
+        print(f"kappa worker: stopped; {where}")
         return 0
 
     def _follow_switch(self, generation: int) -> int | None:
@@ -473,6 +512,10 @@ class Supervisor:
         try:
             publisher.publish_if_changed()
         except KappaError as exc:
+            if self.outages is not None and (
+                outage_recent(CLIENT_ERRORS_AFTER_S) or self.outages.watch.check() is not None
+            ):
+                return  # the outage line says why (or said it just now); the next interval retries
             print(f"kappa worker: error: {exc}; the previous snapshot stays current, retrying", file=sys.stderr)
         except OSError as exc:
             print(f"kappa worker: error: reading parts failed: {exc}; retrying", file=sys.stderr)

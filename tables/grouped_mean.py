@@ -112,9 +112,10 @@ class PartitionStats:
         return cls(*orjson.loads(raw))
 
 
-def define_table(app, partitions: int):
+def define_table(app, partitions: int, changelog_config: dict[str, str] | None = None):
     """The table as Faust sees it: raw bytes in and out (bytes types select Faust's raw
-    codec), so our own compact encoding stays in charge."""
+    codec), so our own compact encoding stays in charge. `changelog_config` is added to the
+    changelog topic's config when Faust creates it."""
     return app.Table(
         TABLE_NAME,
         default=None,
@@ -122,6 +123,7 @@ def define_table(app, partitions: int):
         value_type=bytes,
         partitions=partitions,
         help="sum and count per group key, per source partition",
+        extra_topic_configs=dict(changelog_config or {}),
     )
 
 

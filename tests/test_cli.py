@@ -77,3 +77,22 @@ def test_kafka_lifecycle_is_idempotent(tmp_path):
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     after = kappa_cli("kafka", "status", "--data-dir", str(tmp_path))
     assert after.returncode == 1 and "not running" in after.stdout
+
+
+def test_kafka_start_on_another_port_is_refused(tmp_path):
+    """A running broker answers `start`, but not when --port asks for a port it is not on."""
+    from tests.conftest import free_port_block
+
+    port = free_port_block(2)
+    try:
+        first = kappa_cli("kafka", "start", "--port", str(port), "--data-dir", str(tmp_path), timeout=180)
+        assert first.returncode == 0, first.stderr
+        moved = kappa_cli("kafka", "start", "--port", str(port + 1), "--data-dir", str(tmp_path), timeout=60)
+        assert moved.returncode != 0 and "up at" not in moved.stdout
+        lines = moved.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"127.0.0.1:{port}, not on port {port + 1}" in lines[0], moved.stderr
+        assert "kappa kafka stop" in lines[0]
+        same = kappa_cli("kafka", "start", "--data-dir", str(tmp_path), timeout=60)
+        assert same.returncode == 0 and f"127.0.0.1:{port}" in same.stdout, "without --port it keeps its port"
+    finally:
+        kappa_cli("kafka", "stop", "--data-dir", str(tmp_path), timeout=60)

@@ -48,3 +48,31 @@ def test_routine_rebalance_warning_is_logged_at_info(caplog):
         ]
     finally:
         logger.filters.clear()
+
+
+def test_client_outage_noise_is_held_back_only_during_an_outage():
+    from kappa import availability
+    from kappa.lognoise import HeldBackDuringOutage
+
+    def record(name: str, level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+    stall = record("faust.transport.drivers.aiokafka", logging.ERROR,
+                   "Stream has not started processing TP(...) There are multiple possible explanations")  # fmt: skip
+    connect = record("aiokafka.conn", logging.ERROR, "Unable connect to node with id 1")
+    ours = record("kappa.worker", logging.ERROR, "could not write snapshot parts")
+    held_back = HeldBackDuringOutage()
+    assert all(held_back.filter(r) for r in (stall, connect, ours)), "no outage: everything passes"
+    availability.mark_outage(True)
+    try:
+        assert not held_back.filter(stall) and not held_back.filter(connect)
+        assert held_back.filter(ours), "kappa's own errors always pass"
+    finally:
+        availability.mark_outage(False)
+        availability._Recent.ended_at = None
+    assert held_back.filter(stall) and held_back.filter(connect)
+    availability._Recent.watching = True  # a watch reports dead brokers; aiokafka need not
+    try:
+        assert not held_back.filter(connect) and held_back.filter(stall)
+    finally:
+        availability._Recent.watching = False

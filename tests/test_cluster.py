@@ -1,0 +1,234 @@
+"""On a 3-node cluster: every topic kappa creates is replicated, and a broker's death changes
+how long things take, never the result. The verdict is the pandas oracle over the input files."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kappa.admin import committed_offsets, end_offsets, ensure_topic, topic_replication
+from kappa.app import app_id, assignor_topic, changelog_topic
+from kappa.datagen import pandas_expectation, sample_frame
+from tests.conftest import REPO, Cluster, Kappa
+from tests.live import kill_group, load_round, start_worker
+from tests.oracle import assert_matches, read_latest
+
+KEY, VALUE = "city", "amount"
+
+
+def pipeline_topics(topic: str) -> list[str]:
+    return [topic, f"{topic}.dlq", changelog_topic(topic, 1), assignor_topic(topic, 1)]
+
+
+def error_lines(text: str) -> list[str]:
+    """What a user would read as trouble: errors, warnings and traceback lines."""
+    pattern = re.compile(r"ERROR|WARNING|Traceback|Error:|error:|has not started processing", re.IGNORECASE)
+    return [line for line in text.replace("\r", "\n").splitlines() if pattern.search(line)]
+
+
+def load_and_replay(kappa: Kappa, tmp_path, rows: int, *extra: str) -> tuple[str, str]:
+    topic, path = kappa.topic(), tmp_path / "rows.csv"
+    sample_frame(rows, 200, seed=7).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, 4)
+    kappa.replay_batch(topic, VALUE, KEY, *extra)
+    _, table, _ = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(table, pandas_expectation(str(path), KEY, VALUE))
+    return topic, str(path)
+
+
+def test_every_kappa_topic_is_replicated_on_the_cluster(cluster_kappa, tmp_path):
+    topic, _ = load_and_replay(cluster_kappa, tmp_path, 3_000)
+    found = topic_replication(cluster_kappa.broker, pipeline_topics(topic))
+    assert sorted(found) == sorted(pipeline_topics(topic))
+    assert {(r.replicas, r.min_insync) for r in found.values()} == {(3, 2)}, found
+    status = cluster_kappa.run("status", "--pipeline", topic).stdout.decode()
+    assert "warning" not in status, status
+
+
+def test_status_warns_about_an_under_replicated_pipeline_topic(cluster_kappa, tmp_path):
+    topic, path = cluster_kappa.topic(), tmp_path / "rows.csv"
+    sample_frame(1_000, 50, seed=8).to_csv(path, index=False)
+    cluster_kappa.run("load", str(path), "--key", KEY, "--topic", topic, "--replication-factor", "1")
+    cluster_kappa.replay_batch(topic, VALUE, KEY)
+    found = topic_replication(cluster_kappa.broker, pipeline_topics(topic))
+    assert found[topic].replicas == 1 and found[topic].min_insync == 1
+    assert found[changelog_topic(topic, 1)].replicas == 3, "only the override's own topic is thin"
+    status = cluster_kappa.run("status", "--pipeline", topic).stdout.decode()
+    warnings = [line for line in status.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and f"topic '{topic}' has 1 replica(s) where the cluster could give 3" in warnings[0]
+
+
+def test_topics_on_a_single_node_have_one_replica(kappa, tmp_path):
+    topic, _ = load_and_replay(kappa, tmp_path, 2_000)
+    found = topic_replication(kappa.broker, pipeline_topics(topic))
+    assert sorted(found) == sorted(pipeline_topics(topic))
+    assert {(r.replicas, r.min_insync) for r in found.values()} == {(1, 1)}, found
+
+
+def test_cluster_status_lists_every_node(cluster):
+    result = subprocess.run(
+        [sys.executable, "-m", "kappa", "kafka", "status", "--data-dir", str(cluster.data_dir)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3 of 3 nodes registered" in result.stdout
+    for node in cluster.nodes():
+        assert f"node {node.node_id}: {node.address} pid {node.pid}" in result.stdout
+
+
+def test_replay_started_with_a_leader_down_says_so_and_times_out(cluster_kappa, cluster, tmp_path):
+    """A topic with one replica (made so on purpose) loses partitions with its broker."""
+    topic, path = cluster_kappa.topic(), tmp_path / "rows.csv"
+    sample_frame(2_000, 50, seed=9).to_csv(path, index=False)
+    cluster_kappa.run("load", str(path), "--key", KEY, "--topic", topic, "--replication-factor", "1")
+    victim = cluster.busiest_leader([topic])
+    cluster.kill(victim)
+    started = time.monotonic()
+    result = cluster_kappa.replay_batch(topic, VALUE, KEY, "--timeout", "12", check=False, timeout=120)
+    took = time.monotonic() - started
+    stderr = result.stderr.decode()
+    assert result.returncode != 0 and took < 60, stderr
+    port = next(node.port for node in cluster.nodes() if node.node_id == victim)
+    assert "no reachable leader" in stderr and f"{victim} (127.0.0.1:{port})" in stderr, stderr
+    assert "gave up after --timeout 12s" in stderr
+    assert "Unknown partition" not in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) <= 3, stderr
+    cluster.restart()
+    cluster_kappa.replay_batch(topic, VALUE, KEY)
+    _, table, _ = read_latest(cluster_kappa.snapshot_dir, topic)
+    assert_matches(table, pandas_expectation(str(path), KEY, VALUE))
+
+
+@pytest.mark.slow
+def test_kill_a_broker_mid_read_of_a_batch_replay(cluster_kappa, cluster, tmp_path):
+    kappa, rows = cluster_kappa, 300_000
+    topic, path = kappa.topic(), tmp_path / "rows.csv"
+    sample_frame(rows, 1_000, seed=21).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, 8)
+    env = kappa.paced_replay_env(app_id(topic, 1), 150_000)
+    command = [sys.executable, "-m", "kappa", "replay", "--topic", topic, "--value", VALUE, "--key", KEY,
+               "--batch", *kappa.args()]  # fmt: skip
+    log = tmp_path / "replay.log"
+    with open(log, "wb") as handle:
+        replay = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                  start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and replay.poll() is None:
+            if sum(o or 0 for o in committed_offsets(kappa.broker, app_id(topic, 1), topic, 8).values()) > rows // 5:
+                break
+            time.sleep(0.2)
+        assert replay.poll() is None, f"the replay ended before the kill:\n{log.read_text()}"
+        victim = cluster.busiest_leader([topic, changelog_topic(topic, 1)])
+        cluster.kill(victim)
+        killed_at = time.monotonic()
+        code = replay.wait(timeout=300)
+        finished = time.monotonic() - killed_at
+        assert not next(n for n in cluster.nodes() if n.node_id == victim).running, "it finished with the node down"
+    finally:
+        if replay.poll() is None:
+            os.killpg(replay.pid, signal.SIGKILL)
+            replay.wait(timeout=30)
+    output = log.read_text()
+    assert code == 0, output
+    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), KEY, VALUE)
+    assert_matches(csv_table, expected)
+    assert_matches(parquet_table, expected)
+    errors = error_lines(output)
+    print(f"\nreplay finished {finished:.1f}s after node {victim} was killed; error lines: {errors}")
+    assert len(errors) <= 5, output
+
+
+@pytest.mark.slow
+def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path):
+    kappa, rows = cluster_kappa, 400_000
+    topic, path = kappa.topic(), tmp_path / "rows.csv"
+    sample_frame(rows, 1_000, seed=22).to_csv(path, index=False)
+    ensure_topic(kappa.broker, topic, 8, {"retention.ms": "-1"})
+    victim = cluster.busiest_leader([topic])
+    log = tmp_path / "load.log"
+    with open(log, "wb") as handle:
+        load = subprocess.Popen(
+            [sys.executable, "-m", "kappa", "load", str(path), "--key", KEY, "--topic", topic, *kappa.args()],
+            stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while sum(end_offsets(kappa.broker, topic, 8).values()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.kill(victim)
+        killed_at = time.monotonic()
+        code = load.wait(timeout=300)
+        finished = time.monotonic() - killed_at
+    finally:
+        if load.poll() is None:
+            os.killpg(load.pid, signal.SIGKILL)
+            load.wait(timeout=30)
+    output = log.read_text()
+    assert code == 0, output
+    assert sum(end_offsets(kappa.broker, topic, 8).values()) == rows, "every row once on the log"
+    kappa.replay_batch(topic, VALUE, KEY)
+    csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), KEY, VALUE)
+    assert_matches(csv_table, expected)
+    counted = manifest["records"]
+    assert counted["counted"] + counted["skipped"] + counted["rejected"] == rows
+    print(f"\nload finished {finished:.1f}s after node {victim} was killed; error lines: {error_lines(output)}")
+    assert len(error_lines(output)) <= 3, output
+
+
+@pytest.mark.slow
+def test_live_worker_through_broker_outages(cluster_kappa, cluster: Cluster, tmp_path):
+    kappa = cluster_kappa
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 6)
+    worker = start_worker(kappa, topic, VALUE, KEY, processes=2, interval=0.5)
+    worker.partitions = 6
+    timings: dict[str, float] = {}
+    try:
+        load_round(kappa, worker, tmp_path, 3_000, seed=30)
+        worker.wait_caught_up()
+        mark = len(worker.log.read_text())
+
+        # one broker down, rows arriving, then back
+        victim = cluster.busiest_leader([topic, changelog_topic(topic, 1)])
+        cluster.kill(victim)
+        started = time.monotonic()
+        load_round(kappa, worker, tmp_path, 3_000, seed=31)
+        worker.assert_exact(tmp_path, KEY, VALUE)
+        timings["exact with one broker down"] = time.monotonic() - started
+        time.sleep(5)
+        cluster.restart()
+        load_round(kappa, worker, tmp_path, 2_000, seed=32)
+        worker.assert_exact(tmp_path, KEY, VALUE)
+        one_down = worker.log.read_text()[mark:]
+        mark = len(worker.log.read_text())
+
+        # two brokers down for 20 s: no quorum, no write can reach min.insync.replicas
+        alive = sorted(node.node_id for node in cluster.nodes())
+        for node_id in alive[:2]:
+            cluster.kill(node_id)
+        time.sleep(20)
+        assert worker.process.poll() is None, f"the worker gave up:\n{worker.log.read_text()}"
+        restarted = time.monotonic()
+        cluster.restart()
+        load_round(kappa, worker, tmp_path, 2_000, seed=33)
+        worker.assert_exact(tmp_path, KEY, VALUE)
+        timings["exact after two brokers came back"] = time.monotonic() - restarted
+        two_down = worker.log.read_text()[mark:]
+        assert worker.stop() == 0
+    finally:
+        kill_group(worker)
+    said = [line for line in worker.log.read_text().splitlines() if "no reachable leader" in line]
+    print(f"\ntimings {timings}\none down: {error_lines(one_down)}\ntwo down: {error_lines(two_down)}\nsaid: {said}")
+    assert len(error_lines(one_down)) <= 6, one_down
+    assert len(error_lines(two_down)) <= 8, two_down
+    assert "has not started processing" not in worker.log.read_text()
+    assert worker.log.read_text().count("restarting") <= 2

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from kappa.codec import COUNTED, REJECTED, decode
-from kappa.fastpath import Record
+from kappa.pipeline import Record
 from tables.grouped_mean import MeanState
 
 NO_STOP = 1 << 63

@@ -1,7 +1,7 @@
 """The grouped-mean agent: log records in, one table write per touched key per batch out.
 
 Faust's per-event table writes are its usual bottleneck (one changelog record and one
-RocksDB put each). This agent gets each batch the consumer fetched (kappa.fastpath), folds
+RocksDB put each). This agent gets each batch the consumer fetched (kappa.engine), folds
 each source partition's records (agents.fold), and writes every touched key once, with
 the partition's stats entry, in one bulk write (tables.writer).
 """
@@ -18,50 +18,14 @@ from faust.types import TP
 
 from agents.fold import fold
 from kappa import deadletters
-from kappa.fastpath import Record, commit_offsets
+from kappa.engine.faust_internals import commit_offsets, drain_producer_buffer
+from kappa.pipeline import Definition, Progress, Record
 from tables.grouped_mean import STATS_KEY, MeanState, read_stats
 from tables.writer import TableWriter
 
 log = logging.getLogger("kappa.agent")
 COMMIT_EVERY_S = 1.0
 REWIND_PATIENCE_S = 10.0
-
-
-@dataclass(frozen=True)
-class Definition:
-    """What a pipeline computes: mean of `value_field` grouped by the row's `key_field`
-    (by the message key when `key_field` is None), over `topic`."""
-
-    topic: str
-    value_field: str
-    key_field: str | None
-
-    @property
-    def dlq_topic(self) -> str:
-        return f"{self.topic}.dlq"
-
-    def to_record(self) -> dict:
-        """The definition as the registry and manifests keep it."""
-        return {"topic": self.topic, "value": self.value_field, "key": self.key_field}
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Definition:
-        return cls(topic=record["topic"], value_field=record["value"], key_field=record.get("key"))
-
-
-@dataclass
-class Progress:
-    """What this process has applied, per source partition; read by snapshots and progress."""
-
-    next_offsets: dict[int, int] = field(default_factory=dict)
-    stop_at: Mapping[int, int] | None = None
-    records_seen: int = 0
-    dirty: set[int] = field(default_factory=set)
-
-    def reached_stop(self) -> bool:
-        if self.stop_at is None:
-            return False
-        return all(self.next_offsets.get(p, 0) >= end for p, end in self.stop_at.items() if end > 0)
 
 
 @dataclass
@@ -125,13 +89,9 @@ class GroupedMeanAgent:
 
         Offsets are committed only after this returns, so a committed source offset is never
         ahead of the changelog, and a partition that moves to another process is restored
-        with every applied record. Faust's own flush is not enough: its buffer flush gives up
-        after 0.1 s with records still pending (faust/transport/producer.py, flush_atmost).
+        with every applied record.
         """
-        producer = self.table.app.producer
-        while producer.buffer.size:
-            await producer.buffer.flush()
-        await producer.flush()
+        await drain_producer_buffer(self.table.app)
         await self.writer.flush()
 
     async def _skip_for_rewind(self, partition: int, messages: Sequence[Record], stored: int) -> Sequence[Record]:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import faust
-from faust.tables.manager import TableManager
 
-from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, Definition, GroupedMeanAgent, Progress
+from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, GroupedMeanAgent
 from kappa import admin, deadletters, security
 from kappa.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.config import fetch_partition_bytes
-from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor, commit_offsets
-from kappa.lognoise import fold_repeated_client_errors, hold_back_during_outages
+from kappa.engine.faust_internals import PerRecordQuietMonitor, PromptTableManager, commit_offsets, deliver_batches
+from kappa.lognoise import fold_repeated_client_errors
+from kappa.pipeline import Definition, Progress
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
 
@@ -29,36 +29,6 @@ def quiet_faust_noise() -> None:
     design; the agent drains it, so keep the log to what an operator needs."""
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
     fold_repeated_client_errors()
-
-
-class PromptTableManager(TableManager):
-    """Faust's table manager without its one-second nap before subscribing.
-
-    Faust sleeps so that tables defined late (by autodiscovered modules) still make it into
-    the first subscription; kappa defines its one table before the worker starts, and the
-    nap was a tenth of a 1M-record replay's wall time.
-    """
-
-    async def on_start(self) -> None:
-        if not self.should_stop:
-            await self._update_channels()
-            await self.recovery.start()
-
-
-class PromptWorker(faust.Worker):
-    """Faust's worker without mode's final one-second sleep after the loop has stopped, and
-    with the clients' outage noise held back (kappa.lognoise.HeldBackDuringOutage).
-
-    That sleep only lets stray callbacks run before the loop closes; by then every service,
-    the consumer and the producer are stopped, and a short yield does the same job.
-    """
-
-    async def _sentinel_task(self) -> None:
-        await asyncio.sleep(0.05)
-
-    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
-        super().on_setup_root_logger(logger, level)
-        hold_back_during_outages(logger)
 
 
 # Young-generation collections per allocated container object; CPython's default is 700.
@@ -159,7 +129,7 @@ def create_pipeline(
         # doubling the table work on a host; a moved partition is restored from the changelog
         # (compact: one entry per key), and exactness never depends on standbys
         table_standby_replicas=0,
-        Monitor=PerRecordQuietMonitor,  # see kappa.fastpath
+        Monitor=PerRecordQuietMonitor,  # see kappa.engine.faust_internals
         TableManager=PromptTableManager,
     )
     source = app.topic(definition.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -171,8 +141,7 @@ def create_pipeline(
     written = deadletters.written_up_to(broker, definition.dlq_topic, definition.topic, identity)
     agent = GroupedMeanAgent(table, definition, dlq, progress, DeadLetters(pipeline, generation, identity, written))
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
-    app.topics.add(source)
-    app.transport.Consumer = BatchDeliveryConsumer.for_topics({definition.topic: agent.on_batch})
+    deliver_batches(app, source, {definition.topic: agent.on_batch})
     app.timer(COMMIT_EVERY_S, name="kappa.commit_pending")(agent.commit_pending)
     watch = LeaderWatch(broker, [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)])
     outages = OutageReporter(watch, outage_label or "", emit=stderr_line if outage_label else None)

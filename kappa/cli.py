@@ -126,7 +126,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _definition(args: argparse.Namespace):
-    from agents.grouped_mean import Definition
+    from kappa.pipeline import Definition
 
     return Definition(topic=args.topic, value_field=args.value, key_field=args.key)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from agents.grouped_mean import Definition
 from kappa import admin
 from kappa.config import Settings
 from kappa.errors import KappaError
+from kappa.pipeline import Definition
 
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_TIMEOUT_S = 10.0

@@ -8,8 +8,6 @@ generation current, and exits. Records produced after the start are left for liv
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -18,15 +16,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from agents.grouped_mean import Definition, Progress
 from kappa import admin, snapshot
-from kappa.app import Pipeline, PromptWorker, create_pipeline, quiet_faust_noise, relax_garbage_collector
+from kappa.app import Pipeline, create_pipeline, quiet_faust_noise, relax_garbage_collector
 from kappa.availability import wait_for_leaders
 from kappa.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.config import Settings
+from kappa.engine.faust_internals import PromptWorker, fresh_event_loop, request_stop
 from kappa.errors import KappaError
 from kappa.generations import GenerationState, Registry, builder_alive, this_builder
 from kappa.guards import EmptyResult, check_definition, refuse_empty_result
+from kappa.pipeline import Definition, Progress
 from kappa.progress import ProgressLine
 from tables.grouped_mean import STATS_KEY, PartitionStats, partition_items, read_stats
 
@@ -212,7 +211,7 @@ def run_batch(
             outcome["error"] = exc
         finally:
             line.finish()
-            os.kill(os.getpid(), signal.SIGTERM)
+            request_stop()
 
     def applied() -> int:
         return sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
@@ -224,7 +223,7 @@ def run_batch(
         if timeout is not None and time.monotonic() - began > timeout and not progress.reached_stop():
             outcome["timed_out"] = True
             line.finish()
-            os.kill(os.getpid(), signal.SIGTERM)
+            request_stop()
             return
         if progress.reached_stop():
             outcome["pending"] = asyncio.ensure_future(finish())  # not inside the timer: it takes a while
@@ -240,7 +239,7 @@ def run_batch(
     except SystemExit:
         pass
     finally:
-        asyncio.set_event_loop(asyncio.new_event_loop())
+        fresh_event_loop()
     seconds = time.monotonic() - started
     if "path" in outcome:
         # Faust may have committed past the cut; a live worker continuing this generation

@@ -9,7 +9,6 @@ same when processes on several hosts share one snapshot directory.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import fcntl
 import itertools
@@ -25,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agents.grouped_mean import Definition, Progress
 from kappa import admin, parts, snapshot
 from kappa.app import (
     Pipeline,
-    PromptWorker,
     app_id,
     changelog_topic,
     create_pipeline,
@@ -39,9 +36,11 @@ from kappa.app import (
 from kappa.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
 from kappa.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.config import Settings
+from kappa.engine.faust_internals import PromptWorker, fresh_event_loop
 from kappa.errors import KappaError
 from kappa.generations import GenerationState, Registry
 from kappa.guards import check_definition, refuse_empty_result
+from kappa.pipeline import Definition, Progress
 from kappa.processes import pid_alive
 from tables.grouped_mean import read_partition
 
@@ -173,13 +172,12 @@ class FinalPartsWorker(PromptWorker):
 
     part_writer: PartWriter | None = None
 
-    async def _stop_on_signal(self, sig: signal.Signals) -> None:  # mode's signal hook
+    async def before_signal_stop(self) -> None:
         if self.part_writer is not None:
             try:
                 self.part_writer.write(self.part_writer.assigned())
             except Exception:  # the stop must go on; the next run rewrites parts
                 log.exception("could not write final parts")
-        await super()._stop_on_signal(sig)
 
 
 def run_process(
@@ -232,7 +230,7 @@ def run_process(
         heartbeat.unlink(missing_ok=True)
         return int(exit_.code or 0)
     finally:
-        asyncio.set_event_loop(asyncio.new_event_loop())
+        fresh_event_loop()
     return 0
 
 

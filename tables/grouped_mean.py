@@ -134,10 +134,11 @@ def partition_items(table, partition: int):
     lets several processes each publish the partitions they own. Faust's own bookkeeping key
     (its changelog offset) is left out.
     """
-    store = table.data
-    db = store._db_for_partition(partition)
-    for key, value in db.items():
-        if key != store.offset_key:
+    from kappa.engine.faust_internals import partition_db, store_offset_key  # not at import: Faust is heavy
+
+    offset_key = store_offset_key(table)
+    for key, value in partition_db(table, partition).items():
+        if key != offset_key:
             yield key, value
 
 
@@ -154,7 +155,9 @@ def read_partition(table, partition: int) -> tuple[list[tuple[bytes, MeanState]]
 
 
 def read_stats(table, partition: int) -> PartitionStats:
-    return PartitionStats.decode(table.data._db_for_partition(partition).get(STATS_KEY))
+    from kappa.engine.faust_internals import partition_db  # not at import: snapshot readers need no Faust
+
+    return PartitionStats.decode(partition_db(table, partition).get(STATS_KEY))
 
 
 def stored_next_offset(table, partition: int) -> int:

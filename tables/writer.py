@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import rocksdict
-from faust.types import TP
+
+from kappa.engine.faust_internals import partition_db, persist_changelog_offset, raw_producer
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,7 @@ class TableWriter:
         self._pending: list[PendingBatch] = []
 
     def _db(self, partition: int) -> Any:
-        return self.table.data._db_for_partition(partition)
+        return partition_db(self.table, partition)
 
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
         """One RocksDB multi-get; None where a key has no entry."""
@@ -68,7 +69,7 @@ class TableWriter:
         self._db(partition).write(batch)
 
     async def _send(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
-        producer = self.table.app.producer._ensure_producer()  # Faust's aiokafka producer
+        producer = raw_producer(self.table.app)  # Faust's aiokafka producer
         builder, count = producer.create_batch(), 0
         for key, value in entries.items():
             if builder.append(timestamp=None, key=key, value=value) is None:  # full
@@ -94,7 +95,5 @@ class TableWriter:
         last: dict[int, int] = {}
         for batch, metadata in zip(pending, outcomes, strict=True):
             last[batch.partition] = max(last.get(batch.partition, -1), metadata.offset + batch.count - 1)
-        store = self.table.data
         for partition, offset in last.items():
-            if partition in store._dbs:  # not if a rebalance closed it meanwhile: never reopen
-                store.set_persisted_offset(TP(self.changelog, partition), offset)
+            persist_changelog_offset(self.table, self.changelog, partition, offset)  # not if closed meanwhile

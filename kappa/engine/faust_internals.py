@@ -1,64 +1,265 @@
-"""Faust's per-record hot path, trimmed: what py-spy showed costs most in a replay.
+"""The one seam between kappa and the internals of faust-streaming, aiokafka and mode-streaming.
+
+kappa is fast because it replaced most of Faust's per-record path; that rests on private
+members of the three libraries. Every override, subclass and private access lives here and
+nowhere else (ruff's SLF rule is on for the rest of the repo). The members were read against
+faust-streaming 0.15.3, aiokafka 0.14.0 and mode-streaming 0.7.1, pinned exactly in
+pyproject.toml. At import, `check_internals()` checks that each member below exists with the
+shape kappa uses, and otherwise stops with one line naming the library, the version found and
+the version expected (an `EngineMismatch`), instead of a replay that hangs or a stop that
+publishes nothing.
+
+What is coupled, what it is for, and what an upstream change would do without the check:
+
+1. faust `Consumer._drain_messages(fetcher)`, called by `Fetcher._fetcher`.
+   For: overridden by `BatchDeliveryConsumer` to hand fetched batches to the agent.
+   If changed: renamed or no longer called, Faust's own loop runs, the agent never sees a
+   record and a replay hangs with no error. Checked: signature, and that the caller calls it.
+2. faust `Consumer._wait_next_records`, `_buffered_partitions`, `_read_offset`, `_add_gap`,
+   `_commit_every`, `_n_acked`, `perform_seek`, mode `Service._stopped`, `CONSUMER_FETCHING`.
+   For: the batch loop keeps Faust's bookkeeping as its `getmany` would.
+   If changed: AttributeError. A change in what `_read_offset` means (after a seek the next
+   offset to read, after a delivery the last one delivered) would re-deliver or skip records:
+   no check can see that, hence the exact pins.
+3. faust aiokafka driver `Consumer._to_message(tp, record)`, `Consumer._commit(offsets)`.
+   For: the per-record path of changelog topics; `commit_offsets`.
+   If changed: AttributeError.
+4. aiokafka `fetcher.PartitionRecords._consumer_record(tp, record)`, looked up by its
+   module-global name in `Fetcher._proc_fetch_request`.
+   For: `PassThroughRecords` rebinds that global (process-wide, never undone) so the source
+   topic's records skip the `ConsumerRecord` dataclass.
+   If changed: no longer looked up by name, ConsumerRecords come back (correct, slower).
+   Checked: the method's signature, and that the fetch function still names the global.
+5. faust `Monitor.on_message_in/on_stream_event_in/on_stream_event_out/on_message_out`.
+   For: `PerRecordQuietMonitor` nulls them; Faust's sensors therefore see no records.
+   If changed: new per-record hooks would run again (slower).
+6. faust `TableManager.on_start` (`sleep`, `should_stop`, `_update_channels`, `recovery.start`).
+   For: `PromptTableManager` is a copy of it without the 1 s sleep.
+   If changed: a startup step added upstream would be skipped silently, so the names its body
+   uses are compared.
+7. mode `Worker._sentinel_task`, awaited by `Worker._shutdown_loop`.
+   For: `PromptWorker` shortens the 1 s sleep before the loop closes.
+   If changed: the nap comes back.
+8. mode `Worker._stop_on_signal(signal)`, called by `Worker._schedule_shutdown`.
+   For: `PromptWorker` runs `before_signal_stop` first, where a worker process writes its final
+   parts while the tables are open.
+   If changed: a clean stop would publish no final snapshot. Checked: signature and caller.
+9. faust `Transport.Consumer` (a class attribute, replaced on one app's transport) and
+   `app.topics.add` (subscribing without an agent).
+   For: `deliver_batches`.
+   If changed: the batch consumer would not be used and a replay would hang.
+10. faust `Producer.buffer` (`size`, `flush`; its `flush_atmost` gives up after 0.1 s).
+    For: `drain_producer_buffer` empties it before offsets are committed.
+    If changed: AttributeError.
+11. faust aiokafka driver `Producer._ensure_producer()`; aiokafka `create_batch`, `send_batch`.
+    For: `raw_producer`; the table writer appends changelog records straight into record
+    batches, in exactly Faust's changelog format.
+    If changed: AttributeError.
+12. faust RocksDB `Store._db_for_partition`, `_dbs`, `offset_key`, `set_persisted_offset`.
+    For: `partition_db`, `is_open`, `store_offset_key`, `persist_changelog_offset`.
+    If changed: AttributeError; a moved offset key would leak into snapshots.
+13. A mode Worker stops cleanly on SIGTERM only, and closes its event loop when it stops.
+    For: `request_stop` (a replay stops itself once done), `fresh_event_loop` (the process goes
+    on after the worker).
+    If changed: a replay would not stop, or later asyncio calls would fail.
+
+String couplings stay where they are used: logger names (`faust.transport.producer`,
+`aiokafka.*`) and aiokafka's message texts in `kappa.lognoise`; only the noise would come back.
+confluent-kafka is used through its public API (`kappa.admin`); its underscore error codes
+(`KafkaError._PARTITION_EOF`, `_AUTHENTICATION`) are documented constants, marked where used.
+
+Why each override exists (py-spy on a 1M-record replay):
 
 1. Records of the pipeline's source topic reach the agent as the batches Faust's consumer
 fetched them in, not one event at a time. Faust delivers every record through
 `Service.wait_first(callback(message), suspend_flow.wait())` (four asyncio tasks per
 record), then the Conductor builds an Event, a queue carries it to the stream, and the
-stream acks it: on a 1M-record replay py-spy put the task race alone at 40% of the CPU
-and the rest of that path at most of what was left. Faust still does everything else:
-group membership, assignment, fetching, table recovery, changelogs and seeks.
+stream acks it: the task race alone was 40% of the CPU and the rest of that path most of
+what was left. Faust still does everything else: group membership, assignment, fetching,
+table recovery, changelogs and seeks. Each fetched batch is delivered inside one
+`wait_first` race against flow suspension, so a rebalance cancels the rest of a batch; its
+records were not applied and their read offsets did not move, and Faust seeks back to the
+committed offsets after the rebalance. Records of other topics (table changelogs during
+recovery) take Faust's own path. The batch is taken before Faust's `getmany` turns it into a
+stream (a highwater lookup and a Faust message per record, a quarter of what was left).
 
-Each fetched batch is delivered inside one `wait_first` race against flow suspension, so a
-rebalance cancels the rest of a batch; its records were not applied and their read offsets
-did not move, and Faust seeks back to the committed offsets after the rebalance. Records
-of other topics (table changelogs during recovery) take Faust's own path.
+2. aiokafka wraps every record in a Python `ConsumerRecord` dataclass, 17% of the CPU. For the
+topics with a batch handler the record the batch parser built (aiokafka's C `DefaultRecord`,
+with `offset`, `key`, `value` and `headers`) is passed on as it is.
 
-The batch is taken from Faust's fetcher before its `getmany` turns it into a stream: that
-async generator looked up the highwater mark and built a Faust message for every record,
-about a quarter of the CPU left after the change above. The agent reads aiokafka's records
-as they are, and no Faust message or event is made for them at all (the agent writes the
-table in bulk, tables.writer, which needs no event context).
+3. The monitor keeps no per-record statistics (about 5% of the CPU, for a web view that is
+off); kappa reports progress from the table's own offsets instead (kappa.status).
 
-2. aiokafka hands the source topic's records over as it parsed them. Its fetcher wraps
-every record in a Python `ConsumerRecord` dataclass (eleven fields, sizes and a headers
-tuple), 17% of a 1M-record replay's CPU in py-spy and more than the agent's own JSON parse.
-For the topics with a batch handler the record the batch parser built (aiokafka's C
-`DefaultRecord`, with `offset`, `key`, `value` and `headers`) is passed on as it is; other
-topics (changelogs, Faust's own) still get ConsumerRecords.
-
-3. The monitor keeps no per-record statistics. Faust's Monitor feeds its web view (off
-here) with per-event timings, at about 5% of the replay's CPU; kappa reports progress from
-the table's own offsets instead (kappa.status).
+4. Faust's table manager naps 1 s before subscribing (for tables defined late by
+autodiscovery; kappa defines its one table first), a tenth of a replay's wall time, and mode
+naps 1 s more before closing the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
-from aiokafka.consumer import fetcher as aiokafka_fetcher
-from aiokafka.consumer.fetcher import PartitionRecords
-from faust.sensors.monitor import Monitor
-from faust.transport.consumer import CONSUMER_FETCHING
-from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
-from faust.types import TP
+from kappa.errors import KappaError
+from kappa.lognoise import hold_back_during_outages
+from kappa.pipeline import Record
+
+# the releases this module was read against (pyproject.toml pins the same)
+WRITTEN_FOR = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1"}
+SEAM = "kappa/engine/faust_internals.py"
+
+
+class EngineMismatch(KappaError):
+    """An installed faust-streaming, aiokafka or mode-streaming lacks what the seam relies on."""
+
+
+def installed_version(library: str) -> str:
+    try:
+        return importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def mismatch(library: str, what: str) -> EngineMismatch:
+    return EngineMismatch(
+        f"{library} {installed_version(library)} is installed, but kappa's engine seam ({SEAM}) was written for "
+        f"{library} {WRITTEN_FOR[library]}: {what}; install the pinned versions (make venv) or port the seam"
+    )
+
+
+def _module(library: str, name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise mismatch(library, f"module {name} cannot be imported ({exc})") from None
+
+
+def _member(library: str, owner: Any, name: str) -> Any:
+    where = f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}"
+    if name not in dir(owner) and name not in getattr(owner, "__annotations__", {}):
+        raise mismatch(library, f"{where.lstrip('.')}.{name} is missing")
+    return getattr(owner, name, None)
+
+
+def _code(function: Any) -> Any:
+    function = getattr(function, "fun", function)  # mode's @Service.task wraps the function
+    function = inspect.unwrap(getattr(function, "fget", function))
+    return function.__code__
+
+
+def _method(library: str, owner: type, name: str, params: Sequence[str], *, coroutine: bool | None = None) -> Any:
+    """`owner.name` exists, takes exactly `params` (after self) and is (not) a coroutine."""
+    function = _member(library, owner, name)
+    where = f"{owner.__module__}.{owner.__qualname__}.{name}"
+    if not callable(function):
+        raise mismatch(library, f"{where} is no longer a method")
+    found = [p for p in inspect.signature(function).parameters if p != "self"]
+    if found != list(params):
+        raise mismatch(library, f"{where} takes ({', '.join(found)}), not ({', '.join(params)})")
+    if coroutine is not None and inspect.iscoroutinefunction(function) != coroutine:
+        raise mismatch(library, f"{where} is {'no longer' if coroutine else 'now'} a coroutine")
+    return function
+
+
+def _calls(library: str, owner: type, caller: str, names: Iterable[str]) -> None:
+    """`owner.caller` still refers to each of `names` (an attribute, method or global it uses)."""
+    used = set(_code(_member(library, owner, caller)).co_names)
+    for name in names:
+        if name not in used:
+            where = f"{owner.__module__}.{owner.__qualname__}.{caller}"
+            raise mismatch(library, f"{where} no longer uses {name}")
+
+
+def _sets(library: str, owner: type, names: Iterable[str]) -> None:
+    """The attributes `owner.__init__` assigns (instance state the seam reads) include `names`."""
+    _calls(library, owner, "__init__", names)
+
+
+def check_internals() -> None:
+    """Every member the seam relies on, with the shape it relies on; raises `EngineMismatch`."""
+    faust, aiokafka, mode = "faust-streaming", "aiokafka", "mode-streaming"
+
+    consumer_module = _module(faust, "faust.transport.consumer")
+    consumer = consumer_module.Consumer
+    _member(faust, consumer_module, "CONSUMER_FETCHING")
+    _method(faust, consumer, "_drain_messages", ["fetcher"], coroutine=True)
+    _calls(faust, consumer_module.Fetcher, "_fetcher", ["_drain_messages"])
+    _method(faust, consumer, "_wait_next_records", ["timeout"], coroutine=True)
+    _method(faust, consumer, "_add_gap", ["tp", "offset_from", "offset_to"], coroutine=True)
+    _method(faust, consumer, "perform_seek", [], coroutine=True)
+    _sets(faust, consumer, ["_read_offset", "_buffered_partitions", "_commit_every"])
+    _member(faust, consumer, "_n_acked")
+    _member(faust, _module(mode, "mode").Service, "_stopped")
+    driver = _module(faust, "faust.transport.drivers.aiokafka")
+    _method(faust, driver.Consumer, "_to_message", ["tp", "record"], coroutine=False)
+    _method(faust, driver.Consumer, "_commit", ["offsets"], coroutine=True)
+    _method(faust, driver.Producer, "_ensure_producer", [], coroutine=False)
+    _member(faust, _module(faust, "faust.transport.base").Transport, "Consumer")
+    producer = _module(faust, "faust.transport.producer")
+    _sets(faust, producer.Producer, ["buffer"])
+    _member(faust, producer.ProducerBuffer, "size")
+    _method(faust, producer.ProducerBuffer, "flush", [], coroutine=True)
+    monitor = _module(faust, "faust.sensors.monitor").Monitor
+    _method(faust, monitor, "on_message_in", ["tp", "offset", "message"])
+    _method(faust, monitor, "on_stream_event_in", ["tp", "offset", "stream", "event"])
+    _method(faust, monitor, "on_stream_event_out", ["tp", "offset", "stream", "event", "state"])
+    _method(faust, monitor, "on_message_out", ["tp", "offset", "message"])
+    manager = _module(faust, "faust.tables.manager").TableManager
+    _method(faust, manager, "_update_channels", [], coroutine=True)
+    upstream_start = set(_code(_method(faust, manager, "on_start", [], coroutine=True)).co_names)
+    if upstream_start != {"sleep", "should_stop", "_update_channels", "recovery", "start"}:
+        raise mismatch(faust, "TableManager.on_start changed (PromptTableManager copies its body)")
+    store = _module(faust, "faust.stores.rocksdb").Store
+    _method(faust, store, "_db_for_partition", ["partition"], coroutine=False)
+    _method(faust, store, "set_persisted_offset", ["tp", "offset"], coroutine=False)
+    _member(faust, store, "_dbs")
+    if not isinstance(_member(faust, store, "offset_key"), bytes):
+        raise mismatch(faust, "faust.stores.rocksdb.Store.offset_key is no longer bytes")
+
+    fetcher = _module(aiokafka, "aiokafka.consumer.fetcher")
+    records = _member(aiokafka, fetcher, "PartitionRecords")
+    if not isinstance(records, type):
+        raise mismatch(aiokafka, "aiokafka.consumer.fetcher.PartitionRecords is no longer a class")
+    _method(aiokafka, records, "_consumer_record", ["tp", "record"], coroutine=False)
+    _calls(aiokafka, fetcher.Fetcher, "_proc_fetch_request", ["PartitionRecords"])
+    raw = _module(aiokafka, "aiokafka").AIOKafkaProducer
+    _method(aiokafka, raw, "create_batch", [], coroutine=False)
+    _method(aiokafka, raw, "send_batch", ["batch", "topic", "partition"], coroutine=True)
+
+    worker = _module(mode, "mode.worker").Worker
+    _method(mode, worker, "_stop_on_signal", ["signal"], coroutine=True)
+    _calls(mode, worker, "_schedule_shutdown", ["_stop_on_signal"])
+    _method(mode, worker, "_sentinel_task", [], coroutine=True)
+    _calls(mode, worker, "_shutdown_loop", ["_sentinel_task"])
+    _member(mode, worker, "on_setup_root_logger")
+
+
+check_internals()
+
+# Only once the members are known to be there: class definitions below read some at import.
+import faust  # noqa: E402
+from aiokafka.consumer import fetcher as aiokafka_fetcher  # noqa: E402
+from aiokafka.consumer.fetcher import PartitionRecords  # noqa: E402
+from faust.sensors.monitor import Monitor  # noqa: E402
+from faust.tables.manager import TableManager  # noqa: E402
+from faust.transport.consumer import CONSUMER_FETCHING  # noqa: E402
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer  # noqa: E402
+from faust.types import TP  # noqa: E402
 
 YIELD_EVERY = 100
 
-
-class Record(Protocol):
-    """What the agent reads of a record: aiokafka's parsed record, its ConsumerRecord and
-    Faust's Message all fit."""
-
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
-
-
 # a partition's records from one fetch, in offset order, as aiokafka parsed them
 BatchHandler = Callable[[dict[TP, Sequence[Record]]], Awaitable[None]]
+
+
+# --- 1, 2, 3, 9: batch delivery -----------------------------------------------------------------
 
 
 class BatchDeliveryConsumer(AIOKafkaConsumer):
@@ -120,8 +321,8 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 return
             await self.handlers[topic](mine)
-            for tp, records in mine.items():
-                self._read_offset[tp] = records[-1].offset
+            for tp, delivered in mine.items():
+                self._read_offset[tp] = delivered[-1].offset
         for tp, fresh in others:
             await self._deliver_one_by_one(tp, fresh, generation_id)
 
@@ -177,6 +378,30 @@ class PassThroughRecords(PartitionRecords):
         return self._wrap(tp, record)
 
 
+def deliver_batches(app: faust.App, source: Any, handlers: Mapping[str, BatchHandler]) -> None:
+    """Subscribe `app` to `source` without a Faust agent, and hand every fetched batch of the
+    handlers' topics to them (faust's `Transport.Consumer` is replaced for this app only)."""
+    app.topics.add(source)
+    app.transport.Consumer = BatchDeliveryConsumer.for_topics(handlers)
+
+
+async def commit_offsets(consumer: Any, offsets: Mapping[TP, int]) -> bool:
+    """Commit `offsets` of the partitions this consumer still owns; False when none is left.
+
+    Offsets gathered before a rebalance can all belong to revoked partitions. Faust's driver
+    drops those and would hand aiokafka an empty map, which it refuses with `ValueError({})`,
+    crashing the worker; a partition's new owner commits for it instead.
+    """
+    assigned = consumer.assignment()
+    owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+    if not owned:
+        return False
+    return bool(await consumer._commit(owned))
+
+
+# --- 5, 6, 7, 8: Faust's services ---------------------------------------------------------------
+
+
 class PerRecordQuietMonitor(Monitor):
     """Faust's monitor minus its four per-record hooks; the rest (commits, rebalances) stays."""
 
@@ -193,15 +418,85 @@ class PerRecordQuietMonitor(Monitor):
         return None
 
 
-async def commit_offsets(consumer: Any, offsets: Mapping[TP, int]) -> bool:
-    """Commit `offsets` of the partitions this consumer still owns; False when none is left.
+class PromptTableManager(TableManager):
+    """Faust's table manager without its one-second nap before subscribing (Faust's body,
+    which `check_internals` compares, minus the sleep)."""
 
-    Offsets gathered before a rebalance can all belong to revoked partitions. Faust's driver
-    drops those and would hand aiokafka an empty map, which it refuses with `ValueError({})`,
-    crashing the worker; a partition's new owner commits for it instead.
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
+class PromptWorker(faust.Worker):
+    """Faust's worker without mode's final one-second sleep after the loop has stopped, with
+    the clients' outage noise held back (kappa.lognoise), and a hook that runs on a stop
+    signal before anything is stopped.
+
+    That sleep only lets stray callbacks run before the loop closes; by then every service,
+    the consumer and the producer are stopped, and a short yield does the same job.
     """
-    assigned = consumer.assignment()
-    owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
-    if not owned:
-        return False
-    return bool(await consumer._commit(owned))
+
+    async def before_signal_stop(self) -> None:
+        """Runs on SIGTERM or SIGINT while every service (tables included) is still open."""
+
+    async def _stop_on_signal(self, sig: signal.Signals) -> None:
+        await self.before_signal_stop()
+        await super()._stop_on_signal(sig)
+
+    async def _sentinel_task(self) -> None:
+        await asyncio.sleep(0.05)
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        hold_back_during_outages(logger)
+
+
+def request_stop() -> None:
+    """Stop the worker running in this process as a signal would (mode's only clean stop)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def fresh_event_loop() -> None:
+    """mode closes the event loop when its worker stops; give the rest of the process a new one."""
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+# --- 10, 11, 12: producer and RocksDB store -----------------------------------------------------
+
+
+async def drain_producer_buffer(app: faust.App) -> None:
+    """Wait until Faust's producer buffer is empty and its producer flushed. Faust's own flush
+    is not enough: its buffer flush gives up after 0.1 s with records still pending
+    (faust/transport/producer.py, flush_atmost)."""
+    producer = app.producer
+    while producer.buffer.size:
+        await producer.buffer.flush()
+    await producer.flush()
+
+
+def raw_producer(app: faust.App) -> Any:
+    """Faust's own aiokafka producer (started on first use): record batches go straight to it."""
+    return app.producer._ensure_producer()
+
+
+def partition_db(table: Any, partition: int) -> Any:
+    """The RocksDB database (rocksdict Rdict) of one source partition; opened if it is not."""
+    return table.data._db_for_partition(partition)
+
+
+def is_open(table: Any, partition: int) -> bool:
+    """Whether the partition's database is open (a rebalance may have closed it)."""
+    return partition in table.data._dbs
+
+
+def store_offset_key(table: Any) -> bytes:
+    """The key under which Faust keeps a partition's changelog offset, in that partition's database."""
+    return table.data.offset_key
+
+
+def persist_changelog_offset(table: Any, changelog: str, partition: int, offset: int) -> None:
+    """Record where Faust's recovery of this partition resumes, unless a rebalance closed its
+    database meanwhile (it must never be reopened here)."""
+    if is_open(table, partition):
+        table.data.set_persisted_offset(TP(changelog, partition), offset)

@@ -33,7 +33,8 @@ class _AuthErrors:
 
     @classmethod
     def record(cls, error) -> None:
-        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+        # librdkafka's local error codes start with an underscore; they are documented constants
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):  # noqa: SLF001
             cls.last = error.str()
 
 

@@ -99,7 +99,7 @@ def _read_ranges(
             for message in batch:
                 error = message.error()
                 if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
+                    if error.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (a documented librdkafka code)
                         todo.pop(message.partition(), None)
                         continue
                     raise KappaError(f"could not read topic {topic!r}: {error.str()}")

@@ -255,17 +255,22 @@ def spawn_process(
 ) -> Child:
     """Start one worker process. It gets SIGTERM when this process dies, however it dies, and
     it inherits `hold` (the data dir's lock): the lock is free only once every process is gone."""
-    command = [
-        sys.executable, "-m", "kappa", "worker-process",
-        "--topic", definition.topic, "--value", definition.value_field,
-        *(["--key", definition.key_field] if definition.key_field is not None else []), "--pipeline", pipeline,
-        "--generation", str(generation), "--index", str(index),
-        "--snapshot-interval", str(interval), "--loglevel", loglevel,
-        "--broker", settings.broker, "--data-dir", str(settings.data_dir),
-        "--snapshot-dir", str(settings.snapshot_dir),
-    ]  # fmt: skip
-    if settings.replication_factor is not None:
-        command += ["--replication-factor", str(settings.replication_factor)]
+    options = {
+        "--topic": definition.topic,
+        "--value": definition.value_field,
+        "--key": definition.key_field,
+        "--pipeline": pipeline,
+        "--generation": generation,
+        "--index": index,
+        "--snapshot-interval": interval,
+        "--loglevel": loglevel,
+        "--broker": settings.broker,
+        "--data-dir": settings.data_dir,
+        "--snapshot-dir": settings.snapshot_dir,
+        "--replication-factor": settings.replication_factor,
+    }
+    command = [sys.executable, "-m", "kappa", "worker-process"]
+    command += [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
     parent = os.getpid()
     process = subprocess.Popen(
         command,

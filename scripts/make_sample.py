@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Write the demo/benchmark sample dataset as CSV (see kappa.datagen)."""
+"""Write the demo sample dataset as CSV: the test suite's generator (tests/datagen.py), with its
+awkward keys and values."""
 
 import argparse
+import sys
+from pathlib import Path
 
-from kappa.datagen import sample_frame
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ is not installed
+
+from tests.datagen import sample_frame  # noqa: E402
 
 
 def main() -> None:

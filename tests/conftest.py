@@ -1,79 +1,15 @@
-"""One real Kafka broker for the whole session (and a 3-node cluster for the tests that ask
-for it); every test gets its own topics and dirs."""
+"""Fixtures: one real Kafka broker for the whole session (and a 3-node cluster for the tests
+that ask for it); every test gets its own topics and dirs. Helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from kappa import broker as embedded
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_port_block(count: int) -> int:
-    """The first of `count` consecutive free ports, scanning up from $KAPPA_TEST_PORT_BASE
-    (default 19300) so that test brokers stay in one known range."""
-    base = int(os.environ.get("KAPPA_TEST_PORT_BASE", "19300"))
-    for first in range(base, base + 2000, count):
-        if all(embedded._port_free(port) for port in range(first, first + count)):
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports from {base}")
-
-
-@dataclass
-class Cluster:
-    """The session's 3-node cluster: its address, and node control for fault tests."""
-
-    address: str
-    data_dir: Path
-
-    def nodes(self) -> list[embedded.NodeState]:
-        return embedded.nodes(self.data_dir)
-
-    def kill(self, node_id: int) -> None:
-        """kill -9 of one node's JVM, as a crash would."""
-        node = next(node for node in self.nodes() if node.node_id == node_id)
-        assert node.running and node.pid is not None, f"node {node_id} is not running"
-        os.kill(node.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(n.node_id == node_id and n.running for n in self.nodes()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def restart(self) -> None:
-        """Start every node that is down; returns once all are registered again."""
-        embedded.start(self.data_dir)
-
-    def leaders(self, topics: list[str]) -> dict[int, int]:
-        """How many partitions of `topics` each broker leads."""
-        from kappa.admin import admin
-
-        metadata = admin(self.address).list_topics(timeout=10)
-        counts = {node.node_id: 0 for node in self.nodes()}
-        for topic in topics:
-            for partition in metadata.topics[topic].partitions.values():
-                counts[partition.leader] = counts.get(partition.leader, 0) + 1
-        return counts
-
-    def busiest_leader(self, topics: list[str]) -> int:
-        counts = self.leaders(topics)
-        return max(counts, key=lambda node: (counts[node], -node))
+from tests.helpers import Cluster, Kappa, free_port, free_port_block
 
 
 @pytest.fixture(scope="session")
@@ -101,57 +37,6 @@ def kafka(tmp_path_factory) -> str:
         yield address
     finally:
         embedded.stop(data_dir)
-
-
-@dataclass
-class Kappa:
-    """Runs the `kappa` CLI as a user would, against the session broker, in this test's dirs."""
-
-    broker: str
-    data_dir: Path
-    snapshot_dir: Path
-    name: str
-
-    def topic(self, suffix: str = "") -> str:
-        return f"{self.name}{suffix}-{uuid.uuid4().hex[:6]}"
-
-    def args(self) -> list[str]:
-        return ["--broker", self.broker, "--data-dir", str(self.data_dir), "--snapshot-dir", str(self.snapshot_dir)]
-
-    def run(self, *args: str, check: bool = True, timeout: float = 300, stdin: bytes | None = None):
-        result = subprocess.run(
-            [sys.executable, "-m", "kappa", *args, *self.args()],
-            input=stdin,
-            capture_output=True,
-            timeout=timeout,
-            cwd=REPO,
-        )
-        if check and result.returncode != 0:
-            output = f"{result.stdout.decode()}\n{result.stderr.decode()}"
-            raise AssertionError(f"kappa {' '.join(args)} exited {result.returncode}:\n{output}")
-        return result
-
-    def load(self, path: Path | str, key: str, topic: str, partitions: int = 8, **kwargs):
-        return self.run("load", str(path), "--key", key, "--topic", topic, "--partitions", str(partitions), **kwargs)
-
-    def paced_replay_env(self, client_id: str, bytes_per_s: int) -> dict[str, str]:
-        """Pace a generation's consumer with a real broker quota, so a test can act midway through a replay.
-
-        The quota alone would not do: one 16 MiB fetch takes a small topic whole, so the
-        returned environment also makes each fetch small.
-        """
-        libs = embedded.resolve_jars()
-        command = [
-            "java", "-cp", f"{libs}/*", "kafka.admin.ConfigCommand", "--bootstrap-server", self.broker,
-            "--alter", "--add-config", f"consumer_byte_rate={bytes_per_s}",
-            "--entity-type", "clients", "--entity-name", client_id,
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, f"setting the quota failed:\n{result.stdout}\n{result.stderr}"
-        return {**os.environ, "KAPPA_PYTHON": sys.executable, "KAPPA_FETCH_PARTITION_BYTES": "16384"}
-
-    def replay_batch(self, topic: str, value: str, key: str, *extra: str, **kwargs):
-        return self.run("replay", "--topic", topic, "--value", value, "--key", key, "--batch", *extra, **kwargs)
 
 
 @pytest.fixture

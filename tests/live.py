@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +13,8 @@ import orjson
 import pandas as pd
 
 from kappa.admin import end_offsets
-from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO, Kappa
+from tests.datagen import pandas_expectation, sample_frame
+from tests.helpers import REPO, Kappa, kappa_command, kill_tree, pid_alive, read_heartbeats
 from tests.oracle import assert_matches, read_latest
 
 
@@ -31,14 +28,7 @@ class LiveWorker:
     rows: list[pd.DataFrame] = field(default_factory=list)
 
     def heartbeats(self) -> list[dict]:
-        directory = self.kappa.data_dir / "run" / self.topic / "g1"
-        beats = []
-        for path in directory.glob("process-*.json"):
-            try:
-                beats.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                pass
-        return beats
+        return read_heartbeats(self.kappa.data_dir / "run" / self.topic / "g1")
 
     def child_pids(self) -> set[int]:
         listing = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
@@ -78,18 +68,8 @@ class LiveWorker:
         self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=timeout)
         for pid in children:
-            assert not _alive(pid), f"child {pid} outlived the worker"
+            assert not pid_alive(pid), f"child {pid} outlived the worker"
         return code
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie has exited; only a reaped or running process matters here
-    status = Path(f"/proc/{pid}/status")
-    return status.exists() and "State:\tZ" not in status.read_text()
 
 
 _worker_numbers = itertools.count(1)
@@ -99,22 +79,21 @@ def start_worker(kappa: Kappa, topic: str, value: str, key: str, processes: int,
     log = kappa.data_dir.parent / f"worker-{topic}-{next(_worker_numbers)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = open(log, "wb")
+    tuning = ["--processes", str(processes), "--snapshot-interval", str(interval)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "kappa", "worker", "--topic", topic, "--value", value, "--key", key,
-         "--processes", str(processes), "--snapshot-interval", str(interval), *kappa.args()],
-        stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-    )  # fmt: skip
+        kappa_command("worker", "--topic", topic, "--value", value, "--key", key, *kappa.args(), *tuning),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,
+    )
     handle.close()
     return LiveWorker(kappa, topic, process, log, partitions=0)
 
 
 def kill_group(worker: LiveWorker) -> None:
     """Teardown for any outcome: nothing the test started survives it."""
-    try:
-        os.killpg(worker.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    worker.process.wait(timeout=30)
+    kill_tree(worker.process)
 
 
 def load_round(kappa, worker, tmp_path, rows: int, seed: int) -> None:
@@ -132,6 +111,8 @@ def kcat_round(kappa, worker, rows: int, seed: int) -> None:
     lines = b"".join(row["city"].encode() + b"\t" + orjson.dumps(row) + b"\n" for row in frame.to_dict("records"))
     subprocess.run(
         ["kcat", "-P", "-b", kappa.broker, "-t", worker.topic, "-K", "\t", "-z", "lz4"],
-        input=lines, check=True, timeout=60,
-    )  # fmt: skip
+        input=lines,
+        check=True,
+        timeout=60,
+    )
     worker.rows.append(frame)

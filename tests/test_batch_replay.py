@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from kappa import read_snapshot
-from kappa.datagen import AWKWARD_KEYS, pandas_expectation, sample_frame
+from tests.datagen import AWKWARD_KEYS, pandas_expectation, sample_frame
 from tests.oracle import assert_matches, assert_tables_identical, read_latest
 
 KEY, VALUE = "city", "amount"

@@ -9,15 +9,16 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def test_bench_smoke_run_checks_every_contender(kafka, tmp_path):
     out = tmp_path / "bench.json"
-    command = [str(REPO / "scripts" / "bench"), "--rows", "20000", "--keys", "100", "--partitions", "2",
-               "--broker", kafka, "--out", str(out), "--workdir", str(tmp_path / "work")]  # fmt: skip
+    options = {"--rows": 20000, "--keys": 100, "--partitions": 2, "--broker": kafka, "--out": out}
+    command = [str(REPO / "scripts" / "bench"), "--workdir", str(tmp_path / "work")]
+    command += [part for flag, value in options.items() for part in (flag, str(value))]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "KAPPA_PYTHON": sys.executable}
     )

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 
-from tests.conftest import REPO
+from tests.helpers import free_port, free_port_block, run_kappa
 
 
 def kappa_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kappa", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return run_kappa(args, timeout=timeout, text=True)
 
 
 def test_unreachable_broker_is_one_clear_line(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"k": "a", "v": 1}\n')
-    result = kappa_cli("load", str(data), "--key", "k", "--topic", "t", "--broker", f"127.0.0.1:{closed_port()}")
+    result = kappa_cli("load", str(data), "--key", "k", "--topic", "t", "--broker", f"127.0.0.1:{free_port()}")
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the Kafka broker" in lines[0] and "kappa kafka start" in lines[0]
@@ -56,7 +47,7 @@ def test_kafka_start_refuses_a_taken_port(tmp_path):
 
 
 def test_kafka_lifecycle_is_idempotent(tmp_path):
-    port = closed_port()
+    port = free_port()
     flags = ["--port", str(port), "--data-dir", str(tmp_path)]
     try:
         first = kappa_cli("kafka", "start", *flags, timeout=180)
@@ -81,8 +72,6 @@ def test_kafka_lifecycle_is_idempotent(tmp_path):
 
 def test_kafka_start_on_another_port_is_refused(tmp_path):
     """A running broker answers `start`, but not when --port asks for a port it is not on."""
-    from tests.conftest import free_port_block
-
     port = free_port_block(2)
     try:
         first = kappa_cli("kafka", "start", "--port", str(port), "--data-dir", str(tmp_path), timeout=180)

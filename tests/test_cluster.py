@@ -7,15 +7,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from kappa.admin import committed_offsets, end_offsets, ensure_topic, topic_replication
 from kappa.app import app_id, assignor_topic, changelog_topic
-from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO, Cluster, Kappa
+from tests.datagen import pandas_expectation, sample_frame
+from tests.helpers import REPO, Cluster, Kappa, kappa_command, run_kappa, wait_until
 from tests.live import kill_group, load_round, start_worker
 from tests.oracle import assert_matches, read_latest
 
@@ -72,10 +71,7 @@ def test_topics_on_a_single_node_have_one_replica(kappa, tmp_path):
 
 
 def test_cluster_status_lists_every_node(cluster):
-    result = subprocess.run(
-        [sys.executable, "-m", "kappa", "kafka", "status", "--data-dir", str(cluster.data_dir)],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
+    result = run_kappa(["kafka", "status", "--data-dir", str(cluster.data_dir)], text=True)
     assert result.returncode == 0, result.stderr
     assert "3 of 3 nodes registered" in result.stdout
     for node in cluster.nodes():
@@ -112,18 +108,19 @@ def test_kill_a_broker_mid_read_of_a_batch_replay(cluster_kappa, cluster, tmp_pa
     sample_frame(rows, 1_000, seed=21).to_csv(path, index=False)
     kappa.load(path, KEY, topic, 8)
     env = kappa.paced_replay_env(app_id(topic, 1), 150_000)
-    command = [sys.executable, "-m", "kappa", "replay", "--topic", topic, "--value", VALUE, "--key", KEY,
-               "--batch", *kappa.args()]  # fmt: skip
+    command = kappa_command("replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--batch", *kappa.args())
     log = tmp_path / "replay.log"
     with open(log, "wb") as handle:
-        replay = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                  start_new_session=True)  # fmt: skip
+        replay = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and replay.poll() is None:
-            if sum(o or 0 for o in committed_offsets(kappa.broker, app_id(topic, 1), topic, 8).values()) > rows // 5:
-                break
-            time.sleep(0.2)
+
+        def a_fifth_committed() -> bool:
+            committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, 8)
+            return replay.poll() is not None or sum(o or 0 for o in committed.values()) > rows // 5
+
+        wait_until(a_fifth_committed, 120)
         assert replay.poll() is None, f"the replay ended before the kill:\n{log.read_text()}"
         victim = cluster.busiest_leader([topic, changelog_topic(topic, 1)])
         cluster.kill(victim)
@@ -156,13 +153,14 @@ def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path)
     log = tmp_path / "load.log"
     with open(log, "wb") as handle:
         load = subprocess.Popen(
-            [sys.executable, "-m", "kappa", "load", str(path), "--key", KEY, "--topic", topic, *kappa.args()],
-            stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-        )  # fmt: skip
+            kappa_command("load", str(path), "--key", KEY, "--topic", topic, *kappa.args()),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + 60
-        while sum(end_offsets(kappa.broker, topic, 8).values()) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: sum(end_offsets(kappa.broker, topic, 8).values()) > 0, 60, interval=0.05)
         cluster.kill(victim)
         killed_at = time.monotonic()
         code = load.wait(timeout=300)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from kappa.datagen import pandas_expectation, sample_frame
+from tests.datagen import pandas_expectation, sample_frame
 from tests.oracle import assert_matches, latest_dir, read_latest
 
 

@@ -18,8 +18,8 @@ import pytest
 from kappa import broker as embedded
 from kappa.admin import committed_offsets, ensure_topic
 from kappa.app import app_id
-from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO, free_port
+from tests.datagen import pandas_expectation, sample_frame
+from tests.helpers import REPO, free_port, wait_until
 from tests.live import kill_group, load_round, start_worker
 from tests.oracle import assert_matches, read_latest
 
@@ -61,12 +61,12 @@ def test_sigkill_a_replay_repeatedly_then_resume(kappa, tmp_path):
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
         )
         try:
-            deadline = time.monotonic() + 120
-            while replay.poll() is None and time.monotonic() < deadline:
+
+            def reached(fraction: float = fraction, replay: subprocess.Popen = replay) -> bool:
                 committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, partitions)
-                if sum(offset or 0 for offset in committed.values()) >= fraction * rows:
-                    break
-                time.sleep(0.05)
+                return replay.poll() is not None or sum(offset or 0 for offset in committed.values()) >= fraction * rows
+
+            wait_until(reached, 120, interval=0.05)
             assert replay.poll() is None, "the replay ended before it was killed"
         finally:
             os.killpg(replay.pid, signal.SIGKILL)
@@ -159,9 +159,7 @@ def test_unwritable_snapshot_dir_keeps_latest_and_recovers(kappa, live, tmp_path
     subprocess.run(["chattr", "+i", str(pipeline_dir)], check=True)
     try:
         load_round(kappa, worker, tmp_path, 1_000, seed=161)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "could not publish" not in worker.log.read_text():
-            time.sleep(0.3)
+        wait_until(lambda: "could not publish" in worker.log.read_text(), 60, interval=0.3)
         assert "could not publish" in worker.log.read_text()
         assert os.readlink(pipeline_dir / "latest") == before
         assert json.loads((pipeline_dir / "latest" / "manifest.json").read_text())["keys"] > 0

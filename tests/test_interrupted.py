@@ -6,15 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from kappa.admin import committed_offsets
 from kappa.app import app_id
-from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO
+from tests.datagen import pandas_expectation, sample_frame
+from tests.helpers import REPO, kappa_command, wait_until
 from tests.live import kill_group, start_worker
 from tests.oracle import assert_matches, read_latest
 
@@ -26,20 +25,19 @@ def registry(kappa, pipeline: str) -> dict:
 
 
 def batch_command(kappa, topic: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kappa", "replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--batch",
-            *extra, *kappa.args()]  # fmt: skip
+    return kappa_command("replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--batch", *extra, *kappa.args())
 
 
 def interrupt_when(kappa, command: list[str], env: dict, topic: str, generation: int, records: int) -> str:
     """Start `command`, Ctrl-C it once its generation has committed `records`; its stderr."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, cwd=REPO, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline:
+
+        def committed_enough() -> bool:
             committed = committed_offsets(kappa.broker, app_id(topic, generation), topic, 4)
-            if sum(offset or 0 for offset in committed.values()) >= records:
-                break
-            time.sleep(0.05)
+            return process.poll() is not None or sum(offset or 0 for offset in committed.values()) >= records
+
+        wait_until(committed_enough, 120, interval=0.05)
         assert process.poll() is None, "the replay ended before it was interrupted"
         os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
@@ -97,10 +95,7 @@ def test_abandoned_and_half_retired_generations_are_cleaned_up(kappa, tmp_path):
     worker = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
     worker.partitions = 4
     try:
-        deadline = time.monotonic() + 120
-        while not worker.heartbeats() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert worker.heartbeats(), "the worker never started"
+        assert wait_until(worker.heartbeats, 120), "the worker never started"
         os.killpg(worker.process.pid, signal.SIGSTOP)
         replay = subprocess.Popen(batch_command(kappa, topic), stderr=subprocess.PIPE, cwd=REPO, start_new_session=True)
         deadline = time.monotonic() + 180

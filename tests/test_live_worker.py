@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 
+from tests.helpers import wait_until
 from tests.live import kcat_round, load_round
 from tests.oracle import latest_dir, read_csv_table
 
@@ -109,9 +110,7 @@ def test_tight_loop_reader_never_sees_a_partial_or_mixed_snapshot(kappa, live, t
 def test_sigterm_publishes_a_final_snapshot_and_leaves_no_child(kappa, live, tmp_path):
     worker = live(kappa.topic(), partitions=3, processes=2, interval=3600)
     load_round(kappa, worker, tmp_path, 3_000, seed=30)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and sum(b["records_seen"] for b in worker.heartbeats()) < 3_000:
-        time.sleep(0.3)
+    wait_until(lambda: sum(b["records_seen"] for b in worker.heartbeats()) >= 3_000, 120, interval=0.3)
     assert not (kappa.snapshot_dir / worker.topic / "latest").exists(), "nothing should publish before the stop"
     children = worker.child_pids()
     assert len(children) == 2

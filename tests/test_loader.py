@@ -8,7 +8,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from kappa import admin
-from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO
+from tests.datagen import pandas_expectation, sample_frame
+from tests.helpers import REPO, kappa_command
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -50,9 +49,11 @@ def read_messages(broker: str, topic: str) -> list[tuple[bytes | None, dict]]:
 
 def start_load(kappa, path: Path, topic: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "kappa", "load", str(path), "--key", KEY, "--topic", topic, *extra, *kappa.args()],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-    )  # fmt: skip
+        kappa_command("load", str(path), "--key", KEY, "--topic", topic, *extra, *kappa.args()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
 
 
 def wait_for_progress(load: subprocess.Popen) -> list[str]:

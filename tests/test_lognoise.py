@@ -57,8 +57,11 @@ def test_client_outage_noise_is_held_back_only_during_an_outage():
     def record(name: str, level: int, msg: str) -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, msg, (), None)
 
-    stall = record("faust.transport.drivers.aiokafka", logging.ERROR,
-                   "Stream has not started processing TP(...) There are multiple possible explanations")  # fmt: skip
+    stall = record(
+        "faust.transport.drivers.aiokafka",
+        logging.ERROR,
+        "Stream has not started processing TP(...) There are multiple possible explanations",
+    )
     connect = record("aiokafka.conn", logging.ERROR, "Unable connect to node with id 1")
     ours = record("kappa.worker", logging.ERROR, "could not write snapshot parts")
     held_back = HeldBackDuringOutage()

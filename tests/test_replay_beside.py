@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,8 +16,8 @@ from confluent_kafka.admin import NewTopic
 
 from kappa.admin import admin, committed_offsets, ensure_topic, partition_count
 from kappa.app import app_id, changelog_topic
-from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO
+from tests.datagen import pandas_expectation, sample_frame
+from tests.helpers import REPO, kill_tree, wait_for
 from tests.live import kill_group, start_worker
 from tests.oracle import assert_matches, latest_dir, read_latest
 
@@ -43,16 +42,6 @@ def oracle(tmp_path, frames: list[pd.DataFrame], value: str) -> pd.DataFrame:
     path = tmp_path / "all.csv"
     pd.concat(frames, ignore_index=True).to_csv(path, index=False)
     return pandas_expectation(str(path), KEY, value)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def consumer_groups(broker: str) -> set[str]:
@@ -96,8 +85,11 @@ def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_pa
         thread.start()
         replay = subprocess.Popen(
             replay_command(kappa, topic, "seq", "--processes", "2"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env(), start_new_session=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=run_env(),
+            start_new_session=True,
+        )
         for seed in (41, 42, 43):
             frame = sample_frame(3_000, 200, seed=seed)
             load_frame(kappa, tmp_path, topic, frame, f"r{seed}")
@@ -151,8 +143,11 @@ def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp
     paced = kappa.paced_replay_env(app_id(topic, 1), 100_000)  # about 15 s per pass, so "midway" exists
     first = subprocess.Popen(
         replay_command(kappa, topic, "amount"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=paced, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=paced,
+        start_new_session=True,
+    )
     try:
 
         def midway():
@@ -167,9 +162,7 @@ def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp
         assert second.returncode != 0
         assert "already being built" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
-    subprocess.run(["pkill", "-9", "-f", f"--topic {topic} "], check=False)
+        kill_tree(first)  # the replay and anything it started
     resumed = subprocess.run(
         replay_command(kappa, topic, "amount"), capture_output=True, text=True, env=run_env(), timeout=300
     )
@@ -201,8 +194,11 @@ def test_truncated_log_is_refused_unless_allowed(kappa, tmp_path, batch):
     assert "finite retention" in refused.stderr
     allowed = subprocess.run(
         replay_command(kappa, topic, "amount", *mode, "--allow-truncated"),
-        capture_output=True, text=True, env=run_env(), timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        timeout=300,
+    )
     assert allowed.returncode == 0, allowed.stderr
     _, table, manifest = read_latest(kappa.snapshot_dir, topic)
     assert manifest["records"]["counted"] + manifest["records"]["skipped"] == 900

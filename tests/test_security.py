@@ -5,27 +5,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
-from kappa.datagen import pandas_expectation, sample_frame
-from tests.conftest import REPO
+from tests.datagen import pandas_expectation, sample_frame
+from tests.helpers import free_port, run_kappa
 from tests.oracle import assert_matches, read_latest
-from tests.test_cli import closed_port
 
 PASSWORD = "pw-7f3a9c1e-never-print"
 pytestmark = pytest.mark.slow
 
 
 def run(args: list[str], env: dict, timeout: float = 300, stdin: bytes | None = None):
-    return subprocess.run(
-        [sys.executable, "-m", "kappa", *args], capture_output=True, env=env, timeout=timeout, cwd=REPO, input=stdin
-    )
+    return run_kappa(args, env=env, timeout=timeout, stdin=stdin)
 
 
 def test_sasl_plain_broker_and_clients(tmp_path):
-    port = closed_port()
+    port = free_port()
     data, snaps = tmp_path / "data", tmp_path / "snapshots"
     env = {
         **os.environ,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.live import load_round
 
 

@@ -9,8 +9,9 @@ import signal
 import threading
 import time
 
-from kappa.datagen import sample_frame
-from tests.live import _alive, kill_group, start_worker
+from tests.datagen import sample_frame
+from tests.helpers import pid_alive, wait_until
+from tests.live import kill_group, start_worker
 from tests.oracle import latest_dir
 
 KEY, VALUE = "city", "amount"
@@ -110,10 +111,8 @@ def test_worker_processes_die_with_their_supervisor(kappa, tmp_path):
         assert len(children) == 2
         os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [pid for pid in children if _alive(pid)], "worker processes outlived their supervisor"
+        wait_until(lambda: not any(pid_alive(pid) for pid in children), 30)
+        assert not [pid for pid in children if pid_alive(pid)], "worker processes outlived their supervisor"
 
         second = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
         second.partitions = 4

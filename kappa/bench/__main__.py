@@ -33,8 +33,10 @@ def report(outcome: dict) -> list[str]:
             continue
         ratio = result["rows_per_s"] / raw_rate if raw_rate else float("nan")
         result["ratio_to_raw"] = round(ratio, 3)
-        lines.append(f"{name:<12} {result['rows_per_s']:>12,.0f} {ratio:>7.3f} {result['seconds']:>9.2f} "
-                     f"{result['peak_rss_mb']:>8.0f}  {result['correct']}")  # fmt: skip
+        lines.append(
+            f"{name:<12} {result['rows_per_s']:>12,.0f} {ratio:>7.3f} {result['seconds']:>9.2f} "
+            f"{result['peak_rss_mb']:>8.0f}  {result['correct']}"
+        )
     for name, against, minimum in TARGETS:
         mine, theirs = contenders.get(name, {}), contenders.get(against, {})
         if "rows_per_s" in mine and "rows_per_s" in theirs:
@@ -43,8 +45,10 @@ def report(outcome: dict) -> list[str]:
             lines.append(f"target {name} >= {minimum}x {against}: {ratio:.2f}x {verdict}")
     if "rows_per_s" in contenders.get("load", {}):
         rate = contenders["load"]["rows_per_s"]
-        lines.append(f"target load >= {LOAD_TARGET_ROWS_S:,} rows/s: {rate:,.0f} "
-                     f"{'met' if rate >= LOAD_TARGET_ROWS_S else 'MISSED'}")  # fmt: skip
+        lines.append(
+            f"target load >= {LOAD_TARGET_ROWS_S:,} rows/s: {rate:,.0f} "
+            f"{'met' if rate >= LOAD_TARGET_ROWS_S else 'MISSED'}"
+        )
     return lines
 
 

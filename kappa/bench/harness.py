@@ -57,15 +57,25 @@ class Bench:
         self.expected = pd.DataFrame()
 
     def place(self, *names: str) -> list[str]:
-        return ["--broker", self.broker, "--data-dir", str(self.workdir / "data"), "--snapshot-dir",
-                str(self.workdir / "snapshots"), *names]  # fmt: skip
+        return [
+            "--broker",
+            self.broker,
+            "--data-dir",
+            str(self.workdir / "data"),
+            "--snapshot-dir",
+            str(self.workdir / "snapshots"),
+            *names,
+        ]
 
     def prepare(self) -> None:
         frame = bench_frame(self.args.rows, self.args.keys)
         frame.to_csv(self.csv, index=False)
         self.expected = oracle(frame)
-        print(f"dataset: {self.args.rows:,} rows, {self.args.keys:,} keys, {self.args.partitions} partitions "
-              f"-> topic {self.topic} on {self.broker}", flush=True)  # fmt: skip
+        print(
+            f"dataset: {self.args.rows:,} rows, {self.args.keys:,} keys, {self.args.partitions} partitions "
+            f"-> topic {self.topic} on {self.broker}",
+            flush=True,
+        )
 
     def record(self, name: str, measured: Measured, error: str | None) -> None:
         if measured.returncode != 0 and error is None:
@@ -80,12 +90,24 @@ class Bench:
         if error:
             self.results[name]["error"] = error
         verdict = "ok" if error is None else f"WRONG: {error}"
-        print(f"  {name:<12} {measured.seconds:8.2f} s  {self.args.rows / measured.seconds:>12,.0f} rows/s  "
-              f"{measured.peak_rss_mb:7.0f} MB  {verdict}", flush=True)  # fmt: skip
+        print(
+            f"  {name:<12} {measured.seconds:8.2f} s  {self.args.rows / measured.seconds:>12,.0f} rows/s  "
+            f"{measured.peak_rss_mb:7.0f} MB  {verdict}",
+            flush=True,
+        )
 
     def run_load(self) -> None:
-        command = kappa_command("load", str(self.csv), "--key", KEY, "--topic", self.topic,
-                                "--partitions", str(self.args.partitions), *self.place())  # fmt: skip
+        command = kappa_command(
+            "load",
+            str(self.csv),
+            "--key",
+            KEY,
+            "--topic",
+            self.topic,
+            "--partitions",
+            str(self.args.partitions),
+            *self.place(),
+        )
         measured = run_measured(command, self.workdir / "load.log")
         loaded = sum(admin.end_offsets(self.broker, self.topic, self.args.partitions).values())
         error = None if loaded == self.args.rows else f"{loaded} records in the topic, expected {self.args.rows}"
@@ -95,8 +117,19 @@ class Bench:
         """`scripts/replay --batch`, or with `processes` a replay by that many worker processes."""
         pipeline = f"bench-kappa-{uuid.uuid4().hex[:6]}"
         mode = ["--batch"] if processes is None else ["--processes", str(processes)]
-        command = [str(REPO / "scripts" / "replay"), "--topic", self.topic, "--value", VALUE, "--key", KEY,
-                   *mode, "--pipeline", pipeline, *self.place()]  # fmt: skip
+        command = [
+            str(REPO / "scripts" / "replay"),
+            "--topic",
+            self.topic,
+            "--value",
+            VALUE,
+            "--key",
+            KEY,
+            *mode,
+            "--pipeline",
+            pipeline,
+            *self.place(),
+        ]
         measured = run_measured(command, self.workdir / "kappa.log", env={**os.environ, "KAPPA_PYTHON": sys.executable})
         error = None
         if measured.returncode == 0:
@@ -115,9 +148,17 @@ class Bench:
         out = self.workdir / f"{name}.parquet"
         workdir = self.workdir / name
         workdir.mkdir(exist_ok=True)
-        command = [sys.executable, "-m", "kappa.bench.contenders", name, "--broker", self.broker, "--topic",
-                   self.topic, "--rows", str(self.args.rows), "--partitions", str(self.args.partitions),
-                   "--csv", str(self.csv), "--workdir", str(workdir), "--out", str(out)]  # fmt: skip
+        options = {
+            "--broker": self.broker,
+            "--topic": self.topic,
+            "--rows": self.args.rows,
+            "--partitions": self.args.partitions,
+            "--csv": self.csv,
+            "--workdir": workdir,
+            "--out": out,
+        }
+        command = [sys.executable, "-m", "kappa.bench.contenders", name]
+        command += [part for flag, value in options.items() for part in (flag, str(value))]
         measured = run_measured(command, self.workdir / f"{name}.log")
         error = None
         if measured.returncode == 0:
@@ -134,5 +175,9 @@ class Bench:
                 self.run_kappa()
             else:
                 self.run_contender(name)
-        return {"rows": self.args.rows, "keys": self.args.keys, "partitions": self.args.partitions,
-                "contenders": self.results}  # fmt: skip
+        return {
+            "rows": self.args.rows,
+            "keys": self.args.keys,
+            "partitions": self.args.partitions,
+            "contenders": self.results,
+        }

@@ -46,8 +46,10 @@ def run_scaling(args: argparse.Namespace, broker: str, workdir: Path) -> dict:
 
 
 def scaling_report(outcome: dict) -> list[str]:
-    lines = [f"{'series':<10} {'rows':>10} {'keys':>10} {'procs':>5} {'rows/s':>10} {'seconds':>8} "
-             f"{'s/1M rows':>9} {'snapshot s':>10} {'peak MB':>8}  correct"]  # fmt: skip
+    lines = [
+        f"{'series':<10} {'rows':>10} {'keys':>10} {'procs':>5} {'rows/s':>10} {'seconds':>8} "
+        f"{'s/1M rows':>9} {'snapshot s':>10} {'peak MB':>8}  correct"
+    ]
     for name, results in outcome["scaling"].items():
         for r in results:
             lines.append(

@@ -47,7 +47,7 @@ def sample_frame(rows: int, keys: int, seed: int = 7, key: str = "city", value: 
 
 
 def pandas_expectation(path: str, key: str, value: str) -> pd.DataFrame:
-    """SPEC.md's oracle, verbatim: what a user would compute to check kappa."""
+    """The README's pandas oracle, verbatim: what a user would compute to check kappa."""
     df = pd.read_csv(path, dtype={key: str}).dropna(subset=[key])
     df[value] = pd.to_numeric(df[value]).replace([np.inf, -np.inf], np.nan)
     return df.groupby(key)[value].agg(["count", "sum", "mean"])

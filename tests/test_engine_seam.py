@@ -1,0 +1,95 @@
+"""The engine seam's import guard: a Faust, aiokafka or mode release without a member kappa relies
+on stops kappa with one line naming the library and both versions, never a hang. No broker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from aiokafka.consumer.fetcher import Fetcher
+from faust.transport.consumer import Consumer
+from faust.transport.consumer import Fetcher as FaustFetcher
+from mode.worker import Worker
+
+from kappa.engine import faust_internals
+from kappa.engine.faust_internals import EngineMismatch, check_internals
+from tests.helpers import REPO
+
+
+@pytest.fixture
+def newer_releases(monkeypatch):
+    """Pretend newer releases are installed, so the message shows found and expected apart."""
+    found = {"faust-streaming": "0.16.0", "aiokafka": "0.15.0", "mode-streaming": "0.8.0"}
+    monkeypatch.setattr(faust_internals, "installed_version", found.__getitem__)
+
+
+def test_the_installed_releases_pass():
+    check_internals()
+
+
+def test_a_renamed_drain_messages_is_one_clear_line(monkeypatch, newer_releases):
+    monkeypatch.delattr(Consumer, "_drain_messages")
+    with pytest.raises(EngineMismatch) as raised:
+        check_internals()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("faust-streaming 0.16.0 is installed, but kappa's engine seam")
+    assert "written for faust-streaming 0.15.3" in message
+    assert "faust.transport.consumer.Consumer._drain_messages is missing" in message
+
+
+def test_a_drain_messages_faust_no_longer_calls_is_caught(monkeypatch, newer_releases):
+    async def fetcher_that_drains_otherwise(self) -> None:
+        await self.app.consumer.drain_everything(self)
+
+    monkeypatch.setattr(FaustFetcher, "_fetcher", fetcher_that_drains_otherwise)
+    with pytest.raises(EngineMismatch, match=r"Fetcher._fetcher no longer uses _drain_messages"):
+        check_internals()
+
+
+def test_a_changed_stop_on_signal_is_caught(monkeypatch, newer_releases):
+    async def stop_on_signal(self, signal, grace):
+        await self.stop()
+
+    monkeypatch.setattr(Worker, "_stop_on_signal", stop_on_signal)
+    with pytest.raises(EngineMismatch) as raised:
+        check_internals()
+    assert str(raised.value).startswith("mode-streaming 0.8.0 is installed")
+    assert "written for mode-streaming 0.7.1" in str(raised.value)
+    assert "Worker._stop_on_signal takes (signal, grace), not (signal)" in str(raised.value)
+
+
+def test_a_stop_on_signal_mode_no_longer_calls_is_caught(monkeypatch, newer_releases):
+    def schedule_shutdown(self, signal):
+        self.loop.create_task(self.stop())
+
+    monkeypatch.setattr(Worker, "_schedule_shutdown", schedule_shutdown)
+    with pytest.raises(EngineMismatch, match=r"Worker._schedule_shutdown no longer uses _stop_on_signal"):
+        check_internals()
+
+
+def test_partition_records_no_longer_looked_up_by_name_is_caught(monkeypatch, newer_releases):
+    async def proc_fetch_request(self, assignment, node_id, request):
+        return None
+
+    monkeypatch.setattr(Fetcher, "_proc_fetch_request", proc_fetch_request)
+    with pytest.raises(EngineMismatch) as raised:
+        check_internals()
+    assert str(raised.value).startswith("aiokafka 0.15.0 is installed")
+    assert "_proc_fetch_request no longer uses PartitionRecords" in str(raised.value)
+
+
+def test_the_cli_prints_the_mismatch_as_one_line_instead_of_running():
+    """The guard runs when the seam is imported: a replay fails before it touches a broker."""
+    script = (
+        "import faust.transport.consumer as c; del c.Consumer._drain_messages\n"
+        "from kappa.cli import main\n"
+        "raise SystemExit(main(['replay', '--topic', 't', '--value', 'v', '--batch', '--broker', '127.0.0.1:9']))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kappa: error: faust-streaming 0.15.3 is installed, but kappa's engine seam")
+    assert "Consumer._drain_messages is missing" in lines[0]

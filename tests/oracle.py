@@ -1,4 +1,5 @@
-"""Comparing a published snapshot with SPEC.md's pandas expectation."""
+"""Comparing a published snapshot with the pandas expectation (tests/datagen.pandas_expectation): the same
+keys in order and the same counts; sums and means equal within RTOL (relative)."""
 
 from __future__ import annotations
 

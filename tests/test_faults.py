@@ -1,5 +1,6 @@
-"""Guarantees 3 and 5 under fire: kill -9, lost state, rebalance storms, shared dirs, outside
-producers and an unwritable snapshot directory. The verdict is always the pandas oracle."""
+"""Exactness under fire (no record lost or counted twice, and `latest` never replaced by a partial or
+older result): kill -9, lost state, rebalance storms, shared dirs, outside producers and an unwritable
+snapshot directory. The verdict is always the pandas oracle."""
 
 from __future__ import annotations
 

@@ -320,7 +320,7 @@ def committed_offsets(broker: str, group: str, topic: str, partitions: int) -> d
         )
     finally:
         consumer.close()
-    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed}
+    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed or ()}
 
 
 def delete_consumer_group(broker: str, group: str, timeout: float = 60.0) -> None:

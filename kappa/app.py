@@ -11,6 +11,7 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faust
 
@@ -70,7 +71,7 @@ class Pipeline:
     """A wired Faust app and the handles the runner needs to watch and snapshot it."""
 
     app: faust.App
-    table: object
+    table: Any  # a faust Table (its types do not describe the RocksDB store kappa reads)
     progress: Progress
     definition: Definition
     outages: OutageReporter

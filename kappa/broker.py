@@ -616,7 +616,7 @@ def status(data_dir: Path) -> dict:
     live = [node for node in states if node.running]
     address = ",".join(node.address for node in live if node.address) or None
     if len(states) == 1:
-        answers = bool(address) and _answers(live[0].port, timeout=3, protocol=protocol)
+        answers = bool(address) and live[0].port is not None and _answers(live[0].port, timeout=3, protocol=protocol)
         registered = 1 if answers else 0
     else:
         registered = (registered_brokers(address, protocol, timeout=3) or 0) if address else 0

@@ -33,7 +33,7 @@ class RepeatFolder(logging.Filter):
             self._folded[template] = self._folded.get(template, 0) + 1
             return False
         folded = self._folded.pop(template, 0)
-        if folded:
+        if folded and last is not None:
             record.msg = f"{record.msg} ({folded} more like this in the last {now - last:.0f}s)"
         self._last_passed[template] = now
         return True

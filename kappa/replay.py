@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -176,7 +177,7 @@ def run_batch(
         outage_label=f"replay {pipeline} g{generation}",
     )
     line = ProgressLine()
-    outcome: dict[str, object] = {}
+    outcome: dict[str, Any] = {}
 
     async def finish() -> None:
         try:

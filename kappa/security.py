@@ -17,6 +17,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kappa.errors import KappaError
 
@@ -43,7 +44,7 @@ class Security:
 
     def librdkafka(self) -> dict[str, str]:
         """Settings for confluent-kafka clients."""
-        config = {"security.protocol": self.protocol}
+        config: dict[str, Any] = {"security.protocol": self.protocol}
         if self.uses_sasl:
             config.update(
                 {"sasl.mechanism": self.mechanism, "sasl.username": self.username, "sasl.password": self.password}

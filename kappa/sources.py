@@ -73,6 +73,7 @@ def _frame_messages(frame: pd.DataFrame, key: str) -> Iterator[Message]:
     names = list(frame.columns)
     columns = [frame[name].tolist() for name in names]
     dumps, options = orjson.dumps, ORJSON_OPTIONS
+    message_key: bytes | None
     for key_value, values in zip(frame[key].tolist(), zip(*columns, strict=True), strict=True):
         if key_value.__class__ is str and key_value:
             message_key = key_value.encode()

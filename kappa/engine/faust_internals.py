@@ -105,7 +105,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from kappa.errors import KappaError
 from kappa.lognoise import hold_back_during_outages
@@ -382,7 +382,7 @@ def deliver_batches(app: faust.App, source: Any, handlers: Mapping[str, BatchHan
     """Subscribe `app` to `source` without a Faust agent, and hand every fetched batch of the
     handlers' topics to them (faust's `Transport.Consumer` is replaced for this app only)."""
     app.topics.add(source)
-    app.transport.Consumer = BatchDeliveryConsumer.for_topics(handlers)
+    app.transport.Consumer = BatchDeliveryConsumer.for_topics(handlers)  # type: ignore[misc]  # this app's only
 
 
 async def commit_offsets(consumer: Any, offsets: Mapping[TP, int]) -> bool:
@@ -477,7 +477,7 @@ async def drain_producer_buffer(app: faust.App) -> None:
 
 def raw_producer(app: faust.App) -> Any:
     """Faust's own aiokafka producer (started on first use): record batches go straight to it."""
-    return app.producer._ensure_producer()
+    return cast(Any, app.producer)._ensure_producer()  # the aiokafka driver's Producer
 
 
 def partition_db(table: Any, partition: int) -> Any:

@@ -24,7 +24,7 @@ import orjson
 
 from kappa.codec import COUNTED, REJECTED, decode
 from kappa.fastpath import Record
-from tables.grouped_mean import MeanState
+from tables.aggregate import MeanState
 
 NO_STOP = 1 << 63
 

@@ -19,7 +19,9 @@ from faust.types import TP
 from agents.fold import fold
 from kappa import deadletters
 from kappa.fastpath import Record, commit_offsets
-from tables.grouped_mean import STATS_KEY, MeanState, read_stats
+from tables.aggregate import MEAN
+from tables.grouped_mean import STATS_KEY, read_stats
+from tables.transaction import BatchTransaction
 from tables.writer import TableWriter
 
 log = logging.getLogger("kappa.agent")
@@ -97,18 +99,20 @@ class GroupedMeanAgent:
         self._uncommitted: dict[TP, int] = {}
 
     async def on_batch(self, batches: Mapping[TP, Sequence[Record]]) -> None:
-        """One fetched batch: apply each partition's records, then make them durable."""
+        """One fetched batch: fold and apply each partition's records in one transaction,
+        make it durable, then commit what it reached (tables.transaction has the order)."""
+        transaction = BatchTransaction(self.writer, self._flush_dead_letters)
         for tp, records in batches.items():
-            await self._apply_partition(tp.partition, records)
+            await self._apply_partition(transaction, tp.partition, records)
             self.progress.records_seen += len(records)
-        await self._make_durable()
-        await self._commit_applied(batches)
+        await transaction.make_durable()
+        await self._commit_applied(transaction.committable())
 
-    async def _commit_applied(self, batches: Mapping[TP, Sequence[Record]]) -> None:
+    async def _commit_applied(self, offsets: Mapping[int, int]) -> None:
         """Commit what the table holds, so the group's offsets track it (for `kappa status`
         and outside tools); resuming never relies on them (kappa.app.resume_from_table_offsets)."""
-        held = self.progress.next_offsets
-        self._uncommitted.update({tp: held[tp.partition] for tp in batches if tp.partition in held})
+        topic = self.definition.topic
+        self._uncommitted.update({TP(topic, partition): offset for partition, offset in offsets.items()})
         if time.monotonic() >= self._next_commit:
             await self.commit_pending()
 
@@ -120,19 +124,14 @@ class GroupedMeanAgent:
         if pending:
             await commit_offsets(self.table.app.consumer, pending)
 
-    async def _make_durable(self) -> None:
-        """Wait until this batch's changelog and dead-letter records are on the broker.
-
-        Offsets are committed only after this returns, so a committed source offset is never
-        ahead of the changelog, and a partition that moves to another process is restored
-        with every applied record. Faust's own flush is not enough: its buffer flush gives up
-        after 0.1 s with records still pending (faust/transport/producer.py, flush_atmost).
-        """
+    async def _flush_dead_letters(self) -> None:
+        """Wait until the dead letters sent through Faust's producer are on the broker. Its
+        own flush is not enough: its buffer flush gives up after 0.1 s with records still
+        pending (faust/transport/producer.py, flush_atmost)."""
         producer = self.table.app.producer
         while producer.buffer.size:
             await producer.buffer.flush()
         await producer.flush()
-        await self.writer.flush()
 
     async def _skip_for_rewind(self, partition: int, messages: Sequence[Record], stored: int) -> Sequence[Record]:
         """Last line of defence: the consumer is ahead of what the table holds.
@@ -169,7 +168,7 @@ class GroupedMeanAgent:
         del self._rewinds[partition]
         return messages
 
-    async def _apply_partition(self, partition: int, records: Sequence[Record]) -> None:
+    async def _apply_partition(self, transaction: BatchTransaction, partition: int, records: Sequence[Record]) -> None:
         definition, writer = self.definition, self.writer
         stats = read_stats(self.table, partition)
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
@@ -189,14 +188,14 @@ class GroupedMeanAgent:
         keys = list(folded.runs)
         entries: dict[bytes, bytes] = {}
         for key, stored in zip(keys, writer.get_many(partition, keys), strict=True):
-            state = MeanState.decode(stored)
+            state = MEAN.decode(stored)
             if folded.runs[key].apply_to(state):
-                entries[key] = state.encode()
+                entries[key] = MEAN.encode(state)
         stats.counted += folded.counted
         stats.skipped += folded.skipped
         stats.rejected += len(folded.rejected)
         stats.next_offset = max(stats.next_offset, folded.last_offset + 1)
         entries[STATS_KEY] = stats.encode()
-        await writer.write(partition, entries)
+        await transaction.write(partition, entries, stats.next_offset)
         self.progress.next_offsets[partition] = max(stats.next_offset, self.progress.next_offsets.get(partition, 0))
         self.progress.dirty.add(partition)

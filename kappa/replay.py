@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from agents.grouped_mean import Definition, Progress
 from kappa import admin, snapshot
@@ -28,7 +29,7 @@ from kappa.errors import KappaError
 from kappa.generations import GenerationState, Registry, builder_alive, this_builder
 from kappa.guards import EmptyResult, check_definition, refuse_empty_result
 from kappa.progress import ProgressLine
-from tables.grouped_mean import STATS_KEY, PartitionStats, partition_items, read_stats
+from tables.grouped_mean import PartitionStats, read_partition, read_stats
 
 WATCH_INTERVAL_S = 0.25
 
@@ -82,15 +83,10 @@ def warn_finite_retention(settings: Settings, topic: str) -> None:
 
 
 def table_rows(pipe: Pipeline, partitions: int) -> Iterator[pd.DataFrame]:
-    """The snapshot's rows, streamed out of every partition's RocksDB in key order, in chunks.
-
-    Nothing holds the whole table: with a million keys each whole copy as Python objects
-    (a merged map, a sorted key list, a frame) cost over 100 MB of the replay's peak memory.
-    """
-    streams = [
-        ((key, value) for key, value in partition_items(pipe.table, p) if key != STATS_KEY) for p in range(partitions)
-    ]
-    return snapshot.frame_chunks(snapshot.merge_sorted_partials(streams))
+    """The snapshot's rows: every partition's partials, read out of RocksDB as Arrow (no
+    Python object per key), merged the same way live parts are (kappa.snapshot)."""
+    tables = [read_partition(pipe.table, partition)[0] for partition in range(partitions)]
+    return snapshot.merge_partials(pa.concat_tables(tables))
 
 
 def record_counts(pipe: Pipeline, partitions: int) -> dict[str, int]:

@@ -8,76 +8,52 @@ reader that resolves `latest` once therefore sees one complete, consistent cut.
 from __future__ import annotations
 
 import fcntl
-import heapq
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kappa.errors import KappaError
-from tables.grouped_mean import MeanState, decode_sums_and_counts
+from tables.aggregate import MEAN, Aggregate, output_schema
 
 KEEP_SNAPSHOTS = 5
 SNAPSHOT_DIR = re.compile(r"^g(\d+)-(\d+)$")
 CHUNK_ROWS = 65_536
-SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64())])
+SCHEMA = output_schema()
 
 
-def merge_sorted_partials(streams: Iterable[Iterable[tuple[bytes, bytes]]]) -> Iterator[tuple[bytes, bytes]]:
-    """One encoded entry per key, in key order, from per-partition streams each in key order.
+def merge_partials(rows: pa.Table, aggregate: Aggregate = MEAN, size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Snapshot rows in key order from partials, in chunks; a key's partials are merged.
 
-    RocksDB iterates a partition in bytewise key order, which for UTF-8 is code-point order,
-    the order of the snapshot. A k-way merge then meets a key's partials from different
-    partitions one after another, so it can add them up without holding the table. Entries
-    stay encoded: most keys live on one partition, and `to_frame` decodes a chunk at once.
+    The one merge behind every snapshot, batch and live. Arrow sorts the rows (bytewise,
+    which is code-point order for UTF-8) without a Python object per row, and the aggregate
+    merges each run of equal keys, now adjacent, with numpy.
     """
-    merged_key: bytes | None = None
-    merged = b""
-    for key, entry in heapq.merge(*streams):
-        if key == merged_key:
-            state = MeanState.decode(merged)
-            state.merge(MeanState.decode(entry))
-            merged = state.encode()
-            continue
-        if merged_key is not None:
-            if key < merged_key:
-                raise KappaError(f"state store returned key {key!r} after {merged_key!r}: not in key order")
-            yield merged_key, merged
-        merged_key, merged = key, entry
-    if merged_key is not None:
-        yield merged_key, merged
-
-
-def frame_chunks(rows: Iterable[tuple[bytes, bytes]], size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-    """Snapshot rows as frames of at most `size` rows, so a large table is never whole in memory."""
-    rows = iter(rows)
-    while chunk := list(islice(rows, size)):
-        yield to_frame(chunk)
-
-
-def to_frame(rows: Sequence[tuple[bytes, bytes]]) -> pd.DataFrame:
-    """(UTF-8 key, encoded entry) rows, in their order, with the mean left empty where
-    nothing was counted (as pandas)."""
-    sums, counts = decode_sums_and_counts([entry for _, entry in rows])
-    return rows_frame([key.decode("utf-8") for key, _ in rows], counts, sums)
-
-
-def rows_frame(keys: list[str], counts: np.ndarray, sums: np.ndarray) -> pd.DataFrame:
-    """Snapshot rows; the mean is left empty where nothing was counted, as pandas leaves it."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return pd.DataFrame({"key": pd.Series(keys, dtype=object), "count": counts, "sum": sums, "mean": means})
+    rows = rows.sort_by("key")
+    keys = rows.column("key")
+    starts = np.arange(len(rows))
+    if len(rows) > 1:
+        repeats = pc.equal(keys.slice(1), keys.slice(0, len(rows) - 1)).to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.concatenate(([True], ~repeats)))
+    columns = {name: rows.column(name).to_numpy() for name, _ in aggregate.partial_fields}
+    output = aggregate.output(aggregate.merge_groups(columns, starts))
+    if len(starts) < len(rows):
+        keys = keys.take(pa.array(starts))
+    for start in range(0, len(starts), size):
+        frame = {"key": pd.Series(keys.slice(start, size).to_pylist(), dtype=object)}
+        frame.update({name: values[start : start + size] for name, values in output.items()})
+        yield pd.DataFrame(frame)
 
 
 def _fsync_file(path: Path) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.fold import fold
+from agents.fold import fold, fold_rows
 from kappa import deadletters
 from kappa.fastpath import Record, commit_offsets
-from tables.aggregate import MEAN
+from kappa.pipeline import Definition
 from tables.grouped_mean import STATS_KEY, read_stats
 from tables.transaction import BatchTransaction
 from tables.writer import TableWriter
@@ -27,28 +27,6 @@ from tables.writer import TableWriter
 log = logging.getLogger("kappa.agent")
 COMMIT_EVERY_S = 1.0
 REWIND_PATIENCE_S = 10.0
-
-
-@dataclass(frozen=True)
-class Definition:
-    """What a pipeline computes: mean of `value_field` grouped by the row's `key_field`
-    (by the message key when `key_field` is None), over `topic`."""
-
-    topic: str
-    value_field: str
-    key_field: str | None
-
-    @property
-    def dlq_topic(self) -> str:
-        return f"{self.topic}.dlq"
-
-    def to_record(self) -> dict:
-        """The definition as the registry and manifests keep it."""
-        return {"topic": self.topic, "value": self.value_field, "key": self.key_field}
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Definition:
-        return cls(topic=record["topic"], value_field=record["value"], key_field=record.get("key"))
 
 
 @dataclass
@@ -93,6 +71,9 @@ class GroupedMeanAgent:
         self.definition = definition
         self.dlq = dlq
         self.dead_letters = dead_letters
+        self.aggregate = definition.aggregate()
+        self.shape = definition.row_shape()
+        self.layout = definition.layout()
         self.progress = progress
         self._rewinds: dict[int, tuple[int, float]] = {}
         self._next_commit = 0.0
@@ -169,13 +150,20 @@ class GroupedMeanAgent:
         return messages
 
     async def _apply_partition(self, transaction: BatchTransaction, partition: int, records: Sequence[Record]) -> None:
-        definition, writer = self.definition, self.writer
+        definition, writer, aggregate = self.definition, self.writer, self.aggregate
         stats = read_stats(self.table, partition)
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:
             return
-        folded = fold(records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop)
+        if definition.plain:
+            folded = fold(
+                records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop
+            )
+        else:
+            folded = fold_rows(
+                records, self.shape, self.layout, counted_from=stats.next_offset, stop=stop
+            )
         for record, error in folded.rejected:
             if self.dead_letters.already_written(partition, record.offset):
                 continue
@@ -188,12 +176,14 @@ class GroupedMeanAgent:
         keys = list(folded.runs)
         entries: dict[bytes, bytes] = {}
         for key, stored in zip(keys, writer.get_many(partition, keys), strict=True):
-            state = MEAN.decode(stored)
-            if folded.runs[key].apply_to(state):
-                entries[key] = MEAN.encode(state)
+            states = aggregate.decode(stored)
+            if folded.runs[key].apply_to(states if not definition.plain else states[0]):
+                entries[key] = aggregate.encode(states)
         stats.counted += folded.counted
         stats.skipped += folded.skipped
         stats.rejected += len(folded.rejected)
+        if folded.value_counts is not None:
+            stats.add_value_counts(folded.value_counts)
         stats.next_offset = max(stats.next_offset, folded.last_offset + 1)
         entries[STATS_KEY] = stats.encode()
         await transaction.write(partition, entries, stats.next_offset)

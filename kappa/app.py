@@ -15,12 +15,13 @@ from pathlib import Path
 import faust
 from faust.tables.manager import TableManager
 
-from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, Definition, GroupedMeanAgent, Progress
+from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, GroupedMeanAgent, Progress
 from kappa import admin, deadletters, security
 from kappa.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.config import fetch_partition_bytes
 from kappa.fastpath import BatchDeliveryConsumer, PerRecordQuietMonitor, commit_offsets
 from kappa.lognoise import fold_repeated_client_errors, hold_back_during_outages
+from kappa.pipeline import Definition
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
 

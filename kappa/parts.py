@@ -13,20 +13,19 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kappa.snapshot import CHUNK_ROWS, merge_partials
-from tables.aggregate import partial_schema
+from kappa.snapshot import CHUNK_ROWS, SnapshotRows, merge_partials
+from tables.aggregate import MEAN, Aggregate, partial_schema
 from tables.grouped_mean import PartitionStats
+from tables.keys import PLAIN, KeyLayout
 
 PART_NAME = re.compile(r"^p(\d+)-o(\d+)\.parquet$")
-PART_SCHEMA = partial_schema()
 KEEP_PARTS = 3
 
 
@@ -37,9 +36,8 @@ def parts_dir(snapshot_dir: Path, pipeline: str, generation: int) -> Path:
 def write_part(directory: Path, partition: int, partials: pa.Table, stats: PartitionStats) -> Path:
     """One partition's partials (tables.grouped_mean.read_partition) at its next offset."""
     directory.mkdir(parents=True, exist_ok=True)
-    table = partials.cast(PART_SCHEMA)
     meta = {"partition": partition, "next_offset": stats.next_offset, "records": _records(stats)}
-    table = table.replace_schema_metadata({"kappa": json.dumps(meta)})
+    table = partials.replace_schema_metadata({"kappa": json.dumps(meta)})
     final = directory / f"p{partition}-o{stats.next_offset}.parquet"
     staging = directory / f".{final.name}.{os.getpid()}.tmp"
     pq.write_table(table, staging)
@@ -48,8 +46,11 @@ def write_part(directory: Path, partition: int, partials: pa.Table, stats: Parti
     return final
 
 
-def _records(stats: PartitionStats) -> dict[str, int]:
-    return {"counted": stats.counted, "skipped": stats.skipped, "rejected": stats.rejected}
+def _records(stats: PartitionStats) -> dict:
+    found: dict = {"counted": stats.counted, "skipped": stats.skipped, "rejected": stats.rejected}
+    if stats.values is not None:
+        found["values"] = stats.values
+    return found
 
 
 def newest_parts(directory: Path) -> dict[int, tuple[int, Path]]:
@@ -82,10 +83,12 @@ class MergedParts:
 
     table: pa.Table
     offsets: dict[int, int]
-    records: dict[str, int]
+    stats: PartitionStats
 
-    def snapshot_chunks(self, size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-        return merge_partials(self.table, size=size)
+    def snapshot_rows(
+        self, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN, size: int = CHUNK_ROWS
+    ) -> SnapshotRows:
+        return merge_partials(self.table, aggregate, layout, size)
 
 
 def cut_of(newest: Mapping[int, tuple[int, Path]], partitions: int) -> dict[int, int]:
@@ -96,20 +99,22 @@ def cut_of(newest: Mapping[int, tuple[int, Path]], partitions: int) -> dict[int,
     return offsets
 
 
-def read_parts(newest: Mapping[int, tuple[int, Path]], partitions: int) -> MergedParts:
-    """The given parts, read as Arrow (no Python object per row)."""
+def read_parts(newest: Mapping[int, tuple[int, Path]], partitions: int, schema: pa.Schema | None = None) -> MergedParts:
+    """The given parts, read as Arrow (no Python object per row); `schema` is the partials'
+    schema (tables.aggregate.partial_schema), for when there is no part yet."""
     tables = []
-    records = {"counted": 0, "skipped": 0, "rejected": 0}
+    stats = PartitionStats()
     for _, (_, path) in sorted(newest.items()):
         table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"kappa"])
-        for kind, count in meta["records"].items():
-            records[kind] += count
+        records = json.loads(table.schema.metadata[b"kappa"])["records"]
+        stats.merge(
+            PartitionStats(records["counted"], records["skipped"], records["rejected"], values=records.get("values"))
+        )
         tables.append(table.replace_schema_metadata(None))
-    combined = pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
-    return MergedParts(table=combined, offsets=cut_of(newest, partitions), records=records)
+    combined = pa.concat_tables(tables) if tables else (schema or partial_schema()).empty_table()
+    return MergedParts(table=combined, offsets=cut_of(newest, partitions), stats=stats)
 
 
-def merge_parts(directory: Path, partitions: int) -> MergedParts:
+def merge_parts(directory: Path, partitions: int, schema: pa.Schema | None = None) -> MergedParts:
     """The newest part of every partition."""
-    return read_parts(newest_parts(directory), partitions)
+    return read_parts(newest_parts(directory), partitions, schema)

@@ -12,14 +12,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 
-from agents.grouped_mean import Definition, Progress
+from agents.grouped_mean import Progress
 from kappa import admin, snapshot
 from kappa.app import Pipeline, PromptWorker, create_pipeline, quiet_faust_noise, relax_garbage_collector
 from kappa.availability import wait_for_leaders
@@ -28,6 +26,7 @@ from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationState, Registry, builder_alive, this_builder
 from kappa.guards import EmptyResult, check_definition, refuse_empty_result
+from kappa.pipeline import Definition
 from kappa.progress import ProgressLine
 from tables.grouped_mean import PartitionStats, read_partition, read_stats
 
@@ -82,22 +81,20 @@ def warn_finite_retention(settings: Settings, topic: str) -> None:
         )
 
 
-def table_rows(pipe: Pipeline, partitions: int) -> Iterator[pd.DataFrame]:
+def table_rows(pipe: Pipeline, partitions: int) -> snapshot.SnapshotRows:
     """The snapshot's rows: every partition's partials, read out of RocksDB as Arrow (no
     Python object per key), merged the same way live parts are (kappa.snapshot)."""
-    tables = [read_partition(pipe.table, partition)[0] for partition in range(partitions)]
-    return snapshot.merge_partials(pa.concat_tables(tables))
+    aggregate, layout = pipe.definition.aggregate(), pipe.definition.layout()
+    tables = [read_partition(pipe.table, partition, aggregate, layout)[0] for partition in range(partitions)]
+    return snapshot.merge_partials(pa.concat_tables(tables), aggregate, layout)
 
 
-def record_counts(pipe: Pipeline, partitions: int) -> dict[str, int]:
-    """counted, skipped and rejected over every partition's stats entry."""
+def record_counts(pipe: Pipeline, partitions: int) -> dict:
+    """counted, skipped and rejected (and per value) over every partition's stats entry."""
     totals = PartitionStats()
     for partition in range(partitions):
-        stats = read_stats(pipe.table, partition)
-        totals.counted += stats.counted
-        totals.skipped += stats.skipped
-        totals.rejected += stats.rejected
-    return {"counted": totals.counted, "skipped": totals.skipped, "rejected": totals.rejected}
+        totals.merge(read_stats(pipe.table, partition))
+    return totals.records(pipe.definition.value_fields)
 
 
 def preflight(

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.grouped_mean import Definition
 from kappa import parts
 from kappa.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
 from kappa.guards import EmptyResult
+from kappa.pipeline import Definition
 from kappa.progress import ProgressLine
 from kappa.replay import preflight
 from kappa.worker import (

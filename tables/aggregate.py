@@ -4,8 +4,8 @@ A table entry is one key's *partial* aggregate within one source partition (see
 tables.grouped_mean for why there are partials). Everything that stores, ships, merges or
 prints partials goes through an `Aggregate`:
 
-- `State`: one partial in memory, with `add_all` (a batch of values), `merge` and the
-  offset after the last record applied to it;
+- a partial in memory: one `MeanState` per value field, with `add_all` (a batch of
+  values), `merge` and the offset after the last record applied to it;
 - `encode`/`decode`: the stored form, in RocksDB and on the changelog. It carries a version
   byte, so a later aggregate can read entries an older kappa wrote, or refuse them with a
   clear error, instead of misreading them;
@@ -28,6 +28,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from tables.keys import PLAIN, KeyLayout
+
 # The first byte of every encoded entry. Entries before versioning were bare JSON arrays,
 # which start with "[" (0x5b), so they are told apart from every version.
 MEAN_V1 = 1
@@ -38,12 +40,12 @@ class Aggregate(Protocol):
     """What a table keeps per key and how partials become snapshot columns."""
 
     name: ClassVar[str]
-    partial_fields: ClassVar[tuple[tuple[str, pa.DataType], ...]]
-    output_fields: ClassVar[tuple[tuple[str, pa.DataType], ...]]
+    partial_fields: tuple[tuple[str, pa.DataType], ...]
+    output_fields: tuple[tuple[str, pa.DataType], ...]
 
-    def new(self) -> MeanState: ...
-    def decode(self, raw: bytes | None) -> MeanState: ...
-    def encode(self, state: MeanState) -> bytes: ...
+    def new(self) -> list[MeanState]: ...
+    def decode(self, raw: bytes | None) -> list[MeanState]: ...
+    def encode(self, states: Sequence[MeanState]) -> bytes: ...
     def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]: ...
     def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]: ...
     def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -96,53 +98,83 @@ class MeanState:
 
 
 class Mean:
-    """count, sum and mean of one value field, as pandas' `agg(["count", "sum", "mean"])`."""
+    """count, sum and mean of each value field, as pandas' `agg(["count", "sum", "mean"])`.
+
+    A partial is one MeanState per value field (they share the next offset). With one
+    value the columns are `count, sum, mean`; with several, `<value>_count` and so on.
+    """
 
     name: ClassVar[str] = "mean"
-    partial_fields: ClassVar[tuple[tuple[str, pa.DataType], ...]] = (
-        ("total", pa.float64()),
-        ("compensation", pa.float64()),
-        ("count", pa.int64()),
-    )
-    output_fields: ClassVar[tuple[tuple[str, pa.DataType], ...]] = (
-        ("count", pa.int64()),
-        ("sum", pa.float64()),
-        ("mean", pa.float64()),
-    )
 
-    def new(self) -> MeanState:
-        return MeanState()
+    def __init__(self, values: Sequence[str] = ("value",)) -> None:
+        self.values = tuple(values)
+        self.width = len(self.values)
+        if self.width == 1:
+            self.partial_fields = (("total", pa.float64()), ("compensation", pa.float64()), ("count", pa.int64()))
+            self.output_fields = (("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64()))
+        else:
+            self.partial_fields = tuple(
+                (f"{part}_{i}", kind)
+                for i in range(self.width)
+                for part, kind in (("total", pa.float64()), ("compensation", pa.float64()), ("count", pa.int64()))
+            )
+            self.output_fields = tuple(
+                (f"{value}_{part}", kind)
+                for value in self.values
+                for part, kind in (("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64()))
+            )
 
-    def encode(self, state: MeanState) -> bytes:
-        """Version byte, then `[next_offset, total, compensation, count]` as JSON."""
-        return bytes((MEAN_V1,)) + orjson.dumps([state.next_offset, state.total, state.compensation, state.count])
+    def _names(self, i: int) -> tuple[str, str, str]:
+        if self.width == 1:
+            return "total", "compensation", "count"
+        return f"total_{i}", f"compensation_{i}", f"count_{i}"
 
-    def decode(self, raw: bytes | None) -> MeanState:
+    def new(self) -> list[MeanState]:
+        return [MeanState() for _ in range(self.width)]
+
+    def encode(self, states: Sequence[MeanState]) -> bytes:
+        """Version byte, then `[next_offset, total, compensation, count, ...]` (a triple per value) as JSON."""
+        fields: list[float | int] = [states[0].next_offset]
+        for state in states:
+            fields += (state.total, state.compensation, state.count)
+        return bytes((MEAN_V1,)) + orjson.dumps(fields)
+
+    def decode(self, raw: bytes | None) -> list[MeanState]:
         if raw is None:
-            return MeanState()
+            return self.new()
         version = raw[0]
         if version == MEAN_V1:
-            next_offset, total, compensation, count = orjson.loads(raw[1:])
-            return MeanState(total, compensation, count, next_offset)
-        if version == LEGACY_JSON:  # written before entries were versioned
+            fields = orjson.loads(raw[1:])
+            next_offset = fields[0]
+        elif version == LEGACY_JSON:  # written before entries were versioned: one value, offset last
             total, compensation, count, next_offset = orjson.loads(raw)
-            return MeanState(total, compensation, count, next_offset)
-        raise unknown_version(self.name, version)
+            fields = [next_offset, total, compensation, count]
+        else:
+            raise unknown_version(self.name, version)
+        if len(fields) != 1 + 3 * self.width:
+            raise UnreadableEntry(
+                f"a stored {self.name} entry holds {(len(fields) - 1) // 3} value(s), the pipeline has {self.width}: "
+                "the table belongs to another definition; replay the pipeline into a new generation"
+            )
+        return [
+            MeanState(fields[1 + 3 * i], fields[2 + 3 * i], fields[3 + 3 * i], next_offset) for i in range(self.width)
+        ]
 
     def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]:
         """The partial columns of many entries with one orjson call (no object per key)."""
         if not entries:
             return {name: np.empty(0, dtype=kind.to_pandas_dtype()) for name, kind in self.partial_fields}
-        versions = {entry[0] for entry in entries}
-        if versions == {MEAN_V1}:
+        if {entry[0] for entry in entries} == {MEAN_V1}:
             rows = np.array(orjson.loads(b"[" + b",".join(entry[1:] for entry in entries) + b"]"), dtype=np.float64)
-            total, compensation, count = rows[:, 1], rows[:, 2], rows[:, 3]
         else:
-            states = [self.decode(entry) for entry in entries]
-            total = np.array([s.total for s in states], dtype=np.float64)
-            compensation = np.array([s.compensation for s in states], dtype=np.float64)
-            count = np.array([s.count for s in states], dtype=np.float64)
-        return {"total": total, "compensation": compensation, "count": count.astype(np.int64)}
+            rows = np.array([orjson.loads(self.encode(self.decode(entry))[1:]) for entry in entries], dtype=np.float64)
+        columns = {}
+        for i in range(self.width):
+            total, compensation, count = self._names(i)
+            columns[total] = rows[:, 1 + 3 * i]
+            columns[compensation] = rows[:, 2 + 3 * i]
+            columns[count] = rows[:, 3 + 3 * i].astype(np.int64)
+        return columns
 
     def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]:
         """Add up the partials of each group of equal keys (rows `starts[i]` up to the next).
@@ -150,24 +182,38 @@ class Mean:
         Most keys live on one partition, so most groups have one row; the sums of groups with
         several are redone with math.fsum over every partial's total and compensation:
         correctly rounded, however the partials cancel."""
-        totals, compensations = columns["total"], columns["compensation"]
-        rows = len(totals)
-        if rows == 0:
-            return {"count": np.empty(0, np.int64), "sum": np.empty(0, np.float64)}
-        counts = np.add.reduceat(columns["count"], starts)
-        sums = totals[starts] + compensations[starts]
-        ends = np.append(starts[1:], rows)
-        for group in np.flatnonzero(ends - starts > 1):
-            first, last = starts[group], ends[group]
-            sums[group] = math.fsum([*totals[first:last], *compensations[first:last]])
-        return {"count": counts, "sum": sums}
+        merged = {}
+        for i in range(self.width):
+            total, compensation, count = self._names(i)
+            counts, sums = _merge_one(columns[total], columns[compensation], columns[count], starts)
+            merged[f"count_{i}"], merged[f"sum_{i}"] = counts, sums
+        return merged
 
     def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The snapshot columns; the mean is left empty where nothing was counted, as pandas."""
-        counts, sums = merged["count"], merged["sum"]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        return {"count": counts, "sum": sums, "mean": means}
+        """The snapshot columns; a mean is left empty where nothing was counted, as pandas."""
+        columns = {}
+        for i, value in enumerate(self.values):
+            counts, sums = merged[f"count_{i}"], merged[f"sum_{i}"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+            prefix = "" if self.width == 1 else f"{value}_"
+            columns.update({f"{prefix}count": counts, f"{prefix}sum": sums, f"{prefix}mean": means})
+        return columns
+
+
+def _merge_one(
+    totals: np.ndarray, compensations: np.ndarray, counts: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    rows = len(totals)
+    if rows == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    merged_counts = np.add.reduceat(counts, starts)
+    sums = totals[starts] + compensations[starts]
+    ends = np.append(starts[1:], rows)
+    for group in np.flatnonzero(ends - starts > 1):
+        first, last = starts[group], ends[group]
+        sums[group] = math.fsum([*totals[first:last], *compensations[first:last]])
+    return merged_counts, sums
 
 
 class UnreadableEntry(ValueError):
@@ -185,23 +231,25 @@ def unknown_version(name: str, version: int) -> UnreadableEntry:
 MEAN = Mean()
 
 
-def partial_schema(key_fields: Sequence[str] = ("key",), aggregate: Aggregate = MEAN) -> pa.Schema:
-    """The columns of a part file: key columns, then the aggregate's partial columns."""
-    return pa.schema([*((name, pa.string()) for name in key_fields), *aggregate.partial_fields])
+def partial_schema(layout: KeyLayout = PLAIN, aggregate: Aggregate = MEAN) -> pa.Schema:
+    """The columns of a part file: the stored key, then the aggregate's partial columns."""
+    return pa.schema([("key", layout.key_type()), *aggregate.partial_fields])
 
 
-def output_schema(key_fields: Sequence[str] = ("key",), aggregate: Aggregate = MEAN) -> pa.Schema:
-    """The columns of a snapshot: key columns, then the aggregate's output columns."""
-    return pa.schema([*((name, pa.string()) for name in key_fields), *aggregate.output_fields])
+def output_schema(layout: KeyLayout = PLAIN, aggregate: Aggregate = MEAN) -> pa.Schema:
+    """The columns of a snapshot: key columns (and window start), then the aggregate's columns."""
+    return pa.schema([*layout.output_fields(), *aggregate.output_fields])
 
 
-def partials_table(pairs: Iterable[tuple[bytes, bytes]], aggregate: Aggregate = MEAN) -> pa.Table:
-    """(UTF-8 key, encoded entry) pairs as an Arrow table of partials, decoded in bulk."""
+def partials_table(
+    pairs: Iterable[tuple[bytes, bytes]], aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN
+) -> pa.Table:
+    """(stored key, encoded entry) pairs as an Arrow table of partials, decoded in bulk."""
     keys: list[bytes] = []
     entries: list[bytes] = []
     for key, entry in pairs:
         keys.append(key)
         entries.append(entry)
     columns = aggregate.decode_many(entries)
-    key_column = pa.array(keys, type=pa.binary()).cast(pa.string())
-    return pa.table({"key": key_column, **columns}, schema=partial_schema(("key",), aggregate))
+    key_column = pa.array(keys, type=pa.binary()).cast(layout.key_type())
+    return pa.table({"key": key_column, **columns}, schema=partial_schema(layout, aggregate))

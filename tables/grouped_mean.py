@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import orjson
 import pyarrow as pa
 
-from tables.aggregate import LEGACY_JSON, UnreadableEntry, partials_table
+from tables.aggregate import LEGACY_JSON, MEAN, Aggregate, UnreadableEntry, partials_table
+from tables.keys import PLAIN, KeyLayout
 
 TABLE_NAME = "grouped_mean"
 # A key that is not valid UTF-8 can never be a group key, so it is free for bookkeeping.
@@ -39,10 +40,39 @@ class PartitionStats:
     skipped: int = 0
     rejected: int = 0
     next_offset: int = 0
+    values: list[list[int]] | None = None  # [counted, skipped] per value, for several values
+
+    def add_value_counts(self, counts: list[list[int]]) -> None:
+        if self.values is None:
+            self.values = [[0, 0] for _ in counts]
+        for mine, more in zip(self.values, counts, strict=True):
+            mine[0] += more[0]
+            mine[1] += more[1]
+
+    def records(self, value_names: tuple[str, ...] = ()) -> dict:
+        """The manifest's `records`: counted, skipped, rejected, and per value when several."""
+        found: dict = {"counted": self.counted, "skipped": self.skipped, "rejected": self.rejected}
+        if len(value_names) > 1:
+            pairs = self.values or [[0, 0] for _ in value_names]
+            found["values"] = {
+                name: {"counted": c, "skipped": s} for name, (c, s) in zip(value_names, pairs, strict=True)
+            }
+        return found
+
+    def merge(self, other: PartitionStats) -> None:
+        self.counted += other.counted
+        self.skipped += other.skipped
+        self.rejected += other.rejected
+        if other.values is not None:
+            self.add_value_counts(other.values)
 
     def encode(self) -> bytes:
-        """Version byte, then `[counted, skipped, rejected, next_offset]` as JSON."""
-        return bytes((STATS_V1,)) + orjson.dumps([self.counted, self.skipped, self.rejected, self.next_offset])
+        """Version byte, then `[counted, skipped, rejected, next_offset]` (and the per-value
+        counts when there are several values) as JSON."""
+        fields: list = [self.counted, self.skipped, self.rejected, self.next_offset]
+        if self.values is not None:
+            fields.append(self.values)
+        return bytes((STATS_V1,)) + orjson.dumps(fields)
 
     @classmethod
     def decode(cls, raw: bytes | None) -> PartitionStats:
@@ -87,7 +117,9 @@ def partition_items(table, partition: int) -> Iterator[tuple[bytes, bytes]]:
             yield key, value
 
 
-def read_partition(table, partition: int) -> tuple[pa.Table, PartitionStats]:
+def read_partition(
+    table, partition: int, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN
+) -> tuple[pa.Table, PartitionStats]:
     """One partition's partial aggregates (as Arrow, in key order) and stats, in one pass."""
     found: list[PartitionStats] = []
 
@@ -98,7 +130,7 @@ def read_partition(table, partition: int) -> tuple[pa.Table, PartitionStats]:
             else:
                 yield key, value
 
-    rows = partials_table(partials())
+    rows = partials_table(partials(), aggregate, layout)
     return rows, found[0] if found else PartitionStats()
 
 

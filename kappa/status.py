@@ -167,7 +167,8 @@ def render(status: dict) -> str:
         if snap:
             records = snap["records"]
             lines.append(
-                f"  latest snapshot: generation {snap['generation']}, {snap['keys']:,} table rows (groups), {snap['age_s']}s old, "
+                f"  latest snapshot: generation {snap['generation']}, {snap['keys']:,} table rows (groups), "
+                f"{snap['age_s']}s old, "
                 f"complete={snap['complete']}; counted {records['counted']:,}, skipped {records['skipped']:,}, "
                 f"rejected {records['rejected']:,}"
             )

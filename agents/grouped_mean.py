@@ -161,9 +161,7 @@ class GroupedMeanAgent:
                 records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop
             )
         else:
-            folded = fold_rows(
-                records, self.shape, self.layout, counted_from=stats.next_offset, stop=stop
-            )
+            folded = fold_rows(records, self.shape, self.layout, counted_from=stats.next_offset, stop=stop)
         for record, error in folded.rejected:
             if self.dead_letters.already_written(partition, record.offset):
                 continue

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from kappa.codec import COUNTED, REJECTED, decode
+from kappa.codec import COUNTED, REJECTED, RowShape, decode, decode_row
 from kappa.pipeline import Record
-from tables.grouped_mean import MeanState
+from tables.aggregate import MeanState
+from tables.keys import KeyLayout
 
 NO_STOP = 1 << 63
 
@@ -62,6 +63,7 @@ class Fold:
     skipped: int = 0
     rejected: list[tuple[Record, str]] = field(default_factory=list)
     last_offset: int = -1  # the last record folded, whether or not it was counted before
+    value_counts: list[list[int]] | None = None  # [counted, skipped] per value, for several values
 
 
 def fold(
@@ -140,3 +142,66 @@ def _fold_slow(
     else:
         run.values.append(None)
         run.has_skipped = True
+
+
+@dataclass(slots=True)
+class RowsRun:
+    """One key's records in a batch for a pipeline with several values or a window: a tuple
+    of values (None where skipped) per record, in offset order."""
+
+    offsets: list[int] = field(default_factory=list)
+    values: list[tuple[float | None, ...]] = field(default_factory=list)
+
+    def apply_to(self, states: list[MeanState]) -> bool:
+        """Add the records the states have not applied yet; False when there were none."""
+        offsets, rows = self.offsets, self.values
+        if offsets[0] < states[0].next_offset:
+            start = bisect_left(offsets, states[0].next_offset)
+            if start == len(offsets):
+                return False
+            rows = rows[start:]
+        for index, state in enumerate(states):
+            state.add_all([row[index] for row in rows if row[index] is not None])
+            state.next_offset = offsets[-1] + 1
+        return True
+
+
+def fold_rows(
+    records: Sequence[Record], shape: RowShape, layout: KeyLayout, *, counted_from: int, stop: int | None = None
+) -> Fold:
+    """`fold` for any pipeline shape: composite keys, several values, windows.
+
+    Each record goes through `decode_row`; a key's run holds a tuple of values per record.
+    Counts per value are kept as well (a row with a fare and no tip counts for fare only).
+    """
+    result = Fold(value_counts=[[0, 0] for _ in shape.value_fields])
+    runs: dict[bytes, RowsRun] = {}
+    stop_at = NO_STOP if stop is None else stop
+    for record in records:
+        offset = record.offset
+        if offset >= stop_at:
+            break
+        verdict = decode_row(record.key, record.value, getattr(record, "timestamp", None), shape)
+        result.last_offset = offset
+        counted_now = offset >= counted_from
+        if counted_now:
+            if verdict.kind == REJECTED:
+                result.rejected.append((record, verdict.error))
+            elif verdict.kind == COUNTED:
+                result.counted += 1
+            else:
+                result.skipped += 1
+            if verdict.kind != REJECTED:
+                grouped = verdict.texts is not None
+                for index, number in enumerate(verdict.values):
+                    result.value_counts[index][0 if grouped and number is not None else 1] += 1
+        if verdict.kind == REJECTED or verdict.texts is None:
+            continue
+        key = layout.encode(verdict.texts, verdict.window_start)
+        run = runs.get(key)
+        if run is None:
+            run = runs[key] = RowsRun()
+        run.offsets.append(offset)
+        run.values.append(verdict.values)
+    result.runs = runs  # type: ignore[assignment]
+    return result

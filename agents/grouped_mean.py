@@ -16,11 +16,12 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.fold import fold
+from agents.fold import fold, fold_rows
 from kappa import deadletters
 from kappa.engine.faust_internals import commit_offsets, drain_producer_buffer
 from kappa.pipeline import Definition, Progress, Record
-from tables.grouped_mean import STATS_KEY, MeanState, read_stats
+from tables.grouped_mean import STATS_KEY, read_stats
+from tables.transaction import BatchTransaction
 from tables.writer import TableWriter
 
 log = logging.getLogger("kappa.agent")
@@ -55,24 +56,29 @@ class GroupedMeanAgent:
         self.definition = definition
         self.dlq = dlq
         self.dead_letters = dead_letters
+        self.aggregate = definition.aggregate()
+        self.shape = definition.row_shape()
+        self.layout = definition.layout()
         self.progress = progress
         self._rewinds: dict[int, tuple[int, float]] = {}
         self._next_commit = 0.0
         self._uncommitted: dict[TP, int] = {}
 
     async def on_batch(self, batches: Mapping[TP, Sequence[Record]]) -> None:
-        """One fetched batch: apply each partition's records, then make them durable."""
+        """One fetched batch: fold and apply each partition's records in one transaction,
+        make it durable, then commit what it reached (tables.transaction has the order)."""
+        transaction = BatchTransaction(self.writer, self._flush_dead_letters)
         for tp, records in batches.items():
-            await self._apply_partition(tp.partition, records)
+            await self._apply_partition(transaction, tp.partition, records)
             self.progress.records_seen += len(records)
-        await self._make_durable()
-        await self._commit_applied(batches)
+        await transaction.make_durable()
+        await self._commit_applied(transaction.committable())
 
-    async def _commit_applied(self, batches: Mapping[TP, Sequence[Record]]) -> None:
+    async def _commit_applied(self, offsets: Mapping[int, int]) -> None:
         """Commit what the table holds, so the group's offsets track it (for `kappa status`
         and outside tools); resuming never relies on them (kappa.app.resume_from_table_offsets)."""
-        held = self.progress.next_offsets
-        self._uncommitted.update({tp: held[tp.partition] for tp in batches if tp.partition in held})
+        topic = self.definition.topic
+        self._uncommitted.update({TP(topic, partition): offset for partition, offset in offsets.items()})
         if time.monotonic() >= self._next_commit:
             await self.commit_pending()
 
@@ -84,15 +90,9 @@ class GroupedMeanAgent:
         if pending:
             await commit_offsets(self.table.app.consumer, pending)
 
-    async def _make_durable(self) -> None:
-        """Wait until this batch's changelog and dead-letter records are on the broker.
-
-        Offsets are committed only after this returns, so a committed source offset is never
-        ahead of the changelog, and a partition that moves to another process is restored
-        with every applied record.
-        """
+    async def _flush_dead_letters(self) -> None:
+        """Wait until the dead letters sent through Faust's producer are on the broker."""
         await drain_producer_buffer(self.table.app)
-        await self.writer.flush()
 
     async def _skip_for_rewind(self, partition: int, messages: Sequence[Record], stored: int) -> Sequence[Record]:
         """Last line of defence: the consumer is ahead of what the table holds.
@@ -129,14 +129,19 @@ class GroupedMeanAgent:
         del self._rewinds[partition]
         return messages
 
-    async def _apply_partition(self, partition: int, records: Sequence[Record]) -> None:
-        definition, writer = self.definition, self.writer
+    async def _apply_partition(self, transaction: BatchTransaction, partition: int, records: Sequence[Record]) -> None:
+        definition, writer, aggregate = self.definition, self.writer, self.aggregate
         stats = read_stats(self.table, partition)
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:
             return
-        folded = fold(records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop)
+        if definition.plain:
+            folded = fold(
+                records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop
+            )
+        else:
+            folded = fold_rows(records, self.shape, self.layout, counted_from=stats.next_offset, stop=stop)
         for record, error in folded.rejected:
             if self.dead_letters.already_written(partition, record.offset):
                 continue
@@ -149,14 +154,16 @@ class GroupedMeanAgent:
         keys = list(folded.runs)
         entries: dict[bytes, bytes] = {}
         for key, stored in zip(keys, writer.get_many(partition, keys), strict=True):
-            state = MeanState.decode(stored)
-            if folded.runs[key].apply_to(state):
-                entries[key] = state.encode()
+            states = aggregate.decode(stored)
+            if folded.runs[key].apply_to(states if not definition.plain else states[0]):
+                entries[key] = aggregate.encode(states)
         stats.counted += folded.counted
         stats.skipped += folded.skipped
         stats.rejected += len(folded.rejected)
+        if folded.value_counts is not None:
+            stats.add_value_counts(folded.value_counts)
         stats.next_offset = max(stats.next_offset, folded.last_offset + 1)
         entries[STATS_KEY] = stats.encode()
-        await writer.write(partition, entries)
+        await transaction.write(partition, entries, stats.next_offset)
         self.progress.next_offsets[partition] = max(stats.next_offset, self.progress.next_offsets.get(partition, 0))
         self.progress.dirty.add(partition)

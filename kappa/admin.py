@@ -150,6 +150,7 @@ def replication(broker: str, requested: int | None = None) -> Replication:
     try:
         metadata = client.list_topics(timeout=10)
     except KafkaException as exc:
+        wait_until_reachable(broker, timeout=5)  # says why in its own words: unreachable, or credentials refused
         raise KappaError(f"cannot read the cluster's brokers from {broker}: {exc.args[0].str()}") from None
     brokers = len(metadata.brokers)
     if requested is not None:
@@ -265,16 +266,32 @@ def delete_topics(broker: str, topics: list[str]) -> None:
                 raise KappaError(f"could not delete topic {topic!r}: {exc.args[0].str()}") from None
 
 
+WATERMARK_PATIENCE_S = 60.0
+
+
 def watermarks(broker: str, topic: str, partitions: int) -> dict[int, tuple[int, int]]:
-    """(log start, log end) per partition: the cut a batch run stops at, and truncation."""
+    """(log start, log end) per partition: the cut a batch run stops at, and truncation.
+
+    A partition whose leader just died answers again once the cluster has elected another
+    (seconds on a replicated topic), so a failed read is retried for a while before giving up.
+    """
     consumer = Consumer(client_config(broker, **{"group.id": "kappa-watermarks", "enable.auto.commit": False}))
+    deadline = time.monotonic() + WATERMARK_PATIENCE_S
+    found: dict[int, tuple[int, int]] = {}
     try:
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-            for p in range(partitions)
-        }
-    except KafkaException as exc:
-        raise KappaError(f"could not read offsets of topic {topic!r}: {exc.args[0].str()}") from None
+        for p in range(partitions):
+            while p not in found:
+                try:
+                    found[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                except KafkaException as exc:
+                    if time.monotonic() >= deadline:
+                        raise KappaError(
+                            f"could not read offsets of topic {topic!r} partition {p} "
+                            f"within {WATERMARK_PATIENCE_S:g}s: "
+                            f"{exc.args[0].str()}; is its leader's broker down?"
+                        ) from None
+                    time.sleep(1.0)
+        return found
     finally:
         consumer.close()
 

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from kappa.config import Settings, validate_pipeline_name
 from kappa.errors import KappaError
+
+RECORD_KINDS = ("counted", "skipped", "rejected")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -91,8 +94,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from kappa.replay import run_batch
     from kappa.switchover import keep_generation, retire_generation
 
-    pipeline = validate_pipeline_name(args.pipeline or args.topic)
-    definition = _definition(args)
+    pipeline, definition = _definition(args)
     if not args.batch:
         if args.timeout is not None:
             raise KappaError("--timeout applies to --batch replays only: add --batch, or leave out --timeout")
@@ -110,7 +112,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     records = result.manifest["records"]
-    rate = sum(records.values()) / result.seconds if result.seconds else 0.0
+    rate = sum(records[kind] for kind in RECORD_KINDS) / result.seconds if result.seconds else 0.0
     print(
         f"generation {result.generation} of {pipeline!r} published: {result.path} "
         f"({result.manifest['keys']:,} keys; counted {records['counted']:,}, skipped {records['skipped']:,}, "
@@ -126,9 +128,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _definition(args: argparse.Namespace):
-    from kappa.pipeline import Definition
+    """The pipeline's name and definition, from kappa.toml and/or the options."""
+    from kappa.pipeline import resolve
 
-    return Definition(topic=args.topic, value_field=args.value, key_field=args.key)
+    name, definition = resolve(
+        args.name,
+        args.config,
+        topic=args.topic,
+        key=args.key,
+        value=args.value,
+        window=args.window,
+        time=args.time,
+        time_unit=args.time_unit,
+    )
+    pipeline = validate_pipeline_name(args.pipeline or name or definition.topic)
+    return pipeline, definition
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -136,9 +150,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if args.processes < 1 or args.snapshot_interval <= 0:
         raise KappaError("--processes must be at least 1 and --snapshot-interval above 0")
-    pipeline = validate_pipeline_name(args.pipeline or args.topic)
+    pipeline, definition = _definition(args)
     supervisor = Supervisor(
-        _settings(args), pipeline, _definition(args), args.processes, args.snapshot_interval, args.loglevel
+        _settings(args), pipeline, definition, args.processes, args.snapshot_interval, args.loglevel
     )
     return supervisor.run()
 
@@ -146,9 +160,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_worker_process(args: argparse.Namespace) -> int:
     from kappa.worker import run_process
 
-    pipeline = validate_pipeline_name(args.pipeline or args.topic)
+    pipeline, definition = _definition(args)
     return run_process(
-        _settings(args), pipeline, _definition(args), args.generation, args.index, args.snapshot_interval, args.loglevel
+        _settings(args), pipeline, definition, args.generation, args.index, args.snapshot_interval, args.loglevel
     )
 
 
@@ -215,7 +229,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     from kappa.snapshot import read_snapshot, resolve_latest
 
     settings = _settings(args)
-    pipeline = validate_pipeline_name(args.pipeline)
+    if not (args.pipeline or args.name):
+        raise KappaError("which pipeline? pass its name: kappa snapshot NAME (or --pipeline NAME)")
+    pipeline = validate_pipeline_name(args.pipeline or args.name)
     frame, manifest = read_snapshot(settings.snapshot_dir, pipeline)
     if args.format == "json":
         rows = json.loads(frame.to_json(orient="records"))
@@ -339,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(handler=cmd_gc)
 
     snap = commands.add_parser("snapshot", parents=[common], help="print the latest snapshot and its manifest")
-    snap.add_argument("--pipeline", required=True, help="pipeline name (by default its topic name)")
+    snap.add_argument("name", nargs="?", help="the pipeline (as --pipeline)")
+    snap.add_argument("--pipeline", help="pipeline name (by default its topic name)")
     snap.add_argument("--format", choices=["table", "csv", "json"], default="table")
     snap.add_argument("--rows", type=int, default=20, help="rows shown by --format table (default 20)")
     snap.set_defaults(handler=cmd_snapshot)
@@ -351,13 +368,23 @@ def _loglevel(parser: argparse.ArgumentParser) -> None:
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--topic", required=True, help="the log: the source topic")
-    parser.add_argument("--value", required=True, help="the row field to average")
+    parser.add_argument(
+        "name", nargs="?", help="a pipeline of the pipelines file (kappa.toml); options below override it"
+    )
+    parser.add_argument("--config", type=Path, help="the pipelines file (default: ./kappa.toml)")
+    parser.add_argument("--topic", help="the log: the source topic")
+    parser.add_argument("--value", help="the row field(s) to count, sum and average: fare, or fare,tip")
     parser.add_argument(
         "--key",
-        help="the row field to group by (default: group by the message key, for producers that send no key field)",
+        help="the row field(s) to group by: city, or city,vendor (default: the message key, for producers that "
+        "send no key field)",
     )
-    parser.add_argument("--pipeline", help="pipeline name (default: the topic name)")
+    parser.add_argument("--window", help="also group by event-time tumbling windows: 30s, 15m, 1h, 1d")
+    parser.add_argument("--time", help="with --window: the event-time field, or @timestamp for the record timestamp")
+    parser.add_argument(
+        "--time-unit", choices=["s", "ms"], help="epoch numbers in the time field are seconds (default) or ms"
+    )
+    parser.add_argument("--pipeline", help="pipeline name (default: the name from kappa.toml, else the topic)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

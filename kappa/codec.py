@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -116,3 +117,104 @@ def decode(key: bytes | None, value: bytes | None, key_field: str | None, value_
     if number is None:
         return Verdict(SKIPPED, key=group)
     return Verdict(COUNTED, key=group, value=number)
+
+
+RECORD_TIMESTAMP = "@timestamp"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+UNIT_SECONDS = {"s": 1, "ms": 1000}
+
+
+def event_second(field: Any, unit: str) -> int | None | str:
+    """A row's event time as whole epoch seconds (floored), None when it has none, or an
+    error text. ISO 8601 text without an offset is UTC; a number is epoch `unit` (s or ms)."""
+    if field is None or (isinstance(field, str) and not field.strip()):
+        return None
+    if isinstance(field, bool):
+        return f"time is a boolean ({field!r}), expected ISO 8601 text or epoch {unit}"
+    if isinstance(field, (int, float)):
+        if isinstance(field, float) and not math.isfinite(field):
+            return None if math.isnan(field) else f"time {field!r} is not a finite number"
+        return field // UNIT_SECONDS[unit] if isinstance(field, int) else math.floor(field / UNIT_SECONDS[unit])
+    if isinstance(field, str):
+        try:
+            moment = datetime.fromisoformat(field.strip())
+        except ValueError:
+            return f"time {field[:40]!r} is not ISO 8601"
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return _floor_seconds(moment)
+    return f"time is a JSON {type(field).__name__}, expected ISO 8601 text or epoch {unit}"
+
+
+def _floor_seconds(moment: datetime) -> int:
+    delta = moment - EPOCH
+    return delta.days * 86_400 + delta.seconds  # timedelta normalises microseconds into [0, 1e6)
+
+
+@dataclass(frozen=True, slots=True)
+class RowShape:
+    """What a pipeline reads from a row: key fields (None: the message key), value fields,
+    and an optional event-time window."""
+
+    key_fields: tuple[str, ...] | None
+    value_fields: tuple[str, ...]
+    window_s: int | None = None
+    time_field: str | None = None
+    time_unit: str = "s"
+
+
+@dataclass(frozen=True, slots=True)
+class RowVerdict:
+    """kind is COUNTED (some value counted), SKIPPED or REJECTED; `group` the key texts and
+    window start (None when the row has no group); `values` one per value field, None where skipped."""
+
+    kind: int
+    texts: tuple[str, ...] | None = None
+    window_start: int | None = None
+    values: tuple[float | None, ...] = ()
+    error: str = ""
+
+
+def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, shape: RowShape) -> RowVerdict:
+    """The record rules for any pipeline shape; `decode` is the one-key, one-value case."""
+    if not value:
+        return RowVerdict(REJECTED, error="empty message: expected a JSON object")
+    try:
+        row = _loads(value)
+    except (ValueError, RecursionError) as exc:
+        return RowVerdict(REJECTED, error=f"not JSON: {str(exc)[:120]}")
+    except OverflowError:
+        return RowVerdict(REJECTED, error="not JSON: number out of range")
+    if not isinstance(row, dict):
+        return RowVerdict(REJECTED, error=f"JSON {type(row).__name__} where a JSON object was expected")
+    values: list[float | None] = []
+    for name in shape.value_fields:
+        number = _number(row.get(name))
+        if isinstance(number, str):
+            return RowVerdict(REJECTED, error=f"{name}: {number}")
+        values.append(number)
+    window_start = None
+    if shape.window_s is not None:
+        if shape.time_field == RECORD_TIMESTAMP:
+            moment = None if timestamp is None or timestamp < 0 else timestamp // 1000
+        else:
+            moment = event_second(row.get(shape.time_field), shape.time_unit)
+        if isinstance(moment, str):
+            return RowVerdict(REJECTED, error=moment)
+        if moment is None:
+            return RowVerdict(SKIPPED, values=tuple(values))
+        window_start = moment - moment % shape.window_s
+    if shape.key_fields is None:
+        try:
+            texts: tuple[str, ...] | None = (key.decode("utf-8"),) if key else None
+        except UnicodeDecodeError:
+            return RowVerdict(REJECTED, error="message key is not valid UTF-8")
+    else:
+        found = [_key_from_row(row.get(name)) for name in shape.key_fields]
+        texts = None if any(text is None for text in found) else tuple(found)  # type: ignore[arg-type]
+        if texts is not None and not all(_is_valid_utf8(text) for text in texts):
+            return RowVerdict(REJECTED, error="a key field is not valid UTF-8 (a lone surrogate)")
+    if texts is None:
+        return RowVerdict(SKIPPED, values=tuple(values))
+    kind = COUNTED if any(number is not None for number in values) else SKIPPED
+    return RowVerdict(kind, texts, window_start, tuple(values))

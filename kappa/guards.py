@@ -100,14 +100,14 @@ def _read_ranges(consumer: Consumer, sample: FieldSample, stops: dict[int, int],
                 pending.discard(partition)
 
 
-def check_fields(sample: FieldSample, topic: str, named: dict[str, str | None]) -> None:
+def check_fields(sample: FieldSample, topic: str, named: dict[str, str]) -> None:
     """Refuse a definition whose named field is in none of the sampled rows.
 
-    `named` maps an option (`--value`) to the field it names (None: not given)."""
+    `named` maps each field the definition reads to the option that names it (`--value`)."""
     if sample.objects == 0:
         return
-    for option, name in named.items():
-        if name is not None and name not in sample.fields:
+    for name, option in named.items():
+        if name not in sample.fields:
             raise KappaError(
                 f"{option} {name!r} is a field of none of the {sample.objects:,} rows sampled from the start and "
                 f"end of every partition of {topic!r}; fields seen: {sample.seen()}. Check the spelling "
@@ -118,7 +118,7 @@ def check_fields(sample: FieldSample, topic: str, named: dict[str, str | None]) 
 def check_definition(settings: Settings, definition: Definition, partitions: int) -> None:
     """Refuse a definition naming a field that no sampled row has (a typo would build empty counts)."""
     sample = sample_fields(settings.broker, definition.topic, partitions)
-    check_fields(sample, definition.topic, {"--value": definition.value_field, "--key": definition.key_field})
+    check_fields(sample, definition.topic, definition.fields_read())
 
 
 class EmptyResult(KappaError):

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
 
 from kappa import admin, snapshot
 from kappa.app import Pipeline, create_pipeline, quiet_faust_noise, relax_garbage_collector
@@ -28,7 +27,7 @@ from kappa.generations import GenerationState, Registry, builder_alive, this_bui
 from kappa.guards import EmptyResult, check_definition, refuse_empty_result
 from kappa.pipeline import Definition, Progress
 from kappa.progress import ProgressLine
-from tables.grouped_mean import STATS_KEY, PartitionStats, partition_items, read_stats
+from tables.grouped_mean import PartitionStats, read_partition, read_stats
 
 WATCH_INTERVAL_S = 0.25
 
@@ -81,27 +80,20 @@ def warn_finite_retention(settings: Settings, topic: str) -> None:
         )
 
 
-def table_rows(pipe: Pipeline, partitions: int) -> Iterator[pd.DataFrame]:
-    """The snapshot's rows, streamed out of every partition's RocksDB in key order, in chunks.
-
-    Nothing holds the whole table: with a million keys each whole copy as Python objects
-    (a merged map, a sorted key list, a frame) cost over 100 MB of the replay's peak memory.
-    """
-    streams = [
-        ((key, value) for key, value in partition_items(pipe.table, p) if key != STATS_KEY) for p in range(partitions)
-    ]
-    return snapshot.frame_chunks(snapshot.merge_sorted_partials(streams))
+def table_rows(pipe: Pipeline, partitions: int) -> snapshot.SnapshotRows:
+    """The snapshot's rows: every partition's partials, read out of RocksDB as Arrow (no
+    Python object per key), merged the same way live parts are (kappa.snapshot)."""
+    aggregate, layout = pipe.definition.aggregate(), pipe.definition.layout()
+    tables = [read_partition(pipe.table, partition, aggregate, layout)[0] for partition in range(partitions)]
+    return snapshot.merge_partials(pa.concat_tables(tables), aggregate, layout)
 
 
-def record_counts(pipe: Pipeline, partitions: int) -> dict[str, int]:
-    """counted, skipped and rejected over every partition's stats entry."""
+def record_counts(pipe: Pipeline, partitions: int) -> dict:
+    """counted, skipped and rejected (and per value) over every partition's stats entry."""
     totals = PartitionStats()
     for partition in range(partitions):
-        stats = read_stats(pipe.table, partition)
-        totals.counted += stats.counted
-        totals.skipped += stats.skipped
-        totals.rejected += stats.rejected
-    return {"counted": totals.counted, "skipped": totals.skipped, "rejected": totals.rejected}
+        totals.merge(read_stats(pipe.table, partition))
+    return totals.records(pipe.definition.value_fields)
 
 
 def preflight(

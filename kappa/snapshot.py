@@ -8,76 +8,69 @@ reader that resolves `latest` once therefore sees one complete, consistent cut.
 from __future__ import annotations
 
 import fcntl
-import heapq
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kappa.errors import KappaError
-from tables.grouped_mean import MeanState, decode_sums_and_counts
+from tables.aggregate import MEAN, Aggregate, output_schema
+from tables.keys import PLAIN, KeyLayout
 
 KEEP_SNAPSHOTS = 5
 SNAPSHOT_DIR = re.compile(r"^g(\d+)-(\d+)$")
 CHUNK_ROWS = 65_536
-SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64())])
 
 
-def merge_sorted_partials(streams: Iterable[Iterable[tuple[bytes, bytes]]]) -> Iterator[tuple[bytes, bytes]]:
-    """One encoded entry per key, in key order, from per-partition streams each in key order.
+@dataclass
+class SnapshotRows:
+    """A snapshot's rows: consecutive frames in key order, and the table's schema."""
 
-    RocksDB iterates a partition in bytewise key order, which for UTF-8 is code-point order,
-    the order of the snapshot. A k-way merge then meets a key's partials from different
-    partitions one after another, so it can add them up without holding the table. Entries
-    stay encoded: most keys live on one partition, and `to_frame` decodes a chunk at once.
+    schema: pa.Schema
+    chunks: Iterable[pd.DataFrame]
+
+
+def merge_partials(
+    rows: pa.Table, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN, size: int = CHUNK_ROWS
+) -> SnapshotRows:
+    """Snapshot rows in key order from partials, in chunks; a key's partials are merged.
+
+    The one merge behind every snapshot, batch and live. Arrow sorts the rows (bytewise,
+    which is the order of the stored keys: tables.keys) without a Python object per row,
+    and the aggregate merges each run of equal keys, now adjacent, with numpy.
     """
-    merged_key: bytes | None = None
-    merged = b""
-    for key, entry in heapq.merge(*streams):
-        if key == merged_key:
-            state = MeanState.decode(merged)
-            state.merge(MeanState.decode(entry))
-            merged = state.encode()
-            continue
-        if merged_key is not None:
-            if key < merged_key:
-                raise KappaError(f"state store returned key {key!r} after {merged_key!r}: not in key order")
-            yield merged_key, merged
-        merged_key, merged = key, entry
-    if merged_key is not None:
-        yield merged_key, merged
+    return SnapshotRows(output_schema(layout, aggregate), _merged_chunks(rows, aggregate, layout, size))
 
 
-def frame_chunks(rows: Iterable[tuple[bytes, bytes]], size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-    """Snapshot rows as frames of at most `size` rows, so a large table is never whole in memory."""
-    rows = iter(rows)
-    while chunk := list(islice(rows, size)):
-        yield to_frame(chunk)
-
-
-def to_frame(rows: Sequence[tuple[bytes, bytes]]) -> pd.DataFrame:
-    """(UTF-8 key, encoded entry) rows, in their order, with the mean left empty where
-    nothing was counted (as pandas)."""
-    sums, counts = decode_sums_and_counts([entry for _, entry in rows])
-    return rows_frame([key.decode("utf-8") for key, _ in rows], counts, sums)
-
-
-def rows_frame(keys: list[str], counts: np.ndarray, sums: np.ndarray) -> pd.DataFrame:
-    """Snapshot rows; the mean is left empty where nothing was counted, as pandas leaves it."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return pd.DataFrame({"key": pd.Series(keys, dtype=object), "count": counts, "sum": sums, "mean": means})
+def _merged_chunks(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size: int) -> Iterator[pd.DataFrame]:
+    rows = rows.sort_by("key")
+    keys = rows.column("key")
+    starts = np.arange(len(rows))
+    if len(rows) > 1:
+        repeats = pc.equal(keys.slice(1), keys.slice(0, len(rows) - 1)).to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.concatenate(([True], ~repeats)))
+    columns = {name: rows.column(name).to_numpy() for name, _ in aggregate.partial_fields}
+    output = aggregate.output(aggregate.merge_groups(columns, starts))
+    if len(starts) < len(rows):
+        keys = keys.take(pa.array(starts))
+    for start in range(0, len(starts), size):
+        frame: dict = {}
+        for name, column in layout.columns(keys.slice(start, size)).items():
+            frame[name] = column.to_pandas() if name == "window_start" else pd.Series(column.to_pylist(), dtype=object)
+        frame.update({name: values[start : start + size] for name, values in output.items()})
+        yield pd.DataFrame(frame)
 
 
 def _fsync_file(path: Path) -> None:
@@ -110,13 +103,13 @@ def publish(
     snapshot_dir: Path,
     pipeline: str,
     generation: int,
-    chunks: Iterable[pd.DataFrame],
+    table: SnapshotRows,
     manifest: dict,
     allowed: Callable[[], bool] | None = None,
 ) -> Path | None:
     """Write one snapshot and point `latest` at it; returns the snapshot's directory.
 
-    `chunks` are the rows sorted by key, as consecutive frames written as they come; the
+    `table`'s chunks are the rows sorted by key, as consecutive frames written as they come; the
     manifest's `keys` is set to the number of rows written.
     `allowed` is checked under the publish lock: a generation that has been switched away
     from gets None back and never moves `latest` again, so readers never go backwards.
@@ -130,7 +123,7 @@ def publish(
         with publish_lock(pipeline_dir):
             if steps_back(pipeline_dir, generation, manifest):
                 return None
-            final = _write_and_link(pipeline_dir, generation, chunks, manifest, allowed)
+            final = _write_and_link(pipeline_dir, generation, table, manifest, allowed)
     except OSError as exc:
         raise KappaError(f"could not publish a snapshot under {pipeline_dir}: {exc.strerror or exc}") from exc
     prune(pipeline_dir)
@@ -159,27 +152,32 @@ def publish_lock(pipeline_dir: Path) -> Iterator[None]:
         yield
 
 
-def write_table_files(directory: Path, chunks: Iterable[pd.DataFrame]) -> int:
-    """table.csv and table.parquet from consecutive chunks of rows; returns the row count."""
-    rows = 0
+def write_table_files(directory: Path, table: SnapshotRows) -> int:
+    """table.csv and table.parquet from consecutive chunks of rows; returns the row count.
+
+    In CSV a window start is ISO 8601 UTC text (`2024-01-31T10:00:00Z`); in Parquet a
+    timestamp with the UTC zone."""
+    rows, schema = 0, table.schema
     with (
         open(directory / "table.csv", "w", encoding="utf-8", newline="") as csv_file,
-        pq.ParquetWriter(directory / "table.parquet", SCHEMA) as parquet,
+        pq.ParquetWriter(directory / "table.parquet", schema) as parquet,
     ):
-        for chunk in chunks:
+        for chunk in table.chunks:
+            parquet.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
+            if "window_start" in chunk:
+                chunk = chunk.assign(window_start=chunk["window_start"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
             chunk.to_csv(csv_file, index=False, header=rows == 0, lineterminator="\r\n")
-            parquet.write_table(pa.Table.from_pandas(chunk, schema=SCHEMA, preserve_index=False))
             rows += len(chunk)
         if rows == 0:  # still a header and a schema
-            csv_file.write(",".join(SCHEMA.names) + "\r\n")
-            parquet.write_table(SCHEMA.empty_table())
+            csv_file.write(",".join(schema.names) + "\r\n")
+            parquet.write_table(schema.empty_table())
     return rows
 
 
 def _write_and_link(
     pipeline_dir: Path,
     generation: int,
-    chunks: Iterable[pd.DataFrame],
+    table: SnapshotRows,
     manifest: dict,
     allowed: Callable[[], bool] | None,
 ) -> Path | None:
@@ -188,7 +186,7 @@ def _write_and_link(
     name = f"g{generation}-{_next_sequence(pipeline_dir, generation):06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=pipeline_dir))
     try:
-        manifest["keys"] = write_table_files(staging, chunks)
+        manifest["keys"] = write_table_files(staging, table)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for part in ("table.csv", "table.parquet", "manifest.json"):
             _fsync_file(staging / part)

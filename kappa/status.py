@@ -77,7 +77,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
             }
         )
     kept = [gen["generation"] for gen in result["generations"]]
-    result["warnings"] = replication_warnings(settings, pipeline, topic, kept)
+    result["warnings"] = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
     try:
         _, manifest = read_snapshot(settings.snapshot_dir, pipeline)
         result["latest_snapshot"] = {
@@ -167,7 +167,8 @@ def render(status: dict) -> str:
         if snap:
             records = snap["records"]
             lines.append(
-                f"  latest snapshot: generation {snap['generation']}, {snap['keys']:,} keys, {snap['age_s']}s old, "
+                f"  latest snapshot: generation {snap['generation']}, {snap['keys']:,} table rows (groups), "
+                f"{snap['age_s']}s old, "
                 f"complete={snap['complete']}; counted {records['counted']:,}, skipped {records['skipped']:,}, "
                 f"rejected {records['rejected']:,}"
             )

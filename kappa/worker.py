@@ -42,6 +42,7 @@ from kappa.generations import GenerationState, Registry
 from kappa.guards import check_definition, refuse_empty_result
 from kappa.pipeline import Definition, Progress
 from kappa.processes import pid_alive
+from tables.aggregate import partial_schema
 from tables.grouped_mean import read_partition
 
 log = logging.getLogger("kappa.worker")
@@ -137,7 +138,8 @@ class PartWriter:
 
     def write(self, partitions: set[int]) -> None:
         for partition in sorted(partitions):
-            partials, stats = read_partition(self.pipe.table, partition)
+            definition = self.pipe.definition
+            partials, stats = read_partition(self.pipe.table, partition, definition.aggregate(), definition.layout())
             parts.write_part(self.directory, partition, partials, stats)
 
     def tick(self) -> None:
@@ -256,9 +258,6 @@ def spawn_process(
     """Start one worker process. It gets SIGTERM when this process dies, however it dies, and
     it inherits `hold` (the data dir's lock): the lock is free only once every process is gone."""
     options = {
-        "--topic": definition.topic,
-        "--value": definition.value_field,
-        "--key": definition.key_field,
         "--pipeline": pipeline,
         "--generation": generation,
         "--index": index,
@@ -269,7 +268,7 @@ def spawn_process(
         "--snapshot-dir": settings.snapshot_dir,
         "--replication-factor": settings.replication_factor,
     }
-    command = [sys.executable, "-m", "kappa", "worker-process"]
+    command = [sys.executable, "-m", "kappa", "worker-process", *definition.to_args()]
     command += [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
     parent = os.getpid()
     process = subprocess.Popen(
@@ -362,7 +361,9 @@ class Publisher:
         newest = parts.newest_parts(self.directory)
         if not newest or parts.cut_of(newest, self.partitions) == self.last_offsets:
             return None
-        merged = parts.read_parts(newest, self.partitions)
+        aggregate, layout = self.definition.aggregate(), self.definition.layout()
+        merged = parts.read_parts(newest, self.partitions, partial_schema(layout, aggregate))
+        records = merged.stats.records(self.definition.value_fields)
         end_offsets = admin.end_offsets(self.settings.broker, self.definition.topic, self.partitions)
         manifest = snapshot.build_manifest(
             pipeline=self.pipeline,
@@ -371,18 +372,23 @@ class Publisher:
             definition=self.definition.to_record(),
             offsets=merged.offsets,
             end_offsets=end_offsets,
-            records=merged.records,
+            records=records,
         )
 
         def allowed() -> bool:
             if make_current:
-                refuse_empty_result(merged.records, sum(end_offsets.values()), self.force)
+                refuse_empty_result(records, sum(end_offsets.values()), self.force)
                 self.registry.switch_to(self.generation)
                 return True
             return self.is_current()
 
         path = snapshot.publish(
-            self.settings.snapshot_dir, self.pipeline, self.generation, merged.snapshot_chunks(), manifest, allowed
+            self.settings.snapshot_dir,
+            self.pipeline,
+            self.generation,
+            merged.snapshot_rows(aggregate, layout),
+            manifest,
+            allowed,
         )
         if path is None:
             return None

@@ -11,86 +11,25 @@ key's stored offset has already been applied and is skipped. Nothing has to be a
 across keys, so a crash between two writes, a changelog restore or a re-delivered batch can
 never count a record twice (the Quix Streams recovery idea, without Kafka transactions).
 
-Sums use Neumaier compensation so that 1e12 magnitudes and small values together still
-agree with pandas to far better than the 1e-9 the product promises.
+What a partial holds, and how it is encoded, is the aggregate's business (tables.aggregate);
+this module is the table's layout: one partials entry per key, one stats entry per partition.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import orjson
+import pyarrow as pa
+
+from tables.aggregate import LEGACY_JSON, MEAN, Aggregate, UnreadableEntry, partials_table
+from tables.keys import PLAIN, KeyLayout
 
 TABLE_NAME = "grouped_mean"
 # A key that is not valid UTF-8 can never be a group key, so it is free for bookkeeping.
 STATS_KEY = b"\xff\x00kappa-partition-stats"
-
-
-@dataclass(slots=True)
-class MeanState:
-    """Partial aggregate of one key within one source partition."""
-
-    total: float = 0.0
-    compensation: float = 0.0
-    count: int = 0
-    next_offset: int = 0
-
-    def _accumulate(self, value: float) -> None:
-        total = self.total + value
-        if abs(self.total) >= abs(value):
-            self.compensation += (self.total - total) + value
-        else:
-            self.compensation += (value - total) + self.total
-        self.total = total
-
-    def add(self, value: float) -> None:
-        self._accumulate(value)
-        self.count += 1
-
-    def add_all(self, values: list[float]) -> None:
-        """A batch's values at once: fsum is exact, so the batch enters as one correctly
-        rounded term, and this costs one C call instead of a Python step per value."""
-        if values:
-            try:
-                batch_sum = math.fsum(values)
-            except OverflowError:  # partial sums beyond 1.8e308: infinite, as pandas has it
-                batch_sum = sum(values)
-            self._accumulate(batch_sum)
-            self.count += len(values)
-
-    @property
-    def sum(self) -> float:
-        return self.total + self.compensation
-
-    def merge(self, other: "MeanState") -> None:
-        self._accumulate(other.total)
-        self._accumulate(other.compensation)
-        self.count += other.count
-
-    def encode(self) -> bytes:
-        return orjson.dumps([self.total, self.compensation, self.count, self.next_offset])
-
-    @classmethod
-    def decode(cls, raw: bytes | None) -> "MeanState":
-        if raw is None:
-            return cls()
-        total, compensation, count, next_offset = orjson.loads(raw)
-        return cls(total, compensation, count, next_offset)
-
-
-def decode_sums_and_counts(entries: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Sums and counts of many encoded MeanStates at once, for snapshots of large tables.
-
-    One orjson call over the joined entries replaces a MeanState object per key; joining is
-    safe because every entry is a JSON array this module encoded.
-    """
-    if not entries:
-        return np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64)
-    fields = np.array(orjson.loads(b"[" + b",".join(entries) + b"]"), dtype=np.float64)
-    return fields[:, 0] + fields[:, 1], fields[:, 2].astype(np.int64)
+STATS_V1 = 1
 
 
 @dataclass(slots=True)
@@ -101,15 +40,52 @@ class PartitionStats:
     skipped: int = 0
     rejected: int = 0
     next_offset: int = 0
+    values: list[list[int]] | None = None  # [counted, skipped] per value, for several values
+
+    def add_value_counts(self, counts: list[list[int]]) -> None:
+        if self.values is None:
+            self.values = [[0, 0] for _ in counts]
+        for mine, more in zip(self.values, counts, strict=True):
+            mine[0] += more[0]
+            mine[1] += more[1]
+
+    def records(self, value_names: tuple[str, ...] = ()) -> dict:
+        """The manifest's `records`: counted, skipped, rejected, and per value when several."""
+        found: dict = {"counted": self.counted, "skipped": self.skipped, "rejected": self.rejected}
+        if len(value_names) > 1:
+            pairs = self.values or [[0, 0] for _ in value_names]
+            found["values"] = {
+                name: {"counted": c, "skipped": s} for name, (c, s) in zip(value_names, pairs, strict=True)
+            }
+        return found
+
+    def merge(self, other: PartitionStats) -> None:
+        self.counted += other.counted
+        self.skipped += other.skipped
+        self.rejected += other.rejected
+        if other.values is not None:
+            self.add_value_counts(other.values)
 
     def encode(self) -> bytes:
-        return orjson.dumps([self.counted, self.skipped, self.rejected, self.next_offset])
+        """Version byte, then `[counted, skipped, rejected, next_offset]` (and the per-value
+        counts when there are several values) as JSON."""
+        fields: list = [self.counted, self.skipped, self.rejected, self.next_offset]
+        if self.values is not None:
+            fields.append(self.values)
+        return bytes((STATS_V1,)) + orjson.dumps(fields)
 
     @classmethod
-    def decode(cls, raw: bytes | None) -> "PartitionStats":
+    def decode(cls, raw: bytes | None) -> PartitionStats:
         if raw is None:
             return cls()
-        return cls(*orjson.loads(raw))
+        if raw[0] == STATS_V1:
+            return cls(*orjson.loads(raw[1:]))
+        if raw[0] == LEGACY_JSON:  # written before entries were versioned
+            return cls(*orjson.loads(raw))
+        raise UnreadableEntry(
+            f"a stored partition stats entry has encoding version {raw[0]}, which this kappa cannot read: "
+            "it was written by a newer kappa; upgrade, or replay the pipeline into a new generation"
+        )
 
 
 def define_table(app, partitions: int, changelog_config: dict[str, str] | None = None):
@@ -127,7 +103,7 @@ def define_table(app, partitions: int, changelog_config: dict[str, str] | None =
     )
 
 
-def partition_items(table, partition: int):
+def partition_items(table, partition: int) -> Iterator[tuple[bytes, bytes]]:
     """(key, raw value) pairs of one source partition's RocksDB database.
 
     Faust exposes iteration over all active partitions only; a per-partition image is what
@@ -142,16 +118,21 @@ def partition_items(table, partition: int):
             yield key, value
 
 
-def read_partition(table, partition: int) -> tuple[list[tuple[bytes, MeanState]], PartitionStats]:
-    """One partition's partial aggregates and stats, read in one pass."""
-    partials: list[tuple[bytes, MeanState]] = []
-    stats = PartitionStats()
-    for key, value in partition_items(table, partition):
-        if key == STATS_KEY:
-            stats = PartitionStats.decode(value)
-        else:
-            partials.append((key, MeanState.decode(value)))
-    return partials, stats
+def read_partition(
+    table, partition: int, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN
+) -> tuple[pa.Table, PartitionStats]:
+    """One partition's partial aggregates (as Arrow, in key order) and stats, in one pass."""
+    found: list[PartitionStats] = []
+
+    def partials() -> Iterator[tuple[bytes, bytes]]:
+        for key, value in partition_items(table, partition):
+            if key == STATS_KEY:
+                found.append(PartitionStats.decode(value))
+            else:
+                yield key, value
+
+    rows = partials_table(partials(), aggregate, layout)
+    return rows, found[0] if found else PartitionStats()
 
 
 def read_stats(table, partition: int) -> PartitionStats:

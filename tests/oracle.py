@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from tables.aggregate import output_schema
+
 RTOL = 1e-9
 
 
@@ -31,7 +33,7 @@ def read_latest(snapshot_dir: Path, pipeline: str) -> tuple[pd.DataFrame, pd.Dat
 
 def assert_matches(table: pd.DataFrame, expected: pd.DataFrame) -> None:
     """Counts exactly; sums and means to a relative 1e-9; the same keys, sorted."""
-    assert list(table.columns) == ["key", "count", "sum", "mean"]
+    assert list(table.columns) == output_schema().names
     assert table["key"].tolist() == sorted(table["key"].tolist()), "rows are not sorted by key"
     expected = expected.sort_index()
     got = table.set_index("key").sort_index()
@@ -49,3 +51,44 @@ def assert_tables_identical(left: pd.DataFrame, right: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(
         left.reset_index(drop=True), right.reset_index(drop=True), check_exact=False, rtol=RTOL
     )
+
+
+def shape_expectation(
+    path: str, keys: list[str], values: list[str], window: str | None = None, time: str | None = None, unit=None
+) -> pd.DataFrame:
+    """The pandas oracle for any pipeline shape, over the input file:
+    `df.groupby([*keys, floor(time, window)])[values].agg(["count", "sum", "mean"])`."""
+    df = pd.read_csv(path, dtype={key: str for key in keys}).dropna(subset=keys)
+    groups: list = list(keys)
+    for value in values:
+        df[value] = pd.to_numeric(df[value]).replace([np.inf, -np.inf], np.nan)
+    if window is not None:
+        stamps = pd.to_datetime(df[time], utc=True, unit=unit) if unit else pd.to_datetime(df[time], utc=True)
+        df["window_start"] = stamps.dt.floor(pd.Timedelta(window))
+        groups.append("window_start")
+    expected = df.groupby(groups)[values].agg(["count", "sum", "mean"])
+    if len(values) == 1:
+        expected.columns = ["count", "sum", "mean"]
+    else:
+        expected.columns = [f"{value}_{agg}" for value, agg in expected.columns]
+    return expected
+
+
+def assert_shape_matches(table: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """A snapshot table (Parquet) against `shape_expectation`: same groups in the same order
+    (key columns, then window start), counts exact, sums and means to a relative 1e-9."""
+    groups = list(expected.index.names)
+    assert list(table.columns) == [*groups, *expected.columns], list(table.columns)
+    got = table.set_index(groups)
+    if "window_start" in groups:
+        got.index = got.index.set_levels(pd.to_datetime(got.index.levels[-1], utc=True), level="window_start")
+    assert list(got.index) == sorted(got.index), "rows are not sorted by key, then window"
+    expected = expected.sort_index()
+    assert list(got.index) == list(expected.index)
+    for column in expected.columns:
+        want, have = expected[column].to_numpy(float), got[column].to_numpy(float)
+        if column.endswith("count"):
+            assert np.array_equal(want, have), f"{column}: counts differ"
+        else:
+            assert np.array_equal(np.isnan(want), np.isnan(have)), f"{column}: empty values differ"
+            np.testing.assert_allclose(have, want, rtol=RTOL, atol=1e-6, equal_nan=True, err_msg=column)

@@ -15,7 +15,7 @@ import pytest
 
 from agents.fold import fold
 from kappa.codec import COUNTED, REJECTED, decode
-from tables.grouped_mean import MeanState
+from tables.aggregate import MeanState
 
 
 @dataclass

@@ -1,0 +1,255 @@
+"""The aggregate a table keeps per key: the one place that knows what a partial holds.
+
+A table entry is one key's *partial* aggregate within one source partition (see
+tables.grouped_mean for why there are partials). Everything that stores, ships, merges or
+prints partials goes through an `Aggregate`:
+
+- a partial in memory: one `MeanState` per value field, with `add_all` (a batch of
+  values), `merge` and the offset after the last record applied to it;
+- `encode`/`decode`: the stored form, in RocksDB and on the changelog. It carries a version
+  byte, so a later aggregate can read entries an older kappa wrote, or refuse them with a
+  clear error, instead of misreading them;
+- `partial_fields` and `decode_many`: partials as Arrow columns (snapshot parts, merges),
+  decoded in bulk without a Python object per key;
+- `merge_groups` and `output`: partials of equal keys added up, and the snapshot columns.
+
+To add an aggregate, implement this protocol beside `Mean` and choose it where the
+pipeline's table is defined; snapshot and part schemas and the test oracle's columns follow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from tables.keys import PLAIN, KeyLayout
+
+# The first byte of every encoded entry. Entries before versioning were bare JSON arrays,
+# which start with "[" (0x5b), so they are told apart from every version.
+MEAN_V1 = 1
+LEGACY_JSON = ord("[")
+
+
+class Aggregate(Protocol):
+    """What a table keeps per key and how partials become snapshot columns."""
+
+    name: ClassVar[str]
+    partial_fields: tuple[tuple[str, pa.DataType], ...]
+    output_fields: tuple[tuple[str, pa.DataType], ...]
+
+    def new(self) -> list[MeanState]: ...
+    def decode(self, raw: bytes | None) -> list[MeanState]: ...
+    def encode(self, states: Sequence[MeanState]) -> bytes: ...
+    def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]: ...
+    def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]: ...
+    def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(slots=True)
+class MeanState:
+    """A partial sum and count of one key within one source partition.
+
+    Sums use Neumaier compensation, and a batch enters as one `math.fsum`, so that 1e12
+    magnitudes and small values together still agree with pandas to far better than 1e-9.
+    """
+
+    total: float = 0.0
+    compensation: float = 0.0
+    count: int = 0
+    next_offset: int = 0
+
+    def _accumulate(self, value: float) -> None:
+        total = self.total + value
+        if abs(self.total) >= abs(value):
+            self.compensation += (self.total - total) + value
+        else:
+            self.compensation += (value - total) + self.total
+        self.total = total
+
+    def add(self, value: float) -> None:
+        self._accumulate(value)
+        self.count += 1
+
+    def add_all(self, values: list[float]) -> None:
+        """A batch's values at once: fsum is exact, so the batch enters as one correctly
+        rounded term, and this costs one C call instead of a Python step per value."""
+        if values:
+            try:
+                batch_sum = math.fsum(values)
+            except OverflowError:  # partial sums beyond 1.8e308: infinite, as pandas has it
+                batch_sum = sum(values)
+            self._accumulate(batch_sum)
+            self.count += len(values)
+
+    @property
+    def sum(self) -> float:
+        return self.total + self.compensation
+
+    def merge(self, other: MeanState) -> None:
+        self._accumulate(other.total)
+        self._accumulate(other.compensation)
+        self.count += other.count
+
+
+class Mean:
+    """count, sum and mean of each value field, as pandas' `agg(["count", "sum", "mean"])`.
+
+    A partial is one MeanState per value field (they share the next offset). With one
+    value the columns are `count, sum, mean`; with several, `<value>_count` and so on.
+    """
+
+    name: ClassVar[str] = "mean"
+
+    def __init__(self, values: Sequence[str] = ("value",)) -> None:
+        self.values = tuple(values)
+        self.width = len(self.values)
+        if self.width == 1:
+            self.partial_fields = (("total", pa.float64()), ("compensation", pa.float64()), ("count", pa.int64()))
+            self.output_fields = (("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64()))
+        else:
+            self.partial_fields = tuple(
+                (f"{part}_{i}", kind)
+                for i in range(self.width)
+                for part, kind in (("total", pa.float64()), ("compensation", pa.float64()), ("count", pa.int64()))
+            )
+            self.output_fields = tuple(
+                (f"{value}_{part}", kind)
+                for value in self.values
+                for part, kind in (("count", pa.int64()), ("sum", pa.float64()), ("mean", pa.float64()))
+            )
+
+    def _names(self, i: int) -> tuple[str, str, str]:
+        if self.width == 1:
+            return "total", "compensation", "count"
+        return f"total_{i}", f"compensation_{i}", f"count_{i}"
+
+    def new(self) -> list[MeanState]:
+        return [MeanState() for _ in range(self.width)]
+
+    def encode(self, states: Sequence[MeanState]) -> bytes:
+        """Version byte, then `[next_offset, total, compensation, count, ...]` (a triple per value) as JSON."""
+        fields: list[float | int] = [states[0].next_offset]
+        for state in states:
+            fields += (state.total, state.compensation, state.count)
+        return bytes((MEAN_V1,)) + orjson.dumps(fields)
+
+    def decode(self, raw: bytes | None) -> list[MeanState]:
+        if raw is None:
+            return self.new()
+        version = raw[0]
+        if version == MEAN_V1:
+            fields = orjson.loads(raw[1:])
+            next_offset = fields[0]
+        elif version == LEGACY_JSON:  # written before entries were versioned: one value, offset last
+            total, compensation, count, next_offset = orjson.loads(raw)
+            fields = [next_offset, total, compensation, count]
+        else:
+            raise unknown_version(self.name, version)
+        if len(fields) != 1 + 3 * self.width:
+            raise UnreadableEntry(
+                f"a stored {self.name} entry holds {(len(fields) - 1) // 3} value(s), the pipeline has {self.width}: "
+                "the table belongs to another definition; replay the pipeline into a new generation"
+            )
+        return [
+            MeanState(fields[1 + 3 * i], fields[2 + 3 * i], fields[3 + 3 * i], next_offset) for i in range(self.width)
+        ]
+
+    def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]:
+        """The partial columns of many entries with one orjson call (no object per key)."""
+        if not entries:
+            return {name: np.empty(0, dtype=kind.to_pandas_dtype()) for name, kind in self.partial_fields}
+        if {entry[0] for entry in entries} == {MEAN_V1}:
+            rows = np.array(orjson.loads(b"[" + b",".join(entry[1:] for entry in entries) + b"]"), dtype=np.float64)
+        else:
+            rows = np.array([orjson.loads(self.encode(self.decode(entry))[1:]) for entry in entries], dtype=np.float64)
+        columns = {}
+        for i in range(self.width):
+            total, compensation, count = self._names(i)
+            columns[total] = rows[:, 1 + 3 * i]
+            columns[compensation] = rows[:, 2 + 3 * i]
+            columns[count] = rows[:, 3 + 3 * i].astype(np.int64)
+        return columns
+
+    def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]:
+        """Add up the partials of each group of equal keys (rows `starts[i]` up to the next).
+
+        Most keys live on one partition, so most groups have one row; the sums of groups with
+        several are redone with math.fsum over every partial's total and compensation:
+        correctly rounded, however the partials cancel."""
+        merged = {}
+        for i in range(self.width):
+            total, compensation, count = self._names(i)
+            counts, sums = _merge_one(columns[total], columns[compensation], columns[count], starts)
+            merged[f"count_{i}"], merged[f"sum_{i}"] = counts, sums
+        return merged
+
+    def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The snapshot columns; a mean is left empty where nothing was counted, as pandas."""
+        columns = {}
+        for i, value in enumerate(self.values):
+            counts, sums = merged[f"count_{i}"], merged[f"sum_{i}"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+            prefix = "" if self.width == 1 else f"{value}_"
+            columns.update({f"{prefix}count": counts, f"{prefix}sum": sums, f"{prefix}mean": means})
+        return columns
+
+
+def _merge_one(
+    totals: np.ndarray, compensations: np.ndarray, counts: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    rows = len(totals)
+    if rows == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    merged_counts = np.add.reduceat(counts, starts)
+    sums = totals[starts] + compensations[starts]
+    ends = np.append(starts[1:], rows)
+    for group in np.flatnonzero(ends - starts > 1):
+        first, last = starts[group], ends[group]
+        sums[group] = math.fsum([*totals[first:last], *compensations[first:last]])
+    return merged_counts, sums
+
+
+class UnreadableEntry(ValueError):
+    """A stored entry in an encoding this version of kappa does not know."""
+
+
+def unknown_version(name: str, version: int) -> UnreadableEntry:
+    return UnreadableEntry(
+        f"a stored {name} entry has encoding version {version}, which this kappa cannot read (it reads "
+        f"{MEAN_V1} and unversioned entries): it was written by a newer kappa; upgrade, or replay the "
+        "pipeline into a new generation"
+    )
+
+
+MEAN = Mean()
+
+
+def partial_schema(layout: KeyLayout = PLAIN, aggregate: Aggregate = MEAN) -> pa.Schema:
+    """The columns of a part file: the stored key, then the aggregate's partial columns."""
+    return pa.schema([("key", layout.key_type()), *aggregate.partial_fields])
+
+
+def output_schema(layout: KeyLayout = PLAIN, aggregate: Aggregate = MEAN) -> pa.Schema:
+    """The columns of a snapshot: key columns (and window start), then the aggregate's columns."""
+    return pa.schema([*layout.output_fields(), *aggregate.output_fields])
+
+
+def partials_table(
+    pairs: Iterable[tuple[bytes, bytes]], aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN
+) -> pa.Table:
+    """(stored key, encoded entry) pairs as an Arrow table of partials, decoded in bulk."""
+    keys: list[bytes] = []
+    entries: list[bytes] = []
+    for key, entry in pairs:
+        keys.append(key)
+        entries.append(entry)
+    columns = aggregate.decode_many(entries)
+    key_column = pa.array(keys, type=pa.binary()).cast(layout.key_type())
+    return pa.table({"key": key_column, **columns}, schema=partial_schema(layout, aggregate))

@@ -195,6 +195,7 @@ def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, sh
         values.append(number)
     window_start = None
     if shape.window_s is not None:
+        moment: int | str | None
         if shape.time_field == RECORD_TIMESTAMP:
             moment = None if timestamp is None or timestamp < 0 else timestamp // 1000
         else:

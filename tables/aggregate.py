@@ -106,6 +106,9 @@ class Mean:
 
     name: ClassVar[str] = "mean"
 
+    partial_fields: tuple[tuple[str, pa.DataType], ...]
+    output_fields: tuple[tuple[str, pa.DataType], ...]
+
     def __init__(self, values: Sequence[str] = ("value",)) -> None:
         self.values = tuple(values)
         self.width = len(self.values)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import orjson
 
@@ -47,9 +48,8 @@ class KeyRun:
             if start == len(offsets):
                 return False
             values = values[start:]
-        if self.has_skipped:
-            values = [value for value in values if value is not None]
-        state.add_all(values)
+        counted = [value for value in values if value is not None] if self.has_skipped else values
+        state.add_all(cast(list[float], counted))
         state.next_offset = offsets[-1] + 1
         return True
 
@@ -89,9 +89,9 @@ def fold(
         if offset >= stop_at:
             break
         try:
-            row = loads(record.value)
+            row = loads(record.value or b"")
             number = row[value_field]
-            group = row[key_field] if by_field else record.key.decode("utf-8")
+            group = row[key_field] if by_field else (record.key or b"").decode("utf-8")
         except Exception:  # anything unusual: decode() gives the exact verdict
             _fold_slow(result, runs, record, key_field, value_field, counted_from)
             continue
@@ -161,7 +161,7 @@ class RowsRun:
                 return False
             rows = rows[start:]
         for index, state in enumerate(states):
-            state.add_all([row[index] for row in rows if row[index] is not None])
+            state.add_all([value for row in rows if (value := row[index]) is not None])
             state.next_offset = offsets[-1] + 1
         return True
 
@@ -174,7 +174,8 @@ def fold_rows(
     Each record goes through `decode_row`; a key's run holds a tuple of values per record.
     Counts per value are kept as well (a row with a fare and no tip counts for fare only).
     """
-    result = Fold(value_counts=[[0, 0] for _ in shape.value_fields])
+    value_counts = [[0, 0] for _ in shape.value_fields]
+    result = Fold(value_counts=value_counts)
     runs: dict[bytes, RowsRun] = {}
     stop_at = NO_STOP if stop is None else stop
     for record in records:
@@ -194,7 +195,7 @@ def fold_rows(
             if verdict.kind != REJECTED:
                 grouped = verdict.texts is not None
                 for index, number in enumerate(verdict.values):
-                    result.value_counts[index][0 if grouped and number is not None else 1] += 1
+                    value_counts[index][0 if grouped and number is not None else 1] += 1
         if verdict.kind == REJECTED or verdict.texts is None:
             continue
         key = layout.encode(verdict.texts, verdict.window_start)

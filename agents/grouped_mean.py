@@ -16,8 +16,8 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.fold import fold, fold_rows
-from kappa import deadletters
+from agents.fold import KeyRun, fold, fold_rows
+from kappa.engine import deadletters
 from kappa.engine.faust_internals import commit_offsets, drain_producer_buffer
 from kappa.pipeline import Definition, Progress, Record
 from tables.grouped_mean import STATS_KEY, read_stats
@@ -76,7 +76,7 @@ class GroupedMeanAgent:
 
     async def _commit_applied(self, offsets: Mapping[int, int]) -> None:
         """Commit what the table holds, so the group's offsets track it (for `kappa status`
-        and outside tools); resuming never relies on them (kappa.app.resume_from_table_offsets)."""
+        and outside tools); resuming never relies on them (kappa.engine.app.resume_from_table_offsets)."""
         topic = self.definition.topic
         self._uncommitted.update({TP(topic, partition): offset for partition, offset in offsets.items()})
         if time.monotonic() >= self._next_commit:
@@ -97,7 +97,7 @@ class GroupedMeanAgent:
     async def _skip_for_rewind(self, partition: int, messages: Sequence[Record], stored: int) -> Sequence[Record]:
         """Last line of defence: the consumer is ahead of what the table holds.
 
-        Resuming from the table's offsets on every assignment (kappa.app) should make this
+        Resuming from the table's offsets on every assignment (kappa.engine.app) should make this
         impossible; if it happens anyway, seek back so nothing is skipped, and drop the
         records already fetched from beyond that point until the re-delivery arrives. A hole
         that never fills (transaction markers, compaction) is accepted after a while. A
@@ -155,7 +155,9 @@ class GroupedMeanAgent:
         entries: dict[bytes, bytes] = {}
         for key, stored in zip(keys, writer.get_many(partition, keys), strict=True):
             states = aggregate.decode(stored)
-            if folded.runs[key].apply_to(states if not definition.plain else states[0]):
+            run = folded.runs[key]
+            applied = run.apply_to(states[0]) if isinstance(run, KeyRun) else run.apply_to(states)
+            if applied:
                 entries[key] = aggregate.encode(states)
         stats.counted += folded.counted
         stats.skipped += folded.skipped

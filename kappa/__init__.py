@@ -4,7 +4,7 @@ The log is the system of record; a batch result is a replay of it from offset 0 
 result is tailing it, both through the same Faust agent and RocksDB table.
 """
 
-from kappa.snapshot import read_snapshot
+from kappa.snapshots.snapshot import read_snapshot
 
 __all__ = ["read_snapshot"]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 import sys
 
-from kappa.cli import main
+from kappa.ops.cli import main
 
 sys.exit(main())

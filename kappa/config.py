@@ -22,7 +22,7 @@ class Settings:
     broker: str
     data_dir: Path
     snapshot_dir: Path
-    # replicas of the topics kappa creates; None = what the cluster gives (kappa.admin.replication)
+    # replicas of the topics kappa creates; None = what the cluster gives (kappa.kafka.admin.replication)
     replication_factor: int | None = None
 
     @classmethod

@@ -16,7 +16,7 @@ import orjson
 from confluent_kafka import Producer
 
 from kappa import read_snapshot
-from kappa.admin import client_config
+from kappa.kafka.admin import client_config
 from kappa.errors import KappaError
 
 

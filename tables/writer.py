@@ -7,7 +7,7 @@ record py-spy put that path at half of a replay's CPU. This writer does the same
 things once per batch: the changelog records appended straight into aiokafka record
 batches (one future per record batch), one RocksDB write batch, and the changelog offset
 stored once per acknowledged record batch. Topic, partition, key and value are exactly
-Faust's, so Faust's recovery, standbys and `kappa.cleanup` treat the changelog as before.
+Faust's, so Faust's recovery, standbys and `kappa.lifecycle.cleanup` treat the changelog as before.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class TableWriter:
                 raise outcome
         last: dict[int, int] = {}
         for batch, metadata in zip(pending, outcomes, strict=True):
+            assert not isinstance(metadata, BaseException)  # raised above
             last[batch.partition] = max(last.get(batch.partition, -1), metadata.offset + batch.count - 1)
         for partition, offset in last.items():
             persist_changelog_offset(self.table, self.changelog, partition, offset)  # not if closed meanwhile

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from kappa import broker as embedded
+from kappa.kafka import broker as embedded
 from tests.helpers import Cluster, Kappa, free_port, free_port_block
 
 
@@ -57,13 +57,13 @@ def cluster_kappa(cluster, tmp_path, request) -> Kappa:
 @pytest.fixture
 def live(kappa):
     """Start `kappa worker` supervisors for this test; every one is killed at teardown."""
-    from kappa.admin import ensure_topic
+    from kappa.kafka.admin import ensure_topic
     from tests.live import kill_group, start_worker
 
     started = []
 
     def run(topic: str, partitions: int, processes: int = 2, interval: float = 1.0, value: str = "amount"):
-        ensure_topic(kappa.broker, topic, partitions)
+        ensure_topic(kappa.kafka.broker, topic, partitions)
         worker = start_worker(kappa, topic, value, "city", processes, interval)
         worker.partitions = partitions
         started.append(worker)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from kappa import broker as embedded
+from kappa.kafka import broker as embedded
 from kappa.processes import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ class Cluster:
 
     def leaders(self, topics: list[str]) -> dict[int, int]:
         """How many partitions of `topics` each broker leads."""
-        from kappa.admin import admin
+        from kappa.kafka.admin import admin
 
         metadata = admin(self.address).list_topics(timeout=10)
         counts = {node.node_id: 0 for node in self.nodes()}

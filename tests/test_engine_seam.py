@@ -84,7 +84,7 @@ def test_the_cli_prints_the_mismatch_as_one_line_instead_of_running():
     """The guard runs when the seam is imported: a replay fails before it touches a broker."""
     script = (
         "import faust.transport.consumer as c; del c.Consumer._drain_messages\n"
-        "from kappa.cli import main\n"
+        "from kappa.ops.cli import main\n"
         "raise SystemExit(main(['replay', '--topic', 't', '--value', 'v', '--batch', '--broker', '127.0.0.1:9']))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from kappa.admin import committed_offsets
-from kappa.app import app_id
+from kappa.engine.app import app_id
+from kappa.kafka.admin import committed_offsets
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, kappa_command, wait_until
 from tests.live import kill_group, start_worker
@@ -34,7 +34,7 @@ def interrupt_when(kappa, command: list[str], env: dict, topic: str, generation:
     try:
 
         def committed_enough() -> bool:
-            committed = committed_offsets(kappa.broker, app_id(topic, generation), topic, 4)
+            committed = committed_offsets(kappa.kafka.broker, app_id(topic, generation), topic, 4)
             return process.poll() is not None or sum(offset or 0 for offset in committed.values()) >= records
 
         wait_until(committed_enough, 120, interval=0.05)

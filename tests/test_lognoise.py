@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from kappa.lognoise import RepeatFolder, RoutineWarningDemoter
+from kappa.engine.lognoise import RepeatFolder, RoutineWarningDemoter
 
 
 def test_repeats_are_folded_and_counted(caplog):
@@ -51,8 +51,8 @@ def test_routine_rebalance_warning_is_logged_at_info(caplog):
 
 
 def test_client_outage_noise_is_held_back_only_during_an_outage():
-    from kappa import availability
-    from kappa.lognoise import HeldBackDuringOutage
+    from kappa.engine.lognoise import HeldBackDuringOutage
+    from kappa.kafka import availability
 
     def record(name: str, level: int, msg: str) -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, msg, (), None)
@@ -63,7 +63,7 @@ def test_client_outage_noise_is_held_back_only_during_an_outage():
         "Stream has not started processing TP(...) There are multiple possible explanations",
     )
     connect = record("aiokafka.conn", logging.ERROR, "Unable connect to node with id 1")
-    ours = record("kappa.worker", logging.ERROR, "could not write snapshot parts")
+    ours = record("kappa.lifecycle.worker", logging.ERROR, "could not write snapshot parts")
     held_back = HeldBackDuringOutage()
     assert all(held_back.filter(r) for r in (stall, connect, ours)), "no outage: everything passes"
     availability.mark_outage(True)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kappa import parts
+from kappa.snapshots import parts
 from tables.aggregate import MEAN, MeanState, partials_table
 from tables.grouped_mean import PartitionStats
 
@@ -63,7 +63,7 @@ def test_no_parts_is_an_empty_table(tmp_path):
 
 def test_the_batch_and_the_live_path_merge_alike(tmp_path):
     """One merge: partials read straight from encoded entries give the parts' rows."""
-    from kappa.snapshot import merge_partials
+    from kappa.snapshots.snapshot import merge_partials
 
     expected = write_spread_parts(tmp_path, partitions=3, seed=5)
     merged = parts.merge_parts(tmp_path, 3)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from kappa import admin, snapshot
-from kappa import broker as embedded
 from kappa.bench.dataset import KEY, VALUE, bench_frame, check, oracle
 from kappa.bench.measure import Measured, run_measured
+from kappa.kafka import admin
+from kappa.kafka import broker as embedded
+from kappa.snapshots import snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 

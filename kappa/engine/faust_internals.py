@@ -64,8 +64,8 @@ What is coupled, what it is for, and what an upstream change would do without th
     If changed: a replay would not stop, or later asyncio calls would fail.
 
 String couplings stay where they are used: logger names (`faust.transport.producer`,
-`aiokafka.*`) and aiokafka's message texts in `kappa.lognoise`; only the noise would come back.
-confluent-kafka is used through its public API (`kappa.admin`); its underscore error codes
+`aiokafka.*`) and aiokafka's message texts in `kappa.engine.lognoise`; only the noise would come back.
+confluent-kafka is used through its public API (`kappa.kafka.admin`); its underscore error codes
 (`KafkaError._PARTITION_EOF`, `_AUTHENTICATION`) are documented constants, marked where used.
 
 Why each override exists (py-spy on a 1M-record replay):
@@ -88,7 +88,7 @@ topics with a batch handler the record the batch parser built (aiokafka's C `Def
 with `offset`, `key`, `value` and `headers`) is passed on as it is.
 
 3. The monitor keeps no per-record statistics (about 5% of the CPU, for a web view that is
-off); kappa reports progress from the table's own offsets instead (kappa.status).
+off); kappa reports progress from the table's own offsets instead (kappa.ops.status).
 
 4. Faust's table manager naps 1 s before subscribing (for tables defined late by
 autodiscovery; kappa defines its one table first), a tenth of a replay's wall time, and mode
@@ -107,8 +107,8 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
+from kappa.engine.lognoise import hold_back_during_outages
 from kappa.errors import KappaError
-from kappa.lognoise import hold_back_during_outages
 from kappa.pipeline import Record
 
 # the releases this module was read against (pyproject.toml pins the same)
@@ -430,7 +430,7 @@ class PromptTableManager(TableManager):
 
 class PromptWorker(faust.Worker):
     """Faust's worker without mode's final one-second sleep after the loop has stopped, with
-    the clients' outage noise held back (kappa.lognoise), and a hook that runs on a stop
+    the clients' outage noise held back (kappa.engine.lognoise), and a hook that runs on a stop
     signal before anything is stopped.
 
     That sleep only lets stray callbacks run before the loop closes; by then every service,

@@ -16,17 +16,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from kappa import admin, snapshot
-from kappa.app import Pipeline, create_pipeline, quiet_faust_noise, relax_garbage_collector
-from kappa.availability import wait_for_leaders
-from kappa.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.config import Settings
+from kappa.engine.app import Pipeline, create_pipeline, quiet_faust_noise, relax_garbage_collector
 from kappa.engine.faust_internals import PromptWorker, fresh_event_loop, request_stop
 from kappa.errors import KappaError
-from kappa.generations import GenerationState, Registry, builder_alive, this_builder
-from kappa.guards import EmptyResult, check_definition, refuse_empty_result
+from kappa.kafka import admin
+from kappa.kafka.availability import wait_for_leaders
+from kappa.lifecycle.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
+from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
+from kappa.lifecycle.guards import EmptyResult, check_definition, refuse_empty_result
+from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
-from kappa.progress import ProgressLine
+from kappa.snapshots import snapshot
 from tables.grouped_mean import PartitionStats, read_partition, read_stats
 
 WATCH_INTERVAL_S = 0.25
@@ -82,7 +83,7 @@ def warn_finite_retention(settings: Settings, topic: str) -> None:
 
 def table_rows(pipe: Pipeline, partitions: int) -> snapshot.SnapshotRows:
     """The snapshot's rows: every partition's partials, read out of RocksDB as Arrow (no
-    Python object per key), merged the same way live parts are (kappa.snapshot)."""
+    Python object per key), merged the same way live parts are (kappa.snapshots.snapshot)."""
     aggregate, layout = pipe.definition.aggregate(), pipe.definition.layout()
     tables = [read_partition(pipe.table, partition, aggregate, layout)[0] for partition in range(partitions)]
     return snapshot.merge_partials(pa.concat_tables(tables), aggregate, layout)

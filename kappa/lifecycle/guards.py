@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from kappa import admin
 from kappa.config import Settings
 from kappa.errors import KappaError
+from kappa.kafka import admin
 from kappa.pipeline import Definition
 
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition

@@ -6,13 +6,13 @@ import json
 import os
 from datetime import UTC, datetime
 
-from kappa import admin
-from kappa.app import app_id, assignor_topic, changelog_topic
 from kappa.config import Settings
+from kappa.engine.app import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
-from kappa.generations import GenerationState, Registry
+from kappa.kafka import admin
+from kappa.lifecycle.generations import GenerationState, Registry
 from kappa.processes import pid_alive
-from kappa.snapshot import read_snapshot
+from kappa.snapshots.snapshot import read_snapshot
 
 
 def _age_s(stamp: str) -> float:

@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from kappa import admin
 from kappa.errors import KappaError
+from kappa.kafka import admin
 
 HEADER = "kappa.load"  # value: b"<load id>:<row number>"; one header, since every replay parses it
 STARTED, COMPLETE = "started", "complete"

@@ -165,7 +165,7 @@ def _free_port() -> int:
 
 
 def _answers(port: int, timeout: float, protocol: str = "PLAINTEXT") -> bool:
-    from kappa.admin import wait_until_reachable
+    from kappa.kafka.admin import wait_until_reachable
 
     overrides: dict[str, str] = {"security.protocol": protocol}
     if protocol == "SASL_PLAINTEXT":
@@ -474,7 +474,7 @@ def registered_brokers(address: str, protocol: str = "PLAINTEXT", timeout: float
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    from kappa.admin import client_config
+    from kappa.kafka.admin import client_config
 
     overrides: dict[str, str] = {"security.protocol": protocol}
     if protocol == "SASL_PLAINTEXT":

@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from kappa import admin, parts
-from kappa.app import app_id, changelog_topic
 from kappa.config import Settings
+from kappa.engine.app import app_id, changelog_topic
 from kappa.errors import KappaError
-from kappa.generations import GenerationState, Registry, builder_alive
+from kappa.kafka import admin
+from kappa.lifecycle.generations import GenerationState, Registry, builder_alive
+from kappa.snapshots import parts
 
 TOPIC_GONE_TIMEOUT_S = 30.0
 
@@ -73,7 +74,7 @@ def clear_leftovers(settings: Settings, pipeline: str, generation: int) -> None:
 
 def retire_if_stopped(settings: Settings, pipeline: str, generation: int) -> bool:
     """Delete a replaced or abandoned generation's state once none of its processes runs."""
-    from kappa.worker import heartbeats  # the worker module imports this one
+    from kappa.lifecycle.worker import heartbeats  # the worker module imports this one
 
     if heartbeats(settings, pipeline, generation):
         return False

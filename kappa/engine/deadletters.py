@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from confluent_kafka import Consumer, TopicPartition
 
-from kappa import admin
+from kappa.kafka import admin
 
 SCAN_TIMEOUT_S = 30.0
 

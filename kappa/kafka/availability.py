@@ -7,7 +7,7 @@ the cluster which partitions of the pipeline's topics have a leader, and probes 
 with a TCP connect, since a cluster that has lost its quorum keeps naming dead leaders. The
 user gets one line naming the partitions and the unreachable brokers, at most every
 REPEAT_S seconds, and one line when everything has a leader again; meanwhile the clients'
-own noise about it is held back (kappa.lognoise) because this line says it better.
+own noise about it is held back (kappa.engine.lognoise) because this line says it better.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
 
-from kappa import admin
+from kappa.kafka import admin
 
 REPEAT_S = 30.0
 CHECK_EVERY_S = 2.5

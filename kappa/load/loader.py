@@ -23,10 +23,10 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException, Producer
 
-from kappa import admin
 from kappa.config import Settings
 from kappa.errors import KappaError
-from kappa.ledger import (
+from kappa.kafka import admin
+from kappa.load.ledger import (
     COMPLETE,
     HEADER,
     STARTED,
@@ -39,8 +39,8 @@ from kappa.ledger import (
     read_ledger,
     rows_on_log,
 )
-from kappa.progress import ProgressLine
-from kappa.sources import Source, open_source, split_name
+from kappa.load.sources import Source, open_source, split_name
+from kappa.ops.progress import ProgressLine
 
 DEFAULT_PARTITIONS = 8
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")

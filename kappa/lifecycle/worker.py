@@ -2,7 +2,7 @@
 
 Each process owns some source partitions (Faust's consumer group decides which), keeps its
 own RocksDB directory, and every S seconds writes a part for each partition that changed
-(kappa.parts). The supervisor merges the newest part of every partition and publishes a
+(kappa.snapshots.parts). The supervisor merges the newest part of every partition and publishes a
 snapshot when the cut moved. Publishing is thus off the processing path, and it works the
 same when processes on several hosts share one snapshot directory.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from kappa import admin, parts, snapshot
-from kappa.app import (
+from kappa.config import Settings
+from kappa.engine.app import (
     Pipeline,
     app_id,
     changelog_topic,
@@ -33,19 +33,20 @@ from kappa.app import (
     quiet_faust_noise,
     relax_garbage_collector,
 )
-from kappa.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
-from kappa.cleanup import clear_leftovers, finish_half_done_steps, report
-from kappa.config import Settings
 from kappa.engine.faust_internals import PromptWorker, fresh_event_loop
 from kappa.errors import KappaError
-from kappa.generations import GenerationState, Registry
-from kappa.guards import check_definition, refuse_empty_result
+from kappa.kafka import admin
+from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
+from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, report
+from kappa.lifecycle.generations import GenerationState, Registry
+from kappa.lifecycle.guards import check_definition, refuse_empty_result
 from kappa.pipeline import Definition, Progress
 from kappa.processes import pid_alive
+from kappa.snapshots import parts, snapshot
 from tables.aggregate import partial_schema
 from tables.grouped_mean import read_partition
 
-log = logging.getLogger("kappa.worker")
+log = logging.getLogger("kappa.lifecycle.worker")
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
 HEARTBEAT_S = 1.0

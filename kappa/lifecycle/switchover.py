@@ -17,22 +17,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kappa import parts
-from kappa.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.config import Settings
 from kappa.errors import KappaError
-from kappa.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
-from kappa.guards import EmptyResult
-from kappa.pipeline import Definition
-from kappa.progress import ProgressLine
-from kappa.replay import preflight
-from kappa.worker import (
+from kappa.lifecycle.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
+from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
+from kappa.lifecycle.guards import EmptyResult
+from kappa.lifecycle.replay import preflight
+from kappa.lifecycle.worker import (
     Child,
     Publisher,
     heartbeats,
     spawn_process,
     stop_children,
 )
+from kappa.ops.progress import ProgressLine
+from kappa.pipeline import Definition
+from kappa.snapshots import parts
 
 POLL_S = 0.5
 RETIRE_WAIT_S = 120.0

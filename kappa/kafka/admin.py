@@ -15,8 +15,8 @@ from typing import TypeVar
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
-from kappa import security
 from kappa.errors import KappaError
+from kappa.kafka import security
 
 T = TypeVar("T")
 _quiet = logging.getLogger("kappa.librdkafka")
@@ -193,7 +193,7 @@ def ensure_topic(
     config: Mapping[str, str] | None = None,
     replication_factor: int | None = None,
 ) -> bool:
-    """Create `topic` if missing, replicated as the cluster allows (kappa.admin.replication);
+    """Create `topic` if missing, replicated as the cluster allows (kappa.kafka.admin.replication);
     returns True when it was created here."""
     if partition_count(broker, topic) is not None:
         return False

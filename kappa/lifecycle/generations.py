@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kappa.errors import KappaError
 from kappa.processes import pid_alive
-from kappa.snapshot import utc_now
+from kappa.snapshots.snapshot import utc_now
 
 
 class GenerationState(StrEnum):

@@ -16,11 +16,12 @@ from typing import Any
 import faust
 
 from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, GroupedMeanAgent
-from kappa import admin, deadletters, security
-from kappa.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.config import fetch_partition_bytes
+from kappa.engine import deadletters
 from kappa.engine.faust_internals import PerRecordQuietMonitor, PromptTableManager, commit_offsets, deliver_batches
-from kappa.lognoise import fold_repeated_client_errors
+from kappa.engine.lognoise import fold_repeated_client_errors
+from kappa.kafka import admin, security
+from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.pipeline import Definition, Progress
 from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
 
@@ -161,7 +162,7 @@ async def _poll_in_thread(outages: OutageReporter) -> None:
     try:
         await asyncio.get_running_loop().run_in_executor(None, outages.poll)
     except Exception:  # a watch must never stop the pipeline; the next tick retries
-        logging.getLogger("kappa.availability").debug("leader watch failed", exc_info=True)
+        logging.getLogger("kappa.kafka.availability").debug("leader watch failed", exc_info=True)
 
 
 async def resume_from_table_offsets(pipe: Pipeline) -> None:

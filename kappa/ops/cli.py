@@ -33,7 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from kappa import broker
+    from kappa.kafka import broker
 
     settings = _settings(args)
     if args.action == "start":
@@ -64,7 +64,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from kappa.loader import load
+    from kappa.load.loader import load
 
     result = load(_settings(args), args.path, args.key, args.topic, args.partitions, again=args.again)
     if result.previous is not None:
@@ -91,8 +91,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from kappa.replay import run_batch
-    from kappa.switchover import keep_generation, retire_generation
+    from kappa.lifecycle.replay import run_batch
+    from kappa.lifecycle.switchover import keep_generation, retire_generation
 
     pipeline, definition = _definition(args)
     if not args.batch:
@@ -146,7 +146,7 @@ def _definition(args: argparse.Namespace):
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from kappa.worker import Supervisor
+    from kappa.lifecycle.worker import Supervisor
 
     if args.processes < 1 or args.snapshot_interval <= 0:
         raise KappaError("--processes must be at least 1 and --snapshot-interval above 0")
@@ -158,7 +158,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker_process(args: argparse.Namespace) -> int:
-    from kappa.worker import run_process
+    from kappa.lifecycle.worker import run_process
 
     pipeline, definition = _definition(args)
     return run_process(
@@ -167,7 +167,7 @@ def cmd_worker_process(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kappa import status
+    from kappa.ops import status
 
     state = status.gather(_settings(args), args.pipeline)
     print(status.dumps(state) if args.json else status.render(state))
@@ -179,7 +179,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from kappa.cleanup import collect_garbage
+    from kappa.lifecycle.cleanup import collect_garbage
 
     settings = _settings(args)
     if args.pipeline:
@@ -199,7 +199,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
-    from kappa.switchover import run_beside
+    from kappa.lifecycle.switchover import run_beside
 
     result = run_beside(
         _settings(args),
@@ -226,7 +226,7 @@ def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from kappa.snapshot import read_snapshot, resolve_latest
+    from kappa.snapshots.snapshot import read_snapshot, resolve_latest
 
     settings = _settings(args)
     if not (args.pipeline or args.name):

@@ -93,7 +93,7 @@ def _is_connection_error(record: logging.LogRecord) -> bool:
 
 
 class HeldBackDuringOutage(logging.Filter):
-    """While partitions have no reachable leader (kappa.availability says so in one line),
+    """While partitions have no reachable leader (kappa.kafka.availability says so in one line),
     the clients' own reports of it are held back: Faust's stall block, which names every
     partition in twelve lines, aiokafka's connection errors and Kafka error tracebacks.
 
@@ -102,7 +102,7 @@ class HeldBackDuringOutage(logging.Filter):
     the watch reports a dead broker whenever it matters (it leads a partition we read)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from kappa.availability import CLIENT_ERRORS_AFTER_S, STALL_REPORTS_AFTER_S, outage_recent, watched
+        from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, STALL_REPORTS_AFTER_S, outage_recent, watched
 
         if watched() and _is_connection_error(record):
             return False

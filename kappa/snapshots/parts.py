@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kappa.snapshot import CHUNK_ROWS, SnapshotRows, merge_partials
+from kappa.snapshots.snapshot import CHUNK_ROWS, SnapshotRows, merge_partials
 from tables.aggregate import MEAN, Aggregate, partial_schema
 from tables.grouped_mean import PartitionStats
 from tables.keys import PLAIN, KeyLayout

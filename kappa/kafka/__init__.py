@@ -1,0 +1,1 @@
+"""The Kafka side: admin calls, the embedded broker or cluster, leader availability, credentials."""

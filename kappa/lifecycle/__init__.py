@@ -1,0 +1,1 @@
+"""Generations over their life: the registry, guards, batch replays, live workers, switch-over, cleanup."""

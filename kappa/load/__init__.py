@@ -1,0 +1,1 @@
+"""Getting a file onto the log exactly once: input formats, the loader, its ledger."""

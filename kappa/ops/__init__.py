@@ -1,0 +1,1 @@
+"""Operator commands: the CLI, status, progress lines."""

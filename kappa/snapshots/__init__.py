@@ -1,0 +1,1 @@
+"""Snapshots: parts per partition, the one merge, atomic publishing, reading back."""

@@ -63,7 +63,7 @@ def test_client_outage_noise_is_held_back_only_during_an_outage():
         "Stream has not started processing TP(...) There are multiple possible explanations",
     )
     connect = record("aiokafka.conn", logging.ERROR, "Unable connect to node with id 1")
-    ours = record("kappa.lifecycle.worker", logging.ERROR, "could not write snapshot parts")
+    ours = record("kappa.lifecycle.process", logging.ERROR, "could not write snapshot parts")
     held_back = HeldBackDuringOutage()
     assert all(held_back.filter(r) for r in (stall, connect, ours)), "no outage: everything passes"
     availability.mark_outage(True)

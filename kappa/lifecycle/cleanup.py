@@ -21,6 +21,7 @@ from kappa.config import Settings
 from kappa.engine.app import app_id, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
+from kappa.lifecycle.children import heartbeats
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive
 from kappa.snapshots import parts
 
@@ -74,8 +75,6 @@ def clear_leftovers(settings: Settings, pipeline: str, generation: int) -> None:
 
 def retire_if_stopped(settings: Settings, pipeline: str, generation: int) -> bool:
     """Delete a replaced or abandoned generation's state once none of its processes runs."""
-    from kappa.lifecycle.worker import heartbeats  # the worker module imports this one
-
     if heartbeats(settings, pipeline, generation):
         return False
     delete_generation_state(settings, pipeline, generation)

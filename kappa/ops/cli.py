@@ -158,7 +158,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker_process(args: argparse.Namespace) -> int:
-    from kappa.lifecycle.worker import run_process
+    from kappa.lifecycle.process import run_process
 
     pipeline, definition = _definition(args)
     return run_process(

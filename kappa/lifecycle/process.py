@@ -1,0 +1,163 @@
+"""One worker process: a Faust app and agent for some of the log's partitions, and the
+parts and heartbeat it writes so that a supervisor can publish and watch it."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+from kappa.config import Settings
+from kappa.engine.app import (
+    Pipeline,
+    create_pipeline,
+    quiet_faust_noise,
+    relax_garbage_collector,
+)
+from kappa.engine.faust_internals import PromptWorker, fresh_event_loop
+from kappa.kafka import admin
+from kappa.pipeline import Definition, Progress
+from kappa.snapshots import parts, snapshot
+from tables.grouped_mean import read_partition
+
+log = logging.getLogger("kappa.lifecycle.process")
+HEARTBEAT_S = 1.0
+
+
+def claim_state_slot(generation_dir: Path, preferred: int) -> tuple[int, IO]:
+    """Lock the first free per-process state directory from `preferred` on.
+
+    RocksDB allows one process per database directory; two workers started on one host
+    (or pointed at one data dir) each get their own slot instead of fighting over a LOCK.
+    The returned handle holds the claim for the life of the process.
+    """
+    generation_dir.mkdir(parents=True, exist_ok=True)
+    for slot in itertools.count(preferred):
+        handle = open(generation_dir / f"p{slot}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return slot, handle
+    raise AssertionError("unreachable")
+
+
+class PartWriter:
+    """Writes the parts of this process's partitions, and its heartbeat file."""
+
+    def __init__(self, pipe: Pipeline, directory: Path, heartbeat: Path, interval: float) -> None:
+        self.pipe = pipe
+        self.directory = directory
+        self.heartbeat = heartbeat
+        self.interval = interval
+        self.next_parts = time.monotonic() + interval
+
+    def assigned(self) -> set[int]:
+        topic = self.pipe.definition.topic
+        return {tp.partition for tp in self.pipe.app.consumer.assignment() if tp.topic == topic}
+
+    def write(self, partitions: set[int]) -> None:
+        for partition in sorted(partitions):
+            definition = self.pipe.definition
+            partials, stats = read_partition(self.pipe.table, partition, definition.aggregate(), definition.layout())
+            parts.write_part(self.directory, partition, partials, stats)
+
+    def tick(self) -> None:
+        """Heartbeat every tick; parts of changed partitions once per snapshot interval."""
+        owned = self.assigned()
+        if time.monotonic() >= self.next_parts:
+            self.next_parts = time.monotonic() + self.interval
+            progress = self.pipe.progress
+            dirty, progress.dirty = progress.dirty & owned, set()
+            self.write(dirty)
+        self.beat(owned)
+
+    def beat(self, owned: set[int]) -> None:
+        progress = self.pipe.progress
+        state = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "partitions": sorted(owned),
+            "next_offsets": {str(p): o for p, o in sorted(progress.next_offsets.items()) if p in owned},
+            "records_seen": progress.records_seen,
+            "updated_at": snapshot.utc_now(),
+        }
+        self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.heartbeat.with_suffix(".tmp")
+        staging.write_text(json.dumps(state))
+        os.replace(staging, self.heartbeat)
+
+
+class FinalPartsWorker(PromptWorker):
+    """A Faust worker that writes every owned partition's part before it stops on a signal,
+    while the tables are still open, so a clean shutdown publishes everything applied."""
+
+    part_writer: PartWriter | None = None
+
+    async def before_signal_stop(self) -> None:
+        if self.part_writer is not None:
+            try:
+                self.part_writer.write(self.part_writer.assigned())
+            except Exception:  # the stop must go on; the next run rewrites parts
+                log.exception("could not write final parts")
+
+
+def run_process(
+    settings: Settings,
+    pipeline: str,
+    definition: Definition,
+    generation: int,
+    index: int,
+    interval: float,
+    loglevel: str = "warn",
+) -> int:
+    """One worker process: Faust app + agent, and a timer that writes changed parts."""
+    partitions = admin.require_partition_count(settings.broker, definition.topic)
+    slot, _claim = claim_state_slot(settings.state_dir(pipeline, generation), index)
+    state_dir = settings.state_dir(pipeline, generation) / f"p{slot}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    pipe = create_pipeline(
+        broker=settings.broker,
+        pipeline=pipeline,
+        generation=generation,
+        definition=definition,
+        partitions=partitions,
+        state_dir=state_dir,
+        progress=progress,
+        replication=admin.replication(settings.broker, settings.replication_factor),
+    )
+    heartbeat = settings.run_dir(pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
+    writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat, interval)
+
+    async def write_parts() -> None:
+        try:
+            writer.tick()
+        except OSError as exc:
+            log.error("could not write snapshot parts under %s: %s; retrying in %ss", writer.directory, exc, interval)
+
+    async def after_recovery() -> None:
+        progress.dirty |= writer.assigned()  # restored state is publishable even with no new records
+
+    pipe.table.on_recover(after_recovery)
+    pipe.app.timer(min(interval, HEARTBEAT_S), name=f"kappa.{pipeline}.parts")(write_parts)
+    worker = FinalPartsWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.spinner = None
+    worker.part_writer = writer
+    quiet_faust_noise()
+    relax_garbage_collector()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        heartbeat.unlink(missing_ok=True)
+        return int(exit_.code or 0)
+    finally:
+        fresh_event_loop()
+    return 0

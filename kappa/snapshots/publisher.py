@@ -1,0 +1,103 @@
+"""Publishing a generation's snapshot from the parts its processes wrote.
+
+The publisher merges the newest part of every partition (kappa.snapshots.parts) and
+publishes when the cut moved. Publishing is thus off the processing path, and it works the
+same when processes on several hosts share one snapshot directory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kappa.config import Settings
+from kappa.errors import KappaError
+from kappa.kafka import admin
+from kappa.lifecycle.generations import Registry
+from kappa.lifecycle.guards import refuse_empty_result
+from kappa.pipeline import Definition
+from kappa.snapshots import parts, snapshot
+from tables.aggregate import partial_schema
+
+
+class Publisher:
+    """Merges parts and publishes a snapshot whenever the cut has moved."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: str,
+        definition: Definition,
+        generation: int,
+        partitions: int,
+        *,
+        force: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.definition = definition
+        self.generation = generation
+        self.partitions = partitions
+        self.directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
+        self.registry = Registry(settings.snapshot_dir, pipeline)
+        self.force = force
+        self.last_offsets: dict[int, int] | None = self._published_offsets()
+
+    def _published_offsets(self) -> dict[int, int] | None:
+        try:
+            _, manifest = snapshot.read_snapshot(self.settings.snapshot_dir, self.pipeline)
+        except (KappaError, OSError):
+            return None
+        if manifest.get("generation") != self.generation:
+            return None
+        return {int(p): o for p, o in manifest["offsets"].items()}
+
+    def is_current(self) -> bool:
+        return self.registry.current() == self.generation
+
+    def publish_if_changed(self, make_current: bool = False) -> Path | None:
+        """Publish when the cut moved. Only the current generation may publish, unless
+        `make_current` is set: then this publish is the switch-over to this generation."""
+        started = time.monotonic()
+        newest = parts.newest_parts(self.directory)
+        if not newest or parts.cut_of(newest, self.partitions) == self.last_offsets:
+            return None
+        aggregate, layout = self.definition.aggregate(), self.definition.layout()
+        merged = parts.read_parts(newest, self.partitions, partial_schema(layout, aggregate))
+        records = merged.stats.records(self.definition.value_fields)
+        end_offsets = admin.end_offsets(self.settings.broker, self.definition.topic, self.partitions)
+        manifest = snapshot.build_manifest(
+            pipeline=self.pipeline,
+            topic=self.definition.topic,
+            generation=self.generation,
+            definition=self.definition.to_record(),
+            offsets=merged.offsets,
+            end_offsets=end_offsets,
+            records=records,
+        )
+
+        def allowed() -> bool:
+            if make_current:
+                refuse_empty_result(records, sum(end_offsets.values()), self.force)
+                self.registry.switch_to(self.generation)
+                return True
+            return self.is_current()
+
+        path = snapshot.publish(
+            self.settings.snapshot_dir,
+            self.pipeline,
+            self.generation,
+            merged.snapshot_rows(aggregate, layout),
+            manifest,
+            allowed,
+        )
+        if path is None:
+            return None
+        self.last_offsets = merged.offsets
+        lag = sum(max(end - merged.offsets.get(p, 0), 0) for p, end in end_offsets.items())
+        print(
+            f"published {path.name}: generation {self.generation}, {manifest['keys']:,} keys, lag {lag:,}, "
+            f"{time.monotonic() - started:.2f}s",
+            flush=True,
+        )
+        return path

@@ -63,7 +63,7 @@ def live(kappa):
     started = []
 
     def run(topic: str, partitions: int, processes: int = 2, interval: float = 1.0, value: str = "amount"):
-        ensure_topic(kappa.kafka.broker, topic, partitions)
+        ensure_topic(kappa.broker, topic, partitions)
         worker = start_worker(kappa, topic, value, "city", processes, interval)
         worker.partitions = partitions
         started.append(worker)

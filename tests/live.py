@@ -37,7 +37,7 @@ class LiveWorker:
     def wait_caught_up(self, timeout: float = 180, running: bool = True) -> dict:
         """The latest manifest once its offsets equal the log's end offsets (lag 0)."""
         deadline = time.monotonic() + timeout
-        ends = {str(p): o for p, o in end_offsets(self.kappa.kafka.broker, self.topic, self.partitions).items()}
+        ends = {str(p): o for p, o in end_offsets(self.kappa.broker, self.topic, self.partitions).items()}
         manifest: dict = {}
         while time.monotonic() < deadline:
             assert not running or self.process.poll() is None, f"worker exited early:\n{self.log.read_text()}"
@@ -110,7 +110,7 @@ def kcat_round(kappa, worker, rows: int, seed: int) -> None:
     frame = frame[frame["city"].notna() & ~frame["city"].str.contains("\n|\t", regex=True, na=False)]
     lines = b"".join(row["city"].encode() + b"\t" + orjson.dumps(row) + b"\n" for row in frame.to_dict("records"))
     subprocess.run(
-        ["kcat", "-P", "-b", kappa.kafka.broker, "-t", worker.topic, "-K", "\t", "-z", "lz4"],
+        ["kcat", "-P", "-b", kappa.broker, "-t", worker.topic, "-K", "\t", "-z", "lz4"],
         input=lines,
         check=True,
         timeout=60,

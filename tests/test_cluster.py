@@ -65,7 +65,7 @@ def test_status_warns_about_an_under_replicated_pipeline_topic(cluster_kappa, tm
 
 def test_topics_on_a_single_node_have_one_replica(kappa, tmp_path):
     topic, _ = load_and_replay(kappa, tmp_path, 2_000)
-    found = topic_replication(kappa.kafka.broker, pipeline_topics(topic))
+    found = topic_replication(kappa.broker, pipeline_topics(topic))
     assert sorted(found) == sorted(pipeline_topics(topic))
     assert {(r.replicas, r.min_insync) for r in found.values()} == {(1, 1)}, found
 
@@ -117,7 +117,7 @@ def test_kill_a_broker_mid_read_of_a_batch_replay(cluster_kappa, cluster, tmp_pa
     try:
 
         def a_fifth_committed() -> bool:
-            committed = committed_offsets(kappa.kafka.broker, app_id(topic, 1), topic, 8)
+            committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, 8)
             return replay.poll() is not None or sum(o or 0 for o in committed.values()) > rows // 5
 
         wait_until(a_fifth_committed, 120)
@@ -148,7 +148,7 @@ def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path)
     kappa, rows = cluster_kappa, 400_000
     topic, path = kappa.topic(), tmp_path / "rows.csv"
     sample_frame(rows, 1_000, seed=22).to_csv(path, index=False)
-    ensure_topic(kappa.kafka.broker, topic, 8, {"retention.ms": "-1"})
+    ensure_topic(kappa.broker, topic, 8, {"retention.ms": "-1"})
     victim = cluster.busiest_leader([topic])
     log = tmp_path / "load.log"
     with open(log, "wb") as handle:
@@ -160,7 +160,7 @@ def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path)
             start_new_session=True,
         )
     try:
-        wait_until(lambda: sum(end_offsets(kappa.kafka.broker, topic, 8).values()) > 0, 60, interval=0.05)
+        wait_until(lambda: sum(end_offsets(kappa.broker, topic, 8).values()) > 0, 60, interval=0.05)
         cluster.kill(victim)
         killed_at = time.monotonic()
         code = load.wait(timeout=300)
@@ -171,7 +171,7 @@ def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path)
             load.wait(timeout=30)
     output = log.read_text()
     assert code == 0, output
-    assert sum(end_offsets(kappa.kafka.broker, topic, 8).values()) == rows, "every row once on the log"
+    assert sum(end_offsets(kappa.broker, topic, 8).values()) == rows, "every row once on the log"
     kappa.replay_batch(topic, VALUE, KEY)
     csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
     expected = pandas_expectation(str(path), KEY, VALUE)
@@ -186,7 +186,7 @@ def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path)
 def test_live_worker_through_broker_outages(cluster_kappa, cluster: Cluster, tmp_path):
     kappa = cluster_kappa
     topic = kappa.topic()
-    ensure_topic(kappa.kafka.broker, topic, 6)
+    ensure_topic(kappa.broker, topic, 6)
     worker = start_worker(kappa, topic, VALUE, KEY, processes=2, interval=0.5)
     worker.partitions = 6
     timings: dict[str, float] = {}

@@ -68,8 +68,8 @@ def consume_all(broker: str, topic: str, expected: int) -> list:
 
 def test_rejected_records_reach_the_dlq_and_counts_are_exact(kappa):
     topic = kappa.topic()
-    ensure_topic(kappa.kafka.broker, topic, 3)
-    produce(kappa.kafka.broker, topic, CASES)
+    ensure_topic(kappa.broker, topic, 3)
+    produce(kappa.broker, topic, CASES)
     kappa.run("replay", "--topic", topic, "--value", "v", "--batch")  # no --key: the message key groups
 
     verdicts = [verdict for _, _, verdict in CASES]
@@ -82,7 +82,7 @@ def test_rejected_records_reach_the_dlq_and_counts_are_exact(kappa):
     assert csv_table["key"].tolist() == table.index.tolist()
 
     rejected = [(key, value) for key, value, verdict in CASES if verdict == "rejected"]
-    dead = consume_all(kappa.kafka.broker, f"{topic}.dlq", len(rejected))
+    dead = consume_all(kappa.broker, f"{topic}.dlq", len(rejected))
     assert len(dead) == len(rejected)
     assert sorted((m.key() or b"", m.value() or b"") for m in dead) == sorted((k or b"", v) for k, v in rejected)
     for message in dead:
@@ -121,23 +121,23 @@ def everything_in(broker: str, topic: str) -> list:
 
 def test_a_replay_of_the_same_definition_does_not_dead_letter_twice(kappa):
     topic = kappa.topic()
-    ensure_topic(kappa.kafka.broker, topic, 3)
+    ensure_topic(kappa.broker, topic, 3)
     rows = [
         (b"k", orjson.dumps({"city": f"c{i % 5}", "zone": i % 3, "v": "abc" if i % 10 == 0 else i}), "")
         for i in range(200)
     ]
-    produce(kappa.kafka.broker, topic, rows)
+    produce(kappa.broker, topic, rows)
     bad = sum(1 for i in range(200) if i % 10 == 0)
 
     kappa.replay_batch(topic, "v", "city")
     kappa.replay_batch(topic, "v", "city")
     _, _, manifest = read_latest(kappa.snapshot_dir, topic)
     assert manifest["generation"] == 2 and manifest["records"]["rejected"] == bad  # still counted in each
-    dead = everything_in(kappa.kafka.broker, f"{topic}.dlq")
+    dead = everything_in(kappa.broker, f"{topic}.dlq")
     assert len(dead) == bad, "the second replay of the same definition wrote its rejects again"
     headers = [{name: value.decode() for name, value in m.headers()} for m in dead]
     assert {h["kappa.pipeline"] for h in headers} == {topic}
     assert {h["kappa.generation"] for h in headers} == {"1"}
 
     kappa.replay_batch(topic, "v", "zone")  # another definition rejects them for itself
-    assert len(everything_in(kappa.kafka.broker, f"{topic}.dlq")) == 2 * bad
+    assert len(everything_in(kappa.broker, f"{topic}.dlq")) == 2 * bad

@@ -64,7 +64,7 @@ def test_sigkill_a_replay_repeatedly_then_resume(kappa, tmp_path):
         try:
 
             def reached(fraction: float = fraction, replay: subprocess.Popen = replay) -> bool:
-                committed = committed_offsets(kappa.kafka.broker, app_id(topic, 1), topic, partitions)
+                committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, partitions)
                 return replay.poll() is not None or sum(offset or 0 for offset in committed.values()) >= fraction * rows
 
             wait_until(reached, 120, interval=0.05)
@@ -131,14 +131,14 @@ def test_a_second_worker_on_one_data_dir_is_refused_at_once(kappa, live, tmp_pat
 
 def test_kcat_with_every_codec_and_its_own_partitioner(kappa, tmp_path):
     topic = kappa.topic()
-    ensure_topic(kappa.kafka.broker, topic, 4)
+    ensure_topic(kappa.broker, topic, 4)
     frame = sample_frame(4_000, 150, seed=150)
     frame = frame[frame[KEY].notna() & ~frame[KEY].str.contains("\n|\t", regex=True, na=False)]
     chunks = [frame.iloc[i::4] for i in range(4)]
     for codec, chunk in zip(["gzip", "snappy", "lz4", "zstd"], chunks, strict=True):
         lines = b"".join(row[KEY].encode() + b"\t" + orjson.dumps(row) + b"\n" for row in chunk.to_dict("records"))
         subprocess.run(
-            ["kcat", "-P", "-b", kappa.kafka.broker, "-t", topic, "-K", "\t", "-z", codec],
+            ["kcat", "-P", "-b", kappa.broker, "-t", topic, "-K", "\t", "-z", codec],
             input=lines,
             check=True,
             timeout=60,

@@ -34,7 +34,7 @@ def interrupt_when(kappa, command: list[str], env: dict, topic: str, generation:
     try:
 
         def committed_enough() -> bool:
-            committed = committed_offsets(kappa.kafka.broker, app_id(topic, generation), topic, 4)
+            committed = committed_offsets(kappa.broker, app_id(topic, generation), topic, 4)
             return process.poll() is not None or sum(offset or 0 for offset in committed.values()) >= records
 
         wait_until(committed_enough, 120, interval=0.05)

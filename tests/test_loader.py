@@ -85,12 +85,12 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
         load.send_signal(signal.SIGKILL)
         load.wait(timeout=30)
     assert load.returncode == -signal.SIGKILL, "the load finished before it was killed"
-    partial = messages_on(kappa.kafka.broker, topic)
+    partial = messages_on(kappa.broker, topic)
     assert partial < rows
 
     again = kappa.load(path, KEY, topic, partitions=4)
     assert "resuming" in again.stderr.decode()
-    assert messages_on(kappa.kafka.broker, topic) == rows
+    assert messages_on(kappa.broker, topic) == rows
     kappa.replay_batch(topic, VALUE, KEY)
     csv_table, parquet_table, _ = read_latest(kappa.snapshot_dir, topic)
     expected = pandas_expectation(str(path), KEY, VALUE)
@@ -111,12 +111,12 @@ def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_res
     assert found and "run the same command again" in last, last
     on_log = int(found.group(1).replace(",", ""))
     assert 0 < on_log < rows
-    assert messages_on(kappa.kafka.broker, topic) == on_log
+    assert messages_on(kappa.broker, topic) == on_log
 
     resumed = kappa.load(path, KEY, topic, partitions=3)
     expected_line = f"resuming: {on_log:,} of {rows:,} rows already on the log, sending {rows - on_log:,}"
     assert expected_line in resumed.stderr.decode()
-    assert messages_on(kappa.kafka.broker, topic) == rows
+    assert messages_on(kappa.broker, topic) == rows
     kappa.replay_batch(topic, VALUE, KEY)
     csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
     assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
@@ -126,22 +126,22 @@ def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):
     rows, topic = 5_000, kappa.topic()
     path = write_sample(tmp_path / "rows.csv", rows, seed=142)
     kappa.load(path, KEY, topic, partitions=2)
-    assert messages_on(kappa.kafka.broker, topic) == rows
+    assert messages_on(kappa.broker, topic) == rows
 
     repeated = kappa.load(path, KEY, topic, partitions=2)
     assert "already loaded" in repeated.stdout.decode() and "--again" in repeated.stdout.decode()
     assert f"{rows:,} rows" in repeated.stdout.decode()
-    assert messages_on(kappa.kafka.broker, topic) == rows
+    assert messages_on(kappa.broker, topic) == rows
 
     kappa.run("load", str(path), "--key", KEY, "--topic", topic, "--again")
-    assert messages_on(kappa.kafka.broker, topic) == 2 * rows
+    assert messages_on(kappa.broker, topic) == 2 * rows
     kappa.load(path, KEY, topic, partitions=2)
-    assert messages_on(kappa.kafka.broker, topic) == 2 * rows
+    assert messages_on(kappa.broker, topic) == 2 * rows
 
     copy = tmp_path / "same-bytes-other-name.csv"
     copy.write_bytes(path.read_bytes())
     kappa.load(copy, KEY, topic, partitions=2)
-    assert messages_on(kappa.kafka.broker, topic) == 2 * rows
+    assert messages_on(kappa.broker, topic) == 2 * rows
 
 
 def test_the_same_lines_on_stdin_are_loaded_once(kappa):
@@ -150,7 +150,7 @@ def test_the_same_lines_on_stdin_are_loaded_once(kappa):
     kappa.run("load", "-", "--key", "k", "--topic", topic, stdin=lines)
     again = kappa.run("load", "-", "--key", "k", "--topic", topic, stdin=lines)
     assert "already loaded" in again.stdout.decode()
-    assert messages_on(kappa.kafka.broker, topic) == 1_000
+    assert messages_on(kappa.broker, topic) == 1_000
 
 
 def test_topic_names_keep_dots_and_strip_only_known_extensions(kappa, tmp_path):
@@ -158,13 +158,13 @@ def test_topic_names_keep_dots_and_strip_only_known_extensions(kappa, tmp_path):
     for year, rows in (("2024", 30), ("2025", 50)):
         path = write_sample(tmp_path / f"{base}.{year}.csv", rows, seed=int(year))
         kappa.run("load", str(path), "--key", KEY)
-        assert messages_on(kappa.kafka.broker, f"{base}.{year}") == rows
-    assert admin.partition_count(kappa.kafka.broker, base) is None
+        assert messages_on(kappa.broker, f"{base}.{year}") == rows
+    assert admin.partition_count(kappa.broker, base) is None
 
     tsv = tmp_path / f"{base}.v2.tsv"
     tsv.write_text("city\tamount\nx\t1\n")
     kappa.run("load", str(tsv), "--key", KEY)
-    assert messages_on(kappa.kafka.broker, f"{base}.v2") == 1
+    assert messages_on(kappa.broker, f"{base}.v2") == 1
 
 
 @pytest.mark.parametrize("name", ["my sales (2024).csv", "ä.csv", f"{'x' * 250}.csv", "...csv"])
@@ -183,8 +183,8 @@ def test_partitions_differing_from_an_existing_topic_are_reported(kappa, tmp_pat
     second = kappa.load(write_sample(tmp_path / "b.csv", 100, seed=2), KEY, topic, partitions=5)
     warning = second.stderr.decode()
     assert "has 2 partitions" in warning and "--partitions 5" in warning, warning
-    assert admin.partition_count(kappa.kafka.broker, topic) == 2
-    assert messages_on(kappa.kafka.broker, topic) == 200
+    assert admin.partition_count(kappa.broker, topic) == 2
+    assert messages_on(kappa.broker, topic) == 200
 
     unasked = kappa.run("load", str(write_sample(tmp_path / "c.csv", 100, seed=3)), "--key", KEY, "--topic", topic)
     assert "partitions" not in unasked.stderr.decode()
@@ -209,12 +209,12 @@ def test_dates_and_timestamps_become_one_iso_text_whatever_the_format(kappa, tmp
     kappa.run("load", str(parquet), "--key", "at", "--topic", by_time)
     kappa.run("load", str(csv), "--key", "day", "--topic", from_csv)
 
-    days = sorted((key, row["day"]) for key, row in read_messages(kappa.kafka.broker, by_day) if key is not None)
+    days = sorted((key, row["day"]) for key, row in read_messages(kappa.broker, by_day) if key is not None)
     assert days == [(b"1970-01-01", "1970-01-01"), (b"2024-01-31", "2024-01-31")]
-    csv_days = sorted((key, row["day"]) for key, row in read_messages(kappa.kafka.broker, from_csv) if key is not None)
+    csv_days = sorted((key, row["day"]) for key, row in read_messages(kappa.broker, from_csv) if key is not None)
     assert csv_days == days
 
-    rows = sorted(read_messages(kappa.kafka.broker, by_time), key=lambda message: message[1]["amount"])
+    rows = sorted(read_messages(kappa.broker, by_time), key=lambda message: message[1]["amount"])
     assert [key for key, _ in rows] == [b"2024-01-31T10:00:00", b"2024-01-31T10:00:00.5", None]
     assert [row["at"] for _, row in rows] == ["2024-01-31T10:00:00", "2024-01-31T10:00:00.5", None]
     assert [row["utc"] for _, row in rows] == ["2024-01-31T09:00:00Z", "2024-01-31T23:00:00Z", None]
@@ -233,7 +233,7 @@ def test_tab_separated_input(kappa, tmp_path):
         loaded = kappa.load(path, KEY, topic, partitions=2)
         if path is misnamed:
             assert "tab-separated" in loaded.stderr.decode()
-        assert messages_on(kappa.kafka.broker, topic) == len(frame)
+        assert messages_on(kappa.broker, topic) == len(frame)
         kappa.replay_batch(topic, VALUE, KEY)
         csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
         assert_matches(csv_table, expected)

@@ -51,7 +51,7 @@ def consumer_groups(broker: str) -> set[str]:
 
 def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_path):
     topic = kappa.topic()
-    ensure_topic(kappa.kafka.broker, topic, 4)
+    ensure_topic(kappa.broker, topic, 4)
     worker = start_worker(kappa, topic, "amount", KEY, processes=2, interval=0.5)
     worker.partitions = 4
     frames = [sample_frame(6_000, 200, seed=40)]
@@ -104,7 +104,7 @@ def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_pa
 
         def caught_up():
             _, table, manifest = read_latest(kappa.snapshot_dir, topic)
-            ends = {str(p): o for p, o in worker_ends(kappa.kafka.broker, topic).items()}
+            ends = {str(p): o for p, o in worker_ends(kappa.broker, topic).items()}
             return (table, manifest) if manifest["generation"] == 2 and manifest["offsets"] == ends else None
 
         table, manifest = wait_for(caught_up, 180, "generation 2 to catch up with lag 0")
@@ -122,8 +122,8 @@ def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_pa
     assert generations[0] == 1 and generations[-1] == 2 and generations == sorted(generations)
     assert not (kappa.data_dir / "state" / topic / "g1").exists()
     assert not (kappa.snapshot_dir / topic / ".parts" / "g1").exists()
-    assert app_id(topic, 1) not in consumer_groups(kappa.kafka.broker)
-    assert partition_count(kappa.kafka.broker, changelog_topic(topic, 1)) is None
+    assert app_id(topic, 1) not in consumer_groups(kappa.broker)
+    assert partition_count(kappa.broker, changelog_topic(topic, 1)) is None
     registry = json.loads((kappa.snapshot_dir / topic / "generations.json").read_text())
     assert registry["current"] == 2 and registry["generations"]["1"]["state"] == "retired"
 
@@ -151,7 +151,7 @@ def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp
     try:
 
         def midway():
-            committed = committed_offsets(kappa.kafka.broker, app_id(topic, 1), topic, 4)
+            committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, 4)
             total = sum(offset or 0 for offset in committed.values())
             return total if 0 < total < 60_000 else None
 
@@ -178,7 +178,7 @@ def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp
 @pytest.mark.parametrize("batch", [True, False])
 def test_truncated_log_is_refused_unless_allowed(kappa, tmp_path, batch):
     topic = kappa.topic()
-    client = admin(kappa.kafka.broker)
+    client = admin(kappa.broker)
     futures = client.create_topics([NewTopic(topic, 1, 1, config={"retention.ms": "86400000"})])
     futures[topic].result(timeout=30)
     frame = sample_frame(1_000, 20, seed=60)

@@ -156,7 +156,7 @@ def test_live_equals_batch_with_late_records_from_an_outside_producer(kappa, tmp
             lines = b"".join(
                 (row["city"] or "").encode() + b"\t" + orjson.dumps(row) + b"\n" for row in late.to_dict("records")
             )
-            subprocess.run(["kcat", "-P", "-b", kappa.kafka.broker, "-t", topic, "-K", "\t"], input=lines, check=True)
+            subprocess.run(["kcat", "-P", "-b", kappa.broker, "-t", topic, "-K", "\t"], input=lines, check=True)
             frames.append(late)
             expected = oracle(tmp_path, frames, keys=KEYS, values=VALUES, window="1h", time="pickup_at")
             table = wait_for_records(kappa, "trips", sum(len(f) for f in frames))

@@ -42,6 +42,21 @@ def _loads(raw: bytes) -> Any:
         return json.loads(raw)
 
 
+def _json_object(value: bytes | None) -> dict | str:
+    """The message as a JSON object, or why it is rejected."""
+    if not value:
+        return "empty message: expected a JSON object"
+    try:
+        row = _loads(value)
+    except (ValueError, RecursionError) as exc:
+        return f"not JSON: {str(exc)[:120]}"
+    except OverflowError:
+        return "not JSON: number out of range"
+    if not isinstance(row, dict):
+        return f"JSON {type(row).__name__} where a JSON object was expected"
+    return row
+
+
 def _key_from_row(field: Any) -> str | None:
     """A row's key field as pandas would read it from CSV with dtype=str."""
     if field is None or isinstance(field, bool):
@@ -90,16 +105,9 @@ def decode(key: bytes | None, value: bytes | None, key_field: str | None, value_
     """Apply the record rules: which key the row belongs to and whether its value counts.
 
     `key_field` None means the message key is the group key."""
-    if not value:
-        return Verdict(REJECTED, error="empty message: expected a JSON object")
-    try:
-        row = _loads(value)
-    except (ValueError, RecursionError) as exc:
-        return Verdict(REJECTED, error=f"not JSON: {str(exc)[:120]}")
-    except OverflowError:
-        return Verdict(REJECTED, error="not JSON: number out of range")
-    if not isinstance(row, dict):
-        return Verdict(REJECTED, error=f"JSON {type(row).__name__} where a JSON object was expected")
+    row = _json_object(value)
+    if isinstance(row, str):
+        return Verdict(REJECTED, error=row)
     if key_field is None:
         try:
             group = key.decode("utf-8") if key else None
@@ -177,16 +185,9 @@ class RowVerdict:
 
 def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, shape: RowShape) -> RowVerdict:
     """The record rules for any pipeline shape; `decode` is the one-key, one-value case."""
-    if not value:
-        return RowVerdict(REJECTED, error="empty message: expected a JSON object")
-    try:
-        row = _loads(value)
-    except (ValueError, RecursionError) as exc:
-        return RowVerdict(REJECTED, error=f"not JSON: {str(exc)[:120]}")
-    except OverflowError:
-        return RowVerdict(REJECTED, error="not JSON: number out of range")
-    if not isinstance(row, dict):
-        return RowVerdict(REJECTED, error=f"JSON {type(row).__name__} where a JSON object was expected")
+    row = _json_object(value)
+    if isinstance(row, str):
+        return RowVerdict(REJECTED, error=row)
     values: list[float | None] = []
     for name in shape.value_fields:
         number = _number(row.get(name))

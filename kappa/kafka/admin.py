@@ -245,12 +245,17 @@ def topic_replication(broker: str, topics: list[str]) -> dict[str, TopicReplicat
 
 
 def _topic_min_insync(client: AdminClient, topic: str) -> int | None:
+    return _topic_config_int(client, topic, "min.insync.replicas")
+
+
+def _topic_config_int(client: AdminClient, topic: str, name: str) -> int | None:
+    """A topic's integer config `name`, or None when it cannot be read."""
     resource = ConfigResource(ResourceType.TOPIC, topic)
     try:
         entries = client.describe_configs([resource])[resource].result(timeout=10)
     except KafkaException:
         return None
-    entry = entries.get("min.insync.replicas")
+    entry = entries.get(name)
     return int(entry.value) if entry is not None and entry.value is not None else None
 
 
@@ -374,11 +379,4 @@ def group_members(broker: str, group: str) -> int | None:
 
 def retention_ms(broker: str, topic: str) -> int | None:
     """The topic's retention.ms (-1 = unlimited), or None when it cannot be read."""
-    client = admin(broker)
-    resource = ConfigResource(ResourceType.TOPIC, topic)
-    try:
-        configs = client.describe_configs([resource])[resource].result(timeout=10)
-    except KafkaException:
-        return None
-    entry = configs.get("retention.ms")
-    return int(entry.value) if entry is not None and entry.value is not None else None
+    return _topic_config_int(admin(broker), topic, "retention.ms")

@@ -73,18 +73,21 @@ def scale_out_panel(ax, scale_out: dict) -> None:
         return
     results = scale_out["results"]
     processes = [r["processes"] for r in results]
-    rates = [r["rows_per_s"] for r in results]
-    ideal = [rates[0] * n / processes[0] for n in processes]
-    ax.plot(processes, ideal, "--", color="grey", label="linear")
-    ax.plot(processes, rates, "o-", color=KAPPA, label="kappa (replay --processes N)")
-    for n, rate in zip(processes, rates, strict=True):
-        ax.annotate(f"{rate:,.0f}/s\n{rate / rates[0]:.2f}x", (n, rate), textcoords="offset points", xytext=(6, -18),
-                    fontsize=8)  # fmt: skip
+    ax.plot(processes, [n / processes[0] for n in processes], "--", color="grey", label="linear")
+    curves = [("rows_per_s", "o-", "start to exit"), ("catch_up_rows_per_s", "s:", "while catching up")]
+    for field, style, label in curves:
+        if not all(field in r for r in results):
+            continue
+        rates = [r[field] for r in results]
+        ax.plot(processes, [rate / rates[0] for rate in rates], style, color=KAPPA, label=f"kappa, {label}")
+        for n, rate in zip(processes, rates, strict=True):
+            ax.annotate(f"{rate / rates[0]:.2f}x ({rate / 1e3:,.0f}k/s)", (n, rate / rates[0]),
+                        textcoords="offset points", xytext=(5, -12), fontsize=7)  # fmt: skip
     ax.set_xticks(processes)
-    ax.set_xlabel(f"worker processes ({scale_out['partitions']} partitions, {scale_out['keys']:,} keys)")
-    ax.set_ylabel("rows/s")
-    ax.yaxis.set_major_formatter(RATE)
-    ax.set_ylim(0, max(ideal + rates) * 1.15)
+    ax.set_xlim(processes[0] - 0.3, processes[-1] + 1.2)
+    ax.set_xlabel(f"kappa worker processes ({scale_out['partitions']} partitions, {scale_out['keys']:,} keys)")
+    ax.set_ylabel("rows/s over 1 process (replay --processes N)")
+    ax.set_ylim(0, processes[-1] / processes[0] * 1.1)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.25)
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import shutil
 import socket
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,35 +70,6 @@ def median_round(rounds: list[dict]) -> dict:
     if errors:
         chosen["error"] = errors[0]
     return chosen
-
-
-class CatchUp:
-    """The rows/s of a replay's worker processes once they run: sampled from their heartbeat files
-    (written about once a second, each with its partitions' next offsets) from the first that shows
-    progress to the last; start-up, group joins and the final publish are left out."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.samples: list[tuple[float, int]] = []
-
-    def __call__(self, pgid: int) -> None:
-        offsets: dict[str, int] = {}
-        for path in self.run_dir.glob("g*/process-*.json"):
-            try:
-                beat = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            for partition, offset in beat.get("next_offsets", {}).items():
-                offsets[partition] = max(offsets.get(partition, 0), offset)
-        done = sum(offsets.values())
-        if done and (not self.samples or done > self.samples[-1][1]):
-            self.samples.append((time.monotonic(), done))
-
-    def rate(self) -> float | None:
-        if len(self.samples) < 2:
-            return None
-        (first_t, first_done), (last_t, last_done) = self.samples[0], self.samples[-1]
-        return (last_done - first_done) / (last_t - first_t) if last_t > first_t else None
 
 
 class Bench:
@@ -164,15 +133,10 @@ class Bench:
         command = [str(REPO / "scripts" / "replay"), "--topic", self.topic, "--value", VALUE, "--key", KEY,
                    *mode, "--pipeline", pipeline, *self.place()]  # fmt: skip
         label = "kappa" if processes is None else f"kappa-{processes}p"
-        progress = CatchUp(self.workdir / "data" / "run" / pipeline)
-        hooks: dict = {"on_poll": progress}
+        hooks = {}
         if groups is not None:
             groups.placed.clear()  # pids of an earlier run may be reused
-            placer = WorkerPlacer(groups)
-            hooks = {
-                "preexec_fn": enter_supervisor_group(groups),
-                "on_poll": lambda pgid: (placer(pgid), progress(pgid)),
-            }
+            hooks = {"preexec_fn": enter_supervisor_group(groups), "on_poll": WorkerPlacer(groups)}
         env = {**os.environ, "KAPPA_PYTHON": sys.executable}
         measured = run_measured(command, self.workdir / f"{label}.log", env=env, **hooks)
         error = None
@@ -180,8 +144,6 @@ class Bench:
             frame, _ = snapshot.read_snapshot(self.workdir / "snapshots", pipeline)
             error = check(frame, self.expected)
         result = self.outcome(label, measured, error)
-        if processes is not None and progress.rate() is not None:
-            result["catch_up_rows_per_s"] = round(progress.rate(), 1)
         found = re.search(r"snapshot ([0-9.]+)s", measured.log.read_text(errors="replace"))
         if found:
             result["snapshot_seconds"] = float(found.group(1))

@@ -52,10 +52,6 @@ def run_scale_out(bench: Bench, steps: tuple[int, ...], cpus: float, rounds: int
     if base["correct"]:
         outcome["speedups"] = {f"{r['processes']}p/{base['processes']}p": round(r["rows_per_s"] / base["rows_per_s"], 2)
                                for r in results[1:] if r["correct"]}  # fmt: skip
-        if all("catch_up_rows_per_s" in r for r in results):
-            first = base["catch_up_rows_per_s"]
-            outcome["catch_up_speedups"] = {f"{r['processes']}p/{base['processes']}p": round(
-                r["catch_up_rows_per_s"] / first, 2) for r in results[1:] if r["correct"]}  # fmt: skip
     return outcome
 
 
@@ -65,18 +61,12 @@ def scale_out_report(outcome: dict) -> list[str]:
     rounds = outcome["results"][0]["rounds"]
     lines = [f"scale-out: {outcome['rows']:,} rows, {outcome['keys']:,} keys, {outcome['partitions']} partitions, "
              f"{outcome['cpus_per_process']:g} CPU per process (cgroup quota), median of {rounds}",
-             f"{'processes':>9} {'rows/s':>10} {'seconds':>8} {'catch-up rows/s':>15} {'peak MB':>8}"
-             "  correct"]  # fmt: skip
+             f"{'processes':>9} {'rows/s':>10} {'seconds':>8} {'peak MB':>8}  correct"]  # fmt: skip
     for r in outcome["results"]:
-        catch_up = f"{r['catch_up_rows_per_s']:,.0f}" if "catch_up_rows_per_s" in r else "-"
-        lines.append(f"{r['processes']:>9} {r['rows_per_s']:>10,.0f} {r['seconds']:>8.2f} {catch_up:>15} "
-                     f"{r['peak_rss_mb']:>8.0f}  {r['correct']}")  # fmt: skip
+        lines.append(f"{r['processes']:>9} {r['rows_per_s']:>10,.0f} {r['seconds']:>8.2f} {r['peak_rss_mb']:>8.0f}  "
+                     f"{r['correct']}")  # fmt: skip
     for name, speedup in outcome.get("speedups", {}).items():
-        catch_up = outcome.get("catch_up_speedups", {}).get(name)
-        lines.append(
-            f"speedup {name}: {speedup:.2f}x start to exit"
-            + (f", {catch_up:.2f}x while catching up (heartbeats, start-up left out)" if catch_up else "")
-        )
+        lines.append(f"speedup {name}: {speedup:.2f}x")
     return lines
 
 

@@ -74,7 +74,7 @@ def scale_out_panel(ax, scale_out: dict) -> None:
     results = scale_out["results"]
     processes = [r["processes"] for r in results]
     ax.plot(processes, [n / processes[0] for n in processes], "--", color="grey", label="linear")
-    curves = [("rows_per_s", "o-", "start to exit"), ("catch_up_rows_per_s", "s:", "while catching up")]
+    curves = [("rows_per_s", "o-", "start to exit")]
     for field, style, label in curves:
         if not all(field in r for r in results):
             continue

@@ -37,7 +37,7 @@ def contenders_panel(ax, runs: list[dict]) -> None:
             y = row + (index - (len(runs) - 1) / 2) * height
             if "rows_per_s" not in result:
                 why = "unavailable" if "unavailable" in result else "not run"
-                ax.text(1.05, y, f"{run['keys']:,} keys: {why}", va="center", fontsize=7, color="grey",
+                ax.text(0.01, y, f"{run['keys']:,} keys: {why}", va="center", fontsize=7, color="grey",
                         transform=ax.get_yaxis_transform())  # fmt: skip
                 continue
             rate = result["rows_per_s"]
@@ -65,7 +65,7 @@ def contenders_panel(ax, runs: list[dict]) -> None:
 
 
 def scale_out_panel(ax, scale_out: dict) -> None:
-    ax.set_title(f"kappa scale-out, {scale_out.get('cpus_per_process', 0):g} CPU per process (cgroup quota)")
+    ax.set_title(f"kappa scale-out, {scale_out.get('cpus_per_process', 0):g} CPU quota per process")
     if "results" not in scale_out:
         ax.text(0.5, 0.5, scale_out.get("unmeasurable", "not measured"), ha="center", va="center",
                 wrap=True, transform=ax.transAxes)  # fmt: skip

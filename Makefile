@@ -66,9 +66,12 @@ test: venv deps lint
 test-fast: venv deps
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
 
-# kappa against its peers (raw consumer, naive Faust, Quix Streams, pandas) on 1M rows (override: make bench BENCH_ARGS="--rows 5000000").
+# Issue 15's bench: every contender on 1M rows at 1k and 1M keys (3 interleaved rounds, medians), kappa's
+# scale-out under a CPU quota per process, bench.json and bench.png. The external peers' venvs and Kafka
+# Streams build are kept in BENCH_PEERS between runs (override: make bench BENCH_ARGS="--rows 5000000").
+BENCH_PEERS ?= $(HOME)/.cache/kappa/bench-peers
 bench: venv deps
-	scripts/bench $(BENCH_ARGS)
+	scripts/bench --peers-dir $(BENCH_PEERS) --plot bench.png $(BENCH_ARGS)
 
 # ruff (SLF included: private members of Faust, aiokafka and mode only in kappa/engine/faust_internals.py),
 # then mypy on kappa, agents and tables (pyproject.toml [tool.mypy])

@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import socket
 import sys
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kappa.bench.cgroups import CpuGroups, WorkerPlacer, enter_supervisor_group
 from kappa.bench.dataset import KEY, VALUE, bench_frame, check, oracle
 from kappa.bench.measure import Measured, run_measured
 from kappa.kafka import admin
@@ -47,11 +49,40 @@ def kappa_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "kappa", *args]
 
 
+EXTERNAL = ("kafka_streams", "bytewax", "pathway")  # set up by kappa.bench.external
+SLOW = ("faust_naive",)  # about 2,500 rows/s: one round, and only at the first --keys
+
+
+def read_result(path: Path) -> pd.DataFrame:
+    if path.suffix == ".csv":
+        return pd.read_csv(path, dtype={"key": str})
+    return pd.read_parquet(path)
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """The round of median time (the faster of the middle two for an even count), with every round's
+    seconds beside it; correct only if every round was."""
+    ordered = sorted(rounds, key=lambda r: r["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds"] = len(rounds)
+    chosen["seconds_each"] = [r["seconds"] for r in rounds]
+    chosen["correct"] = all(r["correct"] for r in rounds)
+    errors = [r["error"] for r in rounds if "error" in r]
+    if errors:
+        chosen["error"] = errors[0]
+    return chosen
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace, broker: str, workdir: Path) -> None:
+    """One dataset (rows x keys) on one topic, and the contenders measured on it."""
+
+    def __init__(
+        self, args: argparse.Namespace, broker: str, workdir: Path, peers: dict[str, list[str] | str] | None = None
+    ) -> None:
         self.args = args
         self.broker = broker
         self.workdir = workdir
+        self.peers = peers or {}  # external peer -> command prefix, or the reason it is unavailable
         self.topic = f"bench-{uuid.uuid4().hex[:8]}"
         self.csv = workdir / "rows.csv"
         self.results: dict[str, dict] = {}
@@ -78,107 +109,112 @@ class Bench:
             flush=True,
         )
 
-    def record(self, name: str, measured: Measured, error: str | None) -> None:
+    def outcome(self, name: str, measured: Measured, error: str | None) -> dict:
+        """One round's result of one contender, printed as it comes."""
         if measured.returncode != 0 and error is None:
             tail = measured.log.read_text(errors="replace").strip().splitlines()[-3:]
             error = f"exited {measured.returncode}: {' | '.join(tail)}"
-        self.results[name] = {
+        result = {
             "rows_per_s": round(self.args.rows / measured.seconds, 1),
             "seconds": round(measured.seconds, 3),
             "peak_rss_mb": round(measured.peak_rss_mb, 1),
             "correct": error is None,
         }
         if error:
-            self.results[name]["error"] = error
+            result["error"] = error
         verdict = "ok" if error is None else f"WRONG: {error}"
-        print(
-            f"  {name:<12} {measured.seconds:8.2f} s  {self.args.rows / measured.seconds:>12,.0f} rows/s  "
-            f"{measured.peak_rss_mb:7.0f} MB  {verdict}",
-            flush=True,
-        )
+        print(f"  {name:<13} {measured.seconds:8.2f} s  {self.args.rows / measured.seconds:>12,.0f} rows/s  "
+              f"{measured.peak_rss_mb:7.0f} MB  {verdict}", flush=True)  # fmt: skip
+        return result
 
-    def run_load(self) -> None:
-        command = kappa_command(
-            "load",
-            str(self.csv),
-            "--key",
-            KEY,
-            "--topic",
-            self.topic,
-            "--partitions",
-            str(self.args.partitions),
-            *self.place(),
-        )
+    def run_load(self) -> dict:
+        command = kappa_command("load", str(self.csv), "--key", KEY, "--topic", self.topic,
+                                "--partitions", str(self.args.partitions), *self.place())  # fmt: skip
         measured = run_measured(command, self.workdir / "load.log")
         loaded = sum(admin.end_offsets(self.broker, self.topic, self.args.partitions).values())
-        error = None if loaded == self.args.rows else f"{loaded} records in the topic, expected {self.args.rows}"
-        self.record("load", measured, error)
+        # --rows records, or more if a load adds records of its own (transaction markers): never fewer
+        error = None if loaded >= self.args.rows else f"{loaded} records in the topic, expected {self.args.rows}"
+        return self.outcome("load", measured, error)
 
-    def run_kappa(self, processes: int | None = None) -> None:
-        """`scripts/replay --batch`, or with `processes` a replay by that many worker processes."""
+    def measure_kappa(self, processes: int | None = None, groups: CpuGroups | None = None) -> dict:
+        """`scripts/replay --batch`; with `processes`, a replay beside live by that many worker processes,
+        each in a cpu group of its own when `groups` is given."""
         pipeline = f"bench-kappa-{uuid.uuid4().hex[:6]}"
         mode = ["--batch"] if processes is None else ["--processes", str(processes)]
-        command = [
-            str(REPO / "scripts" / "replay"),
-            "--topic",
-            self.topic,
-            "--value",
-            VALUE,
-            "--key",
-            KEY,
-            *mode,
-            "--pipeline",
-            pipeline,
-            *self.place(),
-        ]
-        measured = run_measured(command, self.workdir / "kappa.log", env={**os.environ, "KAPPA_PYTHON": sys.executable})
+        command = [str(REPO / "scripts" / "replay"), "--topic", self.topic, "--value", VALUE, "--key", KEY,
+                   *mode, "--pipeline", pipeline, *self.place()]  # fmt: skip
+        label = "kappa" if processes is None else f"kappa-{processes}p"
+        hooks = {}
+        if groups is not None:
+            groups.placed.clear()  # pids of an earlier run may be reused
+            hooks = {"preexec_fn": enter_supervisor_group(groups), "on_poll": WorkerPlacer(groups)}
+        env = {**os.environ, "KAPPA_PYTHON": sys.executable}
+        measured = run_measured(command, self.workdir / f"{label}.log", env=env, **hooks)
         error = None
         if measured.returncode == 0:
             frame, _ = snapshot.read_snapshot(self.workdir / "snapshots", pipeline)
             error = check(frame, self.expected)
-        self.record("kappa", measured, error)
+        result = self.outcome(label, measured, error)
         found = re.search(r"snapshot ([0-9.]+)s", measured.log.read_text(errors="replace"))
         if found:
-            self.results["kappa"]["snapshot_seconds"] = float(found.group(1))
+            result["snapshot_seconds"] = float(found.group(1))
+        return result
 
-    def run_contender(self, name: str) -> None:
+    def contender_command(self, name: str, workdir: Path, out: Path) -> list[str]:
+        if name == "kafka_streams":
+            state = workdir / f"state-{uuid.uuid4().hex[:6]}"
+            return [*self.peers[name], "--broker", self.broker, "--topic", self.topic, "--rows", str(self.args.rows),
+                    "--value", VALUE, "--state-dir", str(state), "--out", str(out)]  # fmt: skip
+        if name in EXTERNAL:
+            return [*self.peers[name], "--broker", self.broker, "--topic", self.topic, "--out", str(out)]
+        return [sys.executable, "-m", "kappa.bench.contenders", name, "--broker", self.broker, "--topic",
+                self.topic, "--rows", str(self.args.rows), "--partitions", str(self.args.partitions),
+                "--csv", str(self.csv), "--workdir", str(workdir), "--out", str(out)]  # fmt: skip
+
+    def unavailable(self, name: str) -> str | None:
         if name == "quixstreams" and importlib.util.find_spec("quixstreams") is None:
-            print(f"  {name:<12} skipped: not installed (pip install -e '.[bench]')", flush=True)
-            self.results[name] = {"skipped": "quixstreams is not installed: pip install -e '.[bench]'"}
-            return
-        out = self.workdir / f"{name}.parquet"
+            return "quixstreams is not installed: pip install -e '.[bench]'"
+        found = self.peers.get(name)
+        if name in EXTERNAL and not isinstance(found, list):
+            return found or "not set up"
+        return None
+
+    def measure_contender(self, name: str) -> dict:
+        out = self.workdir / f"{name}.{'csv' if name in EXTERNAL else 'parquet'}"
+        out.unlink(missing_ok=True)
         workdir = self.workdir / name
         workdir.mkdir(exist_ok=True)
-        options = {
-            "--broker": self.broker,
-            "--topic": self.topic,
-            "--rows": self.args.rows,
-            "--partitions": self.args.partitions,
-            "--csv": self.csv,
-            "--workdir": workdir,
-            "--out": out,
-        }
-        command = [sys.executable, "-m", "kappa.bench.contenders", name]
-        command += [part for flag, value in options.items() for part in (flag, str(value))]
-        measured = run_measured(command, self.workdir / f"{name}.log")
+        measured = run_measured(self.contender_command(name, workdir, out), self.workdir / f"{name}.log")
+        shutil.rmtree(workdir, ignore_errors=True)  # state of RocksDB peers: a round leaves no disk behind
         error = None
         if measured.returncode == 0:
-            error = check(pd.read_parquet(out), self.expected) if out.exists() else "wrote no result"
-        self.record(name, measured, error)
+            error = check(read_result(out), self.expected) if out.exists() else "wrote no result"
+        return self.outcome(name, measured, error)
 
-    def run(self, names: list[str]) -> dict:
+    def run(self, names: list[str], rounds: int = 1, first: bool = True) -> dict:
+        """Every contender once a round, rounds interleaved; each reported by its median round."""
         self.prepare()
-        self.run_load()
+        per_round: dict[str, list[dict]] = {name: [] for name in names}
         for name in names:
-            if name == "load":
-                continue
-            if name == "kappa":
-                self.run_kappa()
-            else:
-                self.run_contender(name)
-        return {
-            "rows": self.args.rows,
-            "keys": self.args.keys,
-            "partitions": self.args.partitions,
-            "contenders": self.results,
-        }
+            reason = self.unavailable(name)
+            if reason:
+                print(f"  {name:<13} unavailable: {reason}", flush=True)
+                self.results[name] = {"unavailable": reason}
+            elif name in SLOW and not first:
+                self.results[name] = {"skipped": "slow (one event at a time): measured at the first --keys only"}
+        load = self.run_load()  # the topic is loaded whether or not `load` is a contender
+        if "load" in names:
+            per_round["load"] = [load]
+        for round_number in range(rounds):
+            if rounds > 1:
+                print(f" round {round_number + 1} of {rounds}", flush=True)
+            for name in names:
+                if name == "load" or name in self.results or (name in SLOW and round_number > 0):
+                    continue
+                per_round[name].append(self.measure_kappa() if name == "kappa" else self.measure_contender(name))
+        ordered = {}
+        for name in names:
+            ordered[name] = self.results[name] if name in self.results else median_round(per_round[name])
+        self.results = ordered
+        return {"rows": self.args.rows, "keys": self.args.keys, "partitions": self.args.partitions,
+                "contenders": self.results}  # fmt: skip

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +25,21 @@ class Measured:
     log: Path
 
 
-def run_measured(command: list[str], log: Path, env: dict | None = None, timeout_s: float = 3600) -> Measured:
-    """Run to exit; a contender past its timeout, or one left behind by an interrupt, is killed."""
+def run_measured(
+    command: list[str],
+    log: Path,
+    env: dict | None = None,
+    timeout_s: float = 3600,
+    preexec_fn: Callable[[], None] | None = None,
+    on_poll: Callable[[int], None] | None = None,
+) -> Measured:
+    """Run to exit; a contender past its timeout, or one left behind by an interrupt, is killed.
+
+    `preexec_fn` runs in the child before exec; `on_poll(pgid)` every poll (50 ms) while it runs."""
     with open(log, "wb") as output:
         started = time.monotonic()
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   preexec_fn=preexec_fn)  # fmt: skip
         reaped = False
         peak_kb = 0
         try:
@@ -38,6 +49,8 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
                     reaped = True
                     break
                 peak_kb = max(peak_kb, group_hwm_kb(process.pid))
+                if on_poll is not None:
+                    on_poll(process.pid)
                 if time.monotonic() - started > timeout_s:
                     output.write(f"\nbench: killed after {timeout_s:g}s\n".encode())
                     os.killpg(process.pid, signal.SIGKILL)

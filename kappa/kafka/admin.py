@@ -278,27 +278,28 @@ def watermarks(broker: str, topic: str, partitions: int) -> dict[int, tuple[int,
     """(log start, log end) per partition: the cut a batch run stops at, and truncation.
 
     A partition whose leader just died answers again once the cluster has elected another
-    (seconds on a replicated topic), so a failed read is retried for a while before giving up.
+    (seconds on a replicated topic), so a failed read is retried for a while before giving
+    up, each time with a new client: librdkafka may otherwise keep asking the dead leader.
     """
-    consumer = Consumer(client_config(broker, **{"group.id": "kappa-watermarks", "enable.auto.commit": False}))
     deadline = time.monotonic() + WATERMARK_PATIENCE_S
     found: dict[int, tuple[int, int]] = {}
-    try:
-        for p in range(partitions):
-            while p not in found:
-                try:
+    while True:
+        consumer = Consumer(client_config(broker, **{"group.id": "kappa-watermarks", "enable.auto.commit": False}))
+        try:
+            for p in range(partitions):
+                if p not in found:
                     found[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-                except KafkaException as exc:
-                    if time.monotonic() >= deadline:
-                        raise KappaError(
-                            f"could not read offsets of topic {topic!r} partition {p} "
-                            f"within {WATERMARK_PATIENCE_S:g}s: "
-                            f"{exc.args[0].str()}; is its leader's broker down?"
-                        ) from None
-                    time.sleep(1.0)
-        return found
-    finally:
-        consumer.close()
+            return found
+        except KafkaException as exc:
+            if time.monotonic() >= deadline:
+                missing = ", ".join(str(p) for p in range(partitions) if p not in found)
+                raise KappaError(
+                    f"could not read offsets of topic {topic!r} (partition {missing}) within "
+                    f"{WATERMARK_PATIENCE_S:g}s: {exc.args[0].str()}; is its leader's broker down?"
+                ) from None
+        finally:
+            consumer.close()
+        time.sleep(1.0)
 
 
 def end_offsets(broker: str, topic: str, partitions: int) -> dict[int, int]:

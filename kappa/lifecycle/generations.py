@@ -114,6 +114,23 @@ class Registry:
             state["generations"][str(generation)] = entry
         return generation
 
+    def current_or_begin(self, mode: str, definition: dict) -> tuple[int, bool]:
+        """The current generation, or a new one made current at once; True when it is new.
+
+        One step under the lock: two supervisors starting a pipeline together (on two hosts,
+        say) must agree on one generation 1, not make one each."""
+        with self._locked() as state:
+            current = state.get("current")
+            if current is not None:
+                return int(current), False
+            generation = max((int(n) for n in state["generations"]), default=0) + 1
+            entry = {"mode": mode, "definition": definition, "started_at": utc_now(), "builder": {}}
+            _transition(generation, entry, GenerationState.RUNNING)
+            _transition(generation, entry, GenerationState.LIVE)
+            state["generations"][str(generation)] = entry
+            state["current"] = generation
+        return generation, True
+
     def resume(self, generation: int, new: GenerationState, builder: dict) -> None:
         """Take over a failed generation to finish it (its state and offsets are kept)."""
         with self._locked() as state:

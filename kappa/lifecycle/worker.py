@@ -28,7 +28,7 @@ from kappa.kafka import admin
 from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
 from kappa.lifecycle.children import Child, spawn_process, stop_children
 from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, report
-from kappa.lifecycle.generations import GenerationState, Registry
+from kappa.lifecycle.generations import Registry
 from kappa.lifecycle.guards import check_definition
 from kappa.pipeline import Definition
 from kappa.snapshots import snapshot
@@ -69,15 +69,13 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
     """The generation live workers should run: the current one, or a new generation 1."""
     registry = Registry(settings.snapshot_dir, pipeline)
     report(finish_half_done_steps(settings, pipeline), pipeline)
-    state = registry.read()
-    current = state.get("current")
-    if current is None:
+    if registry.current() is None:
         check_definition(settings, definition, partitions)
-        generation = registry.begin("live", definition.to_record())
-        clear_leftovers(settings, pipeline, generation)
-        registry.mark(generation, GenerationState.LIVE, current=True)
-        return generation
-    recorded = state["generations"][str(current)].get("definition", {})
+    current, created = registry.current_or_begin("live", definition.to_record())
+    if created:
+        clear_leftovers(settings, pipeline, current)
+        return current
+    recorded = registry.read()["generations"][str(current)].get("definition", {})
     if recorded and recorded != definition.to_record():
         raise KappaError(
             f"the current generation {current} of {pipeline!r} computes {recorded}, not "

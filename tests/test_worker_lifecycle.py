@@ -3,6 +3,7 @@ supervisor dying, and what `latest` shows meanwhile."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -128,3 +129,23 @@ def test_worker_processes_die_with_their_supervisor(kappa, tmp_path):
         for pid in worker.child_pids():
             os.kill(pid, signal.SIGKILL)
         kill_group(worker)
+
+
+def test_two_supervisors_starting_a_new_pipeline_together_make_one_generation(kappa, tmp_path):
+    """Two hosts (own data dirs, one snapshot dir) started at the same moment."""
+    path = tmp_path / "rows.csv"
+    sample_frame(3_000, 50).to_csv(path, index=False)
+    topic = kappa.topic()
+    kappa.load(path, KEY, topic, partitions=4)
+    other_host = dataclasses.replace(kappa, data_dir=kappa.data_dir.parent / "other-host")
+    first = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
+    second = start_worker(other_host, topic, VALUE, KEY, processes=1, interval=0.5)
+    first.partitions = second.partitions = 4
+    try:
+        manifest = first.wait_caught_up(timeout=180)
+        registry = json.loads((kappa.snapshot_dir / topic / "generations.json").read_text())
+        assert list(registry["generations"]) == ["1"] and registry["current"] == 1
+        assert manifest["generation"] == 1
+    finally:
+        kill_group(first)
+        kill_group(second)

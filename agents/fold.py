@@ -17,13 +17,13 @@ offset on, so a re-delivered batch never counts twice.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
-from kappa.codec import COUNTED, REJECTED, RowShape, decode, decode_row
+from kappa.codec import COUNTED, RECORD_TIMESTAMP, REJECTED, RowShape, RowVerdict, decode, decode_row, event_second
 from kappa.pipeline import Record
 from tables.aggregate import MeanState
 from tables.keys import KeyLayout
@@ -58,7 +58,7 @@ class KeyRun:
 class Fold:
     """A batch folded: per-key runs, and the counts of records not counted before."""
 
-    runs: dict[bytes, KeyRun] = field(default_factory=dict)
+    runs: dict[bytes, KeyRun] | dict[bytes, RowsRun] = field(default_factory=dict)
     counted: int = 0
     skipped: int = 0
     rejected: list[tuple[Record, str]] = field(default_factory=list)
@@ -171,38 +171,97 @@ def fold_rows(
 ) -> Fold:
     """`fold` for any pipeline shape: composite keys, several values, windows.
 
-    Each record goes through `decode_row`; a key's run holds a tuple of values per record.
-    Counts per value are kept as well (a row with a fare and no tip counts for fare only).
+    A plain record (a JSON object whose key fields are non-empty strings and whose values
+    are JSON numbers, with a parseable time) is recognised inline; any other goes through
+    `decode_row`, which owns the rules (tests/test_fold.py checks both agree). Runs are kept
+    by (key texts, window start) and their stored keys encoded once per batch. Counts per
+    value are kept as well (a row with a fare and no tip counts for fare only).
     """
     value_counts = [[0, 0] for _ in shape.value_fields]
     result = Fold(value_counts=value_counts)
-    runs: dict[bytes, RowsRun] = {}
+    runs: dict[tuple[tuple[str, ...], int | None], RowsRun] = {}
     stop_at = NO_STOP if stop is None else stop
+    loads = orjson.loads
+    key_fields, value_fields = shape.key_fields, shape.value_fields
+    window, time_field, time_unit = shape.window_s, shape.time_field, shape.time_unit
+    plain_keys = key_fields if key_fields is not None and (window is None or time_field != RECORD_TIMESTAMP) else None
+    counted_plain = 0
+    values: tuple[float | None, ...]
     for record in records:
         offset = record.offset
         if offset >= stop_at:
             break
-        verdict = decode_row(record.key, record.value, getattr(record, "timestamp", None), shape)
         result.last_offset = offset
-        counted_now = offset >= counted_from
-        if counted_now:
-            if verdict.kind == REJECTED:
-                result.rejected.append((record, verdict.error))
-            elif verdict.kind == COUNTED:
-                result.counted += 1
-            else:
-                result.skipped += 1
-            if verdict.kind != REJECTED:
-                grouped = verdict.texts is not None
-                for index, number in enumerate(verdict.values):
-                    value_counts[index][0 if grouped and number is not None else 1] += 1
-        if verdict.kind == REJECTED or verdict.texts is None:
-            continue
-        key = layout.encode(verdict.texts, verdict.window_start)
-        run = runs.get(key)
+        plain = None
+        if plain_keys is not None:
+            plain = _plain_row(loads, record.value, plain_keys, value_fields, window, time_field, time_unit)
+        if plain is not None:
+            if offset >= counted_from:  # counted, every value numeric
+                counted_plain += 1
+            texts, window_start, values = plain
+        else:
+            verdict = decode_row(record.key, record.value, getattr(record, "timestamp", None), shape)
+            if offset >= counted_from:
+                _count(result, value_counts, record, verdict)
+            if verdict.kind == REJECTED or verdict.texts is None:
+                continue
+            texts, window_start, values = verdict.texts, verdict.window_start, verdict.values
+        run = runs.get((texts, window_start))
         if run is None:
-            run = runs[key] = RowsRun()
+            run = runs[(texts, window_start)] = RowsRun()
         run.offsets.append(offset)
-        run.values.append(verdict.values)
-    result.runs = runs  # type: ignore[assignment]
+        run.values.append(values)
+    result.counted += counted_plain
+    for counts in value_counts:
+        counts[0] += counted_plain
+    result.runs = {layout.encode(texts, start): run for (texts, start), run in runs.items()}
     return result
+
+
+def _count(result: Fold, value_counts: list[list[int]], record: Record, verdict: RowVerdict) -> None:
+    if verdict.kind == REJECTED:
+        result.rejected.append((record, verdict.error))
+        return
+    if verdict.kind == COUNTED:
+        result.counted += 1
+    else:
+        result.skipped += 1
+    grouped = verdict.texts is not None
+    for index, number in enumerate(verdict.values):
+        value_counts[index][0 if grouped and number is not None else 1] += 1
+
+
+PlainRow = tuple[tuple[str, ...], int | None, tuple[float, ...]]
+
+
+def _plain_row(
+    loads: Callable[[bytes], Any],
+    value: bytes | None,
+    key_fields: tuple[str, ...],
+    value_fields: tuple[str, ...],
+    window: int | None,
+    time_field: str | None,
+    time_unit: str,
+) -> PlainRow | None:
+    """(key texts, window start, values) of a plain row, or None for decode_row to judge."""
+    try:
+        row = loads(value or b"")
+        texts = tuple([row[name] for name in key_fields])
+        numbers = [row[name] for name in value_fields]
+        moment = event_second(row[time_field], time_unit) if window is not None else None
+    except Exception:
+        return None
+    for text in texts:
+        if type(text) is not str or not text:
+            return None
+    for index, number in enumerate(numbers):
+        kind = type(number)
+        if kind is int:
+            numbers[index] = float(number)
+        elif kind is not float:
+            return None
+    if window is None:
+        return texts, None, tuple(numbers)
+    if type(moment) is not int:
+        return None
+    return texts, moment - moment % window, tuple(numbers)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import orjson
 import pytest
 
-from agents.fold import fold
-from kappa.codec import COUNTED, REJECTED, decode
+from agents.fold import fold, fold_rows
+from kappa.codec import COUNTED, REJECTED, RowShape, decode, decode_row
 from tables.aggregate import MeanState
+from tables.keys import KeyLayout
 
 
 @dataclass
@@ -173,3 +174,71 @@ def test_a_key_field_with_a_lone_surrogate_is_rejected():
     records = [ParsedRecord(0, b"k", b'{"amount": 1, "key": "\\ud800"}')]
     counts = folded(records, 0, None, {}, key_field="key")
     assert counts["rejected"] and "UTF-8" in counts["rejected"][0][1]
+
+
+SHAPE = RowShape(("city", "vendor"), ("fare", "tip"), 3600, "at", "s")
+ROW_VALUES = [
+    b'{"city": "a", "vendor": "v", "fare": 1.5, "tip": 2, "at": "2024-03-01T10:15:00"}',
+    b'{"city": "a", "vendor": "v", "fare": 2, "tip": null, "at": "2024-03-01T10:59:59"}',
+    b'{"city": "a", "vendor": "w", "fare": "3.5", "tip": 1, "at": 1709287200}',
+    b'{"city": "b", "vendor": "v", "fare": 4, "tip": 1, "at": "2024-03-01T09:00:00Z"}',
+    b'{"city": "b", "vendor": "", "fare": 5, "tip": 1, "at": "2024-03-01T09:00:00"}',
+    b'{"city": "b", "vendor": 7, "fare": 6, "tip": 1, "at": "2024-03-01T09:00:00"}',
+    b'{"city": "b", "vendor": "v", "fare": 7, "tip": 1}',
+    b'{"city": "b", "vendor": "v", "fare": 8, "tip": 1, "at": "yesterday"}',
+    b'{"city": "b", "vendor": "v", "fare": "x", "tip": 1, "at": "2024-03-01T09:00:00"}',
+    b'{"city": "c", "vendor": "v", "tip": 1, "at": "2024-03-01T09:00:00+02:00"}',
+    b'{"city": "c", "vendor": "v", "fare": NaN, "tip": 1e999, "at": "2024-03-01T09:00:00"}',
+    b"[1]",
+    b"",
+]
+
+
+def rows_one_at_a_time(records, counted_from, stop, states):
+    layout = KeyLayout(("city", "vendor"), True)
+    counts = {"counted": 0, "skipped": 0, "rejected": [], "values": [[0, 0], [0, 0]]}
+    for record in records:
+        if stop is not None and record.offset >= stop:
+            break
+        verdict = decode_row(record.key, record.value, None, SHAPE)
+        if record.offset >= counted_from:
+            if verdict.kind == REJECTED:
+                counts["rejected"].append((record.offset, verdict.error))
+            else:
+                counts["counted" if verdict.kind == COUNTED else "skipped"] += 1
+                for index, number in enumerate(verdict.values):
+                    counts["values"][index][0 if verdict.texts and number is not None else 1] += 1
+        if verdict.kind == REJECTED or verdict.texts is None:
+            continue
+        key = layout.encode(verdict.texts, verdict.window_start)
+        pair = states.setdefault(key, [MeanState(), MeanState()])
+        if record.offset >= pair[0].next_offset:
+            for state, number in zip(pair, verdict.values, strict=True):
+                if number is not None:
+                    state.add(number)
+                state.next_offset = record.offset + 1
+    return counts
+
+
+@pytest.mark.parametrize("counted_from,stop", [(0, None), (30, None), (0, 70), (500, None)])
+def test_fold_rows_agrees_with_the_per_record_rules(counted_from, stop):
+    records = [ParsedRecord(i, b"k", ROW_VALUES[(i * 7) % len(ROW_VALUES)]) for i in range(300)]
+    reference_states, mine_states = {}, {}
+    reference = rows_one_at_a_time(records, counted_from, stop, reference_states)
+    result = fold_rows(records, SHAPE, KeyLayout(("city", "vendor"), True), counted_from=counted_from, stop=stop)
+    for key, run in result.runs.items():
+        run.apply_to(mine_states.setdefault(key, [MeanState(), MeanState()]))
+    mine = {
+        "counted": result.counted,
+        "skipped": result.skipped,
+        "rejected": [(record.offset, error) for record, error in result.rejected],
+        "values": result.value_counts,
+    }
+    assert mine == reference
+    assert mine_states.keys() == reference_states.keys()
+    for key, pair in reference_states.items():
+        for got, want in zip(mine_states[key], pair, strict=True):
+            assert (got.count, got.next_offset) == (want.count, want.next_offset)
+            assert math.isclose(got.sum, want.sum, rel_tol=1e-12)
+    if counted_from == 0 and stop is None:
+        assert mine["counted"] and mine["skipped"] and mine["rejected"]

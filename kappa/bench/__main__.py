@@ -23,7 +23,18 @@ from kappa.bench.scaling import (
     scaling_report,
 )
 
-CONTENDERS = ("load", "raw", "kappa", "kafka_streams", "bytewax", "pathway", "faust_naive", "quixstreams", "pandas")
+CONTENDERS = (
+    "load",
+    "raw",
+    "kappa",
+    "kappa_shape",
+    "kafka_streams",
+    "bytewax",
+    "pathway",
+    "faust_naive",
+    "quixstreams",
+    "pandas",
+)
 FRAMEWORKS = ("kafka_streams", "bytewax", "pathway", "quixstreams")
 HIGH_KEYS = 1_000_000  # from here on, the 1M-distinct-keys targets apply
 LOAD_TARGET_ROWS_S = 150_000
@@ -32,7 +43,9 @@ LOAD_TARGET_ROWS_S = 150_000
 def targets(keys: int) -> list[tuple[str, str, float]]:
     """(contender, against, minimum ratio of rows/s): issue 15's, and issue 6's over naive Faust."""
     return [("kappa", "raw", 1.0 if keys >= HIGH_KEYS else 1.2), *(("kappa", peer, 2.0) for peer in FRAMEWORKS),
-            ("kappa", "faust_naive", 5.0)]  # fmt: skip
+            ("kappa", "faust_naive", 5.0),
+            # two key fields, two values and one-hour windows within 1.5x of kappa's own time on one key
+            ("kappa_shape", "kappa", 1 / 1.5)]  # fmt: skip
 
 
 def report(run: dict) -> list[str]:

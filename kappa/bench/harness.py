@@ -17,7 +17,19 @@ from pathlib import Path
 import pandas as pd
 
 from kappa.bench.cgroups import CpuGroups, WorkerPlacer, enter_supervisor_group
-from kappa.bench.dataset import KEY, VALUE, bench_frame, check, oracle
+from kappa.bench.dataset import (
+    KEY,
+    SHAPE_KEYS,
+    SHAPE_TIME,
+    SHAPE_VALUES,
+    SHAPE_WINDOW,
+    VALUE,
+    bench_frame,
+    check,
+    check_shape,
+    oracle,
+    shape_oracle,
+)
 from kappa.bench.measure import Measured, run_measured
 from kappa.kafka import admin
 from kappa.kafka import broker as embedded
@@ -99,10 +111,11 @@ class Bench:
             *names,
         ]
 
-    def prepare(self) -> None:
-        frame = bench_frame(self.args.rows, self.args.keys)
+    def prepare(self, shaped: bool = False) -> None:
+        frame = bench_frame(self.args.rows, self.args.keys, shaped=shaped)
         frame.to_csv(self.csv, index=False)
         self.expected = oracle(frame)
+        self.expected_shape = shape_oracle(frame) if shaped else None
         print(
             f"dataset: {self.args.rows:,} rows, {self.args.keys:,} keys, {self.args.partitions} partitions "
             f"-> topic {self.topic} on {self.broker}",
@@ -136,14 +149,21 @@ class Bench:
         error = None if loaded >= self.args.rows else f"{loaded} records in the topic, expected {self.args.rows}"
         return self.outcome("load", measured, error)
 
-    def measure_kappa(self, processes: int | None = None, groups: CpuGroups | None = None) -> dict:
+    def measure_kappa(
+        self, processes: int | None = None, groups: CpuGroups | None = None, shaped: bool = False
+    ) -> dict:
         """`scripts/replay --batch`; with `processes`, a replay beside live by that many worker processes,
-        each in a cpu group of its own when `groups` is given."""
+        each in a cpu group of its own when `groups` is given; `shaped`: the composite shape (two key
+        fields, two values, one-hour windows) on the same topic."""
         pipeline = f"bench-kappa-{uuid.uuid4().hex[:6]}"
         mode = ["--batch"] if processes is None else ["--processes", str(processes)]
-        command = [str(REPO / "scripts" / "replay"), "--topic", self.topic, "--value", VALUE, "--key", KEY,
+        definition = ["--value", VALUE, "--key", KEY]
+        if shaped:
+            definition = ["--value", ",".join(SHAPE_VALUES), "--key", ",".join(SHAPE_KEYS),
+                          "--window", SHAPE_WINDOW, "--time", SHAPE_TIME]  # fmt: skip
+        command = [str(REPO / "scripts" / "replay"), "--topic", self.topic, *definition,
                    *mode, "--pipeline", pipeline, *self.place()]  # fmt: skip
-        label = "kappa" if processes is None else f"kappa-{processes}p"
+        label = "kappa_shape" if shaped else "kappa" if processes is None else f"kappa-{processes}p"
         hooks = {}
         if groups is not None:
             groups.placed.clear()  # pids of an earlier run may be reused
@@ -153,7 +173,7 @@ class Bench:
         error = None
         if measured.returncode == 0:
             frame, _ = snapshot.read_snapshot(self.workdir / "snapshots", pipeline)
-            error = check(frame, self.expected)
+            error = check_shape(frame, self.expected_shape) if shaped else check(frame, self.expected)
         result = self.outcome(label, measured, error)
         found = re.search(r"snapshot ([0-9.]+)s", measured.log.read_text(errors="replace"))
         if found:
@@ -193,7 +213,7 @@ class Bench:
 
     def run(self, names: list[str], rounds: int = 1, first: bool = True) -> dict:
         """Every contender once a round, rounds interleaved; each reported by its median round."""
-        self.prepare()
+        self.prepare(shaped="kappa_shape" in names)
         per_round: dict[str, list[dict]] = {name: [] for name in names}
         for name in names:
             reason = self.unavailable(name)
@@ -211,7 +231,10 @@ class Bench:
             for name in names:
                 if name == "load" or name in self.results or (name in SLOW and round_number > 0):
                     continue
-                per_round[name].append(self.measure_kappa() if name == "kappa" else self.measure_contender(name))
+                if name in ("kappa", "kappa_shape"):
+                    per_round[name].append(self.measure_kappa(shaped=name == "kappa_shape"))
+                else:
+                    per_round[name].append(self.measure_contender(name))
         ordered = {}
         for name in names:
             ordered[name] = self.results[name] if name in self.results else median_round(per_round[name])

@@ -55,7 +55,7 @@ def written_up_to(broker: str, dlq_topic: str, source_topic: str, definition: st
         consumer.assign([TopicPartition(dlq_topic, p, 0) for p in stops])
         pending, deadline = set(stops), time.monotonic() + SCAN_TIMEOUT_S
         while pending and time.monotonic() < deadline:
-            for message in consumer.consume(1000, timeout=1.0):
+            for message in consumer.consume(1000, timeout=0.05):  # waits for all 1000 unless short
                 if message.error() is not None:
                     continue
                 if message.offset() >= stops[message.partition()] - 1:

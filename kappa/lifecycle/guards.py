@@ -25,6 +25,7 @@ from kappa.pipeline import Definition
 
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_TIMEOUT_S = 10.0
+IDLE_S = 2.0
 FIELDS_SHOWN = 20
 
 
@@ -66,11 +67,14 @@ def _passes(watermarks: dict[int, tuple[int, int]]) -> list[dict[int, tuple[int,
     return [ranges for ranges in (heads, tails) if ranges]
 
 
-def sample_fields(broker: str, topic: str, partitions: int) -> FieldSample:
-    """Read the head and tail of every partition of `topic` and collect the rows' fields."""
+def sample_fields(broker: str, topic: str, partitions: int, wanted: set[str] | None = None) -> FieldSample:
+    """Read the head of every partition of `topic` (and its tail too, unless every `wanted`
+    field was seen already) and collect the rows' fields."""
     sample = FieldSample()
     deadline = time.monotonic() + SAMPLE_TIMEOUT_S
     for ranges in _passes(admin.watermarks(broker, topic, partitions)):
+        if sample.objects and wanted is not None and wanted <= set(sample.fields):
+            break
         consumer = Consumer(
             admin.client_config(broker, **{"group.id": "kappa-field-sample", "enable.auto.commit": False})
         )
@@ -86,10 +90,14 @@ def _read_ranges(consumer: Consumer, sample: FieldSample, stops: dict[int, int],
     """Add the records below each partition's stop; a sample, so a slow or missing record (a
     control marker, a partition without a leader) ends the pass, not the check."""
     pending = set(stops)
-    while pending and (remaining := deadline - time.monotonic()) > 0:
-        messages = consumer.consume(500, timeout=min(remaining, 2.0))
+    idle_since = time.monotonic()
+    while pending and time.monotonic() < deadline:
+        messages = consumer.consume(500, timeout=0.05)  # it waits for all 500 unless the timeout is short
         if not messages:
-            return
+            if time.monotonic() - idle_since > IDLE_S:
+                return
+            continue
+        idle_since = time.monotonic()
         for message in messages:
             partition = message.partition()
             if message.error() is not None or partition not in pending:
@@ -117,8 +125,9 @@ def check_fields(sample: FieldSample, topic: str, named: dict[str, str]) -> None
 
 def check_definition(settings: Settings, definition: Definition, partitions: int) -> None:
     """Refuse a definition naming a field that no sampled row has (a typo would build empty counts)."""
-    sample = sample_fields(settings.broker, definition.topic, partitions)
-    check_fields(sample, definition.topic, definition.fields_read())
+    named = definition.fields_read()
+    sample = sample_fields(settings.broker, definition.topic, partitions, set(named))
+    check_fields(sample, definition.topic, named)
 
 
 class EmptyResult(KappaError):

@@ -1,0 +1,153 @@
+"""A broker-free driver for the agent (in the spirit of Kafka Streams' TopologyTestDriver).
+
+It feeds `GroupedMeanAgent.on_batch` parsed records and exposes what came out: the table
+(real RocksDB databases of a real Faust table, on local disk), the changelog records the
+writer sent, the dead letters, and the offsets the agent committed. Only the Kafka side is
+recorded instead of sent: the changelog producer, the dead-letter producer and the consumer's
+commits and seeks, each reached through the one engine seam (`kappa.engine.faust_internals`).
+The end-to-end tests against the real broker stay the reference; this one checks the
+durability order step by step, which timing-based tests cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import faust
+from faust.types import TP
+
+import agents.grouped_mean as agent_module
+import tables.writer as writer_module
+from agents.grouped_mean import DeadLetters, GroupedMeanAgent
+from kappa.pipeline import Definition, Progress
+from tables.grouped_mean import STATS_KEY, PartitionStats, define_table, partition_items, read_stats
+
+
+@dataclass
+class ParsedRecord:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None = None
+    headers: list = field(default_factory=list)
+
+
+class RecordBatch:
+    """What aiokafka's BatchBuilder offers the writer: appends until full, then closes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.records: list[tuple[bytes, bytes]] = []
+
+    def append(self, *, timestamp: Any, key: bytes, value: bytes) -> object | None:
+        if len(self.records) >= self.capacity:
+            return None
+        self.records.append((key, value))
+        return object()
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingProducer:
+    """Stands in for the changelog producer: keeps each partition's records in order.
+
+    `cancel_at` cancels the n-th `send_batch` (1-based), as a rebalance cancels the agent's
+    task while it waits to queue a record batch."""
+
+    def __init__(self, batch_capacity: int) -> None:
+        self.batch_capacity = batch_capacity
+        self.changelog: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.sends = 0
+        self.cancel_at: int | None = None
+
+    def create_batch(self) -> RecordBatch:
+        return RecordBatch(self.batch_capacity)
+
+    async def send_batch(self, batch: RecordBatch, topic: str, *, partition: int) -> asyncio.Future:
+        self.sends += 1
+        if self.cancel_at == self.sends:
+            raise asyncio.CancelledError()
+        records = self.changelog.setdefault(partition, [])
+        base = len(records)
+        records.extend(batch.records)
+        acked = asyncio.get_running_loop().create_future()  # acknowledged at once
+        acked.set_result(SimpleNamespace(offset=base))
+        return acked
+
+
+class RecordingDeadLetters:
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    async def send(self, **message: Any) -> None:
+        self.sent.append(message)
+
+
+class RecordingConsumer:
+    def __init__(self) -> None:
+        self.seeks: list[tuple[TP, int]] = []
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+class AgentDriver:
+    """One agent over a fresh table in `directory`; `feed` runs one fetched batch."""
+
+    def __init__(self, directory: Path, definition: Definition, partitions: int, monkeypatch, batch_capacity: int = 4):
+        self.definition = definition
+        self.app = faust.App(
+            "driver", broker="kafka://127.0.0.1:1", store="rocksdb://", datadir=str(directory),
+            autodiscover=False, web_enabled=False, topic_partitions=partitions,
+        )  # fmt: skip
+        self.table = define_table(self.app, partitions)
+        self.consumer = RecordingConsumer()
+        self.app.consumer = self.consumer
+        self.producer = RecordingProducer(batch_capacity)
+        self.dead = RecordingDeadLetters()
+        self.commits: list[dict[TP, int]] = []
+        monkeypatch.setattr(writer_module, "raw_producer", lambda app: self.producer)
+        monkeypatch.setattr(agent_module, "drain_producer_buffer", _nothing)
+        monkeypatch.setattr(agent_module, "commit_offsets", self._record_commit)
+        monkeypatch.setattr(agent_module, "COMMIT_EVERY_S", 0.0)
+        self.loop = asyncio.new_event_loop()  # one loop for the agent's life, as in a worker
+        self.progress = Progress()
+        self.agent = GroupedMeanAgent(
+            self.table, definition, self.dead, self.progress, DeadLetters("driver", 1, "test", {})
+        )
+
+    async def _record_commit(self, consumer: Any, offsets: dict[TP, int]) -> bool:
+        self.commits.append(dict(offsets))
+        return True
+
+    def feed(self, partition: int, records: list[ParsedRecord]) -> None:
+        self.loop.run_until_complete(self.agent.on_batch({TP(self.definition.topic, partition): records}))
+
+    def close(self) -> None:
+        self.loop.close()
+
+    def entries(self, partition: int) -> dict[bytes, bytes]:
+        return {key: value for key, value in partition_items(self.table, partition) if key != STATS_KEY}
+
+    def stats(self, partition: int) -> PartitionStats:
+        return read_stats(self.table, partition)
+
+    def restore_from_changelog(self, partition: int) -> None:
+        """What Faust's recovery does for a partition that moved: its changelog, replayed in
+        order into an empty database (the last record per key wins)."""
+        from kappa.engine.faust_internals import partition_db
+
+        db = partition_db(self.table, partition)
+        for key, _ in list(db.items()):
+            del db[key]
+        for key, value in self.producer.changelog.get(partition, []):
+            db[key] = value
+
+
+async def _nothing(app: Any) -> None:
+    return None

@@ -1,0 +1,120 @@
+"""The agent's durability order, checked step by step without a broker (tests/driver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from faust.types import TP
+
+from kappa.pipeline import Definition
+from tables.aggregate import Mean
+from tables.transaction import TransactionError
+from tests.driver import AgentDriver, ParsedRecord
+
+DEFINITION = Definition(topic="trips", value_fields=("fare",), key_fields=("city",))
+MEAN = Mean()
+
+
+@pytest.fixture
+def make_driver(tmp_path, monkeypatch):
+    made: list[AgentDriver] = []
+
+    def make(partitions: int = 1, batch_capacity: int = 4) -> AgentDriver:
+        made.append(AgentDriver(tmp_path, DEFINITION, partitions, monkeypatch, batch_capacity))
+        return made[-1]
+
+    yield make
+    for driver in made:
+        driver.close()
+
+
+def records(first: int, count: int, keys: int = 6) -> list[ParsedRecord]:
+    return [
+        ParsedRecord(offset, b"m", orjson.dumps({"city": f"c{offset % keys}", "fare": offset}))
+        for offset in range(first, first + count)
+    ]
+
+
+def table_sums(driver: AgentDriver, partition: int) -> dict[bytes, tuple[int, float]]:
+    found = {}
+    for key, raw in driver.entries(partition).items():
+        [state] = MEAN.decode(raw)
+        found[key] = (state.count, state.sum)
+    return found
+
+
+def expected_sums(count: int, keys: int = 6) -> dict[bytes, tuple[int, float]]:
+    found: dict[bytes, tuple[int, float]] = {}
+    for offset in range(count):
+        key = f"c{offset % keys}".encode()
+        n, total = found.get(key, (0, 0.0))
+        found[key] = (n + 1, total + offset)
+    return found
+
+
+def test_a_batch_reaches_table_changelog_and_commit_in_order(make_driver):
+    driver = make_driver(partitions=2)
+    driver.feed(0, records(0, 20))
+    assert table_sums(driver, 0) == expected_sums(20)
+    assert driver.stats(0).counted == 20 and driver.stats(0).next_offset == 20
+    # the changelog holds exactly what the table holds: every entry and the stats entry
+    assert dict(driver.producer.changelog[0]) == {**driver.entries(0), **{k: v for k, v in driver.producer.changelog[0]
+                                                                       if k not in driver.entries(0)}}  # fmt: skip
+    assert driver.commits == [{TP("trips", 0): 20}], "the committed offset is the table's next offset"
+
+
+def test_a_cancel_between_two_record_batches_leaves_the_table_behind_never_ahead(make_driver):
+    driver = make_driver(batch_capacity=3)
+    driver.feed(0, records(0, 12))
+    before = table_sums(driver, 0)
+    driver.producer.cancel_at = driver.producer.sends + 2  # the second record batch of the next write
+    with pytest.raises(asyncio.CancelledError):
+        driver.feed(0, records(12, 12))
+    # the changelog got the first record batch; the local table got nothing of this batch
+    assert table_sums(driver, 0) == before
+    assert driver.stats(0).next_offset == 12
+    assert len(driver.commits) == 1, "nothing of the cancelled batch was committed"
+    # the partition moves: restored from its changelog, then the batch is delivered again
+    driver.restore_from_changelog(0)
+    driver.producer.cancel_at = None
+    driver.feed(0, records(12, 12))
+    assert table_sums(driver, 0) == expected_sums(24), "restored and re-applied: nothing lost or counted twice"
+    assert driver.stats(0).counted == 24
+    assert driver.commits[-1] == {TP("trips", 0): 24}
+
+
+def test_a_redelivered_batch_is_a_no_op_and_a_resume_continues_exactly(make_driver):
+    driver = make_driver()
+    driver.feed(0, records(0, 10))
+    driver.feed(0, records(0, 10))  # the same records again (a commit that was lost)
+    assert table_sums(driver, 0) == expected_sums(10) and driver.stats(0).counted == 10
+    driver.feed(0, records(5, 10))  # overlapping: 5..9 were applied, 10..14 are new
+    assert table_sums(driver, 0) == expected_sums(15) and driver.stats(0).counted == 15
+
+
+def test_a_consumer_ahead_of_the_table_is_rewound(make_driver):
+    driver = make_driver()
+    driver.feed(0, records(0, 10))
+    driver.feed(0, records(20, 5))  # 10..19 were never applied: seek back, drop these
+    assert driver.consumer.seeks == [(TP("trips", 0), 10)]
+    assert driver.stats(0).next_offset == 10
+    driver.feed(0, records(10, 15))  # the re-delivery from the table's offset
+    assert table_sums(driver, 0) == expected_sums(25)
+
+
+def test_the_transaction_refuses_steps_out_of_order(make_driver):
+    from tables.transaction import BatchTransaction
+
+    driver = make_driver()
+
+    async def scenario() -> None:
+        transaction = BatchTransaction(driver.agent.writer, lambda: asyncio.sleep(0))
+        with pytest.raises(TransactionError):
+            transaction.committable()  # not durable yet
+        await transaction.make_durable()
+        with pytest.raises(TransactionError):
+            await transaction.write(0, {b"k": b"v"}, 1)  # after the flush began
+
+    driver.loop.run_until_complete(scenario())

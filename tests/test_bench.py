@@ -38,12 +38,12 @@ def test_bench_smoke_run_checks_every_contender(kafka, tmp_path):
     [run] = outcome["runs"]
     assert run["keys"] == 100
     contenders = run["contenders"]
-    assert set(contenders) == {"load", "raw", "kappa", "faust_naive", "quixstreams", "pandas"}
+    assert set(contenders) == {"load", "raw", "kappa", "kappa_shape", "faust_naive", "quixstreams", "pandas"}
     for name, measured in contenders.items():
         assert measured["correct"] is True, (name, measured)
         assert measured["rows_per_s"] > 0 and measured["peak_rss_mb"] > 0
     assert contenders["raw"]["ratio_to_raw"] == 1.0
-    assert "target kappa >= 1.2x raw" in result.stdout
+    assert "target kappa >= 1.2x raw" in result.stdout and "target kappa_shape >= " in result.stdout
     scale_out = outcome["scale_out"]
     if "unmeasurable" in scale_out:  # no writable cgroup v1 cpu controller here
         assert scale_out["unmeasurable"].startswith("not measurable here")

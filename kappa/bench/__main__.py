@@ -71,7 +71,7 @@ def report(run: dict) -> list[str]:
         if "rows_per_s" in mine and "rows_per_s" in theirs:
             ratio = mine["rows_per_s"] / theirs["rows_per_s"]
             verdict = "met" if ratio >= minimum else "MISSED"
-            lines.append(f"target {name} >= {minimum}x {against}: {ratio:.2f}x {verdict}")
+            lines.append(f"target {name} >= {minimum:.3g}x {against}: {ratio:.2f}x {verdict}")
     kappa = contenders.get("kappa", {})
     if run["keys"] >= HIGH_KEYS and "peak_rss_mb" in kappa:
         peak = kappa["peak_rss_mb"]

@@ -186,6 +186,7 @@ def fold_rows(
     window, time_field, time_unit = shape.window_s, shape.time_field, shape.time_unit
     plain_keys = key_fields if key_fields is not None and (window is None or time_field != RECORD_TIMESTAMP) else None
     counted_plain = 0
+    times: dict[str, int | None | str] = {}  # a time text's epoch second: records of a batch share many
     values: tuple[float | None, ...]
     for record in records:
         offset = record.offset
@@ -194,7 +195,7 @@ def fold_rows(
         result.last_offset = offset
         plain = None
         if plain_keys is not None:
-            plain = _plain_row(loads, record.value, plain_keys, value_fields, window, time_field, time_unit)
+            plain = _plain_row(loads, record.value, plain_keys, value_fields, window, time_field, time_unit, times)
         if plain is not None:
             if offset >= counted_from:  # counted, every value numeric
                 counted_plain += 1
@@ -242,13 +243,22 @@ def _plain_row(
     window: int | None,
     time_field: str | None,
     time_unit: str,
+    times: dict[str, int | None | str],
 ) -> PlainRow | None:
     """(key texts, window start, values) of a plain row, or None for decode_row to judge."""
     try:
         row = loads(value or b"")
         texts = tuple([row[name] for name in key_fields])
         numbers = [row[name] for name in value_fields]
-        moment = event_second(row[time_field], time_unit) if window is not None else None
+        moment = None
+        if window is not None:
+            when = row[time_field]
+            if type(when) is str:
+                moment = times.get(when)
+                if moment is None:
+                    moment = times[when] = event_second(when, time_unit)
+            else:
+                moment = event_second(when, time_unit)
     except Exception:
         return None
     for text in texts:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -129,6 +129,8 @@ def decode(key: bytes | None, value: bytes | None, key_field: str | None, value_
 
 RECORD_TIMESTAMP = "@timestamp"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH_NAIVE = datetime(1970, 1, 1)
+ONE_SECOND = timedelta(seconds=1)
 UNIT_SECONDS = {"s": 1, "ms": 1000}
 
 
@@ -148,15 +150,9 @@ def event_second(field: Any, unit: str) -> int | None | str:
             moment = datetime.fromisoformat(field.strip())
         except ValueError:
             return f"time {field[:40]!r} is not ISO 8601"
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return _floor_seconds(moment)
+        # no offset means UTC: a naive time is measured from the naive epoch (no conversion)
+        return (moment - (EPOCH_NAIVE if moment.tzinfo is None else EPOCH)) // ONE_SECOND
     return f"time is a JSON {type(field).__name__}, expected ISO 8601 text or epoch {unit}"
-
-
-def _floor_seconds(moment: datetime) -> int:
-    delta = moment - EPOCH
-    return delta.days * 86_400 + delta.seconds  # timedelta normalises microseconds into [0, 1e6)
 
 
 @dataclass(frozen=True, slots=True)

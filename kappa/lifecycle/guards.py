@@ -76,7 +76,11 @@ def sample_fields(broker: str, topic: str, partitions: int, wanted: set[str] | N
         if sample.objects and wanted is not None and wanted <= set(sample.fields):
             break
         consumer = Consumer(
-            admin.client_config(broker, **{"group.id": "kappa-field-sample", "enable.auto.commit": False})
+            admin.client_config(
+                broker,
+                # small fetches: a sample needs a hundred records, not a megabyte per partition
+                **{"group.id": "kappa-field-sample", "enable.auto.commit": False, "max.partition.fetch.bytes": 65536},
+            )
         )
         try:
             consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in ranges.items()])

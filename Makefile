@@ -66,7 +66,7 @@ test: venv deps lint
 test-fast: venv deps
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
 
-# Issue 15's bench: every contender on 1M rows at 1k and 1M keys (3 interleaved rounds, medians), kappa's
+# The bench: every contender on 1M rows at 1k and 1M keys (3 interleaved rounds, medians), kappa's
 # scale-out under a CPU quota per process, bench.json and bench.png. The external peers' venvs and Kafka
 # Streams build are kept in BENCH_PEERS between runs (override: make bench BENCH_ARGS="--rows 5000000").
 BENCH_PEERS ?= $(HOME)/.cache/kappa/bench-peers

@@ -41,7 +41,8 @@ LOAD_TARGET_ROWS_S = 150_000
 
 
 def targets(keys: int) -> list[tuple[str, str, float]]:
-    """(contender, against, minimum ratio of rows/s): the project's speed goals: against raw and every framework peer, naive Faust, and the composite shape against the single key."""
+    """(contender, against, minimum ratio of rows/s): the speed goals against raw, every framework
+    peer and naive Faust, and the composite shape against the single key."""
     return [("kappa", "raw", 1.0 if keys >= HIGH_KEYS else 1.2), *(("kappa", peer, 2.0) for peer in FRAMEWORKS),
             ("kappa", "faust_naive", 5.0),
             # two key fields, two values and one-hour windows within 1.5x of kappa's own time on one key

@@ -11,6 +11,7 @@ pandas would still read as numbers.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -101,32 +102,6 @@ def _is_valid_utf8(text: str) -> bool:
     return True
 
 
-def decode(key: bytes | None, value: bytes | None, key_field: str | None, value_field: str) -> Verdict:
-    """Apply the record rules: which key the row belongs to and whether its value counts.
-
-    `key_field` None means the message key is the group key."""
-    row = _json_object(value)
-    if isinstance(row, str):
-        return Verdict(REJECTED, error=row)
-    if key_field is None:
-        try:
-            group = key.decode("utf-8") if key else None
-        except UnicodeDecodeError:
-            return Verdict(REJECTED, error="message key is not valid UTF-8")
-    else:
-        group = _key_from_row(row.get(key_field))
-        if group is not None and not _is_valid_utf8(group):
-            return Verdict(REJECTED, error=f"key field {key_field!r} is not valid UTF-8 (a lone surrogate)")
-    number = _number(row.get(value_field))
-    if isinstance(number, str):
-        return Verdict(REJECTED, key=group, error=number)
-    if group is None:
-        return NO_KEY
-    if number is None:
-        return Verdict(SKIPPED, key=group)
-    return Verdict(COUNTED, key=group, value=number)
-
-
 RECORD_TIMESTAMP = "@timestamp"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_NAIVE = datetime(1970, 1, 1)
@@ -180,15 +155,31 @@ class RowVerdict:
 
 
 def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, shape: RowShape) -> RowVerdict:
-    """The record rules for any pipeline shape; `decode` is the one-key, one-value case."""
+    """The record rules for any pipeline shape.
+
+    Every reason to reject comes before any reason to skip (a row with no key and a value
+    that is not numeric is rejected, as before keys were checked): not a JSON object, a key
+    that is not UTF-8, a value that is not numeric, an unparseable time."""
     row = _json_object(value)
     if isinstance(row, str):
         return RowVerdict(REJECTED, error=row)
+    texts: tuple[str, ...] | None
+    if shape.key_fields is None:
+        try:
+            texts = (key.decode("utf-8"),) if key else None
+        except UnicodeDecodeError:
+            return RowVerdict(REJECTED, error="message key is not valid UTF-8")
+    else:
+        found = [_key_from_row(row.get(name)) for name in shape.key_fields]
+        for name, text in zip(shape.key_fields, found, strict=True):
+            if text is not None and not _is_valid_utf8(text):
+                return RowVerdict(REJECTED, error=f"key field {name!r} is not valid UTF-8 (a lone surrogate)")
+        texts = None if any(text is None for text in found) else tuple(found)  # type: ignore[arg-type]
     values: list[float | None] = []
     for name in shape.value_fields:
         number = _number(row.get(name))
         if isinstance(number, str):
-            return RowVerdict(REJECTED, error=f"{name}: {number}")
+            return RowVerdict(REJECTED, error=f"{name}: {number}" if len(shape.value_fields) > 1 else number)
         values.append(number)
     window_start = None
     if shape.window_s is not None:
@@ -202,17 +193,24 @@ def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, sh
         if moment is None:
             return RowVerdict(SKIPPED, values=tuple(values))
         window_start = moment - moment % shape.window_s
-    if shape.key_fields is None:
-        try:
-            texts: tuple[str, ...] | None = (key.decode("utf-8"),) if key else None
-        except UnicodeDecodeError:
-            return RowVerdict(REJECTED, error="message key is not valid UTF-8")
-    else:
-        found = [_key_from_row(row.get(name)) for name in shape.key_fields]
-        texts = None if any(text is None for text in found) else tuple(found)  # type: ignore[arg-type]
-        if texts is not None and not all(_is_valid_utf8(text) for text in texts):
-            return RowVerdict(REJECTED, error="a key field is not valid UTF-8 (a lone surrogate)")
     if texts is None:
         return RowVerdict(SKIPPED, values=tuple(values))
     kind = COUNTED if any(number is not None for number in values) else SKIPPED
     return RowVerdict(kind, texts, window_start, tuple(values))
+
+
+@functools.lru_cache(maxsize=64)
+def _one_key_one_value(key_field: str | None, value_field: str) -> RowShape:
+    return RowShape((key_field,) if key_field is not None else None, (value_field,))
+
+
+def decode(key: bytes | None, value: bytes | None, key_field: str | None, value_field: str) -> Verdict:
+    """The record rules for one key field (None: the message key) and one value: `decode_row`'s
+    verdict in the shape the single-value fold uses."""
+    row = decode_row(key, value, None, _one_key_one_value(key_field, value_field))
+    if row.kind == REJECTED:
+        return Verdict(REJECTED, error=row.error)
+    if row.texts is None:
+        return NO_KEY
+    number = row.values[0]
+    return Verdict(row.kind, key=row.texts[0], value=0.0 if number is None else number)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from kappa.kafka.admin import client_config, ensure_topic
+from kappa.kafka.admin import client_config, ensure_topic, partition_count, watermarks
+from kappa.kafka.reader import read_ranges
 from tests.oracle import read_latest
 
 BIG = orjson.dumps({"v": 1, "pad": "x" * (1 << 20)})
@@ -43,29 +44,6 @@ def produce(broker: str, topic: str, cases) -> None:
     assert producer.flush(30) == 0
 
 
-def consume_all(broker: str, topic: str, expected: int) -> list:
-    consumer = Consumer(
-        client_config(
-            broker, **{"group.id": f"check-{topic}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
-        )
-    )
-    consumer.subscribe([topic])
-    messages = []
-    try:
-        for _ in range(200):
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                messages.append(message)
-            if len(messages) >= expected:
-                extra = consumer.poll(2.0)
-                if extra is not None and extra.error() is None:
-                    messages.append(extra)
-                break
-    finally:
-        consumer.close()
-    return messages
-
-
 def test_rejected_records_reach_the_dlq_and_counts_are_exact(kappa):
     topic = kappa.topic()
     ensure_topic(kappa.broker, topic, 3)
@@ -82,7 +60,7 @@ def test_rejected_records_reach_the_dlq_and_counts_are_exact(kappa):
     assert csv_table["key"].tolist() == table.index.tolist()
 
     rejected = [(key, value) for key, value, verdict in CASES if verdict == "rejected"]
-    dead = consume_all(kappa.broker, f"{topic}.dlq", len(rejected))
+    dead = everything_in(kappa.broker, f"{topic}.dlq")
     assert len(dead) == len(rejected)
     assert sorted((m.key() or b"", m.value() or b"") for m in dead) == sorted((k or b"", v) for k, v in rejected)
     for message in dead:
@@ -98,24 +76,10 @@ def test_rejected_records_reach_the_dlq_and_counts_are_exact(kappa):
 
 
 def everything_in(broker: str, topic: str) -> list:
-    """Every message of `topic`, read up to each partition's end (no waiting for a count)."""
-    from kappa.kafka.admin import partition_count, watermarks
-
-    ends = {p: high for p, (_, high) in watermarks(broker, topic, partition_count(broker, topic)).items() if high}
-    consumer = Consumer(client_config(broker, **{"group.id": f"all-{topic}", "enable.auto.commit": False}))
-    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-    messages, pending = [], set(ends)
-    try:
-        for _ in range(600):
-            for message in consumer.consume(500, timeout=0.5):
-                if message.error() is None:
-                    messages.append(message)
-                    if message.offset() >= ends[message.partition()] - 1:
-                        pending.discard(message.partition())
-            if not pending:
-                break
-    finally:
-        consumer.close()
+    """Every message of `topic`, read up to each partition's end."""
+    messages: list = []
+    ends = watermarks(broker, topic, partition_count(broker, topic) or 0)
+    read_ranges(broker, topic, ends, messages.append, group=f"check-{topic}")
     return messages
 
 

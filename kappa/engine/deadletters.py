@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Message
 
 from kappa.kafka import admin
-
-SCAN_TIMEOUT_S = 30.0
+from kappa.kafka.reader import read_ranges
 
 
 def definition_id(definition: Mapping[str, object]) -> str:
@@ -46,27 +44,14 @@ def written_up_to(broker: str, dlq_topic: str, source_topic: str, definition: st
     partitions = admin.partition_count(broker, dlq_topic)
     if not partitions:
         return {}
-    stops = {p: high for p, (low, high) in admin.watermarks(broker, dlq_topic, partitions).items() if high > low}
-    if not stops:
-        return {}
     done: dict[int, int] = {}
-    consumer = Consumer(admin.client_config(broker, **{"group.id": "kappa-dlq-scan", "enable.auto.commit": False}))
-    try:
-        consumer.assign([TopicPartition(dlq_topic, p, 0) for p in stops])
-        pending, deadline = set(stops), time.monotonic() + SCAN_TIMEOUT_S
-        while pending and time.monotonic() < deadline:
-            for message in consumer.consume(1000, timeout=0.05):  # waits for all 1000 unless short
-                if message.error() is not None:
-                    continue
-                if message.offset() >= stops[message.partition()] - 1:
-                    pending.discard(message.partition())
-                found = dict(message.headers() or [])
-                if found.get("kappa.definition") != definition.encode():
-                    continue
-                if found.get("kappa.source.topic") != source_topic.encode():
-                    continue
-                partition, offset = int(found["kappa.source.partition"]), int(found["kappa.source.offset"])
-                done[partition] = max(done.get(partition, -1), offset)
-    finally:
-        consumer.close()
+    wanted_definition, wanted_topic = definition.encode(), source_topic.encode()
+
+    def note(message: Message) -> None:
+        found = dict(message.headers() or [])
+        if found.get("kappa.definition") == wanted_definition and found.get("kappa.source.topic") == wanted_topic:
+            partition, offset = int(found["kappa.source.partition"]), int(found["kappa.source.offset"])
+            done[partition] = max(done.get(partition, -1), offset)
+
+    read_ranges(broker, dlq_topic, admin.watermarks(broker, dlq_topic, partitions), note, group="kappa-dlq-scan")
     return done

@@ -75,6 +75,13 @@ def _transition(generation: int, entry: dict, new: GenerationState) -> None:
     entry["updated_at"] = utc_now()
 
 
+def pipelines_under(snapshot_dir: Path) -> list[str]:
+    """The pipelines whose registry lives under `snapshot_dir`, by name."""
+    if not snapshot_dir.is_dir():
+        return []
+    return sorted(entry.name for entry in snapshot_dir.iterdir() if (entry / "generations.json").exists())
+
+
 class GenerationBusy(Exception):
     def __init__(self, generation: int, entry: dict) -> None:
         super().__init__(generation)

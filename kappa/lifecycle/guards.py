@@ -11,21 +11,19 @@ counted nothing from a log that has records never becomes current unless forced.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
 
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.kafka import admin
+from kappa.kafka.reader import read_ranges
 from kappa.pipeline import Definition
 
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
-SAMPLE_TIMEOUT_S = 10.0
-IDLE_S = 2.0
+SAMPLE_STALL_S = 5.0
 FIELDS_SHOWN = 20
 
 
@@ -69,47 +67,28 @@ def _passes(watermarks: dict[int, tuple[int, int]]) -> list[dict[int, tuple[int,
 
 def sample_fields(broker: str, topic: str, partitions: int, wanted: set[str] | None = None) -> FieldSample:
     """Read the head of every partition of `topic` (and its tail too, unless every `wanted`
-    field was seen already) and collect the rows' fields."""
+    field was seen already) and collect the rows' fields.
+
+    It is a sample: a pass that stalls (a partition without a leader) ends with what it has
+    read, and the check goes on with that."""
     sample = FieldSample()
-    deadline = time.monotonic() + SAMPLE_TIMEOUT_S
     for ranges in _passes(admin.watermarks(broker, topic, partitions)):
         if sample.objects and wanted is not None and wanted <= set(sample.fields):
             break
-        consumer = Consumer(
-            admin.client_config(
-                broker,
-                # small fetches: a sample needs a hundred records, not a megabyte per partition
-                **{"group.id": "kappa-field-sample", "enable.auto.commit": False, "max.partition.fetch.bytes": 65536},
-            )
-        )
         try:
-            consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in ranges.items()])
-            _read_ranges(consumer, sample, {p: stop for p, (_, stop) in ranges.items()}, deadline)
-        finally:
-            consumer.close()
+            read_ranges(
+                broker,
+                topic,
+                ranges,
+                lambda message: sample.add(message.value()),
+                group="kappa-field-sample",
+                stall_s=SAMPLE_STALL_S,
+                # small fetches: a sample needs a hundred records, not a megabyte per partition
+                **{"max.partition.fetch.bytes": 65536},
+            )
+        except KappaError:
+            break
     return sample
-
-
-def _read_ranges(consumer: Consumer, sample: FieldSample, stops: dict[int, int], deadline: float) -> None:
-    """Add the records below each partition's stop; a sample, so a slow or missing record (a
-    control marker, a partition without a leader) ends the pass, not the check."""
-    pending = set(stops)
-    idle_since = time.monotonic()
-    while pending and time.monotonic() < deadline:
-        messages = consumer.consume(500, timeout=0.05)  # it waits for all 500 unless the timeout is short
-        if not messages:
-            if time.monotonic() - idle_since > IDLE_S:
-                return
-            continue
-        idle_since = time.monotonic()
-        for message in messages:
-            partition = message.partition()
-            if message.error() is not None or partition not in pending:
-                continue
-            if message.offset() < stops[partition]:
-                sample.add(message.value())
-            if message.offset() >= stops[partition] - 1:
-                pending.discard(partition)
 
 
 def check_fields(sample: FieldSample, topic: str, named: dict[str, str]) -> None:

@@ -11,20 +11,20 @@ offsets. Entries name the topic's id, so a deleted and re-created topic starts a
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 
 from kappa.errors import KappaError
 from kappa.kafka import admin
+from kappa.kafka.reader import read_ranges
 
 HEADER = "kappa.load"  # value: b"<load id>:<row number>"; one header, since every replay parses it
 STARTED, COMPLETE = "started", "complete"
-SCAN_STALL_S = 60.0
+READER_GROUP = "kappa-load-ledger"
 
 
 def ledger_topic(topic: str) -> str:
@@ -66,53 +66,6 @@ def load_id(fingerprint: str, occurrence: int) -> str:
     return base if occurrence == 1 else f"{base}.{occurrence}"
 
 
-def _read_ranges(
-    broker: str, topic: str, ranges: dict[int, tuple[int, int]], on_message: Callable[[Message], None]
-) -> None:
-    """Call `on_message` for every record of `topic` in [start, end) per partition."""
-    todo = {p: (start, end) for p, (start, end) in ranges.items() if end > start}
-    if not todo:
-        return
-    consumer = Consumer(
-        admin.client_config(
-            broker,
-            **{
-                "group.id": "kappa-load-ledger",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",  # a start offset that retention removed reads what is left
-            },
-        )
-    )
-    try:
-        consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
-        last_progress = time.monotonic()
-        while todo:
-            batch = consumer.consume(10_000, timeout=0.05)  # returns early only when full: keep the wait short
-            if batch:
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > SCAN_STALL_S:
-                raise KappaError(
-                    f"reading topic {topic!r} stalled for {SCAN_STALL_S:g}s with partitions {sorted(todo)} unread: "
-                    "check that the broker is up, then run the same command again"
-                )
-            for message in batch:
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (a documented librdkafka code)
-                        todo.pop(message.partition(), None)
-                        continue
-                    raise KappaError(f"could not read topic {topic!r}: {error.str()}")
-                partition = message.partition()
-                if partition not in todo:
-                    continue
-                on_message(message)
-                if message.offset() >= todo[partition][1] - 1:
-                    todo.pop(partition)
-    finally:
-        consumer.close()
-
-
 def read_ledger(broker: str, topic: str) -> list[LedgerEntry]:
     """Every load recorded for `topic`, latest entry per load id, in the order they were written."""
     name = ledger_topic(topic)
@@ -126,7 +79,7 @@ def read_ledger(broker: str, topic: str) -> list[LedgerEntry]:
             entries.pop(entry.load_id, None)
             entries[entry.load_id] = entry
 
-    _read_ranges(broker, name, {p: (low, high) for p, (low, high) in admin.watermarks(broker, name, 1).items()}, keep)
+    read_ranges(broker, name, admin.watermarks(broker, name, 1), keep, group=READER_GROUP)
     return list(entries.values())
 
 
@@ -203,5 +156,5 @@ def rows_on_log(broker: str, topic: str, entry: LedgerEntry) -> RowsOnLog:
         if row is not None:
             found.add(row)
 
-    _read_ranges(broker, topic, ranges, collect)
+    read_ranges(broker, topic, ranges, collect, group=READER_GROUP)
     return found

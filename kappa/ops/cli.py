@@ -180,14 +180,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from kappa.lifecycle.cleanup import collect_garbage
+    from kappa.lifecycle.generations import pipelines_under
 
     settings = _settings(args)
-    if args.pipeline:
-        names = [validate_pipeline_name(args.pipeline)]
-    elif settings.snapshot_dir.is_dir():
-        names = sorted(p.name for p in settings.snapshot_dir.iterdir() if (p / "generations.json").exists())
-    else:
-        names = []
+    names = [validate_pipeline_name(args.pipeline)] if args.pipeline else pipelines_under(settings.snapshot_dir)
     cleaned = 0
     for name in names:
         for line in collect_garbage(settings, name, kept=args.kept):

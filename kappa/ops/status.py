@@ -10,9 +10,9 @@ from kappa.config import Settings
 from kappa.engine.app import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
-from kappa.lifecycle.generations import GenerationState, Registry
+from kappa.lifecycle.generations import GenerationState, Registry, pipelines_under
 from kappa.processes import pid_alive
-from kappa.snapshots.snapshot import read_snapshot
+from kappa.snapshots.snapshot import read_manifest
 
 
 def _age_s(stamp: str) -> float:
@@ -79,7 +79,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
     kept = [gen["generation"] for gen in result["generations"]]
     result["warnings"] = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
     try:
-        _, manifest = read_snapshot(settings.snapshot_dir, pipeline)
+        manifest = read_manifest(settings.snapshot_dir, pipeline)
         result["latest_snapshot"] = {
             "generation": manifest["generation"],
             "age_s": _age_s(manifest["created_at"]),
@@ -118,12 +118,7 @@ def gather(settings: Settings, pipeline: str | None = None) -> dict:
         admin.wait_until_reachable(settings.broker, timeout=5)
     except KappaError as exc:
         error = str(exc)
-    if pipeline:
-        names = [pipeline]
-    elif settings.snapshot_dir.is_dir():
-        names = sorted(p.name for p in settings.snapshot_dir.iterdir() if (p / "generations.json").exists())
-    else:
-        names = []
+    names = [pipeline] if pipeline else pipelines_under(settings.snapshot_dir)
     pipelines = []
     for name in names:
         try:

@@ -45,7 +45,7 @@ class Publisher:
 
     def _published_offsets(self) -> dict[int, int] | None:
         try:
-            _, manifest = snapshot.read_snapshot(self.settings.snapshot_dir, self.pipeline)
+            manifest = snapshot.read_manifest(self.settings.snapshot_dir, self.pipeline)
         except (KappaError, OSError):
             return None
         if manifest.get("generation") != self.generation:

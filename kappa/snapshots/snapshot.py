@@ -134,7 +134,7 @@ def steps_back(pipeline_dir: Path, generation: int, manifest: Mapping) -> bool:
     """True when `manifest`'s cut is behind the published snapshot of the same generation in
     some partition."""
     try:
-        published = json.loads((pipeline_dir / "latest" / "manifest.json").read_text())
+        published = _manifest_in(pipeline_dir / "latest")
     except (OSError, ValueError):
         return False
     if published.get("generation") != generation:
@@ -257,6 +257,15 @@ def resolve_latest(snapshot_dir: str | os.PathLike, pipeline: str) -> Path:
     return link.parent / target
 
 
+def read_manifest(snapshot_dir: str | os.PathLike, pipeline: str) -> dict:
+    """The latest snapshot's manifest alone: what it covers, without reading its table."""
+    return _manifest_in(resolve_latest(snapshot_dir, pipeline))
+
+
+def _manifest_in(directory: Path) -> dict:
+    return json.loads((directory / "manifest.json").read_text())
+
+
 def read_snapshot(snapshot_dir: str | os.PathLike, pipeline: str) -> tuple[pd.DataFrame, dict]:
     """The latest snapshot as (DataFrame sorted by key, manifest), read from one resolved cut.
 
@@ -264,7 +273,7 @@ def read_snapshot(snapshot_dir: str | os.PathLike, pipeline: str) -> tuple[pd.Da
     `manifest["complete"]` (also `frame.attrs["complete"]`; `manifest["lag"]` is the number of
     records of the log it did not cover yet)."""
     directory = resolve_latest(snapshot_dir, pipeline)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = _manifest_in(directory)
     frame = pq.read_table(directory / "table.parquet").to_pandas()
     frame.attrs["complete"] = bool(manifest.get("complete"))
     frame.attrs["lag"] = manifest.get("lag")

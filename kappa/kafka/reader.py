@@ -1,0 +1,74 @@
+"""Reading a bounded range of a topic's records: ledgers, dead letters, field samples.
+
+Each reader kappa needs outside the engine reads some partitions from a start offset up to an
+end it knows (a watermark) and stops there. One function does it for all of them, with the
+same stop rule (the range's last offset, or the partition's end) and the same stall limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+
+from kappa.errors import KappaError
+from kappa.kafka import admin
+
+STALL_S = 60.0
+
+
+def read_ranges(
+    broker: str,
+    topic: str,
+    ranges: dict[int, tuple[int, int]],
+    on_message: Callable[[Message], None],
+    *,
+    group: str,
+    stall_s: float = STALL_S,
+    **config: object,
+) -> None:
+    """Call `on_message` for every record of `topic` in [start, end) per partition, in offset
+    order per partition. A read that makes no progress for `stall_s` seconds fails in one line."""
+    todo = {p: (start, end) for p, (start, end) in ranges.items() if end > start}
+    if not todo:
+        return
+    consumer = Consumer(
+        admin.client_config(
+            broker,
+            **{
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",  # a start offset that retention removed reads what is left
+                **config,
+            },
+        )
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
+        last_progress = time.monotonic()
+        while todo:
+            batch = consumer.consume(10_000, timeout=0.05)  # returns early only when full: keep the wait short
+            if batch:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > stall_s:
+                raise KappaError(
+                    f"reading topic {topic!r} stalled for {stall_s:g}s with partitions {sorted(todo)} unread: "
+                    "check that the broker is up, then run the same command again"
+                )
+            for message in batch:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (a documented librdkafka code)
+                        todo.pop(message.partition(), None)
+                        continue
+                    raise KappaError(f"could not read topic {topic!r}: {error.str()}")
+                partition = message.partition()
+                if partition not in todo:
+                    continue
+                on_message(message)
+                if message.offset() >= todo[partition][1] - 1:
+                    todo.pop(partition)
+    finally:
+        consumer.close()

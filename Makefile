@@ -12,7 +12,7 @@ LOCK_ARGS ?=
 UV_COMPILE := $(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra bench --generate-hashes \
 	--python-version 3.11 --python-platform x86_64-unknown-linux-gnu --quiet --custom-compile-command "make lock"
 
-.PHONY: venv deps demo test test-fast bench lint typecheck format lock stop clean
+.PHONY: venv deps demo test test-fast bench lint typecheck format lock stop clean clean-bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -89,3 +89,7 @@ format: venv
 
 clean:
 	rm -rf $(VENV) .kappa snapshots sample.csv
+
+# The bench's peer venvs and Kafka Streams build (about 2 GB) and its outputs.
+clean-bench:
+	rm -rf $(BENCH_PEERS) bench.json bench.png

@@ -1,225 +1,285 @@
-"""Folds one partition's batch of records into per-key runs: the agent's hot loop.
+"""Folds one partition's batch of records into per-group sums: the agent's hot loop.
 
-Almost every record is plain: a JSON object whose value field is a JSON number and whose
-key field is a non-empty string (or, for a pipeline without a key field, a record with a
-UTF-8 message key). The loop recognises those with one orjson call and type checks, and
-keeps their values in per-key lists that the table adds up with one `math.fsum` each.
-Every other record (no key, a string or null value, bad JSON, a non-object) goes through
-`kappa.codec.decode`, which owns the record rules; for a plain record both
-paths give the same verdict (tests/test_fold.py checks this on awkward input).
+A batch is read column-wise. Its messages are parsed in one call into Arrow columns (the
+key fields as text, the values as float64, the event time as text or an epoch number),
+every group key is encoded at once, and the rows are grouped by one sort, so no Python
+object is made per record. Whatever the columns cannot judge goes through
+`kappa.codec.decode_row`, which owns the record rules:
 
-Offsets decide what is applied (see tables.grouped_mean): the fold keeps each key's
-offsets so a key whose stored state already covers part of the batch applies only the
-rest, and counts records (counted, skipped, rejected) only from the partition's own next
-offset on, so a re-delivered batch never counts twice.
+- the whole batch, when the parser refuses it (a record that is not a JSON object, a value
+  that is a string or a boolean, a key field that is a number, a field named twice, bytes
+  that are not UTF-8, a lone surrogate), or when a field has two roles;
+- single rows whose event time is text in any form other than `YYYY-MM-DDTHH:MM:SS`
+  (with optional milliseconds or microseconds and `Z`), or an epoch that is not finite.
+
+Both routes give the same verdict for every record (tests/test_fold.py checks this on
+awkward input, batch by batch and mixed into plain batches).
+
+Offsets decide what is applied (see tables.grouped_mean): each group keeps its rows'
+offsets in order, so a key whose stored state already covers part of the batch applies
+only the rest, and records are counted (counted, skipped, rejected) only from the
+partition's own next offset on, so a re-delivered batch never counts twice.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
-from kappa.codec import COUNTED, RECORD_TIMESTAMP, REJECTED, RowShape, RowVerdict, decode, decode_row, event_second
+from kappa.codec import COUNTED, RECORD_TIMESTAMP, REJECTED, UNIT_SECONDS, RowShape, RowVerdict, decode_row
 from kappa.pipeline import Record
 from tables.aggregate import MeanState
-from tables.keys import KeyLayout
+from tables.keys import ESCAPED_NUL, FIELD_END, KeyLayout
 
-NO_STOP = 1 << 63
+# ISO 8601 texts the columns parse themselves; datetime.fromisoformat reads these the same way
+PLAIN_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6})?Z?$"
+FIRST_YEAR_SECOND = -62135596800  # 0001-01-01T00:00:00, the first time Python's datetime has
+SIGN = np.uint64(1 << 63)
+EXACT_INTEGERS = float(1 << 43)  # epoch ms to the year 2248; below it x / 1000 floors as x // 1000
 
 
 @dataclass(slots=True)
-class KeyRun:
-    """One key's records in a batch, in offset order; a skipped record's value is None."""
+class Groups:
+    """A batch's rows that have a group, grouped: group i is rows starts[i]..ends[i] of the
+    sorted columns, in offset order. `values[v]` holds value v per row, NaN where skipped."""
 
+    keys: list[bytes] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
-    values: list[float | None] = field(default_factory=list)
-    has_skipped: bool = False
+    values: list[list[float]] = field(default_factory=list)
+    has_missing: list[bool] = field(default_factory=list)
 
-    def apply_to(self, state: MeanState) -> bool:
-        """Add the records the state has not applied yet (those below its next offset were);
-        False when there were none."""
-        offsets, values = self.offsets, self.values
-        if offsets[0] < state.next_offset:
-            start = bisect_left(offsets, state.next_offset)
-            if start == len(offsets):
+    def apply_to(self, group: int, states: Sequence[MeanState]) -> bool:
+        """Add group's rows that the states have not applied yet (those below their next
+        offset were); False when there were none."""
+        start, end = self.starts[group], self.ends[group]
+        if self.offsets[start] < states[0].next_offset:
+            start += bisect_left(self.offsets[start:end], states[0].next_offset)
+            if start == end:
                 return False
-            values = values[start:]
-        counted = [value for value in values if value is not None] if self.has_skipped else values
-        state.add_all(cast(list[float], counted))
-        state.next_offset = offsets[-1] + 1
+        next_offset = self.offsets[end - 1] + 1
+        for column, missing, state in zip(self.values, self.has_missing, states, strict=True):
+            numbers = column[start:end]
+            state.add_all([number for number in numbers if number == number] if missing else numbers)
+            state.next_offset = next_offset
         return True
 
 
 @dataclass(slots=True)
 class Fold:
-    """A batch folded: per-key runs, and the counts of records not counted before."""
+    """A batch folded: its groups, and the counts of records not counted before."""
 
-    runs: dict[bytes, KeyRun] | dict[bytes, RowsRun] = field(default_factory=dict)
+    groups: Groups
     counted: int = 0
     skipped: int = 0
     rejected: list[tuple[Record, str]] = field(default_factory=list)
     last_offset: int = -1  # the last record folded, whether or not it was counted before
-    value_counts: list[list[int]] | None = None  # [counted, skipped] per value, for several values
-
-
-def fold(
-    records: Sequence[Record],
-    key_field: str | None,
-    value_field: str,
-    *,
-    counted_from: int,
-    stop: int | None = None,
-) -> Fold:
-    """Fold records (offset order) below `stop`; count those at or after `counted_from`.
-
-    The group key is the row's `key_field`, or the message key when `key_field` is None.
-    """
-    result = Fold()
-    runs: dict[str, KeyRun] = {}
-    loads = orjson.loads
-    stop_at = NO_STOP if stop is None else stop
-    by_field = key_field is not None
-    counted = 0
-    for record in records:
-        offset = record.offset
-        if offset >= stop_at:
-            break
-        try:
-            row = loads(record.value or b"")
-            number = row[value_field]
-            group = row[key_field] if by_field else (record.key or b"").decode("utf-8")
-        except Exception:  # anything unusual: decode() gives the exact verdict
-            _fold_slow(result, runs, record, key_field, value_field, counted_from)
-            continue
-        kind = type(number)
-        if kind is int:
-            number = float(number)
-        elif kind is not float:  # orjson's floats are always finite
-            _fold_slow(result, runs, record, key_field, value_field, counted_from)
-            continue
-        if type(group) is not str or not group:
-            _fold_slow(result, runs, record, key_field, value_field, counted_from)
-            continue
-        run = runs.get(group)
-        if run is None:
-            run = runs[group] = KeyRun()
-        run.offsets.append(offset)
-        run.values.append(number)
-        if offset >= counted_from:
-            counted += 1
-        result.last_offset = offset
-    result.counted += counted
-    # orjson refuses lone surrogates, and the slow path rejects them, so every key encodes
-    result.runs = {group.encode("utf-8"): run for group, run in runs.items()}
-    return result
-
-
-def _fold_slow(
-    result: Fold, runs: dict[str, KeyRun], record: Record, key_field: str | None, value_field: str, counted_from: int
-) -> None:
-    offset = record.offset
-    verdict = decode(record.key, record.value, key_field, value_field)
-    result.last_offset = offset
-    if offset >= counted_from:
-        if verdict.kind == COUNTED:
-            result.counted += 1
-        elif verdict.kind == REJECTED:
-            result.rejected.append((record, verdict.error))
-        else:
-            result.skipped += 1
-    if verdict.key is None or verdict.kind == REJECTED:
-        return
-    run = runs.get(verdict.key)
-    if run is None:
-        run = runs[verdict.key] = KeyRun()
-    run.offsets.append(offset)
-    if verdict.kind == COUNTED:
-        run.values.append(verdict.value)
-    else:
-        run.values.append(None)
-        run.has_skipped = True
+    value_counts: list[list[int]] = field(default_factory=list)  # [counted, skipped] per value
 
 
 @dataclass(slots=True)
-class RowsRun:
-    """One key's records in a batch for a pipeline with several values or a window: a tuple
-    of values (None where skipped) per record, in offset order."""
+class GroupedRows:
+    """Rows with a group, before grouping: their stored keys, values (NaN: skipped) and offsets."""
 
-    offsets: list[int] = field(default_factory=list)
-    values: list[tuple[float | None, ...]] = field(default_factory=list)
-
-    def apply_to(self, states: list[MeanState]) -> bool:
-        """Add the records the states have not applied yet; False when there were none."""
-        offsets, rows = self.offsets, self.values
-        if offsets[0] < states[0].next_offset:
-            start = bisect_left(offsets, states[0].next_offset)
-            if start == len(offsets):
-                return False
-            rows = rows[start:]
-        for index, state in enumerate(states):
-            state.add_all([value for row in rows if (value := row[index]) is not None])
-            state.next_offset = offsets[-1] + 1
-        return True
+    keys: pa.Array
+    values: np.ndarray  # rows x value fields
+    offsets: np.ndarray
 
 
-def fold_rows(
+def fold(
     records: Sequence[Record], shape: RowShape, layout: KeyLayout, *, counted_from: int, stop: int | None = None
 ) -> Fold:
-    """`fold` for any pipeline shape: composite keys, several values, windows.
-
-    A plain record (a JSON object whose key fields are non-empty strings and whose values
-    are JSON numbers, with a parseable time) is recognised inline; any other goes through
-    `decode_row`, which owns the rules (tests/test_fold.py checks both agree). Runs are kept
-    by (key texts, window start) and their stored keys encoded once per batch. Counts per
-    value are kept as well (a row with a fare and no tip counts for fare only).
-    """
-    value_counts = [[0, 0] for _ in shape.value_fields]
-    result = Fold(value_counts=value_counts)
-    runs: dict[tuple[tuple[str, ...], int | None], RowsRun] = {}
-    stop_at = NO_STOP if stop is None else stop
-    loads = orjson.loads
-    key_fields, value_fields = shape.key_fields, shape.value_fields
-    window, time_field, time_unit = shape.window_s, shape.time_field, shape.time_unit
-    plain_keys = key_fields if key_fields is not None and (window is None or time_field != RECORD_TIMESTAMP) else None
-    counted_plain = 0
-    times: dict[str, int | None | str] = {}  # a time text's epoch second: records of a batch share many
-    values: tuple[float | None, ...]
-    for record in records:
-        offset = record.offset
-        if offset >= stop_at:
-            break
-        result.last_offset = offset
-        plain = None
-        if plain_keys is not None:
-            plain = _plain_row(loads, record.value, plain_keys, value_fields, window, time_field, time_unit, times)
-        if plain is not None:
-            if offset >= counted_from:  # counted, every value numeric
-                counted_plain += 1
-            texts, window_start, values = plain
-        else:
-            verdict = decode_row(record.key, record.value, getattr(record, "timestamp", None), shape)
-            if offset >= counted_from:
-                _count(result, value_counts, record, verdict)
-            if verdict.kind == REJECTED or verdict.texts is None:
-                continue
-            texts, window_start, values = verdict.texts, verdict.window_start, verdict.values
-        run = runs.get((texts, window_start))
-        if run is None:
-            run = runs[(texts, window_start)] = RowsRun()
-        run.offsets.append(offset)
-        run.values.append(values)
-    result.counted += counted_plain
-    for counts in value_counts:
-        counts[0] += counted_plain
-    result.runs = {layout.encode(texts, start): run for (texts, start), run in runs.items()}
+    """Fold records (offset order) below `stop`; count those at or after `counted_from`."""
+    if stop is not None and records and records[-1].offset >= stop:
+        records = records[: bisect_left([record.offset for record in records], stop)]
+    width = len(shape.value_fields)
+    result = Fold(Groups(), value_counts=[[0, 0] for _ in range(width)])
+    if not records:
+        return result
+    result.last_offset = records[-1].offset
+    table = _parse(records, shape)
+    if table is None:
+        rows = _fold_each(records, range(len(records)), shape, layout, counted_from, result)
+    else:
+        rows = _fold_columns(records, table, shape, layout, counted_from, result)
+    result.groups = _group(rows, width)
     return result
 
 
-def _count(result: Fold, value_counts: list[list[int]], record: Record, verdict: RowVerdict) -> None:
+def _parse(records: Sequence[Record], shape: RowShape) -> pa.Table | None:
+    """The batch's fields as Arrow columns, or None when only the per-record rules can judge it."""
+    names = [*(shape.key_fields or ()), *shape.value_fields]
+    fields = [(name, pa.string()) for name in shape.key_fields or ()]
+    fields += [(name, pa.float64()) for name in shape.value_fields]
+    if shape.window_s is not None and shape.time_field != RECORD_TIMESTAMP:
+        assert shape.time_field is not None
+        names.append(shape.time_field)
+        fields.append((shape.time_field, _time_type(records[0].value, shape.time_field)))
+    if len(set(names)) != len(names):
+        return None
+    messages = [record.value for record in records]
+    if not all(messages):
+        return None
+    text = b"\n".join(messages)  # type: ignore[arg-type]
+    # one line per record, each an object: the parser then gives exactly one row per record
+    if text[:1] != b"{" or text.count(b"\n") != len(messages) - 1 or text.count(b"\n{") != len(messages) - 1:
+        return None
+    try:
+        table = pa_json.read_json(
+            io.BytesIO(text),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=max(len(text), 1 << 20)),
+            parse_options=pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore"),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return None
+    return table if table.num_rows == len(records) else None
+
+
+def _time_type(first: bytes | None, time_field: str) -> pa.DataType:
+    """The time column's type, from the batch's first record (a batch that mixes types is
+    judged record by record)."""
+    try:
+        moment = orjson.loads(first or b"{}").get(time_field)
+    except (orjson.JSONDecodeError, AttributeError):
+        return pa.string()
+    if type(moment) is int:
+        return pa.int64()
+    return pa.float64() if type(moment) is float else pa.string()
+
+
+def _fold_columns(
+    records: Sequence[Record], table: pa.Table, shape: RowShape, layout: KeyLayout, counted_from: int, result: Fold
+) -> GroupedRows:
+    count = table.num_rows
+    offsets = np.fromiter((record.offset for record in records), dtype=np.int64, count=count)
+    if shape.key_fields is None:
+        keys_ok, texts = _message_keys(records)
+        if texts is None:  # a message key that is not UTF-8: a reject, judged by the rules
+            return _fold_each(records, range(count), shape, layout, counted_from, result)
+        key_texts = [texts]
+    else:
+        key_texts = [table.column(name).combine_chunks() for name in shape.key_fields]
+        keys_ok = np.ones(count, dtype=bool)
+        for text in key_texts:
+            keys_ok &= pc.fill_null(pc.greater(pc.binary_length(text), 0), False).to_numpy(zero_copy_only=False)
+    values = np.column_stack(
+        [table.column(name).to_numpy().astype(np.float64, copy=False) for name in shape.value_fields]
+    )
+    values[~np.isfinite(values)] = np.nan  # null, NaN and infinities are skipped values
+    starts: np.ndarray | None = None
+    judged_each = np.zeros(count, dtype=bool)
+    if shape.window_s is not None:
+        seconds, timed, judged_each = _event_seconds(records, table, shape)
+        starts = seconds - seconds % shape.window_s
+    else:
+        timed = np.ones(count, dtype=bool)
+    grouped = keys_ok & timed & ~judged_each
+    has_value = ~np.isnan(values)
+    countable = offsets >= counted_from
+    plain = countable & ~judged_each
+    counted = plain & grouped & has_value.any(axis=1)
+    result.counted += int(counted.sum())
+    result.skipped += int(plain.sum()) - int(counted.sum())
+    for index, counts in enumerate(result.value_counts):
+        value_counted = int((plain & grouped & has_value[:, index]).sum())
+        counts[0] += value_counted
+        counts[1] += int(plain.sum()) - value_counted
+    rows = np.flatnonzero(grouped)
+    mine = GroupedRows(
+        _encode_keys(
+            layout, [text.take(pa.array(rows)) for text in key_texts], None if starts is None else starts[rows]
+        ),
+        values[rows],
+        offsets[rows],
+    )
+    each = np.flatnonzero(judged_each)
+    if not len(each):
+        return mine
+    theirs = _fold_each(records, each.tolist(), shape, layout, counted_from, result)
+    return _merge_in_offset_order(mine, theirs)
+
+
+def _message_keys(records: Sequence[Record]) -> tuple[np.ndarray, pa.Array | None]:
+    """Which records have a message key, and the keys as text (None if one is not UTF-8)."""
+    raw = pa.array([record.key for record in records], type=pa.binary())
+    keys_ok = pc.fill_null(pc.greater(pc.binary_length(raw), 0), False).to_numpy(zero_copy_only=False)
+    try:
+        return keys_ok, raw.cast(pa.string())
+    except pa.ArrowInvalid:
+        return keys_ok, None
+
+
+def _event_seconds(records: Sequence[Record], table: pa.Table, shape: RowShape) -> tuple[np.ndarray, ...]:
+    """Each row's event time in epoch seconds, whether it has one, and whether the row must
+    be judged by the per-record rules instead (a time the columns do not parse)."""
+    count = len(records)
+    if shape.time_field == RECORD_TIMESTAMP:
+        stamps = np.array([getattr(record, "timestamp", None) for record in records], dtype=object)
+        known = np.array([stamp is not None and stamp >= 0 for stamp in stamps], dtype=bool)
+        millis = np.where(known, stamps, 0).astype(np.int64)
+        return millis // 1000, known, np.zeros(count, dtype=bool)
+    assert shape.time_field is not None
+    column = table.column(shape.time_field).combine_chunks()
+    present = column.is_valid().to_numpy(zero_copy_only=False)
+    unit = UNIT_SECONDS[shape.time_unit]
+    if pa.types.is_integer(column.type):
+        return np.floor_divide(column.fill_null(0).to_numpy(), unit), present, np.zeros(count, dtype=bool)
+    if pa.types.is_floating(column.type):
+        numbers = column.fill_null(0.0).to_numpy()
+        not_nan = ~np.isnan(numbers)
+        # a float column may hold JSON integers, which the rules divide exactly: far out, they do
+        exact = np.abs(np.where(not_nan, numbers, 0.0)) < EXACT_INTEGERS
+        seconds = np.floor(np.where(exact, numbers, 0.0) / unit).astype(np.int64)
+        return seconds, present & exact, present & not_nan & ~exact
+    regular = pc.fill_null(pc.match_substring_regex(column, PLAIN_TIME), False).to_numpy(zero_copy_only=False)
+    seconds = np.zeros(count, dtype=np.int64)
+    if regular.any():
+        texts = pc.utf8_slice_codeunits(column.filter(pa.array(regular)), 0, 19)
+        try:
+            parsed = texts.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
+        except pa.ArrowInvalid:  # a date that does not exist: the rules say which
+            return seconds, np.zeros(count, dtype=bool), present
+        seconds[regular] = parsed
+        regular &= seconds >= FIRST_YEAR_SECOND
+    return seconds, regular, present & ~regular
+
+
+def _fold_each(
+    records: Sequence[Record], rows: Sequence[int], shape: RowShape, layout: KeyLayout, counted_from: int, result: Fold
+) -> GroupedRows:
+    """The per-record rules for the given rows (kappa.codec.decode_row)."""
+    keys: list[bytes] = []
+    values: list[tuple[float, ...]] = []
+    offsets: list[int] = []
+    for row in rows:
+        record = records[row]
+        verdict = decode_row(record.key, record.value, getattr(record, "timestamp", None), shape)
+        if record.offset >= counted_from:
+            _count(result, record, verdict)
+        if verdict.kind == REJECTED or verdict.texts is None:
+            continue
+        keys.append(layout.encode(verdict.texts, verdict.window_start))
+        values.append(tuple(math.nan if number is None else number for number in verdict.values))
+        offsets.append(record.offset)
+    width = len(shape.value_fields)
+    return GroupedRows(
+        pa.array(keys, type=pa.binary()),
+        np.array(values, dtype=np.float64).reshape(len(values), width),
+        np.array(offsets, dtype=np.int64),
+    )
+
+
+def _count(result: Fold, record: Record, verdict: RowVerdict) -> None:
     if verdict.kind == REJECTED:
         result.rejected.append((record, verdict.error))
         return
@@ -229,49 +289,47 @@ def _count(result: Fold, value_counts: list[list[int]], record: Record, verdict:
         result.skipped += 1
     grouped = verdict.texts is not None
     for index, number in enumerate(verdict.values):
-        value_counts[index][0 if grouped and number is not None else 1] += 1
+        result.value_counts[index][0 if grouped and number is not None else 1] += 1
 
 
-PlainRow = tuple[tuple[str, ...], int | None, tuple[float, ...]]
+def _encode_keys(layout: KeyLayout, texts: list[pa.Array], window_starts: np.ndarray | None) -> pa.Array:
+    """`KeyLayout.encode` for whole columns."""
+    if layout.plain:
+        return texts[0].cast(pa.binary())
+    parts = [pc.replace_substring(text.cast(pa.binary()), b"\x00", ESCAPED_NUL) for text in texts]
+    if window_starts is None:
+        parts.append(pa.array([b""] * len(texts[0]), type=pa.binary()))
+    else:
+        big_endian = (window_starts.view(np.uint64) ^ SIGN).astype(">u8")
+        buffer = pa.py_buffer(big_endian.tobytes())
+        parts.append(pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), len(window_starts), [None, buffer]))
+        parts[-1] = parts[-1].cast(pa.binary())
+    return pc.binary_join_element_wise(*parts, FIELD_END)
 
 
-def _plain_row(
-    loads: Callable[[bytes], Any],
-    value: bytes | None,
-    key_fields: tuple[str, ...],
-    value_fields: tuple[str, ...],
-    window: int | None,
-    time_field: str | None,
-    time_unit: str,
-    times: dict[str, int | None | str],
-) -> PlainRow | None:
-    """(key texts, window start, values) of a plain row, or None for decode_row to judge."""
-    try:
-        row = loads(value or b"")
-        texts = tuple([row[name] for name in key_fields])
-        numbers = [row[name] for name in value_fields]
-        moment = None
-        if window is not None:
-            when = row[time_field]
-            if type(when) is str:
-                moment = times.get(when)
-                if moment is None:
-                    moment = times[when] = event_second(when, time_unit)
-            else:
-                moment = event_second(when, time_unit)
-    except Exception:
-        return None
-    for text in texts:
-        if type(text) is not str or not text:
-            return None
-    for index, number in enumerate(numbers):
-        kind = type(number)
-        if kind is int:
-            numbers[index] = float(number)
-        elif kind is not float:
-            return None
-    if window is None:
-        return texts, None, tuple(numbers)
-    if type(moment) is not int:
-        return None
-    return texts, moment - moment % window, tuple(numbers)
+def _merge_in_offset_order(first: GroupedRows, second: GroupedRows) -> GroupedRows:
+    order = np.argsort(np.concatenate([first.offsets, second.offsets]), kind="stable")
+    keys = pa.concat_arrays([first.keys, second.keys]).take(pa.array(order))
+    values = np.concatenate([first.values, second.values])[order]
+    return GroupedRows(keys, values, np.concatenate([first.offsets, second.offsets])[order])
+
+
+def _group(rows: GroupedRows, width: int) -> Groups:
+    """Rows grouped by stored key, each group in offset order (a stable sort of offset-ordered rows)."""
+    if len(rows.keys) == 0:
+        return Groups()
+    encoded = rows.keys.dictionary_encode()
+    ids = encoded.indices.to_numpy()
+    order = np.argsort(ids, kind="stable")
+    sizes = np.bincount(ids)
+    ends = np.cumsum(sizes)
+    values = rows.values[order]
+    missing = np.isnan(values)
+    return Groups(
+        keys=encoded.dictionary.to_pylist(),
+        starts=(ends - sizes).tolist(),
+        ends=ends.tolist(),
+        offsets=rows.offsets[order].tolist(),
+        values=[values[:, index].tolist() for index in range(width)],
+        has_missing=missing.any(axis=0).tolist(),
+    )

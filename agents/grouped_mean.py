@@ -16,7 +16,7 @@ from typing import Any
 
 from faust.types import TP
 
-from agents.fold import KeyRun, fold, fold_rows
+from agents.fold import fold
 from kappa.engine import deadletters
 from kappa.engine.faust_internals import commit_offsets, drain_producer_buffer
 from kappa.pipeline import Definition, Progress, Record
@@ -136,12 +136,7 @@ class GroupedMeanAgent:
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:
             return
-        if definition.plain:
-            folded = fold(
-                records, definition.key_field, definition.value_field, counted_from=stats.next_offset, stop=stop
-            )
-        else:
-            folded = fold_rows(records, self.shape, self.layout, counted_from=stats.next_offset, stop=stop)
+        folded = fold(records, self.shape, self.layout, counted_from=stats.next_offset, stop=stop)
         for record, error in folded.rejected:
             if self.dead_letters.already_written(partition, record.offset):
                 continue
@@ -151,18 +146,16 @@ class GroupedMeanAgent:
                 partition=partition,
                 headers=self.dead_letters.headers(error, definition.topic, partition, record.offset),
             )
-        keys = list(folded.runs)
+        groups = folded.groups
         entries: dict[bytes, bytes] = {}
-        for key, stored in zip(keys, writer.get_many(partition, keys), strict=True):
+        for group, (key, stored) in enumerate(zip(groups.keys, writer.get_many(partition, groups.keys), strict=True)):
             states = aggregate.decode(stored)
-            run = folded.runs[key]
-            applied = run.apply_to(states[0]) if isinstance(run, KeyRun) else run.apply_to(states)
-            if applied:
+            if groups.apply_to(group, states):
                 entries[key] = aggregate.encode(states)
         stats.counted += folded.counted
         stats.skipped += folded.skipped
         stats.rejected += len(folded.rejected)
-        if folded.value_counts is not None:
+        if not definition.plain:  # a plain pipeline's stats have no per-value counts (it has one value)
             stats.add_value_counts(folded.value_counts)
         stats.next_offset = max(stats.next_offset, folded.last_offset + 1)
         entries[STATS_KEY] = stats.encode()

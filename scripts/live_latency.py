@@ -16,8 +16,8 @@ import orjson
 from confluent_kafka import Producer
 
 from kappa import read_snapshot
-from kappa.kafka.admin import client_config
 from kappa.errors import KappaError
+from kappa.kafka.admin import client_config
 
 
 def probe(producer: Producer, topic: str, snapshot_dir: str, pipeline: str, timeout: float) -> float:

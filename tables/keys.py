@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ESCAPED_NUL = b"\x00\x01"
 FIELD_END = b"\x00\x00"
@@ -69,16 +70,27 @@ class KeyLayout:
         return pa.string() if self.plain else pa.binary()
 
     def columns(self, keys: pa.Array) -> dict[str, pa.Array]:
-        """The snapshot's key columns (and `window_start`) from stored keys, in their order."""
+        """The snapshot's key columns (and `window_start`) from stored keys, in their order:
+        `decode` for whole columns, with no Python object per key."""
         if self.plain:
             return {self.fields[0]: keys}
-        decoded = [self.decode(raw) for raw in keys.to_pylist()]
-        columns: dict[str, pa.Array] = {
-            name: pa.array([texts[i] for texts, _ in decoded], type=pa.string()) for i, name in enumerate(self.fields)
-        }
+        if isinstance(keys, pa.ChunkedArray):
+            keys = keys.combine_chunks()
+        fields = keys
+        columns: dict[str, pa.Array] = {}
         if self.windowed:
-            starts = np.array([window for _, window in decoded], dtype="int64")
-            columns["window_start"] = pa.array(starts, type=pa.timestamp("s", tz="UTC"))
+            fields = pc.binary_slice(keys, 0, -WINDOW.size)
+            packed = pc.binary_slice(keys, -WINDOW.size).cast(pa.binary(WINDOW.size))
+            data = np.frombuffer(packed.buffers()[1], dtype=">u8", count=len(keys), offset=packed.offset * WINDOW.size)
+            starts = (data.astype(np.uint64) ^ np.uint64(SIGN)).view(np.int64)
+            window = pa.array(starts, type=pa.timestamp("s", tz="UTC"))
+        # no field holds NUL NUL (its NULs are escaped as NUL 0x01), so each field ends at the first one
+        split = pc.split_pattern(fields, FIELD_END, max_splits=len(self.fields))
+        for index, name in enumerate(self.fields):
+            field = pc.replace_substring(pc.list_element(split, index), ESCAPED_NUL, b"\x00")
+            columns[name] = field.cast(pa.string())
+        if self.windowed:
+            columns["window_start"] = window
         return columns
 
     def output_fields(self) -> list[tuple[str, pa.DataType]]:

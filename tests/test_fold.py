@@ -7,13 +7,14 @@ and that offsets gate what is applied and counted exactly as the idempotence des
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 import orjson
 import pytest
 
-from agents.fold import fold, fold_rows
+from agents.fold import Fold, _parse, fold
 from kappa.codec import COUNTED, REJECTED, RowShape, decode, decode_row
 from tables.aggregate import MeanState
 from tables.keys import KeyLayout
@@ -93,14 +94,23 @@ def one_at_a_time(records, counted_from, stop, states, key_field="key"):
 
 
 def folded(records, counted_from, stop, states, key_field="key"):
-    result = fold(records, key_field, "amount", counted_from=counted_from, stop=stop)
-    for key, run in result.runs.items():
-        run.apply_to(states.setdefault(key, MeanState()))
+    shape = RowShape(None if key_field is None else (key_field,), ("amount",))
+    result = fold(records, shape, KeyLayout(), counted_from=counted_from, stop=stop)
+    apply_groups(result, states, 1)
     return {
         "counted": result.counted,
         "skipped": result.skipped,
         "rejected": [(record.offset, error) for record, error in result.rejected],
     }
+
+
+def apply_groups(result: Fold, states: dict, width: int) -> None:
+    """What the agent does with a fold: each group's rows added to its stored states."""
+    for group, key in enumerate(result.groups.keys):
+        if width == 1:  # one value: the tests keep the state itself
+            result.groups.apply_to(group, [states.setdefault(key, MeanState())])
+        else:
+            result.groups.apply_to(group, states.setdefault(key, [MeanState() for _ in range(width)]))
 
 
 def assert_same_states(mine: dict, reference: dict) -> None:
@@ -194,13 +204,13 @@ ROW_VALUES = [
 ]
 
 
-def rows_one_at_a_time(records, counted_from, stop, states):
+def rows_one_at_a_time(records, counted_from, stop, states, shape=SHAPE):
     layout = KeyLayout(("city", "vendor"), True)
     counts = {"counted": 0, "skipped": 0, "rejected": [], "values": [[0, 0], [0, 0]]}
     for record in records:
         if stop is not None and record.offset >= stop:
             break
-        verdict = decode_row(record.key, record.value, None, SHAPE)
+        verdict = decode_row(record.key, record.value, None, shape)
         if record.offset >= counted_from:
             if verdict.kind == REJECTED:
                 counts["rejected"].append((record.offset, verdict.error))
@@ -223,11 +233,48 @@ def rows_one_at_a_time(records, counted_from, stop, states):
 @pytest.mark.parametrize("counted_from,stop", [(0, None), (30, None), (0, 70), (500, None)])
 def test_fold_rows_agrees_with_the_per_record_rules(counted_from, stop):
     records = [ParsedRecord(i, b"k", ROW_VALUES[(i * 7) % len(ROW_VALUES)]) for i in range(300)]
+    mine = assert_fold_matches_rows_one_at_a_time(records, counted_from, stop)
+    if counted_from == 0 and stop is None:
+        assert mine["counted"] and mine["skipped"] and mine["rejected"]
+
+
+# Rows the column parser accepts, each awkward in a way the per-record rules must still decide:
+# missing, null and empty key fields, NUL and non-ASCII in keys, skipped values (null, missing,
+# NaN, infinite), and event times in every form (plain, Z, fractions, offsets, blank, unparseable,
+# a date that does not exist, before year 1).
+PARSEABLE_ROWS = [
+    {"city": "a", "vendor": "v", "fare": 1.5, "tip": 2, "at": "2024-03-01T10:15:00"},
+    {"city": "a", "vendor": "v", "fare": 2, "tip": None, "at": "2024-03-01T10:59:59.999"},
+    {"city": "a\u0000b", "vendor": "ü", "fare": 1e12, "tip": 1, "at": "2024-03-01T09:00:00Z"},
+    {"city": "007", "vendor": "v", "fare": -0.1, "at": "2024-03-01T09:00:00.123456Z"},
+    {"city": "b", "vendor": "", "fare": 5, "tip": 1, "at": "2024-03-01T09:00:00"},
+    {"city": None, "vendor": "v", "fare": 6, "tip": 1, "at": "2024-03-01T09:00:00"},
+    {"vendor": "v", "fare": 7, "tip": 1, "at": "2024-03-01T09:00:00"},
+    {"city": "b", "vendor": "v", "fare": 8, "tip": 1},
+    {"city": "b", "vendor": "v", "fare": 8, "tip": 1, "at": None},
+    {"city": "b", "vendor": "v", "fare": 9, "tip": 1, "at": "  "},
+    {"city": "b", "vendor": "v", "fare": 10, "tip": 1, "at": "yesterday"},
+    {"city": "b", "vendor": "v", "fare": 11, "tip": 1, "at": "2024-03-01T11:00:00+02:00"},
+    {"city": "b", "vendor": "v", "fare": 12, "tip": 1, "at": "2024-03-01 11:00:00"},
+    {"city": "b", "vendor": "v", "fare": 13, "tip": 1, "at": "0000-01-01T00:00:00"},
+    {"city": "b", "vendor": "v", "fare": 14, "tip": 1, "at": "1969-12-31T23:59:59.5"},
+    {"city": "c", "vendor": "v", "tip": 1, "at": "2024-03-01T08:00:00"},
+    {"city": "c", "vendor": "v", "fare": None, "tip": None, "at": "2024-03-01T08:00:00"},
+    {"city": "c", "vendor": "w", "fare": 123456789012345678901234567890, "tip": 0, "at": "2024-03-01T08:00:00"},
+]
+NAN_ROW = b'{"city": "c", "vendor": "v", "fare": NaN, "tip": Infinity, "at": "2024-03-01T07:00:00"}'
+NO_DATE = {"city": "d", "vendor": "v", "fare": 1, "tip": 1, "at": "2023-02-29T00:00:00"}
+
+
+def parseable_records(count: int, rows: list[bytes]) -> list[ParsedRecord]:
+    return [ParsedRecord(i, b"k", rows[(i * 5) % len(rows)]) for i in range(count)]
+
+
+def assert_fold_matches_rows_one_at_a_time(records, counted_from, stop, shape=SHAPE):
     reference_states, mine_states = {}, {}
-    reference = rows_one_at_a_time(records, counted_from, stop, reference_states)
-    result = fold_rows(records, SHAPE, KeyLayout(("city", "vendor"), True), counted_from=counted_from, stop=stop)
-    for key, run in result.runs.items():
-        run.apply_to(mine_states.setdefault(key, [MeanState(), MeanState()]))
+    reference = rows_one_at_a_time(records, counted_from, stop, reference_states, shape)
+    result = fold(records, shape, KeyLayout(("city", "vendor"), True), counted_from=counted_from, stop=stop)
+    apply_groups(result, mine_states, 2)
     mine = {
         "counted": result.counted,
         "skipped": result.skipped,
@@ -240,5 +287,37 @@ def test_fold_rows_agrees_with_the_per_record_rules(counted_from, stop):
         for got, want in zip(mine_states[key], pair, strict=True):
             assert (got.count, got.next_offset) == (want.count, want.next_offset)
             assert math.isclose(got.sum, want.sum, rel_tol=1e-12)
+    return mine
+
+
+@pytest.mark.parametrize("with_missing_date", [False, True])
+@pytest.mark.parametrize("counted_from,stop", [(0, None), (30, None), (0, 70), (500, None)])
+def test_the_column_path_agrees_with_the_per_record_rules(counted_from, stop, with_missing_date):
+    rows = [json.dumps(row).encode() for row in PARSEABLE_ROWS] + [NAN_ROW]  # json: big integers, \u escapes
+    rows += [json.dumps(NO_DATE).encode()] * with_missing_date
+    records = parseable_records(300, rows)
+    assert _parse(records, SHAPE) is not None  # the batch really takes the column path
+    mine = assert_fold_matches_rows_one_at_a_time(records, counted_from, stop)
     if counted_from == 0 and stop is None:
         assert mine["counted"] and mine["skipped"] and mine["rejected"]
+
+
+@pytest.mark.parametrize("unit", ["s", "ms"])
+@pytest.mark.parametrize("times", [[1709287200, -1, 0, -3601, None], [1709287200.5, -0.5, float("nan"), 2.0**60, None]])
+def test_epoch_times_agree_with_the_per_record_rules(times, unit):
+    shape = RowShape(("city", "vendor"), ("fare", "tip"), 3600, "at", unit)
+    rows = [json.dumps({"city": "a", "vendor": str(i % 3), "fare": i, "tip": 1, "at": at}).encode()
+            for i, at in enumerate(times)]  # fmt: skip
+    records = parseable_records(100, rows)
+    assert _parse(records, shape) is not None
+    assert_fold_matches_rows_one_at_a_time(records, 0, None, shape)
+
+
+def test_message_keys_take_the_column_path_too():
+    keys = [b"a", b"b", 'ünï "q"\n'.encode(), b"007", b"", None]
+    records = [ParsedRecord(i, keys[i % len(keys)], orjson.dumps({"amount": i * 0.5})) for i in range(60)]
+    reference_states, mine_states = {}, {}
+    reference = one_at_a_time(records, 0, None, reference_states, key_field=None)
+    assert _parse(records, RowShape(None, ("amount",))) is not None
+    assert folded(records, 0, None, mine_states, key_field=None) == reference
+    assert_same_states(mine_states, reference_states)

@@ -165,13 +165,21 @@ def write_table_files(directory: Path, table: SnapshotRows) -> int:
         for chunk in table.chunks:
             parquet.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
             if "window_start" in chunk:
-                chunk = chunk.assign(window_start=chunk["window_start"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                chunk = chunk.assign(window_start=iso_utc(chunk["window_start"]))
             chunk.to_csv(csv_file, index=False, header=rows == 0, lineterminator="\r\n")
             rows += len(chunk)
         if rows == 0:  # still a header and a schema
             csv_file.write(",".join(schema.names) + "\r\n")
             parquet.write_table(schema.empty_table())
     return rows
+
+
+def iso_utc(moments: pd.Series) -> np.ndarray:
+    """`2024-01-31T10:00:00Z` texts of UTC timestamps, each distinct one formatted once (a
+    snapshot has many rows per window)."""
+    seconds = moments.dt.tz_convert(None).to_numpy().astype("datetime64[s]")
+    distinct, where = np.unique(seconds, return_inverse=True)
+    return np.char.add(np.datetime_as_string(distinct, unit="s"), "Z").astype(object)[where]
 
 
 def _write_and_link(

@@ -48,8 +48,10 @@ class TableWriter:
         return partition_db(self.table, partition)
 
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
-        """One RocksDB multi-get; None where a key has no entry."""
-        return self._db(partition).get(list(keys)) if keys else []
+        """Each key's entry, None where it has none. One get per key: rocksdict's multi-get
+        measured slower than single gets, for present and absent keys alike."""
+        get = self._db(partition).get
+        return [get(key) for key in keys]
 
     async def write(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
         """Queue the entries for the changelog (see `flush`), then store them locally.

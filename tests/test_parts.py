@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from kappa.snapshots import parts
@@ -45,7 +46,7 @@ def write_spread_parts(directory, partitions: int, seed: int = 3) -> dict[str, t
 def test_parts_merge_into_key_ordered_exact_rows(tmp_path, chunk_rows):
     expected = write_spread_parts(tmp_path, partitions=4)
     merged = parts.merge_parts(tmp_path, 4)
-    frame = pd.concat(list(merged.snapshot_rows(size=chunk_rows).chunks), ignore_index=True)
+    frame = pa.concat_tables(merged.snapshot_rows(size=chunk_rows).chunks).to_pandas()
 
     assert list(frame["key"]) == sorted(expected)  # code-point order, one row per key
     assert merged.offsets == {0: 1, 1: 2, 2: 3, 3: 4}
@@ -67,8 +68,8 @@ def test_the_batch_and_the_live_path_merge_alike(tmp_path):
 
     expected = write_spread_parts(tmp_path, partitions=3, seed=5)
     merged = parts.merge_parts(tmp_path, 3)
-    live = pd.concat(list(merged.snapshot_rows().chunks), ignore_index=True)
-    batch = pd.concat(list(merge_partials(merged.table).chunks), ignore_index=True)
+    live = pa.concat_tables(merged.snapshot_rows().chunks).to_pandas()
+    batch = pa.concat_tables(merge_partials(merged.table).chunks).to_pandas()
     pd.testing.assert_frame_equal(live, batch)
     assert len(live) == len(expected)
 

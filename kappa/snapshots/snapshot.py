@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kappa.errors import KappaError
+from kappa.snapshots import csvtext
 from tables.aggregate import MEAN, Aggregate, output_schema
 from tables.keys import PLAIN, KeyLayout
 
@@ -36,10 +37,10 @@ CHUNK_ROWS = 65_536
 
 @dataclass
 class SnapshotRows:
-    """A snapshot's rows: consecutive frames in key order, and the table's schema."""
+    """A snapshot's rows: consecutive Arrow tables in key order, and the table's schema."""
 
     schema: pa.Schema
-    chunks: Iterable[pd.DataFrame]
+    chunks: Iterable[pa.Table]
 
 
 def merge_partials(
@@ -54,7 +55,7 @@ def merge_partials(
     return SnapshotRows(output_schema(layout, aggregate), _merged_chunks(rows, aggregate, layout, size))
 
 
-def _merged_chunks(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size: int) -> Iterator[pd.DataFrame]:
+def _merged_chunks(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size: int) -> Iterator[pa.Table]:
     rows = rows.sort_by("key")
     keys = rows.column("key")
     starts = np.arange(len(rows))
@@ -65,12 +66,11 @@ def _merged_chunks(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size
     output = aggregate.output(aggregate.merge_groups(columns, starts))
     if len(starts) < len(rows):
         keys = keys.take(pa.array(starts))
+    schema = output_schema(layout, aggregate)
     for start in range(0, len(starts), size):
-        frame: dict = {}
-        for name, column in layout.columns(keys.slice(start, size)).items():
-            frame[name] = column.to_pandas() if name == "window_start" else pd.Series(column.to_pylist(), dtype=object)
-        frame.update({name: values[start : start + size] for name, values in output.items()})
-        yield pd.DataFrame(frame)
+        columns = {**layout.columns(keys.slice(start, size))}
+        columns.update({name: pa.array(values[start : start + size]) for name, values in output.items()})
+        yield pa.table(columns, schema=schema)
 
 
 def _fsync_file(path: Path) -> None:
@@ -109,7 +109,7 @@ def publish(
 ) -> Path | None:
     """Write one snapshot and point `latest` at it; returns the snapshot's directory.
 
-    `table`'s chunks are the rows sorted by key, as consecutive frames written as they come; the
+    `table`'s chunks are the rows sorted by key, as consecutive Arrow tables written as they come; the
     manifest's `keys` is set to the number of rows written.
     `allowed` is checked under the publish lock: a generation that has been switched away
     from gets None back and never moves `latest` again, so readers never go backwards.
@@ -156,30 +156,20 @@ def write_table_files(directory: Path, table: SnapshotRows) -> int:
     """table.csv and table.parquet from consecutive chunks of rows; returns the row count.
 
     In CSV a window start is ISO 8601 UTC text (`2024-01-31T10:00:00Z`); in Parquet a
-    timestamp with the UTC zone."""
+    timestamp with the UTC zone. The CSV bytes are pandas' (kappa.snapshots.csvtext)."""
     rows, schema = 0, table.schema
     with (
-        open(directory / "table.csv", "w", encoding="utf-8", newline="") as csv_file,
+        open(directory / "table.csv", "wb") as csv_file,
         pq.ParquetWriter(directory / "table.parquet", schema) as parquet,
     ):
+        csv_file.write(csvtext.header(schema.names))
         for chunk in table.chunks:
-            parquet.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
-            if "window_start" in chunk:
-                chunk = chunk.assign(window_start=iso_utc(chunk["window_start"]))
-            chunk.to_csv(csv_file, index=False, header=rows == 0, lineterminator="\r\n")
-            rows += len(chunk)
-        if rows == 0:  # still a header and a schema
-            csv_file.write(",".join(schema.names) + "\r\n")
+            parquet.write_table(chunk)
+            csv_file.write(csvtext.lines(chunk))
+            rows += chunk.num_rows
+        if rows == 0:  # still a schema
             parquet.write_table(schema.empty_table())
     return rows
-
-
-def iso_utc(moments: pd.Series) -> np.ndarray:
-    """`2024-01-31T10:00:00Z` texts of UTC timestamps, each distinct one formatted once (a
-    snapshot has many rows per window)."""
-    seconds = moments.dt.tz_convert(None).to_numpy().astype("datetime64[s]")
-    distinct, where = np.unique(seconds, return_inverse=True)
-    return np.char.add(np.datetime_as_string(distinct, unit="s"), "Z").astype(object)[where]
 
 
 def _write_and_link(

@@ -37,7 +37,7 @@ import pyarrow.json as pa_json
 
 from kappa.codec import COUNTED, RECORD_TIMESTAMP, REJECTED, UNIT_SECONDS, RowShape, RowVerdict, decode_row
 from kappa.pipeline import Record
-from tables.aggregate import MeanState
+from tables.aggregate import BatchSums, MeanState, exact_sum
 from tables.keys import ESCAPED_NUL, FIELD_END, KeyLayout
 
 # ISO 8601 texts the columns parse themselves; datetime.fromisoformat reads these the same way
@@ -50,29 +50,54 @@ EXACT_INTEGERS = float(1 << 43)  # epoch ms to the year 2248; below it x / 1000 
 @dataclass(slots=True)
 class Groups:
     """A batch's rows that have a group, grouped: group i is rows starts[i]..ends[i] of the
-    sorted columns, in offset order. `values[v]` holds value v per row, NaN where skipped."""
+    sorted columns, in offset order. `values` holds a column per value field, NaN where skipped."""
 
     keys: list[bytes] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    values: list[list[float]] = field(default_factory=list)
-    has_missing: list[bool] = field(default_factory=list)
+    starts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    ends: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    offsets: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    values: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
+
+    def batch_sums(self) -> BatchSums:
+        """Every group's exact sum (`exact_sum`'s two parts) and count per value, its first
+        offset and the offset after its last: what `apply_to` adds to a state that has
+        applied none of the group's rows, to the bit."""
+        starts, ends = self.starts, self.ends
+        if not len(starts):
+            empty = np.empty((0, self.values.shape[1]))
+            return BatchSums(empty, empty, empty.astype(np.int64), starts, starts)
+        present = ~np.isnan(self.values)
+        counts = np.add.reduceat(present, starts, axis=0).astype(np.int64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = np.add.reduceat(np.where(present, self.values, 0.0), starts, axis=0)
+        rests = np.zeros_like(sums)
+        for value in range(self.values.shape[1]):
+            pairs = np.flatnonzero(counts[:, value] == 2)
+            if len(pairs):  # the sum of two numbers is rounded once: its rest is exact (TwoSum)
+                rows = np.flatnonzero(present[:, value])
+                first = rows[np.searchsorted(rows, starts[pairs])]
+                second = rows[np.searchsorted(rows, first) + 1]
+                rests[pairs, value] = _two_sum_rest(self.values[first, value], self.values[second, value])
+        for group, value in zip(*np.nonzero(counts > 2), strict=True):
+            sums[group, value], rests[group, value] = exact_sum(self._present(value, starts[group], ends[group]))
+        return BatchSums(sums, rests, counts, self.offsets[starts], self.offsets[ends - 1] + 1)
 
     def apply_to(self, group: int, states: Sequence[MeanState]) -> bool:
         """Add group's rows that the states have not applied yet (those below their next
         offset were); False when there were none."""
-        start, end = self.starts[group], self.ends[group]
+        start, end = int(self.starts[group]), int(self.ends[group])
         if self.offsets[start] < states[0].next_offset:
-            start += bisect_left(self.offsets[start:end], states[0].next_offset)
+            start += bisect_left(self.offsets[start:end].tolist(), states[0].next_offset)
             if start == end:
                 return False
-        next_offset = self.offsets[end - 1] + 1
-        for column, missing, state in zip(self.values, self.has_missing, states, strict=True):
-            numbers = column[start:end]
-            state.add_all([number for number in numbers if number == number] if missing else numbers)
+        next_offset = int(self.offsets[end - 1]) + 1
+        for value, state in enumerate(states):
+            state.add_all(self._present(value, start, end))
             state.next_offset = next_offset
         return True
+
+    def _present(self, value: int, start: int, end: int) -> list[float]:
+        return [number for number in self.values[start:end, value].tolist() if number == number]
 
 
 @dataclass(slots=True)
@@ -209,6 +234,15 @@ def _fold_columns(
     return _merge_in_offset_order(mine, theirs)
 
 
+def _two_sum_rest(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """What `first + second` rounds away, exactly (Knuth's TwoSum); 0 where the sum overflows."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = first + second
+        second_part = total - first
+        rest = (first - (total - second_part)) + (second - second_part)
+    return np.where(np.isfinite(total), rest, 0.0)
+
+
 def _message_keys(records: Sequence[Record]) -> tuple[np.ndarray, pa.Array | None]:
     """Which records have a message key, and the keys as text (None if one is not UTF-8)."""
     raw = pa.array([record.key for record in records], type=pa.binary())
@@ -317,19 +351,16 @@ def _merge_in_offset_order(first: GroupedRows, second: GroupedRows) -> GroupedRo
 def _group(rows: GroupedRows, width: int) -> Groups:
     """Rows grouped by stored key, each group in offset order (a stable sort of offset-ordered rows)."""
     if len(rows.keys) == 0:
-        return Groups()
+        return Groups(values=np.empty((0, width)))
     encoded = rows.keys.dictionary_encode()
     ids = encoded.indices.to_numpy()
     order = np.argsort(ids, kind="stable")
     sizes = np.bincount(ids)
     ends = np.cumsum(sizes)
-    values = rows.values[order]
-    missing = np.isnan(values)
     return Groups(
         keys=encoded.dictionary.to_pylist(),
-        starts=(ends - sizes).tolist(),
-        ends=ends.tolist(),
-        offsets=rows.offsets[order].tolist(),
-        values=[values[:, index].tolist() for index in range(width)],
-        has_missing=missing.any(axis=0).tolist(),
+        starts=ends - sizes,
+        ends=ends,
+        offsets=rows.offsets[order],
+        values=rows.values[order],
     )

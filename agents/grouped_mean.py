@@ -147,11 +147,13 @@ class GroupedMeanAgent:
                 headers=self.dead_letters.headers(error, definition.topic, partition, record.offset),
             )
         groups = folded.groups
-        entries: dict[bytes, bytes] = {}
-        for group, (key, stored) in enumerate(zip(groups.keys, writer.get_many(partition, groups.keys), strict=True)):
-            states = aggregate.decode(stored)
+        stored = writer.get_many(partition, groups.keys)
+        updated = aggregate.add_batches(stored, groups.batch_sums())
+        entries = {key: entry for key, entry in zip(groups.keys, updated, strict=True) if entry is not None}
+        for group in [group for group, entry in enumerate(updated) if entry is None]:  # re-delivered in part
+            states = aggregate.decode(stored[group])
             if groups.apply_to(group, states):
-                entries[key] = aggregate.encode(states)
+                entries[groups.keys[group]] = aggregate.encode(states)
         stats.counted += folded.counted
         stats.skipped += folded.skipped
         stats.rejected += len(folded.rejected)

@@ -9,6 +9,8 @@ prints partials goes through an `Aggregate`:
 - `encode`/`decode`: the stored form, in RocksDB and on the changelog. It carries a version
   byte, so a later aggregate can read entries an older kappa wrote, or refuse them with a
   clear error, instead of misreading them;
+- `add_batches`: a batch's per-key sums added to many stored entries at once, column-wise
+  (the agent's hot path: no MeanState per key);
 - `partial_fields` and `decode_many`: partials as Arrow columns (snapshot parts, merges),
   decoded in bulk without a Python object per key;
 - `merge_groups` and `output`: partials of equal keys added up, and the snapshot columns.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, cast
 
 import numpy as np
 import orjson
@@ -33,6 +35,7 @@ from tables.keys import PLAIN, KeyLayout
 # The first byte of every encoded entry. Entries before versioning were bare JSON arrays,
 # which start with "[" (0x5b), so they are told apart from every version.
 MEAN_V1 = 1
+ENTRY_PREFIX = bytes((MEAN_V1,)) + b"["
 LEGACY_JSON = ord("[")
 
 
@@ -47,6 +50,7 @@ class Aggregate(Protocol):
     def decode(self, raw: bytes | None) -> list[MeanState]: ...
     def encode(self, states: Sequence[MeanState]) -> bytes: ...
     def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]: ...
+    def add_batches(self, stored: Sequence[bytes | None], batches: BatchSums) -> list[bytes | None]: ...
     def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]: ...
     def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -55,8 +59,10 @@ class Aggregate(Protocol):
 class MeanState:
     """A partial sum and count of one key within one source partition.
 
-    Sums use Neumaier compensation, and a batch enters as one `math.fsum`, so that 1e12
-    magnitudes and small values together still agree with pandas to far better than 1e-9.
+    Sums use Neumaier compensation, and a batch enters as its exact sum split in two floats
+    (`exact_sum`): so 1e12 magnitudes and small values together still agree with pandas to
+    far better than 1e-9, and the sum does not depend on how the records were batched (the
+    same log gives the same bits, batch or live, however the consumer fetched it).
     """
 
     total: float = 0.0
@@ -77,14 +83,12 @@ class MeanState:
         self.count += 1
 
     def add_all(self, values: list[float]) -> None:
-        """A batch's values at once: fsum is exact, so the batch enters as one correctly
-        rounded term, and this costs one C call instead of a Python step per value."""
+        """A batch's values at once, as two C calls instead of a Python step per value."""
         if values:
-            try:
-                batch_sum = math.fsum(values)
-            except OverflowError:  # partial sums beyond 1.8e308: infinite, as pandas has it
-                batch_sum = sum(values)
-            self._accumulate(batch_sum)
+            high, low = exact_sum(values)
+            self._accumulate(high)
+            if low:
+                self._accumulate(low)
             self.count += len(values)
 
     @property
@@ -95,6 +99,32 @@ class MeanState:
         self._accumulate(other.total)
         self._accumulate(other.compensation)
         self.count += other.count
+
+
+def exact_sum(values: list[float]) -> tuple[float, float]:
+    """The sum of `values` as its correctly rounded float and the rest (the exact sum minus
+    that float, rounded): fsum gives both. Partial sums beyond 1.8e308 are infinite, as
+    pandas has them."""
+    try:
+        high = math.fsum(values)
+    except OverflowError:
+        return sum(values), 0.0
+    if len(values) < 2:
+        return high, 0.0
+    return high, math.fsum([*values, -high])
+
+
+@dataclass(slots=True)
+class BatchSums:
+    """One batch's contribution per key (row) and value field (column): the exact sum and
+    the count of its values, and the offsets of the key's first record in the batch and
+    after its last."""
+
+    sums: np.ndarray  # keys x values, float64: exact_sum's high part
+    rests: np.ndarray  # keys x values, float64: exact_sum's low part
+    counts: np.ndarray  # keys x values, int64
+    first_offsets: np.ndarray  # keys, int64: the key's first record in the batch
+    next_offsets: np.ndarray  # keys, int64
 
 
 class Mean:
@@ -136,10 +166,12 @@ class Mean:
         return [MeanState() for _ in range(self.width)]
 
     def encode(self, states: Sequence[MeanState]) -> bytes:
-        """Version byte, then `[next_offset, total, compensation, count, ...]` (a triple per value) as JSON."""
-        fields: list[float | int] = [states[0].next_offset]
+        """Version byte, then `[next_offset, total, compensation, count, ...]` (a triple per value)
+        as JSON. JSON has no infinities: a sum beyond the float range is stored as the text
+        "inf" or "-inf" (and NaN as "nan"), which every reader here turns back into the float."""
+        fields: list[float | int | str] = [states[0].next_offset]
         for state in states:
-            fields += (state.total, state.compensation, state.count)
+            fields += (_stored_float(state.total), _stored_float(state.compensation), state.count)
         return bytes((MEAN_V1,)) + orjson.dumps(fields)
 
     def decode(self, raw: bytes | None) -> list[MeanState]:
@@ -155,13 +187,64 @@ class Mean:
         else:
             raise unknown_version(self.name, version)
         if len(fields) != 1 + 3 * self.width:
-            raise UnreadableEntry(
-                f"a stored {self.name} entry holds {(len(fields) - 1) // 3} value(s), the pipeline has {self.width}: "
-                "the table belongs to another definition; replay the pipeline into a new generation"
-            )
+            raise self._other_width(len(fields))
         return [
-            MeanState(fields[1 + 3 * i], fields[2 + 3 * i], fields[3 + 3 * i], next_offset) for i in range(self.width)
+            MeanState(float(fields[1 + 3 * i]), float(fields[2 + 3 * i]), fields[3 + 3 * i], next_offset)
+            for i in range(self.width)
         ]
+
+    def add_batches(self, stored: Sequence[bytes | None], batches: BatchSums) -> list[bytes | None]:
+        """The entries of many keys after adding a batch to each: `stored` (None: a new key)
+        with `batches`' row of the same index, column-wise, with `MeanState.add_all`'s
+        arithmetic (a value with no records in the batch is left as it is). None for an
+        entry that has applied part of its batch already (a re-delivery): the caller applies
+        the rest record by record."""
+        if not stored:
+            return []
+        rows = self._rows(stored)
+        for i in range(self.width):
+            totals, compensations = rows[:, 1 + 3 * i], rows[:, 2 + 3 * i]
+            added, compensated = _neumaier(totals, compensations, batches.sums[:, i])
+            rest = batches.rests[:, i]
+            with_rest = _neumaier(added, compensated, rest)
+            added, compensated = (
+                np.where(rest != 0, with_rest[0], added),
+                np.where(rest != 0, with_rest[1], compensated),
+            )
+            touched = batches.counts[:, i] > 0
+            rows[:, 1 + 3 * i] = np.where(touched, added, totals)
+            rows[:, 2 + 3 * i] = np.where(touched, compensated, compensations)
+            rows[:, 3 + 3 * i] += batches.counts[:, i]
+        columns = [batches.next_offsets.tolist()]
+        for j in range(1, rows.shape[1]):
+            columns.append(rows[:, j].astype(np.int64).tolist() if j % 3 == 0 else _stored_floats(rows[:, j]))
+        # one orjson call for every entry; numbers hold no brackets, so "],[" splits them apart
+        texts = orjson.dumps(list(zip(*columns, strict=True)))[2:-2].split(b"],[")
+        behind = set(np.flatnonzero(batches.first_offsets < rows[:, 0]).tolist())
+        return [None if index in behind else ENTRY_PREFIX + text + b"]" for index, text in enumerate(texts)]
+
+    def _rows(self, stored: Sequence[bytes | None]) -> np.ndarray:
+        """`[next_offset, total, compensation, count, ...]` per entry as float64 (zeros where None)."""
+        rows = np.zeros((len(stored), 1 + 3 * self.width), dtype=np.float64)
+        present = [index for index, entry in enumerate(stored) if entry is not None]
+        if not present:
+            return rows
+        entries = [cast(bytes, stored[index]) for index in present]
+        if all(entry[0] == MEAN_V1 for entry in entries):
+            found = orjson.loads(b"[" + b",".join(entry[1:] for entry in entries) + b"]")
+        else:
+            found = [orjson.loads(self.encode(self.decode(entry))[1:]) for entry in entries]
+        for fields in found:
+            if len(fields) != rows.shape[1]:
+                raise self._other_width(len(fields))
+        rows[present] = np.array(found, dtype=np.float64)
+        return rows
+
+    def _other_width(self, fields: int) -> UnreadableEntry:
+        return UnreadableEntry(
+            f"a stored {self.name} entry holds {(fields - 1) // 3} value(s), the pipeline has {self.width}: "
+            "the table belongs to another definition; replay the pipeline into a new generation"
+        )
 
     def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]:
         """The partial columns of many entries with one orjson call (no object per key)."""
@@ -202,6 +285,25 @@ class Mean:
             prefix = "" if self.width == 1 else f"{value}_"
             columns.update({f"{prefix}count": counts, f"{prefix}sum": sums, f"{prefix}mean": means})
         return columns
+
+
+def _stored_float(number: float) -> float | str:
+    return number if math.isfinite(number) else repr(number)
+
+
+def _stored_floats(numbers: np.ndarray) -> list:
+    if np.isfinite(numbers).all():
+        return numbers.tolist()
+    return [_stored_float(number) for number in numbers.tolist()]
+
+
+def _neumaier(totals: np.ndarray, compensations: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`MeanState._accumulate` for whole columns: the same operations, so the same bits."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        added = totals + values
+        larger = np.abs(totals) >= np.abs(values)
+        error = np.where(larger, (totals - added) + values, (values - added) + totals)
+    return added, compensations + error
 
 
 def _merge_one(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass, field
 
 import orjson
@@ -16,7 +17,7 @@ import pytest
 
 from agents.fold import Fold, _parse, fold
 from kappa.codec import COUNTED, REJECTED, RowShape, decode, decode_row
-from tables.aggregate import MeanState
+from tables.aggregate import Mean, MeanState
 from tables.keys import KeyLayout
 
 
@@ -105,12 +106,23 @@ def folded(records, counted_from, stop, states, key_field="key"):
 
 
 def apply_groups(result: Fold, states: dict, width: int) -> None:
-    """What the agent does with a fold: each group's rows added to its stored states."""
-    for group, key in enumerate(result.groups.keys):
-        if width == 1:  # one value: the tests keep the state itself
-            result.groups.apply_to(group, [states.setdefault(key, MeanState())])
-        else:
-            result.groups.apply_to(group, states.setdefault(key, [MeanState() for _ in range(width)]))
+    """What the agent does with a fold: each group's batch added to its stored entry, column-wise
+    (Mean.add_batches), and record by record for a group re-delivered in part (Groups.apply_to).
+    With one value the tests keep the state itself, with several a list."""
+    aggregate = Mean([f"v{index}" for index in range(width)])
+    groups = result.groups
+    stored = [
+        aggregate.encode([states[key]] if width == 1 else states[key]) if key in states else None for key in groups.keys
+    ]
+    for group, (key, entry) in enumerate(
+        zip(groups.keys, aggregate.add_batches(stored, groups.batch_sums()), strict=True)
+    ):
+        if entry is None:
+            partly = aggregate.decode(stored[group])
+            groups.apply_to(group, partly)
+            entry = aggregate.encode(partly)
+        updated = aggregate.decode(entry)
+        states[key] = updated[0] if width == 1 else updated
 
 
 def assert_same_states(mine: dict, reference: dict) -> None:
@@ -159,6 +171,10 @@ def test_sums_beyond_the_float_range_become_infinite_instead_of_failing():
     states = {}
     assert folded(records, 0, None, states, key_field=None)["counted"] == 3
     assert states[b"k"].count == 3 and math.isinf(states[b"k"].total)
+    # the stored entry reads back: JSON has no inf, and a null there once stopped the next batch
+    more = [ParsedRecord(i, b"k", orjson.dumps({"amount": 1.0})) for i in range(3, 5)]
+    assert folded(more, 3, None, states, key_field=None)["counted"] == 2
+    assert states[b"k"].count == 5 and math.isinf(states[b"k"].total)
 
 
 def test_the_key_field_is_the_group_key_whatever_the_message_key():
@@ -321,3 +337,23 @@ def test_message_keys_take_the_column_path_too():
     assert _parse(records, RowShape(None, ("amount",))) is not None
     assert folded(records, 0, None, mine_states, key_field=None) == reference
     assert_same_states(mine_states, reference_states)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_sum_does_not_depend_on_how_the_records_were_batched(seed):
+    """Live and batch fetch the same log in different batches: the sums must be the same bits,
+    the correctly rounded sum of every value (math.fsum), whatever the split."""
+    rng = random.Random(seed)
+    scale = rng.choice([1.0, 1e6, 1e-3])
+    values = [round(rng.uniform(-50, 500), 2) * scale for _ in range(3000)]
+    keys = [b"k%d" % rng.randrange(3) for _ in values]
+    records = [
+        ParsedRecord(i, key, orjson.dumps({"amount": v})) for i, (key, v) in enumerate(zip(keys, values, strict=True))
+    ]
+    expected = {key: math.fsum(v for k, v in zip(keys, values, strict=True) if k == key) for key in set(keys)}
+    for _ in range(4):
+        cuts = sorted(rng.sample(range(1, len(records)), rng.randrange(1, 60)))
+        states = {}
+        for start, stop in zip([0, *cuts], [*cuts, len(records)], strict=True):
+            folded(records[start:stop], start, None, states, key_field=None)
+        assert {key: state.sum for key, state in states.items()} == expected

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,6 +29,9 @@ from kappa.errors import KappaError
 from kappa.snapshots import csvtext
 from tables.aggregate import MEAN, Aggregate, output_schema
 from tables.keys import PLAIN, KeyLayout
+
+if TYPE_CHECKING:  # pandas is imported by read_snapshot's caller, not by every kappa command
+    import pandas as pd
 
 KEEP_SNAPSHOTS = 5
 SNAPSHOT_DIR = re.compile(r"^g(\d+)-(\d+)$")

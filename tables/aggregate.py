@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import ClassVar, Protocol, cast
 
 import numpy as np
@@ -37,6 +38,7 @@ from tables.keys import PLAIN, KeyLayout
 MEAN_V1 = 1
 ENTRY_PREFIX = bytes((MEAN_V1,)) + b"["
 LEGACY_JSON = ord("[")
+PARTIALS_CHUNK = 65_536  # entries decoded at once when a table is read for a snapshot
 
 
 class Aggregate(Protocol):
@@ -347,14 +349,19 @@ def output_schema(layout: KeyLayout = PLAIN, aggregate: Aggregate = MEAN) -> pa.
 
 
 def partials_table(
-    pairs: Iterable[tuple[bytes, bytes]], aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN
+    pairs: Iterable[tuple[bytes, bytes]],
+    aggregate: Aggregate = MEAN,
+    layout: KeyLayout = PLAIN,
+    chunk: int = PARTIALS_CHUNK,
 ) -> pa.Table:
-    """(stored key, encoded entry) pairs as an Arrow table of partials, decoded in bulk."""
-    keys: list[bytes] = []
-    entries: list[bytes] = []
-    for key, entry in pairs:
-        keys.append(key)
-        entries.append(entry)
-    columns = aggregate.decode_many(entries)
-    key_column = pa.array(keys, type=pa.binary()).cast(layout.key_type())
-    return pa.table({"key": key_column, **columns}, schema=partial_schema(layout, aggregate))
+    """(stored key, encoded entry) pairs as an Arrow table of partials, decoded in bulk a
+    chunk at a time (the Python objects of a chunk are all that is held beside the table)."""
+    schema = partial_schema(layout, aggregate)
+    batches = []
+    pairs = iter(pairs)
+    while pairs_chunk := list(islice(pairs, chunk)):
+        keys, entries = zip(*pairs_chunk, strict=True)
+        columns = aggregate.decode_many(entries)
+        key_column = pa.array(keys, type=pa.binary()).cast(layout.key_type())
+        batches.append(pa.record_batch({"key": key_column, **columns}, schema=schema))
+    return pa.Table.from_batches(batches, schema=schema)

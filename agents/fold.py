@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from tables.keys import ESCAPED_NUL, FIELD_END, KeyLayout
 PLAIN_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6})?Z?$"
 FIRST_YEAR_SECOND = -62135596800  # 0001-01-01T00:00:00, the first time Python's datetime has
 SIGN = np.uint64(1 << 63)
+MAX_REFUSALS = 8  # records the parser refuses in one batch before the rest is judged record by record
+REFUSED_SPAN = 2  # Arrow names the refused row or, for trailing garbage, the one after it
 EXACT_INTEGERS = float(1 << 43)  # epoch ms to the year 2248; below it x / 1000 floors as x // 1000
 
 
@@ -132,17 +135,42 @@ def fold(
     if not records:
         return result
     result.last_offset = records[-1].offset
-    table = _parse(records, shape)
-    if table is None:
-        rows = _fold_each(records, range(len(records)), shape, layout, counted_from, result)
-    else:
-        rows = _fold_columns(records, table, shape, layout, counted_from, result)
-    result.groups = _group(rows, width)
+    parts: list[GroupedRows] = []
+    start, refusals = 0, 0
+    while start < len(records):
+        rest = records[start:]
+        parsed = _parse(rest, shape)
+        if parsed.table is not None:
+            parts.append(_fold_columns(rest, parsed, shape, layout, counted_from, result))
+            break
+        if parsed.refused is None or refusals == MAX_REFUSALS:
+            parts.append(_fold_each(rest, range(len(rest)), shape, layout, counted_from, result))
+            break
+        # the rows before the refused record take the columns, the refused one the rules
+        refused, start, refusals = parsed.refused, start + parsed.refused + REFUSED_SPAN, refusals + 1
+        if refused:
+            head = _parse(rest[:refused], shape)
+            if head.table is not None:
+                parts.append(_fold_columns(rest[:refused], head, shape, layout, counted_from, result))
+            else:
+                parts.append(_fold_each(rest, range(refused), shape, layout, counted_from, result))
+        judged = range(refused, min(refused + REFUSED_SPAN, len(rest)))
+        parts.append(_fold_each(rest, judged, shape, layout, counted_from, result))
+    result.groups = _group(_concatenate(parts, width), width)
     return result
 
 
-def _parse(records: Sequence[Record], shape: RowShape) -> pa.Table | None:
-    """The batch's fields as Arrow columns, or None when only the per-record rules can judge it."""
+@dataclass(slots=True)
+class Parsed:
+    """A batch's fields as Arrow columns, and the rows the columns must not judge; or no table
+    and the first record the parser refused (None when it cannot be told)."""
+
+    table: pa.Table | None
+    refused: int | None = None
+    judge_each: np.ndarray | None = None
+
+
+def _parse(records: Sequence[Record], shape: RowShape) -> Parsed:
     names = [*(shape.key_fields or ()), *shape.value_fields]
     fields = [(name, pa.string()) for name in shape.key_fields or ()]
     fields += [(name, pa.float64()) for name in shape.value_fields]
@@ -151,23 +179,42 @@ def _parse(records: Sequence[Record], shape: RowShape) -> pa.Table | None:
         names.append(shape.time_field)
         fields.append((shape.time_field, _time_type(records[0].value, shape.time_field)))
     if len(set(names)) != len(names):
-        return None
-    messages = [record.value for record in records]
-    if not all(messages):
-        return None
-    text = b"\n".join(messages)  # type: ignore[arg-type]
+        return Parsed(None)
+    messages = [record.value or b"" for record in records]
+    text = b"\n".join(messages)
     # one line per record, each an object: the parser then gives exactly one row per record
-    if text[:1] != b"{" or text.count(b"\n") != len(messages) - 1 or text.count(b"\n{") != len(messages) - 1:
-        return None
+    count = len(messages)
+    if text[:1] != b"{" or text.count(b"\n") != count - 1 or text.count(b"\n{") != count - 1:
+        return Parsed(None, next((i for i, m in enumerate(messages) if m[:1] != b"{" or b"\n" in m), None))
+    try:  # orjson refuses bytes that are not UTF-8 anywhere in a message; Arrow checks only the fields it reads
+        text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Parsed(None, text.count(b"\n", 0, exc.start))
     try:
         table = pa_json.read_json(
             io.BytesIO(text),
             read_options=pa_json.ReadOptions(use_threads=False, block_size=max(len(text), 1 << 20)),
             parse_options=pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore"),
         )
-    except (pa.ArrowInvalid, UnicodeDecodeError):
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        row = re.search(r"in row (\d+)", str(exc))
+        return Parsed(None, max(int(row.group(1)) - 1, 0) if row else None)  # Arrow may name the next row
+    if table.num_rows != count:
+        return Parsed(None)
+    return Parsed(table, judge_each=_unlike_orjson(messages, text))
+
+
+def _unlike_orjson(messages: list[bytes], text: bytes) -> np.ndarray | None:
+    """Rows Arrow reads but orjson (and then json) may judge otherwise: NaN and Infinity
+    literals (`-NaN` is no JSON to Python) and nesting (orjson stops at 1024 levels)."""
+    flat = text.count(b"{") == len(messages) and b"[" not in text
+    if flat and b"NaN" not in text and b"Infinity" not in text:
         return None
-    return table if table.num_rows == len(records) else None
+    return np.fromiter(
+        (b"NaN" in m or b"Infinity" in m or m.count(b"{") > 1 or b"[" in m for m in messages),
+        dtype=bool,
+        count=len(messages),
+    )
 
 
 def _time_type(first: bytes | None, time_field: str) -> pa.DataType:
@@ -183,8 +230,10 @@ def _time_type(first: bytes | None, time_field: str) -> pa.DataType:
 
 
 def _fold_columns(
-    records: Sequence[Record], table: pa.Table, shape: RowShape, layout: KeyLayout, counted_from: int, result: Fold
+    records: Sequence[Record], parsed: Parsed, shape: RowShape, layout: KeyLayout, counted_from: int, result: Fold
 ) -> GroupedRows:
+    table = parsed.table
+    assert table is not None
     count = table.num_rows
     offsets = np.fromiter((record.offset for record in records), dtype=np.int64, count=count)
     if shape.key_fields is None:
@@ -208,6 +257,8 @@ def _fold_columns(
         starts = seconds - seconds % shape.window_s
     else:
         timed = np.ones(count, dtype=bool)
+    if parsed.judge_each is not None:
+        judged_each = judged_each | parsed.judge_each
     grouped = keys_ok & timed & ~judged_each
     has_value = ~np.isnan(values)
     countable = offsets >= counted_from
@@ -343,9 +394,22 @@ def _encode_keys(layout: KeyLayout, texts: list[pa.Array], window_starts: np.nda
 
 def _merge_in_offset_order(first: GroupedRows, second: GroupedRows) -> GroupedRows:
     order = np.argsort(np.concatenate([first.offsets, second.offsets]), kind="stable")
-    keys = pa.concat_arrays([first.keys, second.keys]).take(pa.array(order))
-    values = np.concatenate([first.values, second.values])[order]
-    return GroupedRows(keys, values, np.concatenate([first.offsets, second.offsets])[order])
+    return _take(_concatenate([first, second], first.values.shape[1]), order)
+
+
+def _concatenate(parts: list[GroupedRows], width: int) -> GroupedRows:
+    """Rows of consecutive record ranges, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return GroupedRows(
+        pa.concat_arrays([part.keys for part in parts]),
+        np.concatenate([part.values for part in parts]).reshape(-1, width),
+        np.concatenate([part.offsets for part in parts]),
+    )
+
+
+def _take(rows: GroupedRows, order: np.ndarray) -> GroupedRows:
+    return GroupedRows(rows.keys.take(pa.array(order)), rows.values[order], rows.offsets[order])
 
 
 def _group(rows: GroupedRows, width: int) -> Groups:

@@ -312,7 +312,7 @@ def test_the_column_path_agrees_with_the_per_record_rules(counted_from, stop, wi
     rows = [json.dumps(row).encode() for row in PARSEABLE_ROWS] + [NAN_ROW]  # json: big integers, \u escapes
     rows += [json.dumps(NO_DATE).encode()] * with_missing_date
     records = parseable_records(300, rows)
-    assert _parse(records, SHAPE) is not None  # the batch really takes the column path
+    assert _parse(records, SHAPE).table is not None  # the batch really takes the column path
     mine = assert_fold_matches_rows_one_at_a_time(records, counted_from, stop)
     if counted_from == 0 and stop is None:
         assert mine["counted"] and mine["skipped"] and mine["rejected"]
@@ -325,7 +325,7 @@ def test_epoch_times_agree_with_the_per_record_rules(times, unit):
     rows = [json.dumps({"city": "a", "vendor": str(i % 3), "fare": i, "tip": 1, "at": at}).encode()
             for i, at in enumerate(times)]  # fmt: skip
     records = parseable_records(100, rows)
-    assert _parse(records, shape) is not None
+    assert _parse(records, shape).table is not None
     assert_fold_matches_rows_one_at_a_time(records, 0, None, shape)
 
 
@@ -334,7 +334,7 @@ def test_message_keys_take_the_column_path_too():
     records = [ParsedRecord(i, keys[i % len(keys)], orjson.dumps({"amount": i * 0.5})) for i in range(60)]
     reference_states, mine_states = {}, {}
     reference = one_at_a_time(records, 0, None, reference_states, key_field=None)
-    assert _parse(records, RowShape(None, ("amount",))) is not None
+    assert _parse(records, RowShape(None, ("amount",))).table is not None
     assert folded(records, 0, None, mine_states, key_field=None) == reference
     assert_same_states(mine_states, reference_states)
 
@@ -357,3 +357,49 @@ def test_a_sum_does_not_depend_on_how_the_records_were_batched(seed):
         for start, stop in zip([0, *cuts], [*cuts, len(records)], strict=True):
             folded(records[start:stop], start, None, states, key_field=None)
         assert {key: state.sum for key, state in states.items()} == expected
+
+
+# Records the column parser refuses or reads otherwise than orjson and json do: each must be judged
+# by the per-record rules while the plain records around it keep the column path.
+UNLIKE_ORJSON = [
+    b'{"city": "a", "vendor": "v", "fare": "3.5", "tip": 1, "at": "2024-03-01T10:00:00"}',  # a value as text
+    b'{"city": "a", "vendor": "v", "fare": -NaN, "tip": 1, "at": "2024-03-01T10:00:00"}',  # no JSON to Python
+    b'{"city": "a", "vendor": "v", "fare": 1, "tip": 1, "at": "2024-03-01T10:00:00", "x": "\xff"}',  # not UTF-8
+    b'{"city": "a", "vendor": "v", "fare": 1, "tip": 1, "at": "2024-03-01T10:00:00"}x',  # trailing garbage
+    b'\xef\xbb\xbf{"city": "a", "vendor": "v", "fare": 2, "tip": 1, "at": "2024-03-01T10:00:00"}',  # a BOM
+    b'{"city": "a", "vendor": "v", "fare": 1, "tip": 1, "at": "2024-03-01T10:00:00", "x": '
+    + b"[" * 1100
+    + b"]" * 1100
+    + b"}",  # nested deeper than orjson reads
+    b'{"city": "a", "vendor": "v", "fare": 3, "tip": 1, "at": "2024-03-01T10:00:00", "x": {"y": [1]}}',  # nested
+    b"not json",
+    b"",
+    b'{"city": 7, "vendor": "v", "fare": 1, "tip": 1, "at": "2024-03-01T10:00:00"}',  # a number as key
+    b'{"city": "a", "city": "b", "vendor": "v", "fare": 1, "tip": 1, "at": "2024-03-01T10:00:00"}',
+]
+
+
+def fold_with_bad_records(monkeypatch, bad_rows: dict[int, bytes]) -> tuple[dict, int]:
+    """A batch of plain rows with `bad_rows` put in: checked against the per-record rules; also
+    returns how many records went through those rules."""
+    import agents.fold
+
+    plain = [json.dumps(row).encode() for row in PARSEABLE_ROWS[:4]]
+    values = [bad_rows.get(i, plain[i % len(plain)]) for i in range(6000)]
+    records = [ParsedRecord(i, b"k", value) for i, value in enumerate(values)]
+    judged = []
+    monkeypatch.setattr(agents.fold, "decode_row", lambda *a: judged.append(1) or decode_row(*a))
+    return assert_fold_matches_rows_one_at_a_time(records, 0, None), len(judged)
+
+
+@pytest.mark.parametrize("bad", UNLIKE_ORJSON)
+def test_a_record_the_columns_cannot_judge_is_judged_alone(monkeypatch, bad):
+    mine, judged = fold_with_bad_records(monkeypatch, {3: bad, 2000: bad, 5999: bad})
+    assert mine["rejected"] or mine["counted"] == 6000
+    assert judged <= 3 * 2  # the refused record and the one Arrow may name instead; the rest keep the columns
+
+
+def test_many_records_the_columns_cannot_judge(monkeypatch):
+    bad_rows = {index: UNLIKE_ORJSON[n % len(UNLIKE_ORJSON)] for n, index in enumerate(range(3, 6000, 37))}
+    mine, _ = fold_with_bad_records(monkeypatch, bad_rows)
+    assert len(mine["rejected"]) >= len(bad_rows) // 2

@@ -47,6 +47,7 @@ FIRST_YEAR_SECOND = -62135596800  # 0001-01-01T00:00:00, the first time Python's
 SIGN = np.uint64(1 << 63)
 MAX_REFUSALS = 8  # records the parser refuses in one batch before the rest is judged record by record
 REFUSED_SPAN = 2  # Arrow names the refused row or, for trailing garbage, the one after it
+FEW_VALUES = 16  # a key's values in one batch summed column-wise up to this many, by fsum beyond
 EXACT_INTEGERS = float(1 << 43)  # epoch ms to the year 2248; below it x / 1000 floors as x // 1000
 
 
@@ -75,14 +76,16 @@ class Groups:
             sums = np.add.reduceat(np.where(present, self.values, 0.0), starts, axis=0)
         rests = np.zeros_like(sums)
         for value in range(self.values.shape[1]):
+            column = self.values[present[:, value], value]  # each group's present values, in order
+            firsts = np.cumsum(counts[:, value]) - counts[:, value]  # where each group starts in `column`
             pairs = np.flatnonzero(counts[:, value] == 2)
             if len(pairs):  # the sum of two numbers is rounded once: its rest is exact (TwoSum)
-                rows = np.flatnonzero(present[:, value])
-                first = rows[np.searchsorted(rows, starts[pairs])]
-                second = rows[np.searchsorted(rows, first) + 1]
-                rests[pairs, value] = _two_sum_rest(self.values[first, value], self.values[second, value])
-        for group, value in zip(*np.nonzero(counts > 2), strict=True):
-            sums[group, value], rests[group, value] = exact_sum(self._present(value, starts[group], ends[group]))
+                rests[pairs, value] = _two_sum_rest(column[firsts[pairs]], column[firsts[pairs] + 1])
+            few = np.flatnonzero((counts[:, value] > 2) & (counts[:, value] <= FEW_VALUES))
+            if len(few):
+                sums[few, value], rests[few, value] = _compensated_sums(column, firsts[few], counts[few, value])
+            for group in np.flatnonzero(counts[:, value] > FEW_VALUES).tolist():
+                sums[group, value], rests[group, value] = exact_sum(self._present(value, starts[group], ends[group]))
         return BatchSums(sums, rests, counts, self.offsets[starts], self.offsets[ends - 1] + 1)
 
     def apply_to(self, group: int, states: Sequence[MeanState]) -> bool:
@@ -283,6 +286,27 @@ def _fold_columns(
         return mine
     theirs = _fold_each(records, each.tolist(), shape, layout, counted_from, result)
     return _merge_in_offset_order(mine, theirs)
+
+
+def _compensated_sums(column: np.ndarray, firsts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Many short runs of `column` (run i: `counts[i]` values from `firsts[i]`) summed at once,
+    position by position with Neumaier's compensation, as a float and its rest: exact to far
+    below the last bit of the sum (`exact_sum` where a run overflows)."""
+    total, compensation = column[firsts], np.zeros(len(firsts))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for position in range(1, int(counts.max())):
+            active = position < counts
+            number = np.where(active, column[np.minimum(firsts + position, len(column) - 1)], 0.0)
+            added = total + number
+            error = np.where(np.abs(total) >= np.abs(number), (total - added) + number, (number - added) + total)
+            compensation += np.where(active, error, 0.0)
+            total = np.where(active, added, total)
+        high = total + compensation
+    rest = _two_sum_rest(total, compensation)
+    for run in np.flatnonzero(~np.isfinite(high) | ~np.isfinite(rest)).tolist():
+        start = int(firsts[run])
+        high[run], rest[run] = exact_sum(column[start : start + int(counts[run])].tolist())
+    return high, rest
 
 
 def _two_sum_rest(first: np.ndarray, second: np.ndarray) -> np.ndarray:

@@ -6,14 +6,19 @@ every group key is encoded at once, and the rows are grouped by one sort, so no 
 object is made per record. Whatever the columns cannot judge goes through
 `kappa.codec.decode_row`, which owns the record rules:
 
-- the whole batch, when the parser refuses it (a record that is not a JSON object, a value
-  that is a string or a boolean, a key field that is a number, a field named twice, bytes
-  that are not UTF-8, a lone surrogate), or when a field has two roles;
-- single rows whose event time is text in any form other than `YYYY-MM-DDTHH:MM:SS`
-  (with optional milliseconds or microseconds and `Z`), or an epoch that is not finite.
+- a record the parser refuses (not a JSON object, a value that is a string or a boolean, a
+  key field that is a number, a field named twice, a lone surrogate), or whose bytes are not
+  UTF-8: it is found by the row the parser names, and the records before it keep the
+  columns (after `MAX_REFUSALS` in one batch, the rest of the batch goes record by record);
+- rows the parser reads where orjson and json do not, or not alike: NaN and Infinity
+  literals, and nesting;
+- rows whose event time is text in any form other than `YYYY-MM-DDTHH:MM:SS` (with optional
+  milliseconds or microseconds and `Z`), or an epoch that is not finite or very large;
+- the whole batch when one field has two roles, or a message key is not UTF-8.
 
 Both routes give the same verdict for every record (tests/test_fold.py checks this on
-awkward input, batch by batch and mixed into plain batches).
+awkward input, batch by batch and mixed into plain batches). Sums per group and batch are
+exact (tables.aggregate.exact_sum), so how records were batched never shows in a result.
 
 Offsets decide what is applied (see tables.grouped_mean): each group keeps its rows'
 offsets in order, so a key whose stored state already covers part of the batch applies

@@ -84,3 +84,21 @@ def test_entries_carry_a_version_and_older_entries_still_read():
     assert columns["count"].tolist() == [3, 3] and columns["total"].tolist() == [1.5, 1.5]
     with pytest.raises(ValueError, match="encoding version 9"):
         MEAN.decode(bytes((9,)) + b"[]")
+
+
+def test_a_mean_of_nothing_is_null_in_parquet_and_empty_in_csv(tmp_path):
+    """SPEC.md: `mean` is empty in CSV and null (not NaN) in Parquet where count is 0."""
+    import pyarrow.parquet as pq
+
+    from kappa.snapshots.snapshot import write_table_files
+
+    expected = write_spread_parts(tmp_path / "parts", partitions=3, seed=9)
+    rows = write_table_files(tmp_path, parts.merge_parts(tmp_path / "parts", 3).snapshot_rows())
+    empty = sorted(key for key, (count, _) in expected.items() if count == 0)
+    assert rows == len(expected) and empty
+    table = pq.read_table(tmp_path / "table.parquet")
+    means = dict(zip(table.column("key").to_pylist(), table.column("mean").to_pylist(), strict=True))
+    assert sorted(key for key, mean in means.items() if mean is None) == empty
+    assert not any(isinstance(mean, float) and math.isnan(mean) for mean in means.values())
+    csv = pd.read_csv(tmp_path / "table.csv", dtype={"key": str}, keep_default_na=False)
+    assert sorted(csv.loc[csv["mean"] == "", "key"]) == empty

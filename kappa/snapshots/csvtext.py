@@ -68,7 +68,8 @@ def _text(column: pa.Array) -> pa.Array:
 def _float_text(column: pa.Array) -> pa.Array:
     values = column.to_numpy(zero_copy_only=False)
     texts = column.cast(pa.string())
-    fixed = np.flatnonzero(~pc.match_substring_regex(texts, SAME_AS_REPR).to_numpy(zero_copy_only=False))
+    same = pc.fill_null(pc.match_substring_regex(texts, SAME_AS_REPR), False)  # null: missing, written empty
+    fixed = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
     if not len(fixed):
         return texts
     mine = texts.to_numpy(zero_copy_only=False).astype(object)

@@ -72,7 +72,10 @@ def _merged_chunks(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size
     schema = output_schema(layout, aggregate)
     for start in range(0, len(starts), size):
         columns = {**layout.columns(keys.slice(start, size))}
-        columns.update({name: pa.array(values[start : start + size]) for name, values in output.items()})
+        # NaN (a mean of nothing) is null in Parquet, as SPEC.md has it
+        columns.update(
+            {name: pa.array(values[start : start + size], from_pandas=True) for name, values in output.items()}
+        )
         yield pa.table(columns, schema=schema)
 
 

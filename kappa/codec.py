@@ -4,9 +4,10 @@ The group key is the row's key field when the pipeline names one, whatever messa
 producer chose (so any `--key` groups as pandas does); only a pipeline without a key field
 groups by the message key.
 
-Parsing is the hot path of every replay: orjson first, and the standard library only for
-the rare record orjson refuses (NaN/Infinity literals, integers beyond 64 bits), which
-pandas would still read as numbers.
+These are the rules; agents.fold applies them to whole batches column-wise and sends here
+each record its columns cannot judge. A record is parsed with orjson first, and with the
+standard library only when orjson refuses it (NaN/Infinity literals, integers beyond 64
+bits), which pandas would still read as numbers.
 """
 
 from __future__ import annotations

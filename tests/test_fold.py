@@ -1,8 +1,10 @@
 """The agent's batch fold against the record rules applied one record at a time.
 
-The fold recognises plain records inline and sends the rest to `kappa.codec.decode`; this
-checks that the two paths never disagree, on the awkward input the replay tests also use,
-and that offsets gate what is applied and counted exactly as the idempotence design says.
+The fold reads batches column-wise and sends what the columns cannot judge to
+`kappa.codec.decode_row`; this checks that the two routes never disagree, on the awkward
+input the replay tests also use, alone and mixed into plain batches; that offsets gate what
+is applied and counted exactly as the idempotence design says; and that sums do not depend
+on how records were batched. Groups are applied as the agent applies them (`apply_groups`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ produces one record with a fresh key and polls `latest` until that key appears.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import uuid
@@ -38,7 +39,7 @@ def probe(producer: Producer, topic: str, snapshot_dir: str, pipeline: str, time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--broker", default="localhost:9092")
+    parser.add_argument("--broker", default=os.environ.get("KAPPA_BROKER", "localhost:9092"))
     parser.add_argument("--topic", required=True)
     parser.add_argument("--snapshot-dir", default="snapshots")
     parser.add_argument("--pipeline")

@@ -6,6 +6,7 @@ fast and complete, and the loader uses it to produce at full speed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -50,7 +51,18 @@ def client_config(broker: str, **extra: object) -> dict:
 
 
 def admin(broker: str) -> AdminClient:
-    return AdminClient(client_config(broker))
+    """The process's admin client for `broker` (and the credentials now in the environment).
+
+    A new client costs a connection and a metadata round trip, 0.1-0.2 s, and a command makes
+    several admin calls; one client reconnects by itself, to any broker of the cluster it has
+    learned of, when one goes away."""
+    credentials = tuple(sorted(security.from_environment().librdkafka().items()))
+    return _admin_client(broker, credentials)
+
+
+@functools.lru_cache(maxsize=16)
+def _admin_client(broker: str, credentials: tuple[tuple[str, str], ...]) -> AdminClient:
+    return AdminClient(client_config(broker, **dict(credentials)))
 
 
 def wait_until_reachable(broker: str, timeout: float = 10.0, **overrides: object) -> None:

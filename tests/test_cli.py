@@ -85,3 +85,35 @@ def test_kafka_start_on_another_port_is_refused(tmp_path):
         assert same.returncode == 0 and f"127.0.0.1:{port}" in same.stdout, "without --port it keeps its port"
     finally:
         kappa_cli("kafka", "stop", "--data-dir", str(tmp_path), timeout=60)
+
+
+def test_snapshot_as_csv_is_the_published_file(tmp_path):
+    """`kappa snapshot NAME --format csv` prints table.csv byte for byte: window starts in ISO 8601
+    with `Z`, keys quoted as the file has them (it once printed pandas' own rendering)."""
+
+    from kappa.snapshots import snapshot
+    from tables.aggregate import MEAN, MeanState, partials_table
+    from tables.keys import KeyLayout
+
+    layout = KeyLayout(("city",), windowed=True)
+    partials = [
+        (layout.encode([city], start), MEAN.encode([MeanState(total=2.5, count=2)]))
+        for city, start in [("a,b", 0), ("東京", 3600), ('say "hi"', 7200)]
+    ]
+    rows = snapshot.merge_partials(partials_table(sorted(partials), MEAN, layout), MEAN, layout)
+    manifest = {"generation": 1, "offsets": {}, "complete": True}
+    published = snapshot.publish(tmp_path, "trips", 1, rows, manifest)
+    assert published is not None
+    result = run_kappa(["snapshot", "trips", "--format", "csv", "--snapshot-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (published / "table.csv").read_bytes()
+    assert b'"a,b",1970-01-01T00:00:00Z,2,2.5,1.25\r\n' in result.stdout
+    assert result.stdout.count(b"\r\n") == 4  # a header and three rows
+
+
+def test_load_with_several_key_fields_says_where_they_belong(tmp_path):
+    data = tmp_path / "rows.csv"
+    data.write_text("city,vendor,fare\na,b,1\n")
+    result = kappa_cli("load", str(data), "--key", "city,vendor", "--broker", f"127.0.0.1:{free_port()}")
+    assert result.returncode != 0
+    assert "names one column (the message key)" in result.stderr and "--key city,vendor" in result.stderr

@@ -186,7 +186,15 @@ class Source:
 
 def _require_column(columns: list, key: str, source: str) -> None:
     if key not in columns:
-        raise KappaError(f"key column {key!r} not found in {source}; its columns are: {', '.join(map(str, columns))}")
+        several = (
+            "; `kappa load --key` names one column (the message key): group by several fields when you "
+            "replay (`--key city,vendor`)"
+            if "," in key and all(name in columns for name in key.split(","))
+            else ""
+        )
+        raise KappaError(
+            f"key column {key!r} not found in {source}; its columns are: {', '.join(map(str, columns))}{several}"
+        )
 
 
 def _header(path: Path, separator: str, name: str) -> list:

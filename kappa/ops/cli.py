@@ -222,25 +222,36 @@ def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from kappa.snapshots.snapshot import read_snapshot, resolve_latest
+    from kappa.snapshots.snapshot import manifest_in, read_snapshot, resolve_latest
 
     settings = _settings(args)
     if not (args.pipeline or args.name):
         raise KappaError("which pipeline? pass its name: kappa snapshot NAME (or --pipeline NAME)")
     pipeline = validate_pipeline_name(args.pipeline or args.name)
+    if args.format == "csv":  # the published table.csv itself, byte for byte (ISO 8601 window starts)
+        directory = resolve_latest(settings.snapshot_dir, pipeline)
+        manifest = manifest_in(directory)
+        sys.stdout.flush()
+        sys.stdout.buffer.write((directory / "table.csv").read_bytes())
+        sys.stdout.buffer.flush()
+        _snapshot_footer(directory, manifest)
+        return 0
     frame, manifest = read_snapshot(settings.snapshot_dir, pipeline)
     if args.format == "json":
         rows = json.loads(frame.to_json(orient="records"))
         print(json.dumps({"manifest": manifest, "rows": rows}, indent=2))
         return 0
-    if args.format == "csv":
-        print(frame.to_csv(index=False), end="")
-    else:
-        import pandas as pd
+    import pandas as pd
 
-        with pd.option_context("display.max_rows", args.rows, "display.min_rows", args.rows, "display.width", 120):
-            print(frame.to_string(index=False, max_rows=args.rows))
-    print(f"# snapshot {resolve_latest(settings.snapshot_dir, pipeline)}", file=sys.stderr)
+    with pd.option_context("display.max_rows", args.rows, "display.min_rows", args.rows, "display.width", 120):
+        print(frame.to_string(index=False, max_rows=args.rows))
+    _snapshot_footer(resolve_latest(settings.snapshot_dir, pipeline), manifest)
+    return 0
+
+
+def _snapshot_footer(directory: Path, manifest: dict) -> None:
+    """Which snapshot was printed, its manifest, and a warning if it does not cover the log (stderr)."""
+    print(f"# snapshot {directory}", file=sys.stderr)
     print("# manifest " + json.dumps(manifest, sort_keys=True), file=sys.stderr)
     if not manifest.get("complete"):
         lag = manifest.get("lag")
@@ -250,7 +261,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             "written (the pipeline was still catching up)",
             file=sys.stderr,
         )
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,7 +140,7 @@ def steps_back(pipeline_dir: Path, generation: int, manifest: Mapping) -> bool:
     """True when `manifest`'s cut is behind the published snapshot of the same generation in
     some partition."""
     try:
-        published = _manifest_in(pipeline_dir / "latest")
+        published = manifest_in(pipeline_dir / "latest")
     except (OSError, ValueError):
         return False
     if published.get("generation") != generation:
@@ -263,10 +263,11 @@ def resolve_latest(snapshot_dir: str | os.PathLike, pipeline: str) -> Path:
 
 def read_manifest(snapshot_dir: str | os.PathLike, pipeline: str) -> dict:
     """The latest snapshot's manifest alone: what it covers, without reading its table."""
-    return _manifest_in(resolve_latest(snapshot_dir, pipeline))
+    return manifest_in(resolve_latest(snapshot_dir, pipeline))
 
 
-def _manifest_in(directory: Path) -> dict:
+def manifest_in(directory: Path) -> dict:
+    """The manifest of one snapshot directory."""
     return json.loads((directory / "manifest.json").read_text())
 
 
@@ -277,7 +278,7 @@ def read_snapshot(snapshot_dir: str | os.PathLike, pipeline: str) -> tuple[pd.Da
     `manifest["complete"]` (also `frame.attrs["complete"]`; `manifest["lag"]` is the number of
     records of the log it did not cover yet)."""
     directory = resolve_latest(snapshot_dir, pipeline)
-    manifest = _manifest_in(directory)
+    manifest = manifest_in(directory)
     frame = pq.read_table(directory / "table.parquet").to_pandas()
     frame.attrs["complete"] = bool(manifest.get("complete"))
     frame.attrs["lag"] = manifest.get("lag")

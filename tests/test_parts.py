@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from kappa.snapshots import parts
-from tables.aggregate import MEAN, MeanState, partials_table
+from tables.aggregate import MEAN, Mean, MeanState, partials_table
 from tables.grouped_mean import PartitionStats
 
 AWKWARD = ["São Paulo", "東京", "a,b", 'say "hi"', "line\nbreak", "007", "7", "emoji 🎉", " padded "]
@@ -77,13 +77,19 @@ def test_the_batch_and_the_live_path_merge_alike(tmp_path):
 def test_entries_carry_a_version_and_older_entries_still_read():
     state = MeanState(total=1.5, compensation=1e-17, count=3, next_offset=42)
     encoded = MEAN.encode([state])
-    assert encoded[0] == 1 and MEAN.decode(encoded) == [state]
+    assert encoded[0] == 2 and len(encoded) == 33 and MEAN.decode(encoded) == [state]
+    version_1 = b"\x01[42,1.5,1e-17,3]"  # how kappa stored an entry until version 2
     legacy = b"[1.5,1e-17,3,42]"  # how kappa stored an entry before versions
-    assert MEAN.decode(legacy) == [state]
-    columns = MEAN.decode_many([encoded, legacy])
-    assert columns["count"].tolist() == [3, 3] and columns["total"].tolist() == [1.5, 1.5]
+    assert MEAN.decode(version_1) == [state] and MEAN.decode(legacy) == [state]
+    assert MEAN.decode(b'\x01[42,"inf",0.0,3]')[0].total == math.inf  # version 1 spelt infinities as text
+    columns = MEAN.decode_many([encoded, version_1, legacy])
+    assert columns["count"].tolist() == [3, 3, 3] and columns["total"].tolist() == [1.5, 1.5, 1.5]
+    assert columns["compensation"].tolist() == [1e-17] * 3
     with pytest.raises(ValueError, match="encoding version 9"):
         MEAN.decode(bytes((9,)) + b"[]")
+    two_values = Mean(("fare", "tip")).encode([state, state])
+    with pytest.raises(ValueError, match="holds 2 value"):
+        MEAN.decode_many([encoded, two_values])
 
 
 def test_a_mean_of_nothing_is_null_in_parquet_and_empty_in_csv(tmp_path):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kappa.engine.app import app_id, assignor_topic, changelog_topic
+from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka.admin import (
     committed_offsets,
     delete_topics,

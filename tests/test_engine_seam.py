@@ -93,3 +93,13 @@ def test_the_cli_prints_the_mismatch_as_one_line_instead_of_running():
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("kappa: error: faust-streaming 0.15.3 is installed, but kappa's engine seam")
     assert "Consumer._drain_messages is missing" in lines[0]
+
+
+def test_commands_that_only_name_a_generation_do_not_import_faust():
+    """`kappa status`, `kappa gc`, and the supervisors of `kappa worker` and of a replay beside live
+    name a generation's topics but run no Faust app: importing Faust costs each about 0.3 s of
+    CPU, which under a CPU quota per process delays every worker the supervisor starts."""
+    modules = ["kappa.ops.cli", "kappa.ops.status", "kappa.lifecycle.switchover", "kappa.lifecycle.worker"]
+    probe = f"import sys; import {', '.join(modules)}; print(sorted(m for m in ('faust', 'aiokafka') if m in sys.modules))"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", found.stdout + found.stderr

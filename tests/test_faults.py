@@ -16,7 +16,7 @@ import time
 import orjson
 import pytest
 
-from kappa.engine.app import app_id
+from kappa.engine.names import app_id
 from kappa.kafka import broker as embedded
 from kappa.kafka.admin import committed_offsets, ensure_topic
 from tests.datagen import pandas_expectation, sample_frame

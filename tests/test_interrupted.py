@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kappa.engine.app import app_id
+from kappa.engine.names import app_id
 from kappa.kafka.admin import committed_offsets
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, kappa_command, wait_until

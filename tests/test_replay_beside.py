@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from kappa.engine.app import app_id, changelog_topic
+from kappa.engine.names import app_id, changelog_topic
 from kappa.kafka.admin import admin, committed_offsets, ensure_topic, partition_count
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, kill_tree, wait_for

@@ -20,10 +20,11 @@ from kappa.config import fetch_partition_bytes
 from kappa.engine import deadletters
 from kappa.engine.faust_internals import PerRecordQuietMonitor, PromptTableManager, commit_offsets, deliver_batches
 from kappa.engine.lognoise import fold_repeated_client_errors
+from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka import admin, security
 from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.pipeline import Definition, Progress
-from tables.grouped_mean import TABLE_NAME, define_table, stored_next_offset
+from tables.grouped_mean import define_table, stored_next_offset
 
 
 def quiet_faust_noise() -> None:
@@ -52,19 +53,6 @@ def relax_garbage_collector() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
-def app_id(pipeline: str, generation: int) -> str:
-    return f"kappa-{pipeline}-g{generation}"
-
-
-def changelog_topic(pipeline: str, generation: int) -> str:
-    return f"{app_id(pipeline, generation)}-{TABLE_NAME}-changelog"
-
-
-def assignor_topic(pipeline: str, generation: int) -> str:
-    """Faust's leader-election topic of a generation (faust.assignor.leader_assignor)."""
-    return f"{app_id(pipeline, generation)}-__assignor-__leader"
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from kappa.config import Settings
-from kappa.engine.app import app_id, changelog_topic
+from kappa.engine.names import app_id, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.children import heartbeats

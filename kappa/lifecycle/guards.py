@@ -11,6 +11,7 @@ counted nothing from a log that has records never becomes current unless forced.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import orjson
 from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.kafka import admin
+from kappa.kafka.availability import wait_for_leaders
 from kappa.kafka.reader import read_ranges
 from kappa.pipeline import Definition
 
@@ -126,3 +128,50 @@ def refuse_empty_result(records: dict[str, int], total: int, force: bool) -> Non
             f"rejected {records.get('rejected', 0):,}), so it does not replace the current one; check --value and "
             "--key, or pass --force to publish it anyway"
         )
+
+
+def check_log_starts_at_zero(starts: dict[int, int], topic: str, allow_truncated: bool) -> None:
+    """A replay over a log that retention has cut would silently drop history; refuse it."""
+    truncated = {p: start for p, start in starts.items() if start > 0}
+    if truncated and not allow_truncated:
+        detail = ", ".join(f"partition {p} starts at {s}" for p, s in sorted(truncated.items()))
+        raise KappaError(
+            f"topic {topic!r} no longer starts at offset 0 ({detail}): retention removed records, so a replay "
+            "cannot cover all history; pass --allow-truncated to replay what is left"
+        )
+
+
+def warn_finite_retention(settings: Settings, topic: str) -> None:
+    retention = admin.retention_ms(settings.broker, topic)
+    if retention is not None and retention >= 0:
+        print(
+            f"warning: topic {topic!r} has finite retention ({retention / 3_600_000:.1f} h): once records expire, "
+            "a replay can no longer cover all history; set retention.ms=-1 on the log",
+            file=sys.stderr,
+        )
+
+
+def preflight(
+    settings: Settings,
+    definition: Definition,
+    allow_truncated: bool,
+    force: bool = False,
+    timeout: float | None = None,
+) -> tuple[int, dict[int, int]]:
+    """Checks every replay makes first; returns the partition count and the end offsets now.
+
+    The end offsets need every partition's leader: with a broker down, this waits (saying
+    so) for at most `timeout` seconds, or as long as it takes when that is None.
+    """
+    admin.wait_until_reachable(settings.broker)
+    partitions = admin.require_partition_count(settings.broker, definition.topic)
+    wait_for_leaders(settings.broker, [definition.topic], f"replay of {definition.topic!r}", timeout)
+    if not force:
+        check_definition(settings, definition, partitions)
+    marks = admin.watermarks(settings.broker, definition.topic, partitions)
+    warn_finite_retention(settings, definition.topic)
+    check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
+    admin.ensure_topic(
+        settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
+    )
+    return partitions, {p: high for p, (_, high) in marks.items()}

@@ -21,10 +21,9 @@ from kappa.engine.app import Pipeline, create_pipeline, quiet_faust_noise, relax
 from kappa.engine.faust_internals import PromptWorker, fresh_event_loop, request_stop
 from kappa.errors import KappaError
 from kappa.kafka import admin
-from kappa.kafka.availability import wait_for_leaders
 from kappa.lifecycle.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import EmptyResult, check_definition, refuse_empty_result
+from kappa.lifecycle.guards import EmptyResult, preflight, refuse_empty_result
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import snapshot
@@ -60,27 +59,6 @@ def resumable_batch(registry: Registry, definition: Definition) -> int | None:
     return None
 
 
-def check_log_starts_at_zero(starts: dict[int, int], topic: str, allow_truncated: bool) -> None:
-    """A replay over a log that retention has cut would silently drop history; refuse it."""
-    truncated = {p: start for p, start in starts.items() if start > 0}
-    if truncated and not allow_truncated:
-        detail = ", ".join(f"partition {p} starts at {s}" for p, s in sorted(truncated.items()))
-        raise KappaError(
-            f"topic {topic!r} no longer starts at offset 0 ({detail}): retention removed records, so a replay "
-            "cannot cover all history; pass --allow-truncated to replay what is left"
-        )
-
-
-def warn_finite_retention(settings: Settings, topic: str) -> None:
-    retention = admin.retention_ms(settings.broker, topic)
-    if retention is not None and retention >= 0:
-        print(
-            f"warning: topic {topic!r} has finite retention ({retention / 3_600_000:.1f} h): once records expire, "
-            "a replay can no longer cover all history; set retention.ms=-1 on the log",
-            file=sys.stderr,
-        )
-
-
 def table_rows(pipe: Pipeline, partitions: int) -> snapshot.SnapshotRows:
     """The snapshot's rows: every partition's partials, read out of RocksDB as Arrow (no
     Python object per key), merged the same way live parts are (kappa.snapshots.snapshot)."""
@@ -95,32 +73,6 @@ def record_counts(pipe: Pipeline, partitions: int) -> dict:
     for partition in range(partitions):
         totals.merge(read_stats(pipe.table, partition))
     return totals.records(pipe.definition.value_fields)
-
-
-def preflight(
-    settings: Settings,
-    definition: Definition,
-    allow_truncated: bool,
-    force: bool = False,
-    timeout: float | None = None,
-) -> tuple[int, dict[int, int]]:
-    """Checks every replay makes first; returns the partition count and the end offsets now.
-
-    The end offsets need every partition's leader: with a broker down, this waits (saying
-    so) for at most `timeout` seconds, or as long as it takes when that is None.
-    """
-    admin.wait_until_reachable(settings.broker)
-    partitions = admin.require_partition_count(settings.broker, definition.topic)
-    wait_for_leaders(settings.broker, [definition.topic], f"replay of {definition.topic!r}", timeout)
-    if not force:
-        check_definition(settings, definition, partitions)
-    marks = admin.watermarks(settings.broker, definition.topic, partitions)
-    warn_finite_retention(settings, definition.topic)
-    check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
-    admin.ensure_topic(
-        settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
-    )
-    return partitions, {p: high for p, (_, high) in marks.items()}
 
 
 def run_batch(

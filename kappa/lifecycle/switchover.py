@@ -22,8 +22,7 @@ from kappa.errors import KappaError
 from kappa.lifecycle.children import Child, heartbeats, spawn_process, stop_children
 from kappa.lifecycle.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import EmptyResult
-from kappa.lifecycle.replay import preflight
+from kappa.lifecycle.guards import EmptyResult, preflight
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition
 from kappa.snapshots import parts

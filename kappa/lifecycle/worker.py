@@ -19,10 +19,7 @@ import time
 from typing import IO
 
 from kappa.config import Settings
-from kappa.engine.app import (
-    app_id,
-    changelog_topic,
-)
+from kappa.engine.names import app_id, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent

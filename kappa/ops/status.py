@@ -7,7 +7,7 @@ import os
 from datetime import UTC, datetime
 
 from kappa.config import Settings
-from kappa.engine.app import app_id, assignor_topic, changelog_topic
+from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.generations import GenerationState, Registry, pipelines_under

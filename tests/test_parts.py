@@ -108,3 +108,31 @@ def test_a_mean_of_nothing_is_null_in_parquet_and_empty_in_csv(tmp_path):
     assert not any(isinstance(mean, float) and math.isnan(mean) for mean in means.values())
     csv = pd.read_csv(tmp_path / "table.csv", dtype={"key": str}, keep_default_na=False)
     assert sorted(csv.loc[csv["mean"] == "", "key"]) == empty
+
+
+def test_entries_an_older_kappa_stored_take_new_batches_like_current_ones():
+    """A live generation that an upgrade finds holds version 1 (JSON) entries; the next batch
+    rewrites them as version 2, with the same arithmetic as entries that were version 2."""
+    import orjson
+
+    from tables.aggregate import BatchSums
+
+    states = [MeanState(1.5, 1e-17, 3, 42), MeanState(-2e12, 0.0, 1, 7), MeanState(float("inf"), 0.0, 2, 9)]
+    as_version_1 = [
+        b"\x01" + orjson.dumps([s.next_offset, "inf" if math.isinf(s.total) else s.total, s.compensation, s.count])
+        for s in states
+    ]
+    current = [MEAN.encode([state]) for state in states]
+    batch = BatchSums(
+        sums=np.array([[0.25], [3.0], [1.0], [4.0]]),
+        rests=np.array([[1e-20], [0.0], [0.0], [0.0]]),
+        counts=np.array([[2], [1], [1], [3]]),
+        first_offsets=np.array([50, 7, 9, 0]),
+        next_offsets=np.array([60, 8, 10, 5]),
+    )
+    upgraded = MEAN.add_batches([*as_version_1, None], batch)
+    assert upgraded == MEAN.add_batches([*current, None], batch)
+    assert all(entry is not None and entry[0] == 2 for entry in upgraded)
+    first, second, third, new = (MEAN.decode(entry)[0] for entry in upgraded)
+    assert (first.count, first.next_offset, second.count, third.total, new.count) == (5, 60, 2, math.inf, 3)
+    assert first.total + first.compensation == 1.75 and second.total + second.compensation == -2e12 + 3.0

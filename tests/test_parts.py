@@ -112,27 +112,35 @@ def test_a_mean_of_nothing_is_null_in_parquet_and_empty_in_csv(tmp_path):
 
 def test_entries_an_older_kappa_stored_take_new_batches_like_current_ones():
     """A live generation that an upgrade finds holds version 1 (JSON) entries; the next batch
-    rewrites them as version 2, with the same arithmetic as entries that were version 2."""
+    rewrites them as version 2, with the same arithmetic as entries that were version 2, and
+    the same refusal of a batch the entry has partly applied (its stored offset is past the
+    batch's first record: None, for the caller to apply record by record)."""
     import orjson
 
     from tables.aggregate import BatchSums
 
-    states = [MeanState(1.5, 1e-17, 3, 42), MeanState(-2e12, 0.0, 1, 7), MeanState(float("inf"), 0.0, 2, 9)]
+    states = [
+        MeanState(1.5, 1e-17, 3, 42),
+        MeanState(-2e12, 0.0, 1, 7),
+        MeanState(float("inf"), 0.0, 2, 9),
+        MeanState(4.0, 0.0, 1, 45),
+    ]
     as_version_1 = [
         b"\x01" + orjson.dumps([s.next_offset, "inf" if math.isinf(s.total) else s.total, s.compensation, s.count])
         for s in states
     ]
     current = [MEAN.encode([state]) for state in states]
     batch = BatchSums(
-        sums=np.array([[0.25], [3.0], [1.0], [4.0]]),
-        rests=np.array([[1e-20], [0.0], [0.0], [0.0]]),
-        counts=np.array([[2], [1], [1], [3]]),
-        first_offsets=np.array([50, 7, 9, 0]),
-        next_offsets=np.array([60, 8, 10, 5]),
+        sums=np.array([[0.25], [3.0], [1.0], [2.0], [4.0]]),
+        rests=np.array([[1e-20], [0.0], [0.0], [0.0], [0.0]]),
+        counts=np.array([[2], [1], [1], [2], [3]]),
+        first_offsets=np.array([50, 7, 9, 40, 0]),
+        next_offsets=np.array([60, 8, 10, 50, 5]),
     )
     upgraded = MEAN.add_batches([*as_version_1, None], batch)
     assert upgraded == MEAN.add_batches([*current, None], batch)
-    assert all(entry is not None and entry[0] == 2 for entry in upgraded)
-    first, second, third, new = (MEAN.decode(entry)[0] for entry in upgraded)
+    assert upgraded[3] is None, "the fourth entry applied part of this batch already"
+    first, second, third, new = (MEAN.decode(upgraded[index])[0] for index in (0, 1, 2, 4))
+    assert all(upgraded[index][0] == 2 for index in (0, 1, 2, 4))
     assert (first.count, first.next_offset, second.count, third.total, new.count) == (5, 60, 2, math.inf, 3)
     assert first.total + first.compensation == 1.75 and second.total + second.compensation == -2e12 + 3.0

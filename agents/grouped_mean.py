@@ -68,10 +68,15 @@ class GroupedMeanAgent:
         """One fetched batch: fold and apply each partition's records in one transaction,
         make it durable, then commit what it reached (tables.transaction has the order)."""
         transaction = BatchTransaction(self.writer, self._flush_dead_letters)
+        generation = self.table.app.consumer_generation_id
         for tp, records in batches.items():
             await self._apply_partition(transaction, tp.partition, records)
             self.progress.records_seen += len(records)
         await transaction.make_durable()
+        if self.table.app.consumer_generation_id != generation:
+            # A rebalance completed while this batch was applied: the new assignment has already
+            # committed what its tables hold, and a commit from here could run ahead of that.
+            return
         await self._commit_applied(transaction.committable())
 
     async def _commit_applied(self, offsets: Mapping[int, int]) -> None:
@@ -100,12 +105,16 @@ class GroupedMeanAgent:
         Resuming from the table's offsets on every assignment (kappa.engine.app) should make this
         impossible; if it happens anyway, seek back so nothing is skipped, and drop the
         records already fetched from beyond that point until the re-delivery arrives. A hole
-        that never fills (transaction markers, compaction) is accepted after a while. A
-        partition with nothing applied yet simply starts where the log starts.
+        that never fills (transaction markers, compaction) is accepted after a while.
+
+        A partition with nothing applied yet may start where the log starts, and only there
+        (retention may have removed the head): a 4-process replay under CPU quotas once
+        resumed an empty partition at offset 100,000, after a rebalance raced a commit, and
+        silently lost the first 100,000 records with exit 0.
         """
         pending = self._rewinds.get(partition)
         if pending is None:
-            if messages[0].offset <= stored or stored == 0:
+            if messages[0].offset <= stored or (stored == 0 and messages[0].offset <= await self._log_start(partition)):
                 return messages
             log.warning(
                 "partition %s resumed at offset %s but the table holds records up to %s; seeking back",
@@ -128,6 +137,11 @@ class GroupedMeanAgent:
         )
         del self._rewinds[partition]
         return messages
+
+    async def _log_start(self, partition: int) -> int:
+        """The partition's first offset still on the log (0 unless retention removed records)."""
+        tp = TP(self.definition.topic, partition)
+        return (await self.table.app.consumer.earliest_offsets(tp)).get(tp, 0)
 
     async def _apply_partition(self, transaction: BatchTransaction, partition: int, records: Sequence[Record]) -> None:
         definition, writer, aggregate = self.definition, self.writer, self.aggregate

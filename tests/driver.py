@@ -57,13 +57,16 @@ class RecordingProducer:
     """Stands in for the changelog producer: keeps each partition's records in order.
 
     `cancel_at` cancels the n-th `send_batch` (1-based), as a rebalance cancels the agent's
-    task while it waits to queue a record batch."""
+    task while it waits to queue a record batch; `rebalance_at` lets a rebalance complete
+    during the n-th (the app's consumer generation moves on)."""
 
     def __init__(self, batch_capacity: int) -> None:
         self.batch_capacity = batch_capacity
         self.changelog: dict[int, list[tuple[bytes, bytes]]] = {}
         self.sends = 0
         self.cancel_at: int | None = None
+        self.rebalance_at: int | None = None  # the n-th send_batch happens during a rebalance
+        self.app: Any = None
 
     def create_batch(self) -> RecordBatch:
         return RecordBatch(self.batch_capacity)
@@ -72,6 +75,8 @@ class RecordingProducer:
         self.sends += 1
         if self.cancel_at == self.sends:
             raise asyncio.CancelledError()
+        if self.rebalance_at == self.sends:
+            self.app.consumer_generation_id += 1
         records = self.changelog.setdefault(partition, [])
         base = len(records)
         records.extend(batch.records)
@@ -91,9 +96,13 @@ class RecordingDeadLetters:
 class RecordingConsumer:
     def __init__(self) -> None:
         self.seeks: list[tuple[TP, int]] = []
+        self.log_starts: dict[TP, int] = {}  # where retention has cut each partition (0 if absent)
 
     async def seek(self, tp: TP, offset: int) -> None:
         self.seeks.append((tp, offset))
+
+    async def earliest_offsets(self, *partitions: TP) -> dict[TP, int]:
+        return {tp: self.log_starts.get(tp, 0) for tp in partitions}
 
 
 class AgentDriver:
@@ -109,6 +118,7 @@ class AgentDriver:
         self.consumer = RecordingConsumer()
         self.app.consumer = self.consumer
         self.producer = RecordingProducer(batch_capacity)
+        self.producer.app = self.app
         self.dead = RecordingDeadLetters()
         self.commits: list[dict[TP, int]] = []
         monkeypatch.setattr(writer_module, "raw_producer", lambda app: self.producer)

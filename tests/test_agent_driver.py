@@ -104,6 +104,35 @@ def test_a_consumer_ahead_of_the_table_is_rewound(make_driver):
     assert table_sums(driver, 0) == expected_sums(25)
 
 
+def test_an_empty_partition_is_rewound_to_the_log_start_not_resumed_ahead_of_it(make_driver):
+    """Seen in a 4-process replay: a rebalance raced a commit, and a partition whose table held
+    nothing was fetched from offset 100,000; its first 100,000 records were lost with exit 0."""
+    driver = make_driver()
+    driver.feed(0, records(20, 5))  # nothing applied yet, and the log starts at 0
+    assert driver.consumer.seeks == [(TP("trips", 0), 0)]
+    assert driver.stats(0).next_offset == 0 and table_sums(driver, 0) == {}
+    driver.feed(0, records(0, 25))  # the re-delivery from the log's start
+    assert table_sums(driver, 0) == expected_sums(25) and driver.stats(0).counted == 25
+
+
+def test_a_batch_that_a_rebalance_overtook_is_not_committed(make_driver):
+    """The new assignment commits what its restored tables hold; a commit of the old batch after
+    that would move the group's offset ahead of them."""
+    driver = make_driver()
+    driver.feed(0, records(0, 10))
+    driver.producer.rebalance_at = driver.producer.sends + 1
+    driver.feed(0, records(10, 10))
+    assert driver.commits == [{TP("trips", 0): 10}], "only the batch before the rebalance was committed"
+    assert driver.stats(0).next_offset == 20, "the table keeps what it applied; resuming goes by it"
+
+
+def test_an_empty_partition_starts_where_retention_left_the_log(make_driver):
+    driver = make_driver()
+    driver.consumer.log_starts[TP("trips", 0)] = 20
+    driver.feed(0, records(20, 5))
+    assert driver.consumer.seeks == [] and driver.stats(0).counted == 5
+
+
 def test_the_transaction_refuses_steps_out_of_order(make_driver):
     from tables.transaction import BatchTransaction
 

@@ -266,11 +266,18 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
     """Bind with `for_topics`; the handlers get every fetched batch of their topics."""
 
     handlers: Mapping[str, BatchHandler] = {}
+    _sought_in_handler: set[TP] | None = None  # partitions a running handler sought
 
     @classmethod
     def for_topics(cls, handlers: Mapping[str, BatchHandler]) -> type[BatchDeliveryConsumer]:
         PassThroughRecords.install(handlers)
         return type("BatchDeliveryConsumer", (cls,), {"handlers": dict(handlers)})
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        """Faust's seek, remembered while a handler runs (see `_fetch_and_deliver`)."""
+        if self._sought_in_handler is not None:
+            self._sought_in_handler.add(TP(partition.topic, partition.partition))
+        await super().seek(partition, offset)
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set
@@ -320,9 +327,17 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         for topic, mine in batches.items():
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 return
-            await self.handlers[topic](mine)
+            sought: set[TP] = set()
+            self._sought_in_handler = sought
+            try:
+                await self.handlers[topic](mine)
+            finally:
+                self._sought_in_handler = None
             for tp, delivered in mine.items():
-                self._read_offset[tp] = delivered[-1].offset
+                # a handler that sought back (the agent's rewind) set the read offset itself:
+                # overwriting it with this batch's last offset would filter out the re-delivery
+                if tp not in sought:
+                    self._read_offset[tp] = delivered[-1].offset
         for tp, fresh in others:
             await self._deliver_one_by_one(tp, fresh, generation_id)
 

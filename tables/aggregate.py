@@ -183,15 +183,7 @@ class Mean:
         """Version 2: the version byte, then next_offset and a (total, compensation, count) triple
         per value, little-endian and fixed-width (`entry_dtype`). Infinities and NaN are floats
         like any other (JSON, in version 1, had to spell them as text)."""
-        entry = np.zeros(1, dtype=self.entry_dtype)
-        entry["version"], entry["next_offset"] = MEAN_V2, states[0].next_offset
-        for i, state in enumerate(states):
-            entry[f"total_{i}"], entry[f"compensation_{i}"], entry[f"count_{i}"] = (
-                state.total,
-                state.compensation,
-                state.count,
-            )
-        return entry.tobytes()
+        return self._encode_rows(np.array([self._row_of(states)], dtype=np.float64))[0]
 
     def decode(self, raw: bytes | None) -> list[MeanState]:
         if raw is None:
@@ -200,16 +192,7 @@ class Mean:
         if version == MEAN_V2:
             if len(raw) != self.entry_dtype.itemsize:
                 raise self._other_width(1 + 3 * ((len(raw) - 9) // 24))
-            entry = np.frombuffer(raw, dtype=self.entry_dtype)[0]
-            return [
-                MeanState(
-                    float(entry[f"total_{i}"]),
-                    float(entry[f"compensation_{i}"]),
-                    int(entry[f"count_{i}"]),
-                    int(entry["next_offset"]),
-                )
-                for i in range(self.width)
-            ]
+            return self._states_of(self._rows_of(np.frombuffer(raw, dtype=self.entry_dtype))[0])
         if version == MEAN_V1:
             fields = orjson.loads(raw[1:])
             next_offset = fields[0]
@@ -249,12 +232,12 @@ class Mean:
             rows[:, 2 + 3 * i] = np.where(touched, compensated, compensations)
             rows[:, 3 + 3 * i] += batches.counts[:, i]
         rows[:, 0] = batches.next_offsets
-        entries = self._encode_rows(rows)
+        entries: list[bytes | None] = list(self._encode_rows(rows))
         for index in np.flatnonzero(batches.first_offsets < stored_offsets).tolist():
             entries[index] = None
         return entries
 
-    def _encode_rows(self, rows: np.ndarray) -> list[bytes | None]:
+    def _encode_rows(self, rows: np.ndarray) -> list[bytes]:
         """Rows of `[next_offset, total, compensation, count, ...]` as version 2 entries: one
         buffer, cut into fixed-width pieces."""
         entries = np.zeros(len(rows), dtype=self.entry_dtype)
@@ -284,11 +267,18 @@ class Mean:
             found = np.frombuffer(joined, dtype=self.entry_dtype)
             if (found["version"] == MEAN_V2).all():
                 return self._rows_of(found)
-        rows = np.empty((len(entries), 1 + 3 * self.width), dtype=np.float64)
-        for index, entry in enumerate(entries):
-            states = self.decode(entry)
-            rows[index] = [states[0].next_offset, *(x for s in states for x in (s.total, s.compensation, s.count))]
-        return rows
+        return np.array([self._row_of(self.decode(entry)) for entry in entries], dtype=np.float64)
+
+    @staticmethod
+    def _row_of(states: Sequence[MeanState]) -> list[float]:
+        """The row form (see `_entry_rows`) of one key's states."""
+        return [states[0].next_offset, *(x for state in states for x in (state.total, state.compensation, state.count))]
+
+    def _states_of(self, row: np.ndarray) -> list[MeanState]:
+        return [
+            MeanState(float(row[1 + 3 * i]), float(row[2 + 3 * i]), int(row[3 + 3 * i]), int(row[0]))
+            for i in range(self.width)
+        ]
 
     def _rows_of(self, entries: np.ndarray) -> np.ndarray:
         rows = np.empty((len(entries), 1 + 3 * self.width), dtype=np.float64)
@@ -306,7 +296,7 @@ class Mean:
         )
 
     def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]:
-        """The partial columns of many entries with one orjson call (no object per key)."""
+        """The partial columns of many entries, read as one numpy buffer (no object per key)."""
         if not entries:
             return {name: np.empty(0, dtype=kind.to_pandas_dtype()) for name, kind in self.partial_fields}
         rows = self._entry_rows(entries)

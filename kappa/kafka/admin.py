@@ -228,16 +228,16 @@ def ensure_topic(
         if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
             raise KappaError(f"could not create topic {topic!r} on {broker}: {exc.args[0].str()}") from None
         created = False
-    _wait_until_led(client, broker, topic)
+    _wait_until_led(client, broker, topic, PROPAGATION_SETTLE_S if chosen.brokers > 1 else 0.0)
     return created
 
 
 PROPAGATION_SETTLE_S = 0.15
 
 
-def _wait_until_led(client: AdminClient, broker: str, topic: str, timeout: float = 30.0) -> None:
-    """Return once `topic` shows a leader for every partition, and on a cluster has kept showing
-    it for PROPAGATION_SETTLE_S.
+def _wait_until_led(client: AdminClient, broker: str, topic: str, settle: float, timeout: float = 30.0) -> None:
+    """Return once `topic` shows a leader for every partition and has kept showing it for
+    `settle` seconds (PROPAGATION_SETTLE_S on a cluster, 0 on a single broker).
 
     The controller acknowledges a creation before the brokers have applied it, and a metadata
     request goes to whichever broker the client picks: on a 3-node cluster, a request right after
@@ -246,7 +246,6 @@ def _wait_until_led(client: AdminClient, broker: str, topic: str, timeout: float
     counts or reads the topic next would find it missing. librdkafka cannot address one broker, so
     the wait is for a settle time well above that lag, spent only when there is more than one broker."""
     deadline = time.monotonic() + timeout
-    settle = PROPAGATION_SETTLE_S if len(client.list_topics(timeout=10).brokers) > 1 else 0.0
     shown_since: float | None = None
     while True:
         now = time.monotonic()

@@ -18,7 +18,8 @@ def awkward_floats(rng: np.random.Generator, count: int) -> np.ndarray:
     floats[::7] = np.round(floats[::7])  # integral values
     floats[::11] = rng.normal(100.0, 30.0, len(floats[::11])).round(2)  # money
     specials = [0.0, -0.0, np.nan, np.inf, -np.inf, 5.0, 1e16, 1e15, 9999999999999998.0, 0.0001, 0.00001, 1e-4 * 0.99,
-                123456789012345.6, 0.1 + 0.2, 2.0**53, 5e-324, 1.7976931348623157e308, 1e22, 100.0, 0.5]  # fmt: skip
+                123456789012345.6, 0.1 + 0.2, 2.0**53, 5e-324, 1.7976931348623157e308, 1e22, 100.0, 0.5,
+                9999999999.5, 9999999999.0, 1e10, 1e10 + 0.5, -1e10, 0.0001 * 1.01]  # fmt: skip
     floats[: len(specials)] = specials
     return floats
 
@@ -50,4 +51,14 @@ def test_csv_text_is_what_pandas_writes():
 
 def test_a_header_with_a_comma_is_quoted_as_pandas_quotes_it():
     table = pa.table({"fare,usd": pa.array([1.5]), "n": pa.array([1])})
+    assert csvtext.header(table.column_names) + csvtext.lines(table) == pandas_csv(table)
+
+
+def test_text_that_needs_no_quotes_is_written_as_it_is():
+    """The common case, where no key holds a comma, quote or line break, takes a shorter path."""
+    rng = np.random.default_rng(12)
+    plain = [key for key in AWKWARD_KEYS if not any(mark in key for mark in ',"\r\n')]
+    table = pa.table(
+        {"key": pa.array(rng.choice(plain, 1000), type=pa.string()), "mean": pa.array(rng.normal(0, 1, 1000))}
+    )
     assert csvtext.header(table.column_names) + csvtext.lines(table) == pandas_csv(table)

@@ -8,9 +8,11 @@ columns are formatted by Arrow and joined into lines without a Python object per
 - integers are their decimal digits;
 - floats: Arrow and `repr` both print the shortest digits that read back as the same
   float, but lay them out differently (`5` against `5.0`, `1e-05` against `0.00001`). The
-  layouts agree for `d.ddd` with a non-zero integer part and for `0.000ddd` down to 1e-4,
-  which is nearly every sum and mean; every other float is formatted by `repr` itself. A
-  missing float (NaN) is empty, as pandas writes it;
+  layouts agree for `d.ddd` from 1 up to 1e10 and for `0.000ddd` down to 1e-4, which is
+  nearly every sum and mean; a whole number below 1e10 is Arrow's digits and `.0`
+  (every sum of whole-number values); every other float is formatted by `repr` itself. Which
+  layout applies is decided from the values with numpy, not by reading the texts. A missing
+  float (NaN) is empty, as pandas writes it;
 - a window start is ISO 8601 UTC text (`2024-01-31T10:00:00Z`).
 
 tests/test_csvtext.py checks the bytes against pandas on awkward text and floats of every
@@ -26,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 NEEDS_QUOTES = r'[,"\r\n]'
-SAME_AS_REPR = r"^-?([1-9][0-9]*\.[0-9]+|0\.0{0,3}[1-9][0-9]*)$"
+QUOTE_MARKS = (b",", b'"', b"\r", b"\n")
+FIXED_BELOW = 1e10  # from here on Arrow writes an exponent (1e+10; `repr` only from 1e16)
 LINE_END = "\r\n"
 
 
@@ -39,7 +42,11 @@ def lines(table: pa.Table) -> bytes:
     if table.num_rows == 0:
         return b""
     texts = [_text(column.combine_chunks()) for column in table.columns]
-    rows = pc.binary_join_element_wise(pc.binary_join_element_wise(*texts, ","), LINE_END, "")
+    pieces: list[pa.Array | str] = []
+    for text in texts:
+        pieces += [text, ","]
+    pieces[-1] = LINE_END
+    rows = pc.binary_join_element_wise(*pieces, "")  # one pass: `a,b,c\r\n` per row
     # the lines are consecutive in the result's data buffer: the text is that buffer's span
     offsets = np.frombuffer(rows.buffers()[1], dtype=np.int32, count=len(rows) + 1, offset=rows.offset * 4)
     return memoryview(rows.buffers()[2])[offsets[0] : offsets[-1]].tobytes()
@@ -54,8 +61,11 @@ def _quoted(text: str) -> str:
 def _text(column: pa.Array) -> pa.Array:
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if not _may_need_quotes(column):  # nearly always: the text as it is
+            return column.fill_null("")
+        needs_quotes = pc.match_substring_regex(column, NEEDS_QUOTES)
         quoted = pc.binary_join_element_wise('"', pc.replace_substring(column, '"', '""'), '"', "")
-        return pc.if_else(pc.match_substring_regex(column, NEEDS_QUOTES), quoted, column).fill_null("")
+        return pc.if_else(needs_quotes, quoted, column).fill_null("")
     if pa.types.is_integer(kind):
         return column.cast(pa.string()).fill_null("")
     if pa.types.is_floating(kind):
@@ -65,16 +75,32 @@ def _text(column: pa.Array) -> pa.Array:
     raise TypeError(f"no CSV text for a {kind} column")
 
 
+def _may_need_quotes(column: pa.Array) -> bool:
+    """False when no text in the column holds a comma, quote, CR or LF: a memchr-speed scan of
+    the character data (which may hold bytes beyond a slice: then True, which only costs the
+    exact check)."""
+    data = column.buffers()[2]
+    raw = data.to_pybytes() if data is not None else b""
+    return any(mark in raw for mark in QUOTE_MARKS)
+
+
 def _float_text(column: pa.Array) -> pa.Array:
-    values = column.to_numpy(zero_copy_only=False)
+    values = column.to_numpy(zero_copy_only=False)  # a missing float is NaN here
     texts = column.cast(pa.string())
-    same = pc.fill_null(pc.match_substring_regex(texts, SAME_AS_REPR), False)  # null: missing, written empty
-    fixed = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
+    magnitude = np.abs(values)
+    with np.errstate(invalid="ignore"):
+        whole = (values == np.floor(values)) & (magnitude < FIXED_BELOW)
+        same = ((magnitude >= 1) & ~whole & (magnitude < FIXED_BELOW)) | ((magnitude >= 1e-4) & (magnitude < 1))
+    if whole.any():
+        texts = pc.if_else(pa.array(whole), pc.binary_join_element_wise(texts, ".0", ""), texts)
+    fixed = np.flatnonzero(~(same | whole))
     if not len(fixed):
         return texts
-    mine = texts.to_numpy(zero_copy_only=False).astype(object)
-    mine[fixed] = ["" if value != value else repr(value) for value in values[fixed].tolist()]
-    return pa.array(mine, type=pa.string())
+    # only the rest become Python objects: missing, infinite, tiny and huge floats
+    mask = np.zeros(len(values), dtype=bool)
+    mask[fixed] = True
+    replacements = ["" if value != value else repr(value) for value in values[fixed].tolist()]
+    return pc.replace_with_mask(texts, pa.array(mask), pa.array(replacements, type=pa.string()))
 
 
 def iso_utc(seconds: np.ndarray) -> np.ndarray:

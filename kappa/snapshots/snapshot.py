@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pandas is imported by read_snapshot's caller, not by every 
 KEEP_SNAPSHOTS = 5
 SNAPSHOT_DIR = re.compile(r"^g(\d+)-(\d+)$")
 CHUNK_ROWS = 65_536
+CSV_THREADS = 2  # chunks of CSV text formatted at once (Arrow's kernels run without the GIL)
 
 
 @dataclass
@@ -169,21 +171,27 @@ def write_table_files(directory: Path, table: SnapshotRows) -> int:
         open(directory / "table.csv", "wb") as csv_file,
         pq.ParquetWriter(directory / "table.parquet", schema) as parquet,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as parquet_thread,
+        ThreadPoolExecutor(max_workers=CSV_THREADS, thread_name_prefix="csv") as csv_threads,
     ):
-        # Parquet is encoded in Arrow's C++ without the GIL, so one thread writes it while this
-        # one formats the CSV: a 1M-key snapshot takes the longer of the two, not their sum.
-        # One worker keeps the chunks in order; waiting on the last write before the next keeps
-        # at most one chunk in flight.
-        pending: Future[None] | None = None
+        # Arrow encodes Parquet and formats CSV text in C++ without the GIL, so threads do both
+        # while this one takes the next chunk: a 1M-key snapshot keeps every core busy. One
+        # Parquet thread keeps its chunks in order; CSV chunks are formatted CSV_THREADS at a
+        # time and written in order. At most CSV_THREADS + 1 chunks are in flight.
+        parquet_written: Future[None] | None = None
+        formatted: deque[Future[bytes]] = deque()
         csv_file.write(csvtext.header(schema.names))
         for chunk in table.chunks:
-            if pending is not None:
-                pending.result()
-            pending = parquet_thread.submit(parquet.write_table, chunk)
-            csv_file.write(csvtext.lines(chunk))
+            if parquet_written is not None:
+                parquet_written.result()
+            parquet_written = parquet_thread.submit(parquet.write_table, chunk)
+            formatted.append(csv_threads.submit(csvtext.lines, chunk))
+            if len(formatted) > CSV_THREADS:
+                csv_file.write(formatted.popleft().result())
             rows += chunk.num_rows
-        if pending is not None:
-            pending.result()
+        while formatted:
+            csv_file.write(formatted.popleft().result())
+        if parquet_written is not None:
+            parquet_written.result()
         if rows == 0:  # still a schema
             parquet.write_table(schema.empty_table())
     return rows

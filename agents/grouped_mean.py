@@ -78,6 +78,7 @@ class GroupedMeanAgent:
             # committed what its tables hold, and a commit from here could run ahead of that.
             return
         await self._commit_applied(transaction.committable())
+        self.progress.check_reached()
 
     async def _commit_applied(self, offsets: Mapping[int, int]) -> None:
         """Commit what the table holds, so the group's offsets track it (for `kappa status`

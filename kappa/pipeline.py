@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -165,10 +165,19 @@ class Progress:
     records_seen: int = 0
     dirty: set[int] = field(default_factory=set)
 
+    on_reached: Callable[[], None] | None = field(default=None, repr=False)
+
     def reached_stop(self) -> bool:
         if self.stop_at is None:
             return False
         return all(self.next_offsets.get(p, 0) >= end for p, end in self.stop_at.items() if end > 0)
+
+    def check_reached(self) -> None:
+        """Call `on_reached` (once) if every partition has reached its stop offset: a replay
+        publishes as soon as its last batch is durable, not at its next timer tick."""
+        if self.on_reached is not None and self.reached_stop():
+            reached, self.on_reached = self.on_reached, None
+            reached()
 
 
 def read_config(path: Path) -> dict[str, dict[str, Any]]:

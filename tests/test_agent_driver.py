@@ -147,3 +147,21 @@ def test_the_transaction_refuses_steps_out_of_order(make_driver):
             await transaction.write(0, {b"k": b"v"}, 1)  # after the flush began
 
     driver.loop.run_until_complete(scenario())
+
+
+def test_the_batch_that_reaches_the_stop_offsets_tells_the_replay_once_it_is_durable(make_driver):
+    """A replay publishes as soon as its last batch is on the changelog and committed, not at
+    its next timer tick; and only once."""
+    driver = make_driver(partitions=2)
+    driver.progress.stop_at = {0: 20, 1: 10}
+    told: list[tuple[int, list]] = []
+    driver.progress.on_reached = lambda: told.append((driver.stats(1).next_offset, list(driver.commits)))
+    driver.feed(0, records(0, 20))
+    assert told == [], "partition 1 has not reached its stop offset"
+    driver.feed(1, records(0, 10))
+    assert len(told) == 1
+    next_offset, commits = told[0]
+    assert next_offset == 10 and commits[-1] == {TP("trips", 1): 10}
+    assert driver.producer.changelog[1], "the last batch is on the changelog before the replay is told"
+    driver.feed(1, records(10, 5))
+    assert len(told) == 1, "told once"

@@ -445,12 +445,19 @@ class PromptTableManager(TableManager):
 
 class PromptWorker(faust.Worker):
     """Faust's worker without mode's final one-second sleep after the loop has stopped, with
-    the clients' outage noise held back (kappa.engine.lognoise), and a hook that runs on a stop
-    signal before anything is stopped.
+    the clients' outage noise held back (kappa.engine.lognoise), a hook that runs once the
+    worker is ready (`on_ready`) and one that runs on a stop signal before anything is stopped.
 
     That sleep only lets stray callbacks run before the loop closes; by then every service,
     the consumer and the producer are stopped, and a short yield does the same job.
     """
+
+    on_ready: Callable[[], None] | None = None  # called once: partitions assigned, tables recovered
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        if self.on_ready is not None:
+            self.on_ready()
 
     async def before_signal_stop(self) -> None:
         """Runs on SIGTERM or SIGINT while every service (tables included) is still open."""

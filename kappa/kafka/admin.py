@@ -68,7 +68,9 @@ def _admin_client(broker: str, credentials: tuple[tuple[str, str], ...]) -> Admi
 def wait_until_reachable(broker: str, timeout: float = 10.0, **overrides: object) -> None:
     """Fail fast, in one line, when nothing answers at `broker` or it refuses our credentials."""
     _AuthErrors.last = None
-    client = AdminClient(client_config(broker, **overrides))
+    # the process's client when nothing is overridden: the commands' next admin calls then
+    # reuse the connection this check has made
+    client = AdminClient(client_config(broker, **overrides)) if overrides else admin(broker)
     try:
         client.list_topics(timeout=timeout)
     except KafkaException as exc:

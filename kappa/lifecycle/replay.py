@@ -162,6 +162,16 @@ def run_batch(
     def applied() -> int:
         return sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
 
+    def start_finish() -> None:
+        if not outcome:
+            outcome["pending"] = asyncio.ensure_future(finish())  # a task of its own: it takes a while
+
+    def on_ready() -> None:
+        # from here on the agent starts the finish as soon as its last batch is durable (an
+        # empty or already replayed log has nothing left: at once); the timer is the fallback
+        progress.on_reached = start_finish
+        progress.check_reached()
+
     async def watch() -> None:
         if outcome:
             return
@@ -172,11 +182,13 @@ def run_batch(
             request_stop()
             return
         if progress.reached_stop():
-            outcome["pending"] = asyncio.ensure_future(finish())  # not inside the timer: it takes a while
+            start_finish()
 
     pipe.app.timer(WATCH_INTERVAL_S, name=f"kappa.{pipeline}.watch")(watch)
     worker = PromptWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)
     worker.spinner = None  # its cursor escapes would garble our own progress line
+    worker.on_ready = on_ready
+    snapshot.import_pandas_in_background()
     quiet_faust_noise()
     relax_garbage_collector()
     started = time.monotonic()

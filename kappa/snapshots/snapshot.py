@@ -8,11 +8,13 @@ reader that resolves `latest` once therefore sees one complete, consistent cut.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,6 +82,14 @@ def _merged_chunks(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size
             {name: pa.array(values[start : start + size], from_pandas=True) for name, values in output.items()}
         )
         yield pa.table(columns, schema=schema)
+
+
+def import_pandas_in_background() -> None:
+    """pyarrow imports pandas (about 0.2 s) the first time it builds an array from Python
+    objects, which every snapshot does. Imported on a thread while a worker waits on its
+    group join, it is off the path to the first snapshot. Nothing pandas imports imports
+    kappa's modules, so the two threads' imports cannot wait on each other."""
+    threading.Thread(target=importlib.import_module, args=("pandas",), name="import-pandas", daemon=True).start()
 
 
 def _fsync_file(path: Path) -> None:

@@ -303,8 +303,8 @@ class Mean:
         columns = {}
         for i in range(self.width):
             total, compensation, count = self._names(i)
-            columns[total] = rows[:, 1 + 3 * i]
-            columns[compensation] = rows[:, 2 + 3 * i]
+            columns[total] = np.ascontiguousarray(rows[:, 1 + 3 * i])
+            columns[compensation] = np.ascontiguousarray(rows[:, 2 + 3 * i])
             columns[count] = rows[:, 3 + 3 * i].astype(np.int64)
         return columns
 

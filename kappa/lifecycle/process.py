@@ -153,6 +153,7 @@ def run_process(
     worker.part_writer = writer
     quiet_faust_noise()
     relax_garbage_collector()
+    snapshot.import_pandas_in_background()  # the first part written imports it
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:

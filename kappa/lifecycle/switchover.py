@@ -25,7 +25,7 @@ from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registr
 from kappa.lifecycle.guards import EmptyResult, preflight
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition
-from kappa.snapshots import parts
+from kappa.snapshots import parts, snapshot
 from kappa.snapshots.publisher import Publisher
 
 POLL_S = 0.5
@@ -99,6 +99,7 @@ def run_beside(
     children: list[Child] = [
         spawn_process(settings, pipeline, definition, generation, i, interval, loglevel) for i in range(processes)
     ]
+    snapshot.import_pandas_in_background()  # the first publish imports it; the workers take seconds to start
     publisher = Publisher(settings, pipeline, definition, generation, partitions, force=force)
     line = ProgressLine(plain_every=5.0)
     try:

@@ -85,10 +85,11 @@ def _merged_chunks(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size
 
 
 def import_pandas_in_background() -> None:
-    """pyarrow imports pandas (about 0.2 s) the first time it builds an array from Python
-    objects, which every snapshot does. Imported on a thread while a worker waits on its
-    group join, it is off the path to the first snapshot. Nothing pandas imports imports
-    kappa's modules, so the two threads' imports cannot wait on each other."""
+    """pyarrow imports pandas (about 0.2 s, 0.5 s under a 0.4 CPU quota) the first time it
+    builds an array, which every snapshot and part does. Imported on a thread while the
+    process waits (a worker on its group join, a supervisor on its workers), it is off the
+    path to the first snapshot. Nothing pandas imports imports kappa's modules, so the two
+    threads' imports cannot wait on each other."""
     threading.Thread(target=importlib.import_module, args=("pandas",), name="import-pandas", daemon=True).start()
 
 

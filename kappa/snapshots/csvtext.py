@@ -93,14 +93,12 @@ def _float_text(column: pa.Array) -> pa.Array:
         same = ((magnitude >= 1) & ~whole & (magnitude < FIXED_BELOW)) | ((magnitude >= 1e-4) & (magnitude < 1))
     if whole.any():
         texts = pc.if_else(pa.array(whole), pc.binary_join_element_wise(texts, ".0", ""), texts)
-    fixed = np.flatnonzero(~(same | whole))
-    if not len(fixed):
+    rest = ~(same | whole)
+    if not rest.any():
         return texts
     # only the rest become Python objects: missing, infinite, tiny and huge floats
-    mask = np.zeros(len(values), dtype=bool)
-    mask[fixed] = True
-    replacements = ["" if value != value else repr(value) for value in values[fixed].tolist()]
-    return pc.replace_with_mask(texts, pa.array(mask), pa.array(replacements, type=pa.string()))
+    replacements = ["" if value != value else repr(value) for value in values[rest].tolist()]
+    return pc.replace_with_mask(texts, pa.array(rest), pa.array(replacements, type=pa.string()))
 
 
 def iso_utc(seconds: np.ndarray) -> np.ndarray:

@@ -89,8 +89,9 @@ def import_pandas_in_background() -> None:
     builds an array, which every snapshot and part does. Imported on a thread while the
     process waits (a worker on its group join, a supervisor on its workers), it is off the
     path to the first snapshot. Nothing pandas imports imports kappa's modules, so the two
-    threads' imports cannot wait on each other."""
-    threading.Thread(target=importlib.import_module, args=("pandas",), name="import-pandas", daemon=True).start()
+    threads' imports cannot wait on each other. Not a daemon: a process that exits early waits
+    for the import to finish rather than tear the interpreter down under it."""
+    threading.Thread(target=importlib.import_module, args=("pandas",), name="import-pandas").start()
 
 
 def _fsync_file(path: Path) -> None:

@@ -24,6 +24,7 @@ from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka import admin, security
 from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.pipeline import Definition, Progress
+from kappa.snapshots.snapshot import import_pandas_in_background
 from tables.grouped_mean import define_table, stored_next_offset
 
 
@@ -52,6 +53,14 @@ def relax_garbage_collector() -> None:
     gc.freeze()  # no collection first: the imports leave little garbage, and a collection costs 50 ms
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
+def prepare_for_worker() -> None:
+    """What a process does right before it runs a Faust worker (a batch replay, a worker
+    process): quiet Faust's noise, relax the GC, and import pandas while the group join waits."""
+    quiet_faust_noise()
+    relax_garbage_collector()
+    import_pandas_in_background()
 
 
 @dataclass

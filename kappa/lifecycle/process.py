@@ -14,12 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from kappa.config import Settings
-from kappa.engine.app import (
-    Pipeline,
-    create_pipeline,
-    quiet_faust_noise,
-    relax_garbage_collector,
-)
+from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
 from kappa.engine.faust_internals import PromptWorker, fresh_event_loop
 from kappa.kafka import admin
 from kappa.pipeline import Definition, Progress
@@ -151,9 +146,7 @@ def run_process(
     worker = FinalPartsWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None
     worker.part_writer = writer
-    quiet_faust_noise()
-    relax_garbage_collector()
-    snapshot.import_pandas_in_background()  # the first part written imports it
+    prepare_for_worker()
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:

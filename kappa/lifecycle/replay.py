@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from kappa.config import Settings
-from kappa.engine.app import Pipeline, create_pipeline, quiet_faust_noise, relax_garbage_collector
+from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
 from kappa.engine.faust_internals import PromptWorker, fresh_event_loop, request_stop
 from kappa.errors import KappaError
 from kappa.kafka import admin
@@ -188,9 +188,7 @@ def run_batch(
     worker = PromptWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)
     worker.spinner = None  # its cursor escapes would garble our own progress line
     worker.on_ready = on_ready
-    snapshot.import_pandas_in_background()
-    quiet_faust_noise()
-    relax_garbage_collector()
+    prepare_for_worker()
     started = time.monotonic()
     try:
         worker.execute_from_commandline()

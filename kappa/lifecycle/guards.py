@@ -12,7 +12,9 @@ counted nothing from a log that has records never becomes current unless forced.
 from __future__ import annotations
 
 import sys
+import threading
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import orjson
@@ -151,13 +153,17 @@ def warn_finite_retention(settings: Settings, topic: str) -> None:
         )
 
 
+# what a preflight found: the source topic's partition count and its end offsets
+Checked = tuple[int, dict[int, int]]
+
+
 def preflight(
     settings: Settings,
     definition: Definition,
     allow_truncated: bool,
     force: bool = False,
     timeout: float | None = None,
-) -> tuple[int, dict[int, int]]:
+) -> Checked:
     """Checks every replay makes first; returns the partition count and the end offsets now.
 
     The end offsets need every partition's leader: with a broker down, this waits (saying
@@ -175,3 +181,26 @@ def preflight(
         settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
     )
     return partitions, {p: high for p, (_, high) in marks.items()}
+
+
+def start_preflight(
+    settings: Settings,
+    definition: Definition,
+    allow_truncated: bool,
+    force: bool = False,
+    timeout: float | None = None,
+) -> Future[Checked]:
+    """`preflight` on a thread of its own, so its round trips overlap the caller's imports.
+
+    A daemon thread: a caller that fails meanwhile (an engine mismatch found at import) exits
+    at once with its own one-line error, without waiting for a broker that may not answer."""
+    future: Future[Checked] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(preflight(settings, definition, allow_truncated, force, timeout))
+        except BaseException as exc:  # raised again where the result is taken
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="kappa-preflight", daemon=True).start()
+    return future

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import EmptyResult, preflight, refuse_empty_result
+from kappa.lifecycle.guards import Checked, EmptyResult, preflight, refuse_empty_result
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import snapshot
@@ -82,14 +83,19 @@ def run_batch(
     *,
     allow_truncated: bool = False,
     force: bool = False,
+    checked: Future[Checked] | None = None,
     loglevel: str = "warn",
     timeout: float | None = None,
 ) -> ReplayResult:
     """Replay to the end offsets captured now and publish. With `timeout`, give up after that
     many seconds (the generation is marked failed and its state kept) rather than wait for
-    brokers that do not come back."""
+    brokers that do not come back. `checked` is the preflight, already started with the same
+    arguments (the caller overlaps it with imports); without it, the preflight runs here."""
     began = time.monotonic()
-    partitions, end_offsets = preflight(settings, definition, allow_truncated, force, timeout)
+    if checked is None:
+        partitions, end_offsets = preflight(settings, definition, allow_truncated, force, timeout)
+    else:
+        partitions, end_offsets = checked.result()
     registry = Registry(settings.snapshot_dir, pipeline)
     definition_record = definition.to_record()
     resumable = resumable_batch(registry, definition)

@@ -91,9 +91,6 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from kappa.lifecycle.replay import run_batch
-    from kappa.lifecycle.switchover import keep_generation, retire_generation
-
     pipeline, definition = _definition(args)
     if not args.batch:
         if args.timeout is not None:
@@ -102,14 +99,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.timeout is not None and args.timeout <= 0:
         raise KappaError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
+    from kappa.lifecycle.guards import start_preflight
+
+    # the preflight mostly waits on the broker: Faust is imported meanwhile
+    checked = start_preflight(settings, definition, args.allow_truncated, args.force, args.timeout)
+    from kappa.lifecycle.replay import run_batch
+    from kappa.lifecycle.switchover import keep_generation, retire_generation
+
     result = run_batch(
-        settings,
-        pipeline,
-        definition,
-        allow_truncated=args.allow_truncated,
-        force=args.force,
-        loglevel=args.loglevel,
-        timeout=args.timeout,
+        settings, pipeline, definition, force=args.force, checked=checked, loglevel=args.loglevel, timeout=args.timeout
     )
     records = result.manifest["records"]
     rate = sum(records[kind] for kind in RECORD_KINDS) / result.seconds if result.seconds else 0.0

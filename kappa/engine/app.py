@@ -18,7 +18,13 @@ import faust
 from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, GroupedMeanAgent
 from kappa.config import fetch_partition_bytes
 from kappa.engine import deadletters
-from kappa.engine.faust_internals import PerRecordQuietMonitor, PromptTableManager, commit_offsets, deliver_batches
+from kappa.engine.faust_internals import (
+    PerRecordQuietMonitor,
+    PromptTableManager,
+    commit_offsets,
+    deliver_batches,
+    every,
+)
 from kappa.engine.lognoise import fold_repeated_client_errors
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka import admin, security
@@ -143,14 +149,14 @@ def create_pipeline(
     agent = GroupedMeanAgent(table, definition, dlq, progress, DeadLetters(pipeline, generation, identity, written))
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
     deliver_batches(app, source, {definition.topic: agent.on_batch})
-    app.timer(COMMIT_EVERY_S, name="kappa.commit_pending")(agent.commit_pending)
+    every(app, COMMIT_EVERY_S, "kappa.commit_pending")(agent.commit_pending)
     watch = LeaderWatch(broker, [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)])
     outages = OutageReporter(watch, outage_label or "", emit=stderr_line if outage_label else None)
 
     async def watch_leaders() -> None:
         await _poll_in_thread(outages)
 
-    app.timer(CHECK_EVERY_S, name="kappa.watch_leaders")(watch_leaders)
+    every(app, CHECK_EVERY_S, "kappa.watch_leaders")(watch_leaders)
     wired = Pipeline(app=app, table=table, progress=progress, definition=definition, outages=outages)
     table.on_recover(lambda: resume_from_table_offsets(wired))
     return wired

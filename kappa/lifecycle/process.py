@@ -15,7 +15,7 @@ from typing import IO
 
 from kappa.config import Settings
 from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
-from kappa.engine.faust_internals import PromptWorker, fresh_event_loop
+from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop
 from kappa.kafka import admin
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import parts, snapshot
@@ -142,7 +142,7 @@ def run_process(
         progress.dirty |= writer.assigned()  # restored state is publishable even with no new records
 
     pipe.table.on_recover(after_recovery)
-    pipe.app.timer(min(interval, HEARTBEAT_S), name=f"kappa.{pipeline}.parts")(write_parts)
+    every(pipe.app, min(interval, HEARTBEAT_S), f"kappa.{pipeline}.parts")(write_parts)
     worker = FinalPartsWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None
     worker.part_writer = writer

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from kappa.config import Settings
 from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
-from kappa.engine.faust_internals import PromptWorker, fresh_event_loop, request_stop
+from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop, request_stop
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
@@ -190,7 +190,7 @@ def run_batch(
         if progress.reached_stop():
             start_finish()
 
-    pipe.app.timer(WATCH_INTERVAL_S, name=f"kappa.{pipeline}.watch")(watch)
+    every(pipe.app, WATCH_INTERVAL_S, f"kappa.{pipeline}.watch")(watch)
     worker = PromptWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=True)
     worker.spinner = None  # its cursor escapes would garble our own progress line
     worker.on_ready = on_ready

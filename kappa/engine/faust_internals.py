@@ -610,7 +610,7 @@ class PromptWorker(faust.Worker):
         await super()._stop_on_signal(sig)
 
     async def _sentinel_task(self) -> None:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         super().on_setup_root_logger(logger, level)

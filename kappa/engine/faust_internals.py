@@ -298,7 +298,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
     """Bind with `for_topics`; the handlers get every fetched batch of their topics."""
 
     handlers: Mapping[str, BatchHandler] = {}
-    _sought_in_handler: set[TP] | None = None  # partitions a running handler sought
+    _sought_in_handler: set[TP] | None = None  # partitions sought while a fetch is delivered
 
     @classmethod
     def for_topics(cls, handlers: Mapping[str, BatchHandler]) -> type[BatchDeliveryConsumer]:
@@ -306,7 +306,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         return type("BatchDeliveryConsumer", (cls,), {"handlers": dict(handlers)})
 
     async def seek(self, partition: TP, offset: int) -> None:
-        """Faust's seek, remembered while a handler runs (see `_fetch_and_deliver`)."""
+        """Faust's seek, remembered while a fetch is being delivered (see `_deliver_all`)."""
         if self._sought_in_handler is not None:
             self._sought_in_handler.add(TP(partition.topic, partition.partition))
         await super().seek(partition, offset)
@@ -369,47 +369,48 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         on the parser thread while the agent applies this one; False once flow stopped or the
         consumer generation changed (the rest is dropped: Faust seeks back after a rebalance).
 
-        Invariant: only the parser thread touches `pending` while a parse runs, so a partition
-        the agent sought back is dropped from the next delivery only once that parse is done."""
+        Invariants: only the parser thread touches `pending` while a parse runs; a partition
+        sought while this runs (the agent's rewind) is dropped from every later delivery and
+        from `pending` once the running parse is done, since its records come again after the
+        seek, and its read offset is left where the seek put it."""
         loop = asyncio.get_running_loop()
-        taken = await loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
-        while True:
-            following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS) if pending else None
-            sought: set[TP] = set()
-            delivering = self.flow_active and self.app.consumer_generation_id == generation_id
-            if delivering:
-                sought = await self._deliver(topic, taken)
-            if following is None:
-                return delivering
-            taken = await following
-            if not delivering:
-                return False
-            for tp in sought:
-                # the rest of the partition's fetched batches come again after the seek
-                taken.pop(tp, None)
-                pending.pop(tp, None)
+        sought: set[TP] = set()
+        self._sought_in_handler = sought
+        following: asyncio.Future[dict[TP, list[Any]]] | None
+        following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
+        try:
+            while following is not None:
+                taken = await following
+                following = None
+                for tp in sought:
+                    taken.pop(tp, None)
+                    pending.pop(tp, None)
+                if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                    return False
+                if pending:
+                    following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
+                await self._deliver(topic, taken, sought)
+            return True
+        finally:
+            self._sought_in_handler = None
+            if following is not None:  # abandoned (a cancelled delivery): its outcome is nobody's
+                following.add_done_callback(_ignore_outcome)
 
-    async def _deliver(self, topic: str, taken: dict[TP, list[Any]]) -> set[TP]:
-        """Hand the agent one delivery; returns the partitions it sought back."""
+    async def _deliver(self, topic: str, taken: dict[TP, list[Any]], sought: set[TP]) -> None:
+        """Hand the agent one delivery; the read offsets move past it, except for partitions
+        in `sought`: a seek set their read offset, and overwriting it with this delivery's last
+        offset would filter out the re-delivery."""
         mine: dict[TP, Sequence[Record]] = {}
         for tp, records in taken.items():
             fresh = self._unread(tp, records)
             if fresh:
                 mine[tp] = fresh
-        sought: set[TP] = set()
         if not mine:
-            return sought
-        self._sought_in_handler = sought
-        try:
-            await self.handlers[topic](mine)
-        finally:
-            self._sought_in_handler = None
+            return
+        await self.handlers[topic](mine)
         for tp, delivered in mine.items():
-            # a handler that sought back (the agent's rewind) set the read offset itself:
-            # overwriting it with this batch's last offset would filter out the re-delivery
             if tp not in sought:
                 self._read_offset[tp] = delivered[-1].offset
-        return sought
 
     def _unread(self, tp: TP, fetched: list) -> list:
         """Faust's rule: a record at or after the read offset is delivered. (After a seek the
@@ -507,6 +508,12 @@ class FetchedBatch:
         return records
 
 
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned parse's exception, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 @functools.cache
 def _parser() -> ThreadPoolExecutor:
     """The thread that parses fetched record batches while the agent applies the previous ones
@@ -517,8 +524,8 @@ def _parser() -> ThreadPoolExecutor:
 
 def take_records(fetched: dict[TP, deque[FetchedBatch]], limit: int) -> dict[TP, list[Any]]:
     """Up to about `limit` records, parsed from the front of each partition's fetched batches in
-    turn (whole batches, in offset order); a partition whose batches are all taken leaves
-    `fetched`. One delivery to the agent holds at most this many parsed records."""
+    turn (whole batches, in offset order: a delivery exceeds `limit` by less than one record
+    batch); a partition whose batches are all taken leaves `fetched`."""
     taken: dict[TP, list[Any]] = {}
     size = 0
     for tp in list(fetched):

@@ -30,6 +30,7 @@ from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka import admin, security
 from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.pipeline import Definition, Progress
+from kappa.processes import in_background
 from kappa.snapshots.snapshot import import_pandas_in_background
 from tables.grouped_mean import define_table, stored_next_offset
 
@@ -99,7 +100,14 @@ def create_pipeline(
     A leader watch runs beside it; with `outage_label` it prints the outage lines itself
     (a replay), without it only the log filters learn of outages (a worker process, whose
     supervisor prints them once for all processes)."""
-    admin.ensure_topic(broker, assignor_topic(pipeline, generation), 1, replication_factor=replication.factor)
+    assignor = in_background(  # a round trip to the controller (about 40 ms), made while the app is wired
+        "kappa-assignor-topic",
+        admin.ensure_topic,
+        broker,
+        assignor_topic(pipeline, generation),
+        1,
+        replication_factor=replication.factor,
+    )
     app = faust.App(
         app_id(pipeline, generation),
         broker=f"kafka://{broker}",
@@ -159,6 +167,7 @@ def create_pipeline(
     every(app, CHECK_EVERY_S, "kappa.watch_leaders")(watch_leaders)
     wired = Pipeline(app=app, table=table, progress=progress, definition=definition, outages=outages)
     table.on_recover(lambda: resume_from_table_offsets(wired))
+    assignor.result()  # made before the app can start
     return wired
 
 

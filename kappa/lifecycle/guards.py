@@ -12,7 +12,6 @@ counted nothing from a log that has records never becomes current unless forced.
 from __future__ import annotations
 
 import sys
-import threading
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from kappa.kafka import admin
 from kappa.kafka.availability import wait_for_leaders
 from kappa.kafka.reader import read_ranges
 from kappa.pipeline import Definition
+from kappa.processes import in_background
 
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_STALL_S = 5.0
@@ -190,17 +190,6 @@ def start_preflight(
     force: bool = False,
     timeout: float | None = None,
 ) -> Future[Checked]:
-    """`preflight` on a thread of its own, so its round trips overlap the caller's imports.
-
-    A daemon thread: a caller that fails meanwhile (an engine mismatch found at import) exits
-    at once with its own one-line error, without waiting for a broker that may not answer."""
-    future: Future[Checked] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(preflight(settings, definition, allow_truncated, force, timeout))
-        except BaseException as exc:  # raised again where the result is taken
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="kappa-preflight", daemon=True).start()
-    return future
+    """`preflight` on a thread of its own (kappa.processes.in_background): its round trips
+    overlap the caller's imports."""
+    return in_background("kappa-preflight", preflight, settings, definition, allow_truncated, force, timeout)

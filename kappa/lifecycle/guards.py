@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,7 +23,6 @@ from kappa.kafka import admin
 from kappa.kafka.availability import wait_for_leaders
 from kappa.kafka.reader import read_ranges
 from kappa.pipeline import Definition
-from kappa.processes import in_background
 
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_STALL_S = 5.0
@@ -181,15 +179,3 @@ def preflight(
         settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
     )
     return partitions, {p: high for p, (_, high) in marks.items()}
-
-
-def start_preflight(
-    settings: Settings,
-    definition: Definition,
-    allow_truncated: bool,
-    force: bool = False,
-    timeout: float | None = None,
-) -> Future[Checked]:
-    """`preflight` on a thread of its own (kappa.processes.in_background): its round trips
-    overlap the caller's imports."""
-    return in_background("kappa-preflight", preflight, settings, definition, allow_truncated, force, timeout)

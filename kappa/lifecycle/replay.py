@@ -24,7 +24,7 @@ from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import Checked, EmptyResult, preflight, refuse_empty_result
+from kappa.lifecycle.guards import Checked, EmptyResult, refuse_empty_result
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import snapshot
@@ -81,21 +81,18 @@ def run_batch(
     pipeline: str,
     definition: Definition,
     *,
-    allow_truncated: bool = False,
+    checked: Future[Checked],
     force: bool = False,
-    checked: Future[Checked] | None = None,
     loglevel: str = "warn",
     timeout: float | None = None,
 ) -> ReplayResult:
-    """Replay to the end offsets captured now and publish. With `timeout`, give up after that
-    many seconds (the generation is marked failed and its state kept) rather than wait for
-    brokers that do not come back. `checked` is the preflight, already started with the same
-    arguments (the caller overlaps it with imports); without it, the preflight runs here."""
+    """Replay to the end offsets captured now and publish. `checked` is the preflight
+    (kappa.lifecycle.guards.preflight), started by the caller with the same `force` and
+    `timeout` so that its round trips overlap the caller's imports. With `timeout`, give up
+    after that many seconds (the generation is marked failed and its state kept) rather than
+    wait for brokers that do not come back."""
     began = time.monotonic()
-    if checked is None:
-        partitions, end_offsets = preflight(settings, definition, allow_truncated, force, timeout)
-    else:
-        partitions, end_offsets = checked.result()
+    partitions, end_offsets = checked.result()
     registry = Registry(settings.snapshot_dir, pipeline)
     definition_record = definition.to_record()
     resumable = resumable_batch(registry, definition)

@@ -99,10 +99,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.timeout is not None and args.timeout <= 0:
         raise KappaError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
-    from kappa.lifecycle.guards import start_preflight
+    from kappa.lifecycle.guards import preflight
+    from kappa.processes import in_background
 
     # the preflight mostly waits on the broker: Faust is imported meanwhile
-    checked = start_preflight(settings, definition, args.allow_truncated, args.force, args.timeout)
+    checked = in_background(
+        "kappa-preflight", preflight, settings, definition, args.allow_truncated, args.force, args.timeout
+    )
     from kappa.lifecycle.replay import run_batch
     from kappa.lifecycle.switchover import keep_generation, retire_generation
 

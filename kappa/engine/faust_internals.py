@@ -69,6 +69,12 @@ What is coupled, what it is for, and what an upstream change would do without th
     `inspect`'s module-to-file map on a process's first timer (25 ms; 60 ms under a 0.4 CPU
     quota) for the autodiscovery kappa does not use.
     If changed: AttributeError at pipeline set-up.
+15. faust `Consumer.seek_to_committed()` and `seek_wait(partitions)`, and aiokafka's seek to
+    committed leaving a partition committed at 0 where it is (`if offset and offset > 0`).
+    For: `BatchDeliveryConsumer.seek_to_committed` seeks those partitions to 0 itself.
+    If changed: renamed, Faust's seek back after a dropped poll would skip the fix again and a
+    fresh partition's dropped records would be lost (the test in tests/test_batch_delivery.py
+    fails); if aiokafka seeks 0 itself one day, the extra seek changes nothing.
 
 String couplings stay where they are used: logger names (`faust.transport.producer`,
 `aiokafka.*`) and aiokafka's message texts in `kappa.engine.lognoise`; only the noise would come back.
@@ -86,7 +92,8 @@ what was left. Faust still does everything else: group membership, assignment, f
 table recovery, changelogs and seeks. Each fetched batch is delivered inside one
 `wait_first` race against flow suspension, so a rebalance cancels the rest of a batch; its
 records were not applied and their read offsets did not move, and Faust seeks back to the
-committed offsets after the rebalance. Records of other topics (table changelogs during
+committed offsets after the rebalance (a partition committed at 0 too: see
+`BatchDeliveryConsumer.seek_to_committed`). Records of other topics (table changelogs during
 recovery) take Faust's own path. The batch is taken before Faust's `getmany` turns it into a
 stream (a highwater lookup and a Faust message per record, a quarter of what was left).
 
@@ -201,6 +208,8 @@ def check_internals() -> None:
     _method(faust, consumer, "_wait_next_records", ["timeout"], coroutine=True)
     _method(faust, consumer, "_add_gap", ["tp", "offset_from", "offset_to"], coroutine=True)
     _method(faust, consumer, "perform_seek", [], coroutine=True)
+    _method(faust, consumer, "seek_to_committed", [], coroutine=True)
+    _method(faust, consumer, "seek_wait", ["partitions"], coroutine=True)
     _sets(faust, consumer, ["_read_offset", "_buffered_partitions", "_commit_every"])
     _member(faust, consumer, "_n_acked")
     _member(faust, _module(mode, "mode").Service, "_stopped")
@@ -289,6 +298,20 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         if self._sought_in_handler is not None:
             self._sought_in_handler.add(TP(partition.topic, partition.partition))
         await super().seek(partition, offset)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """Faust's seek back to the committed offsets, which it makes after every rebalance's
+        recovery and whenever a poll comes back while flow is stopped, so that records fetched
+        but never delivered are fetched again. aiokafka skips a partition committed at 0
+        (`if offset and offset > 0`), leaving its fetch position wherever the dropped poll
+        moved it: a partition with nothing applied yet would lose those records, and if they
+        were the rest of its log, nothing later would arrive to trigger the agent's rewind (a
+        replay then waits forever). So those partitions are sought to 0 here."""
+        committed = await super().seek_to_committed()
+        at_start = {tp: 0 for tp, offset in committed.items() if offset == 0}
+        if at_start:
+            await self.seek_wait(at_start)
+        return committed
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set

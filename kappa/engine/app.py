@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.abc
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,6 @@ from kappa.kafka import admin, security
 from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.pipeline import Definition, Progress
 from kappa.processes import in_background
-from kappa.snapshots.snapshot import import_pandas_in_background
 from tables.grouped_mean import define_table, stored_next_offset
 
 
@@ -62,12 +63,34 @@ def relax_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
+class PandasStaysOut(importlib.abc.MetaPathFinder):
+    """Refuses `import pandas` in a process that runs a Faust worker.
+
+    Nothing a worker runs uses pandas: the agent and the snapshots build Arrow arrays from
+    numpy and Arrow, and the CSV bytes are formatted by kappa.snapshots.csvtext. But pyarrow
+    imports pandas the first time it builds an array or takes a Python scalar, only to ask
+    whether its input is a pandas object; an import that fails tells it pandas is absent, and
+    it carries on without. Importing it cost a worker about 40 MB of RSS and 0.2 s of CPU (0.5 s
+    under a 0.4 CPU quota), on a thread that held the GIL while the first batches were
+    applied (1k-key --batch replay, 4 alternating pairs: 2.89 s -> 2.78 s from process start,
+    peak RSS 321 -> 282 MB)."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        if fullname == "pandas" or fullname.startswith("pandas."):
+            raise ImportError(f"{fullname} is not imported in a process that runs a kappa worker")
+
+
+def keep_pandas_out() -> None:
+    if not any(isinstance(finder, PandasStaysOut) for finder in sys.meta_path):
+        sys.meta_path.insert(0, PandasStaysOut())
+
+
 def prepare_for_worker() -> None:
     """What a process does right before it runs a Faust worker (a batch replay, a worker
-    process): quiet Faust's noise, relax the GC, and import pandas while the group join waits."""
+    process): quiet Faust's noise, relax the GC, and keep pandas out."""
     quiet_faust_noise()
     relax_garbage_collector()
-    import_pandas_in_background()
+    keep_pandas_out()
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +95,14 @@ def fetch_partition_bytes() -> int:
     if value < 1024:
         raise KappaError(f"KAPPA_FETCH_PARTITION_BYTES must be a whole number of bytes >= 1024, not {raw!r}")
     return value
+
+
+def format_offsets(offsets: Mapping[int, int]) -> str:
+    """`{0: 10, 1: 0}` as the command-line text `0:10,1:0` (read back by `parse_offsets`)."""
+    return ",".join(f"{partition}:{offset}" for partition, offset in sorted(offsets.items()))
+
+
+def parse_offsets(text: str) -> dict[int, int]:
+    """`0:10,1:0` as `{0: 10, 1: 0}`; a malformed text is a ValueError."""
+    pairs = (item.split(":") for item in text.split(",") if item)
+    return {int(partition): int(offset) for partition, offset in pairs}

@@ -134,6 +134,15 @@ def worker_ends(broker: str, topic: str) -> dict[int, int]:
     return end_offsets(broker, topic, partition_count(broker, topic))
 
 
+def assert_first_generation_matches(kappa, topic: str, path) -> None:
+    """The latest snapshot is generation 1's, complete, and both files match pandas over `path`."""
+    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    expected = pandas_expectation(str(path), KEY, "amount")
+    assert_matches(csv_table, expected)
+    assert_matches(parquet_table, expected)
+    assert manifest["generation"] == 1 and manifest["complete"] is True
+
+
 def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp_path):
     topic = kappa.topic()
     frame = sample_frame(60_000, 400, seed=50)
@@ -168,11 +177,7 @@ def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming generation 1" in resumed.stderr
-    csv_table, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
-    expected = pandas_expectation(str(path), KEY, "amount")
-    assert_matches(csv_table, expected)
-    assert_matches(parquet_table, expected)
-    assert manifest["generation"] == 1 and manifest["complete"] is True
+    assert_first_generation_matches(kappa, topic, path)
 
 
 @pytest.mark.parametrize("batch", [True, False])
@@ -202,3 +207,23 @@ def test_truncated_log_is_refused_unless_allowed(kappa, tmp_path, batch):
     assert allowed.returncode == 0, allowed.stderr
     _, table, manifest = read_latest(kappa.snapshot_dir, topic)
     assert manifest["records"]["counted"] + manifest["records"]["skipped"] == 900
+
+
+def test_a_replays_processes_write_their_parts_on_reaching_its_end_offsets(kappa, tmp_path):
+    """With a snapshot interval longer than any test, the parts the replay publishes from can
+    only come from its processes noticing they reached the end offsets; before, they waited
+    for the interval and the replay for them."""
+    topic = kappa.topic()
+    frame = sample_frame(20_000, 300, seed=61)
+    path = tmp_path / "rows.csv"
+    frame.to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    done = subprocess.run(
+        replay_command(kappa, topic, "amount", "--processes", "2", "--snapshot-interval", "3600"),
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert_first_generation_matches(kappa, topic, path)

@@ -11,10 +11,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO
 
-from kappa.config import Settings
+from kappa.config import Settings, format_offsets
 from kappa.pipeline import Definition
 from kappa.processes import pid_alive
 
@@ -37,9 +38,11 @@ def spawn_process(
     interval: float,
     loglevel: str,
     hold: IO | None = None,
+    catch_up_to: Mapping[int, int] | None = None,
 ) -> Child:
     """Start one worker process. It gets SIGTERM when this process dies, however it dies, and
-    it inherits `hold` (the data dir's lock): the lock is free only once every process is gone."""
+    it inherits `hold` (the data dir's lock): the lock is free only once every process is gone.
+    A replay's processes get `catch_up_to`, the end offsets it publishes at (see PartWriter)."""
     options = {
         "--pipeline": pipeline,
         "--generation": generation,
@@ -50,6 +53,7 @@ def spawn_process(
         "--data-dir": settings.data_dir,
         "--snapshot-dir": settings.snapshot_dir,
         "--replication-factor": settings.replication_factor,
+        "--catch-up-to": format_offsets(catch_up_to) if catch_up_to is not None else None,
     }
     command = [sys.executable, "-m", "kappa", "worker-process", *definition.to_args()]
     command += [part for flag, value in options.items() if value is not None for part in (flag, str(value))]

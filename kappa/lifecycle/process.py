@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +24,7 @@ from tables.grouped_mean import read_partition
 
 log = logging.getLogger("kappa.lifecycle.process")
 HEARTBEAT_S = 1.0
+CATCH_UP_TICK_S = 0.1
 
 
 def claim_state_slot(generation_dir: Path, preferred: int) -> tuple[int, IO]:
@@ -45,14 +47,33 @@ def claim_state_slot(generation_dir: Path, preferred: int) -> tuple[int, IO]:
 
 
 class PartWriter:
-    """Writes the parts of this process's partitions, and its heartbeat file."""
+    """Writes the parts of this process's partitions, and its heartbeat file.
 
-    def __init__(self, pipe: Pipeline, directory: Path, heartbeat: Path, interval: float) -> None:
+    Parts of changed partitions are written once per `interval`. A replay's processes also get
+    `catch_up_to`, the end offsets the replay publishes at: a changed partition that has reached
+    its end is written at the next tick (every CATCH_UP_TICK_S), since the replay waits for
+    nothing else. Before, the replay waited up to a whole interval after its last record."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        directory: Path,
+        heartbeat: Path,
+        interval: float,
+        catch_up_to: Mapping[int, int] | None = None,
+    ) -> None:
         self.pipe = pipe
         self.directory = directory
         self.heartbeat = heartbeat
         self.interval = interval
+        self.catch_up_to = catch_up_to
         self.next_parts = time.monotonic() + interval
+        self.next_beat = 0.0
+
+    @property
+    def tick_every(self) -> float:
+        every = min(self.interval, HEARTBEAT_S)
+        return every if self.catch_up_to is None else min(every, CATCH_UP_TICK_S)
 
     def assigned(self) -> set[int]:
         topic = self.pipe.definition.topic
@@ -65,14 +86,21 @@ class PartWriter:
             parts.write_part(self.directory, partition, partials, stats)
 
     def tick(self) -> None:
-        """Heartbeat every tick; parts of changed partitions once per snapshot interval."""
-        owned = self.assigned()
-        if time.monotonic() >= self.next_parts:
-            self.next_parts = time.monotonic() + self.interval
-            progress = self.pipe.progress
+        """Parts of changed partitions once per snapshot interval, and of those that reached
+        `catch_up_to` at once; a heartbeat once per HEARTBEAT_S."""
+        owned, progress, now = self.assigned(), self.pipe.progress, time.monotonic()
+        if now >= self.next_parts:
+            self.next_parts = now + self.interval
             dirty, progress.dirty = progress.dirty & owned, set()
             self.write(dirty)
-        self.beat(owned)
+        elif self.catch_up_to is not None:
+            ends = self.catch_up_to
+            caught_up = {p for p in progress.dirty & owned if progress.next_offsets.get(p, 0) >= ends.get(p, 0)}
+            progress.dirty -= caught_up
+            self.write(caught_up)
+        if now >= self.next_beat:
+            self.next_beat = now + HEARTBEAT_S
+            self.beat(owned)
 
     def beat(self, owned: set[int]) -> None:
         progress = self.pipe.progress
@@ -112,6 +140,7 @@ def run_process(
     index: int,
     interval: float,
     loglevel: str = "warn",
+    catch_up_to: Mapping[int, int] | None = None,
 ) -> int:
     """One worker process: Faust app + agent, and a timer that writes changed parts."""
     partitions = admin.require_partition_count(settings.broker, definition.topic)
@@ -130,7 +159,8 @@ def run_process(
         replication=admin.replication(settings.broker, settings.replication_factor),
     )
     heartbeat = settings.run_dir(pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
-    writer = PartWriter(pipe, parts.parts_dir(settings.snapshot_dir, pipeline, generation), heartbeat, interval)
+    directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
+    writer = PartWriter(pipe, directory, heartbeat, interval, catch_up_to)
 
     async def write_parts() -> None:
         try:
@@ -142,7 +172,7 @@ def run_process(
         progress.dirty |= writer.assigned()  # restored state is publishable even with no new records
 
     pipe.table.on_recover(after_recovery)
-    every(pipe.app, min(interval, HEARTBEAT_S), f"kappa.{pipeline}.parts")(write_parts)
+    every(pipe.app, writer.tick_every, f"kappa.{pipeline}.parts")(write_parts)
     worker = FinalPartsWorker(pipe.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None
     worker.part_writer = writer

@@ -28,7 +28,7 @@ from kappa.pipeline import Definition
 from kappa.snapshots import parts, snapshot
 from kappa.snapshots.publisher import Publisher
 
-POLL_S = 0.5
+POLL_S = 0.2
 RETIRE_WAIT_S = 120.0
 
 
@@ -97,7 +97,8 @@ def run_beside(
     )
     started = time.monotonic()
     children: list[Child] = [
-        spawn_process(settings, pipeline, definition, generation, i, interval, loglevel) for i in range(processes)
+        spawn_process(settings, pipeline, definition, generation, i, interval, loglevel, catch_up_to=ends)
+        for i in range(processes)
     ]
     snapshot.import_pandas_in_background()  # the first publish imports it; the workers take seconds to start
     publisher = Publisher(settings, pipeline, definition, generation, partitions, force=force)
@@ -144,7 +145,7 @@ def _catch_up_and_switch(
             if child.process.poll() is not None:
                 print(f"replay: process {child.index} exited ({child.process.returncode}); restarting", file=sys.stderr)
                 children[position] = spawn_process(
-                    settings, pipeline, definition, generation, child.index, interval, loglevel
+                    settings, pipeline, definition, generation, child.index, interval, loglevel, catch_up_to=ends
                 )
         offsets: dict[int, int] = {}
         for beat in heartbeats(settings, pipeline, generation):

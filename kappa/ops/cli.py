@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kappa.config import Settings, validate_pipeline_name
+from kappa.config import Settings, parse_offsets, validate_pipeline_name
 from kappa.errors import KappaError
 
 RECORD_KINDS = ("counted", "skipped", "rejected")
@@ -163,7 +163,14 @@ def cmd_worker_process(args: argparse.Namespace) -> int:
 
     pipeline, definition = _definition(args)
     return run_process(
-        _settings(args), pipeline, definition, args.generation, args.index, args.snapshot_interval, args.loglevel
+        _settings(args),
+        pipeline,
+        definition,
+        args.generation,
+        args.index,
+        args.snapshot_interval,
+        args.loglevel,
+        catch_up_to=args.catch_up_to,
     )
 
 
@@ -346,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--generation", type=int, required=True)
     process.add_argument("--index", type=int, required=True)
     process.add_argument("--snapshot-interval", type=float, default=10.0)
+    # a replay's end offsets, `PARTITION:OFFSET,...`: parts are written as soon as they are reached
+    process.add_argument("--catch-up-to", type=parse_offsets, default=None)
     _loglevel(process)
     process.set_defaults(handler=cmd_worker_process)
 

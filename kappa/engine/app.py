@@ -11,6 +11,7 @@ import gc
 import importlib.abc
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,8 @@ class Pipeline:
     progress: Progress
     definition: Definition
     outages: OutageReporter
+    # commits the offsets the table reached and the commit timer has not committed yet
+    commit_pending: Callable[[], Awaitable[None]]
 
 
 def create_pipeline(
@@ -188,7 +191,14 @@ def create_pipeline(
         await _poll_in_thread(outages)
 
     every(app, CHECK_EVERY_S, "kappa.watch_leaders")(watch_leaders)
-    wired = Pipeline(app=app, table=table, progress=progress, definition=definition, outages=outages)
+    wired = Pipeline(
+        app=app,
+        table=table,
+        progress=progress,
+        definition=definition,
+        outages=outages,
+        commit_pending=agent.commit_pending,
+    )
     table.on_recover(lambda: resume_from_table_offsets(wired))
     assignor.result()  # made before the app can start
     return wired

@@ -38,7 +38,9 @@ TIMEOUT_S = 30.0
 
 
 def _produce(broker: str, topic: str, partitions: int = 2, records: int = RECORDS_PER_PARTITION) -> None:
-    producer = Producer(client_config(broker, **{"linger.ms": 200, "batch.num.messages": 1_000}))
+    # idempotent: a retried batch keeps its place, so a record's offset is the number it carries
+    settings = {"linger.ms": 200, "batch.num.messages": 1_000, "enable.idempotence": True}
+    producer = Producer(client_config(broker, **settings))
     for partition in range(partitions):
         for offset in range(records):
             producer.produce(topic, b'{"n": %d}' % offset, b"k", partition=partition)

@@ -71,6 +71,15 @@ class PartWriter:
         self.catch_up_to = catch_up_to
         self.next_parts = time.monotonic() + interval
         self.next_beat = 0.0
+        self.written_at_end: set[int] = set()
+
+    def newly_caught_up(self, changed: set[int]) -> set[int]:
+        """Changed partitions at or past their end offset whose part was not yet written there:
+        once it was, records beyond the end (a replay beside live traffic) wait for the
+        interval again, or every tick would rewrite the part."""
+        ends = self.catch_up_to or {}
+        next_offsets = self.pipe.progress.next_offsets
+        return {p for p in changed - self.written_at_end if p in ends and next_offsets.get(p, 0) >= ends[p]}
 
     @property
     def tick_every(self) -> float:
@@ -96,12 +105,13 @@ class PartWriter:
             dirty, progress.dirty = progress.dirty & owned, set()
             self.write(dirty)
         elif self.catch_up_to is not None:
-            ends = self.catch_up_to
-            caught_up = {p for p in progress.dirty & owned if progress.next_offsets.get(p, 0) >= ends.get(p, 0)}
+            caught_up = self.newly_caught_up(progress.dirty & owned)
             progress.dirty -= caught_up
             self.write(caught_up)
+            self.written_at_end |= caught_up
         if now >= self.next_beat:
-            self.next_beat = now + HEARTBEAT_S
+            # half a tick early: a timer that fires a little early must not skip a beat
+            self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
             self.beat(owned)
 
     def beat(self, owned: set[int]) -> None:

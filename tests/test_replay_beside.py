@@ -227,3 +227,20 @@ def test_a_replays_processes_write_their_parts_on_reaching_its_end_offsets(kappa
     )
     assert done.returncode == 0, done.stderr
     assert_first_generation_matches(kappa, topic, path)
+
+
+def test_a_finished_replays_group_has_committed_its_end_offsets(kappa, tmp_path):
+    """A replay stops its processes right after their last record; each commits what its table
+    reached before it stops, so the group shows no lag that is not there. Paced by a broker
+    quota, whose throttling holds the periodic commits back for seconds."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(60_000, 300, seed=62).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    paced = kappa.paced_replay_env(app_id(topic, 1), 400_000)
+    done = subprocess.run(
+        replay_command(kappa, topic, "amount"), capture_output=True, text=True, env=paced, timeout=240
+    )
+    assert done.returncode == 0, done.stderr
+    assert_first_generation_matches(kappa, topic, path)
+    assert committed_offsets(kappa.broker, app_id(topic, 1), topic, 4) == worker_ends(kappa.broker, topic)

@@ -36,6 +36,19 @@ def test_missing_arguments_and_help():
     assert helped.returncode == 0 and "--batch" in helped.stdout
 
 
+def test_a_replay_by_no_process_is_refused_at_once(kappa, tmp_path):
+    """It used to wait forever for parts that no process would write."""
+    data = tmp_path / "rows.csv"
+    data.write_text("city,amount\nx,1\n")
+    topic = kappa.topic()
+    kappa.run("load", str(data), "--key", "city", "--topic", topic)
+    result = kappa.run("replay", "--topic", topic, "--value", "amount", "--key", "city", "--processes", "0",
+                       check=False, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    expected = "kappa: error: --processes must be at least 1 and --snapshot-interval above 0"
+    assert result.stderr.decode().strip() == expected
+
+
 def test_kafka_start_refuses_a_taken_port(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -90,13 +90,14 @@ class CpuGroups:
         self.close()
 
 
-WORKER_INDEX = re.compile(rb"worker-process\x00.*?--index\x00(\d+)", re.S)
+WORKER_INDEX = re.compile(rb"worker-(?:process|standby)\x00.*?--index\x00(\d+)", re.S)
 
 
 class WorkerPlacer:
     """Called with the process group's id while a replay runs: moves each kappa worker process
-    (`kappa worker-process --index i`) into group `worker-i` as soon as it appears. The supervisor
-    starts in group `supervisor` (see `enter_supervisor_group`), so no process escapes a quota."""
+    (`kappa worker-process --index i`, or `kappa worker-standby --index i` before it has work)
+    into group `worker-i` as soon as it appears. The supervisor starts in group `supervisor`
+    (see `enter_supervisor_group`), so no process escapes a quota."""
 
     def __init__(self, groups: CpuGroups) -> None:
         self.groups = groups

@@ -118,6 +118,7 @@ def create_pipeline(
     progress: Progress,
     replication: admin.Replication,
     outage_label: str | None = None,
+    group_size: int | None = None,
 ) -> Pipeline:
     """Wire the generation's app. Every topic it creates is replicated as `replication` says:
     Faust's changelog through its own settings, its assignor topic made here first (Faust
@@ -125,7 +126,8 @@ def create_pipeline(
 
     A leader watch runs beside it; with `outage_label` it prints the outage lines itself
     (a replay), without it only the log filters learn of outages (a worker process, whose
-    supervisor prints them once for all processes)."""
+    supervisor prints them once for all processes). `group_size`: the processes a replay
+    started together; until they have all joined, one with more than its share fetches nothing."""
     assignor = in_background(  # a round trip to the controller (about 40 ms), made while the app is wired
         "kappa-assignor-topic",
         admin.ensure_topic,
@@ -182,7 +184,8 @@ def create_pipeline(
     written = deadletters.written_up_to(broker, definition.dlq_topic, definition.topic, identity)
     agent = GroupedMeanAgent(table, definition, dlq, progress, DeadLetters(pipeline, generation, identity, written))
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
-    deliver_batches(app, source, {definition.topic: agent.on_batch})
+    fair_share = -(-partitions // group_size) if group_size else None
+    deliver_batches(app, source, {definition.topic: agent.on_batch}, fair_share)
     every(app, COMMIT_EVERY_S, "kappa.commit_pending")(agent.commit_pending)
     watch = LeaderWatch(broker, [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)])
     outages = OutageReporter(watch, outage_label or "", emit=stderr_line if outage_label else None)

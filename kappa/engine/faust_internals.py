@@ -78,6 +78,10 @@ What is coupled, what it is for, and what an upstream change would do without th
     If changed: renamed, Faust's seek back after a dropped poll would skip the fix again and a
     fresh partition's dropped records would be lost (the test in tests/test_batch_delivery.py
     fails); if aiokafka seeks 0 itself one day, the extra seek changes nothing.
+16. faust `Consumer._wait_next_records` napping 1 s (`self.sleep(1)`) when no partition is
+    active, `_get_active_partitions`, `can_resume_flow`, `not_waiting_next_records`.
+    For: `BatchDeliveryConsumer._wait_next_records` naps `IDLE_POLL_S` instead.
+    If changed: AttributeError, or the check's mismatch if upstream stops napping there.
 
 String couplings stay where they are used: logger names (`faust.transport.producer`,
 `aiokafka.*`) and aiokafka's message texts in `kappa.engine.lognoise`; only the noise would come back.
@@ -128,6 +132,7 @@ import inspect
 import logging
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -219,6 +224,10 @@ def check_internals() -> None:
     _method(faust, consumer, "_drain_messages", ["fetcher"], coroutine=True)
     _calls(faust, consumer_module.Fetcher, "_fetcher", ["_drain_messages"])
     _method(faust, consumer, "_wait_next_records", ["timeout"], coroutine=True)
+    _method(faust, consumer, "_get_active_partitions", [], coroutine=False)
+    _sets(faust, consumer, ["can_resume_flow", "not_waiting_next_records"])
+    if "sleep" not in _code(consumer._wait_next_records).co_names:
+        raise mismatch(faust, "Consumer._wait_next_records no longer naps without active partitions")
     _method(faust, consumer, "_add_gap", ["tp", "offset_from", "offset_to"], coroutine=True)
     _method(faust, consumer, "perform_seek", [], coroutine=True)
     _method(faust, consumer, "seek_to_committed", [], coroutine=True)
@@ -295,6 +304,8 @@ from faust.types import TP  # noqa: E402
 YIELD_EVERY = 100
 # records parsed and handed to the agent at once: bounds the memory of a fetch's parsed records
 DELIVERY_RECORDS = 50_000
+IDLE_POLL_S = 0.05  # a poll with no active partition, instead of Faust's 1 s (see _wait_next_records)
+MEMBERS_WAIT_S = 5.0  # see BatchDeliveryConsumer._waiting_for_members
 
 # a partition's records from one fetch, in offset order, as aiokafka parsed them
 BatchHandler = Callable[[dict[TP, Sequence[Record]]], Awaitable[None]]
@@ -307,12 +318,16 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
     """Bind with `for_topics`; the handlers get every fetched batch of their topics."""
 
     handlers: Mapping[str, BatchHandler] = {}
+    fair_share: int | None = None  # the most handler-topic partitions a process has in the full group
     _sought_in_handler: set[TP] | None = None  # partitions sought while a fetch is delivered
+    _members_wait_until: float | None = None
 
     @classmethod
-    def for_topics(cls, handlers: Mapping[str, BatchHandler]) -> type[BatchDeliveryConsumer]:
+    def for_topics(
+        cls, handlers: Mapping[str, BatchHandler], fair_share: int | None = None
+    ) -> type[BatchDeliveryConsumer]:
         PassThroughRecords.install(handlers)
-        return type("BatchDeliveryConsumer", (cls,), {"handlers": dict(handlers)})
+        return type("BatchDeliveryConsumer", (cls,), {"handlers": dict(handlers), "fair_share": fair_share})
 
     async def seek(self, partition: TP, offset: int) -> None:
         """Faust's seek, remembered while a fetch is being delivered (see `_deliver_all`)."""
@@ -333,6 +348,39 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         if at_start:
             await self.seek_wait(at_start)
         return committed
+
+    def _waiting_for_members(self) -> bool:
+        """Whether this process holds more than its `fair_share` of the handlers' partitions
+        while the group's other processes may still join (MEMBERS_WAIT_S from its first poll).
+
+        A replay's processes start together, but the broker gives the first to join every
+        partition at once; the others' joins then rebalance the group within a second. Records
+        it applied meanwhile were lost work: the partitions it gave up started again from their
+        committed offsets or were restored from the changelog, and the rest of the group waited
+        for its delivery to end. So it fetches nothing until the group has its size, or the wait
+        is over (a process that never comes)."""
+        if self.fair_share is None:
+            return False
+        now = time.monotonic()
+        if self._members_wait_until is None:
+            self._members_wait_until = now + MEMBERS_WAIT_S
+        if now >= self._members_wait_until:
+            return False
+        held = sum(1 for tp in self._get_active_partitions() if tp.topic in self.handlers)
+        return held > self.fair_share
+
+    async def _wait_next_records(self, timeout: float) -> tuple[Mapping[TP, list] | None, set[TP] | None]:
+        """Faust's, except that with no active partition it naps `IDLE_POLL_S`, not a whole
+        second. Partitions become active when a rebalance's recovery ends; a process that
+        polled just before waited out the rest of Faust's second with its partitions ready
+        (every process of a 4-process replay lost up to 1 s at its start that way)."""
+        if not self.flow_active:
+            await self.wait(self.can_resume_flow)  # type: ignore[arg-type]  # as Faust does
+        if self.app.client_only or (self._get_active_partitions() and not self._waiting_for_members()):
+            return await super()._wait_next_records(timeout)
+        self.not_waiting_next_records.set()
+        await self.sleep(IDLE_POLL_S)
+        return {}, set()
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set
@@ -566,11 +614,14 @@ def take_records(fetched: dict[TP, deque[FetchedBatch]], limit: int) -> dict[TP,
     return taken
 
 
-def deliver_batches(app: faust.App, source: Any, handlers: Mapping[str, BatchHandler]) -> None:
+def deliver_batches(
+    app: faust.App, source: Any, handlers: Mapping[str, BatchHandler], fair_share: int | None = None
+) -> None:
     """Subscribe `app` to `source` without a Faust agent, and hand every fetched batch of the
-    handlers' topics to them (faust's `Transport.Consumer` is replaced for this app only)."""
+    handlers' topics to them (faust's `Transport.Consumer` is replaced for this app only).
+    `fair_share`: see `BatchDeliveryConsumer._waiting_for_members`."""
     app.topics.add(source)
-    app.transport.Consumer = BatchDeliveryConsumer.for_topics(handlers)  # type: ignore[misc]  # this app's only
+    app.transport.Consumer = BatchDeliveryConsumer.for_topics(handlers, fair_share)  # type: ignore[misc]  # this app's only
 
 
 async def commit_offsets(consumer: Any, offsets: Mapping[TP, int]) -> bool:

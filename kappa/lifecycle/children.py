@@ -6,21 +6,26 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from kappa.config import Settings, format_offsets
-from kappa.pipeline import Definition
 from kappa.processes import pid_alive
+
+if TYPE_CHECKING:  # a replay starts its processes before it imports the pipeline's modules
+    from kappa.pipeline import Definition
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
+READY_WAIT_S = 60.0
+STANDBY_GRACE_S = 10.0
 
 
 @dataclass
@@ -29,7 +34,7 @@ class Child:
     process: subprocess.Popen
 
 
-def spawn_process(
+def worker_arguments(
     settings: Settings,
     pipeline: str,
     definition: Definition,
@@ -37,12 +42,12 @@ def spawn_process(
     index: int,
     interval: float,
     loglevel: str,
-    hold: IO | None = None,
     catch_up_to: Mapping[int, int] | None = None,
-) -> Child:
-    """Start one worker process. It gets SIGTERM when this process dies, however it dies, and
-    it inherits `hold` (the data dir's lock): the lock is free only once every process is gone.
-    A replay's processes get `catch_up_to`, the end offsets it publishes at (see PartWriter)."""
+    group_size: int | None = None,
+) -> list[str]:
+    """The arguments of `kappa worker-process` for one worker process. A replay's processes get
+    `catch_up_to`, the end offsets it publishes at (see PartWriter), and `group_size` if they
+    start together (see kappa.engine.faust_internals.BatchDeliveryConsumer._waiting_for_members)."""
     options = {
         "--pipeline": pipeline,
         "--generation": generation,
@@ -54,17 +59,84 @@ def spawn_process(
         "--snapshot-dir": settings.snapshot_dir,
         "--replication-factor": settings.replication_factor,
         "--catch-up-to": format_offsets(catch_up_to) if catch_up_to is not None else None,
+        "--group-size": group_size,
     }
-    command = [sys.executable, "-m", "kappa", "worker-process", *definition.to_args()]
-    command += [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
+    arguments = [*definition.to_args()]
+    return arguments + [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
+
+
+def spawn_process(index: int, arguments: list[str], hold: IO | None = None) -> Child:
+    """Start `kappa worker-process` with `arguments` (see `worker_arguments`). It gets SIGTERM
+    when this process dies, however it dies, and it inherits `hold` (the data dir's lock): the
+    lock is free only once every process is gone."""
     parent = os.getpid()
     process = subprocess.Popen(
-        command,
+        [sys.executable, "-m", "kappa", "worker-process", *arguments],
         stdin=subprocess.DEVNULL,
         pass_fds=(hold.fileno(),) if hold is not None else (),
         preexec_fn=lambda: _die_with_parent(parent),
     )
     return Child(index, process)
+
+
+@dataclass
+class Standby:
+    """A worker process started before its work is known (`kappa worker-standby`).
+
+    Most of a worker's start is importing its libraries (Faust, aiokafka, pyarrow, RocksDB):
+    about half a second of CPU, over a second on a small core. A replay starts its processes in
+    standby first, so that they import while it checks the log and claims its generation, then
+    hands each its `worker-process` arguments on stdin (`assign`). Each writes one line to its
+    `ready` pipe once imported; `assign` waits for all of them before it hands out any work, so
+    the processes join their group together: one that joined alone would take every partition,
+    start on them, and lose that work to the rebalance the others' joins cause a moment later.
+    """
+
+    index: int
+    process: subprocess.Popen
+    ready: int  # the read end of the process's ready pipe; EOF without a line: it exited
+
+
+def start_standby(count: int) -> list[Standby]:
+    """`count` worker processes in standby; they die with this process, as spawned ones do."""
+    parent = os.getpid()
+    started = []
+    for index in range(count):
+        read_end, write_end = os.pipe()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kappa", "worker-standby", "--index", str(index), "--ready-fd", str(write_end)],
+            stdin=subprocess.PIPE,
+            pass_fds=(write_end,),
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
+        os.close(write_end)
+        started.append(Standby(index, process, read_end))
+    return started
+
+
+def assign(standby: list[Standby], arguments: Callable[[int], list[str]], wait: float = READY_WAIT_S) -> list[Child]:
+    """Give each standby process its `worker-process` arguments (`arguments(index)`) once every
+    one is ready or gone, or `wait` seconds have passed; a process that is gone is the caller's
+    to restart, as any worker process that exits."""
+    waiting = {entry.ready: entry for entry in standby}
+    deadline = time.monotonic() + wait
+    while waiting and time.monotonic() < deadline:
+        readable, _, _ = select.select(list(waiting), [], [], max(deadline - time.monotonic(), 0.0))
+        for fd in readable:
+            os.read(fd, 64)  # a line once imported, or EOF: either way it waits no longer
+            waiting.pop(fd)
+    children = []
+    for entry in standby:
+        _close_ready(entry)
+        stdin = entry.process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(json.dumps(arguments(entry.index)).encode() + b"\n")
+            stdin.close()
+        except BrokenPipeError:  # it exited: the caller sees its exit code and restarts it
+            pass
+        children.append(Child(entry.index, entry.process))
+    return children
 
 
 def _die_with_parent(parent: int) -> None:
@@ -74,6 +146,21 @@ def _die_with_parent(parent: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _close_ready(entry: Standby) -> None:
+    if entry.ready >= 0:
+        os.close(entry.ready)
+        entry.ready = -1
+
+
+def stop_standby(standby: list[Standby]) -> None:
+    """Stop processes that never got work: EOF on stdin ends them, SIGTERM if still importing."""
+    for entry in standby:
+        _close_ready(entry)
+        if entry.process.stdin is not None and not entry.process.stdin.closed:
+            entry.process.stdin.close()
+    stop_children([Child(entry.index, entry.process) for entry in standby], grace=STANDBY_GRACE_S)
 
 
 def stop_children(children: list[Child], grace: float = STOP_GRACE_S) -> None:

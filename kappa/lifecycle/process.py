@@ -160,6 +160,7 @@ def run_process(
     interval: float,
     loglevel: str = "warn",
     catch_up_to: Mapping[int, int] | None = None,
+    group_size: int | None = None,
 ) -> int:
     """One worker process: Faust app + agent, and a timer that writes changed parts."""
     partitions = admin.require_partition_count(settings.broker, definition.topic)
@@ -176,6 +177,7 @@ def run_process(
         state_dir=state_dir,
         progress=progress,
         replication=admin.replication(settings.broker, settings.replication_factor),
+        group_size=group_size,
     )
     heartbeat = settings.run_dir(pipeline, generation) / f"process-{socket.gethostname()}-{slot}.json"
     directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)

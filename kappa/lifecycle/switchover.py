@@ -19,7 +19,16 @@ from pathlib import Path
 
 from kappa.config import Settings
 from kappa.errors import KappaError
-from kappa.lifecycle.children import Child, heartbeats, spawn_process, stop_children
+from kappa.lifecycle.children import (
+    Child,
+    Standby,
+    assign,
+    heartbeats,
+    spawn_process,
+    start_standby,
+    stop_children,
+    worker_arguments,
+)
 from kappa.lifecycle.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
 from kappa.lifecycle.guards import EmptyResult, preflight
@@ -79,7 +88,9 @@ def run_beside(
     allow_truncated: bool = False,
     force: bool = False,
     loglevel: str = "warn",
+    standby: list[Standby] | None = None,
 ) -> SwitchResult:
+    """`standby`: processes started early (see Standby); the replay starts its own without."""
     partitions, ends = preflight(settings, definition, allow_truncated, force)
     registry = Registry(settings.snapshot_dir, pipeline)
     generation, resumed = claim_generation(registry, definition)
@@ -96,10 +107,13 @@ def run_beside(
         flush=True,
     )
     started = time.monotonic()
-    children: list[Child] = [
-        spawn_process(settings, pipeline, definition, generation, i, interval, loglevel, catch_up_to=ends)
-        for i in range(processes)
-    ]
+    standby = standby if standby is not None else start_standby(processes)
+    children = assign(
+        standby,
+        lambda index: worker_arguments(
+            settings, pipeline, definition, generation, index, interval, loglevel, ends, group_size=len(standby)
+        ),
+    )
     snapshot.import_pandas_in_background()  # the first publish imports it; the workers take seconds to start
     publisher = Publisher(settings, pipeline, definition, generation, partitions, force=force)
     line = ProgressLine(plain_every=5.0)
@@ -144,9 +158,10 @@ def _catch_up_and_switch(
         for position, child in enumerate(children):
             if child.process.poll() is not None:
                 print(f"replay: process {child.index} exited ({child.process.returncode}); restarting", file=sys.stderr)
-                children[position] = spawn_process(
-                    settings, pipeline, definition, generation, child.index, interval, loglevel, catch_up_to=ends
+                arguments = worker_arguments(
+                    settings, pipeline, definition, generation, child.index, interval, loglevel, ends
                 )
+                children[position] = spawn_process(child.index, arguments)
         offsets: dict[int, int] = {}
         for beat in heartbeats(settings, pipeline, generation):
             for partition, offset in beat.get("next_offsets", {}).items():

@@ -23,7 +23,7 @@ from kappa.engine.names import app_id, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
-from kappa.lifecycle.children import Child, spawn_process, stop_children
+from kappa.lifecycle.children import Child, spawn_process, stop_children, worker_arguments
 from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.lifecycle.generations import Registry
 from kappa.lifecycle.guards import check_definition
@@ -113,16 +113,10 @@ class Supervisor:
             self.outages.watch.topics = topics
 
     def _spawn(self, generation: int, index: int) -> Child:
-        return spawn_process(
-            self.settings,
-            self.pipeline,
-            self.definition,
-            generation,
-            index,
-            self.interval,
-            self.loglevel,
-            hold=self._data_dir_claim,
+        arguments = worker_arguments(
+            self.settings, self.pipeline, self.definition, generation, index, self.interval, self.loglevel
         )
+        return spawn_process(index, arguments, hold=self._data_dir_claim)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -91,11 +92,21 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    pipeline, definition = _definition(args)
+    if args.processes < 1 or args.snapshot_interval <= 0:
+        raise KappaError("--processes must be at least 1 and --snapshot-interval above 0")
     if not args.batch:
         if args.timeout is not None:
             raise KappaError("--timeout applies to --batch replays only: add --batch, or leave out --timeout")
-        return _replay_beside(args, pipeline, definition)
+        from kappa.lifecycle.children import start_standby, stop_standby
+
+        # its processes import their libraries while this one imports its own and checks the log
+        standby = start_standby(args.processes)
+        try:
+            pipeline, definition = _definition(args)
+            return _replay_beside(args, pipeline, definition, standby)
+        finally:
+            stop_standby(standby)  # those that got work are the replay's to stop, and are gone by now
+    pipeline, definition = _definition(args)
     settings = _settings(args)
     if args.timeout is not None and args.timeout <= 0:
         raise KappaError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
@@ -171,7 +182,22 @@ def cmd_worker_process(args: argparse.Namespace) -> int:
         args.snapshot_interval,
         args.loglevel,
         catch_up_to=args.catch_up_to,
+        group_size=args.group_size,
     )
+
+
+def cmd_worker_standby(args: argparse.Namespace) -> int:
+    """A replay's worker process before its work is known (kappa.lifecycle.children.Standby):
+    import what a worker runs, say so on the ready pipe, then run `worker-process` with the
+    arguments read from stdin; EOF instead means the replay needs it no more."""
+    import kappa.lifecycle.process  # noqa: F401  the larger part of a worker's start
+
+    with os.fdopen(args.ready_fd, "wb") as ready:
+        ready.write(b"ready\n")
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    return main(["worker-process", *json.loads(line)])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -202,7 +228,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
+def _replay_beside(args: argparse.Namespace, pipeline: str, definition, standby: list) -> int:
     from kappa.lifecycle.switchover import run_beside
 
     result = run_beside(
@@ -215,6 +241,7 @@ def _replay_beside(args: argparse.Namespace, pipeline: str, definition) -> int:
         allow_truncated=args.allow_truncated,
         force=args.force,
         loglevel=args.loglevel,
+        standby=standby,
     )
     replaced = f", replacing generation {result.previous}" if result.previous else ""
     retired = (
@@ -355,8 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--snapshot-interval", type=float, default=10.0)
     # a replay's end offsets, `PARTITION:OFFSET,...`: parts are written as soon as they are reached
     process.add_argument("--catch-up-to", type=parse_offsets, default=None)
+    # the processes a replay started together (see BatchDeliveryConsumer._waiting_for_members)
+    process.add_argument("--group-size", type=int, default=None)
     _loglevel(process)
     process.set_defaults(handler=cmd_worker_process)
+
+    standby = commands.add_parser("worker-standby")  # internal: a replay's worker process before it has work
+    standby.add_argument("--index", type=int, required=True)  # which process of the replay; the work says it again
+    standby.add_argument("--ready-fd", type=int, required=True)
+    standby.set_defaults(handler=cmd_worker_standby)
 
     status = commands.add_parser("status", parents=[common], help="broker, offsets, generations, lag and snapshots")
     status.add_argument("--pipeline", help="only this pipeline (default: every pipeline under --snapshot-dir)")

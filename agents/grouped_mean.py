@@ -67,12 +67,15 @@ class GroupedMeanAgent:
     async def on_batch(self, batches: Mapping[TP, Sequence[Record]]) -> None:
         """One fetched batch: fold and apply each partition's records in one transaction,
         make it durable, then commit what it reached (tables.transaction has the order)."""
+        if self.progress.first_applied_at is None:
+            self.progress.first_applied_at = time.time()
         transaction = BatchTransaction(self.writer, self._flush_dead_letters)
         generation = self.table.app.consumer_generation_id
         for tp, records in batches.items():
             await self._apply_partition(transaction, tp.partition, records)
             self.progress.records_seen += len(records)
         await transaction.make_durable()
+        self.progress.last_applied_at = time.time()
         if self.table.app.consumer_generation_id != generation:
             # A rebalance completed while this batch was applied: the new assignment has already
             # committed what its tables hold, and a commit from here could run ahead of that.

@@ -164,6 +164,9 @@ class Progress:
     stop_at: Mapping[int, int] | None = None
     records_seen: int = 0
     dirty: set[int] = field(default_factory=set)
+    # wall-clock times (time.time()) this process's first batch began and its last one was durable
+    first_applied_at: float | None = None
+    last_applied_at: float | None = None
 
     on_reached: Callable[[], None] | None = field(default=None, repr=False)
 

@@ -50,7 +50,8 @@ def test_bench_smoke_run_checks_every_contender(kafka, tmp_path):
     else:
         assert [r["processes"] for r in scale_out["results"]] == [1, 2]
         assert all(r["correct"] for r in scale_out["results"])
-        assert set(scale_out["speedups"]) == {"2p/1p"}
+        assert set(scale_out["speedups"]) == set(scale_out["applying_speedups"]) == {"2p/1p"}
+        assert all(0 < r["applying_seconds"] < r["seconds"] for r in scale_out["results"])
     assert _leftover_groups() == groups_before
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -244,3 +245,8 @@ def test_a_finished_replays_group_has_committed_its_end_offsets(kappa, tmp_path)
     assert done.returncode == 0, done.stderr
     assert_first_generation_matches(kappa, topic, path)
     assert committed_offsets(kappa.broker, app_id(topic, 1), topic, 4) == worker_ends(kappa.broker, topic)
+    # paced, the records take seconds to apply: that span is reported, and lies within the replay's time
+    found = re.search(r"caught up in ([0-9.]+)s, applying records for ([0-9.]+)s", done.stdout)
+    assert found, done.stdout
+    caught_up, applying = float(found.group(1)), float(found.group(2))
+    assert 0 < applying <= caught_up

@@ -175,9 +175,13 @@ class Bench:
             frame, _ = snapshot.read_snapshot(self.workdir / "snapshots", pipeline)
             error = check_shape(frame, self.expected_shape) if shaped else check(frame, self.expected)
         result = self.outcome(label, measured, error)
-        found = re.search(r"snapshot ([0-9.]+)s", measured.log.read_text(errors="replace"))
+        output = measured.log.read_text(errors="replace")
+        found = re.search(r"snapshot ([0-9.]+)s", output)
         if found:
             result["snapshot_seconds"] = float(found.group(1))
+        found = re.search(r"applying records for ([0-9.]+)s", output)
+        if found:  # a replay beside live: its processes' first record to their last (AppliedSpan)
+            result["applying_seconds"] = float(found.group(1))
         return result
 
     def contender_command(self, name: str, workdir: Path, out: Path) -> list[str]:

@@ -77,7 +77,7 @@ def scale_out_panel(ax, scale_out: dict) -> None:
     results = scale_out["results"]
     processes = [r["processes"] for r in results]
     ax.plot(processes, [n / processes[0] for n in processes], "--", color="grey", label="linear")
-    curves = [("rows_per_s", "o-", "start to exit")]
+    curves = [("rows_per_s", "o-", "start to exit"), ("applying_rows_per_s", "s:", "applying records")]
     for field, style, label in curves:
         if not all(field in r for r in results):
             continue

@@ -72,6 +72,7 @@ class PartWriter:
         self.next_parts = time.monotonic() + interval
         self.next_beat = 0.0
         self.written_at_end: set[int] = set()
+        self.reported_start = False
 
     def newly_caught_up(self, changed: set[int]) -> set[int]:
         """Changed partitions at or past their end offset whose part was not yet written there:
@@ -98,21 +99,27 @@ class PartWriter:
 
     def tick(self) -> None:
         """Parts of changed partitions once per snapshot interval, and of those that reached
-        `catch_up_to` at once; a heartbeat once per HEARTBEAT_S."""
+        `catch_up_to` at once; a heartbeat once per HEARTBEAT_S, and also as soon as the first
+        records are applied and before a part at the end is written, so the replay reads when
+        this process applied records to a tenth of a second (`applied_span`)."""
         owned, progress, now = self.assigned(), self.pipe.progress, time.monotonic()
+        caught_up: set[int] = set()
+        if now < self.next_parts and self.catch_up_to is not None:
+            caught_up = self.newly_caught_up(progress.dirty & owned)
+        started = progress.first_applied_at is not None and not self.reported_start
+        if now >= self.next_beat or caught_up or (started and self.catch_up_to is not None):
+            # half a tick early: a timer that fires a little early must not skip a beat
+            self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
+            self.reported_start = progress.first_applied_at is not None
+            self.beat(owned)
         if now >= self.next_parts:
             self.next_parts = now + self.interval
             dirty, progress.dirty = progress.dirty & owned, set()
             self.write(dirty)
-        elif self.catch_up_to is not None:
-            caught_up = self.newly_caught_up(progress.dirty & owned)
+        elif caught_up:
             progress.dirty -= caught_up
             self.write(caught_up)
             self.written_at_end |= caught_up
-        if now >= self.next_beat:
-            # half a tick early: a timer that fires a little early must not skip a beat
-            self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
-            self.beat(owned)
 
     def beat(self, owned: set[int]) -> None:
         progress = self.pipe.progress
@@ -122,6 +129,8 @@ class PartWriter:
             "partitions": sorted(owned),
             "next_offsets": {str(p): o for p, o in sorted(progress.next_offsets.items()) if p in owned},
             "records_seen": progress.records_seen,
+            "first_applied_at": progress.first_applied_at,
+            "last_applied_at": progress.last_applied_at,
             "updated_at": snapshot.utc_now(),
         }
         self.heartbeat.parent.mkdir(parents=True, exist_ok=True)

@@ -42,12 +42,36 @@ RETIRE_WAIT_S = 120.0
 
 
 @dataclass
+class AppliedSpan:
+    """When a replay's processes applied records: from the first batch any of them began to the
+    last one any made durable (wall clock, from their heartbeats). Its length is the replay's
+    time without its fixed costs (start-up, group join, publish and stop), so throughput per
+    process shows in it when the whole replay is short."""
+
+    first: float | None = None
+    last: float | None = None
+
+    def add(self, beats: list[dict]) -> None:
+        for beat in beats:
+            first, last = beat.get("first_applied_at"), beat.get("last_applied_at")
+            if first is not None:
+                self.first = first if self.first is None else min(self.first, first)
+            if last is not None:
+                self.last = last if self.last is None else max(self.last, last)
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.first is None or self.last is None else self.last - self.first
+
+
+@dataclass
 class SwitchResult:
     generation: int
     previous: int | None
     path: Path
     seconds: float
     retired: bool
+    applying: float | None = None  # seconds from the first record applied to the last (AppliedSpan)
 
 
 def claim_generation(registry: Registry, definition: Definition) -> tuple[int, bool]:
@@ -117,9 +141,10 @@ def run_beside(
     snapshot.import_pandas_in_background()  # the first publish imports it; the workers take seconds to start
     publisher = Publisher(settings, pipeline, definition, generation, partitions, force=force)
     line = ProgressLine(plain_every=5.0)
+    span = AppliedSpan()
     try:
         path = _catch_up_and_switch(
-            settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition
+            settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition, span
         )
     except EmptyResult:
         line.finish()
@@ -136,7 +161,7 @@ def run_beside(
         keep_generation(settings, pipeline, previous)
     elif previous is not None:
         retired = retire_generation(settings, pipeline, previous, definition.topic)
-    return SwitchResult(generation, previous, path, time.monotonic() - started, retired)
+    return SwitchResult(generation, previous, path, time.monotonic() - started, retired, span.seconds)
 
 
 def _catch_up_and_switch(
@@ -150,6 +175,7 @@ def _catch_up_and_switch(
     interval: float,
     loglevel: str,
     definition: Definition,
+    span: AppliedSpan,
 ) -> Path:
     total = sum(ends.values())
     directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
@@ -163,13 +189,16 @@ def _catch_up_and_switch(
                 )
                 children[position] = spawn_process(child.index, arguments)
         offsets: dict[int, int] = {}
-        for beat in heartbeats(settings, pipeline, generation):
+        beats = heartbeats(settings, pipeline, generation)
+        span.add(beats)
+        for beat in beats:
             for partition, offset in beat.get("next_offsets", {}).items():
                 offsets[int(partition)] = max(offsets.get(int(partition), 0), offset)
         done = sum(min(offsets.get(p, 0), end) for p, end in ends.items())
         line.update(done, total, label=f"g{generation}", detail=_progress_detail(offsets, ends))
         published = {p: offset for p, (offset, _) in parts.newest_parts(directory).items()}
         if all(published.get(p, 0) >= end for p, end in ends.items()) and (total == 0 or published):
+            span.add(heartbeats(settings, pipeline, generation))  # a process beats before its part at the end
             path = publisher.publish_if_changed(make_current=True)
             if path is None and publisher.is_current():
                 path = Path(os.path.realpath(settings.snapshot_dir / pipeline / "latest"))

@@ -77,15 +77,15 @@ def scale_out_panel(ax, scale_out: dict) -> None:
     results = scale_out["results"]
     processes = [r["processes"] for r in results]
     ax.plot(processes, [n / processes[0] for n in processes], "--", color="grey", label="linear")
-    curves = [("rows_per_s", "o-", "start to exit"), ("applying_rows_per_s", "s:", "applying records")]
-    for field, style, label in curves:
+    curves = [("rows_per_s", "o-", "start to exit", -12), ("applying_rows_per_s", "s:", "applying records", 6)]
+    for field, style, label, label_dy in curves:
         if not all(field in r for r in results):
             continue
         rates = [r[field] for r in results]
         ax.plot(processes, [rate / rates[0] for rate in rates], style, color=KAPPA, label=f"kappa, {label}")
         for n, rate in zip(processes, rates, strict=True):
             ax.annotate(f"{rate / rates[0]:.2f}x ({rate / 1e3:,.0f}k/s)", (n, rate / rates[0]),
-                        textcoords="offset points", xytext=(5, -12), fontsize=7)  # fmt: skip
+                        textcoords="offset points", xytext=(5, label_dy), fontsize=7)  # fmt: skip
     ax.set_xticks(processes)
     ax.set_xlim(processes[0] - 0.3, processes[-1] + 1.2)
     ax.set_xlabel(f"kappa worker processes ({scale_out['partitions']} partitions, {scale_out['keys']:,} keys)")

@@ -74,8 +74,9 @@ class GroupedMeanAgent:
         for tp, records in batches.items():
             await self._apply_partition(transaction, tp.partition, records)
             self.progress.records_seen += len(records)
-        await transaction.make_durable()
+        # before the await: a part written while the batch is made durable already holds it
         self.progress.last_applied_at = time.time()
+        await transaction.make_durable()
         if self.table.app.consumer_generation_id != generation:
             # A rebalance completed while this batch was applied: the new assignment has already
             # committed what its tables hold, and a commit from here could run ahead of that.

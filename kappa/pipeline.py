@@ -164,7 +164,7 @@ class Progress:
     stop_at: Mapping[int, int] | None = None
     records_seen: int = 0
     dirty: set[int] = field(default_factory=set)
-    # wall-clock times (time.time()) this process's first batch began and its last one was durable
+    # wall-clock times (time.time()) this process's first batch began and its last one was applied
     first_applied_at: float | None = None
     last_applied_at: float | None = None
 

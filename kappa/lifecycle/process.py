@@ -100,26 +100,27 @@ class PartWriter:
     def tick(self) -> None:
         """Parts of changed partitions once per snapshot interval, and of those that reached
         `catch_up_to` at once; a heartbeat once per HEARTBEAT_S, and also as soon as the first
-        records are applied and before a part at the end is written, so the replay reads when
-        this process applied records to a tenth of a second (`applied_span`)."""
+        records are applied and before any part is written, so that a replay that sees a part
+        reads a heartbeat at least as new (the span of applying records, AppliedSpan)."""
         owned, progress, now = self.assigned(), self.pipe.progress, time.monotonic()
-        caught_up: set[int] = set()
-        if now < self.next_parts and self.catch_up_to is not None:
-            caught_up = self.newly_caught_up(progress.dirty & owned)
+        due: set[int] = set()
+        at_end = False
+        if now >= self.next_parts:
+            self.next_parts = now + self.interval
+            due, progress.dirty = progress.dirty & owned, set()
+        elif self.catch_up_to is not None:
+            due = self.newly_caught_up(progress.dirty & owned)
+            progress.dirty -= due
+            at_end = True
         started = progress.first_applied_at is not None and not self.reported_start
-        if now >= self.next_beat or caught_up or (started and self.catch_up_to is not None):
+        if now >= self.next_beat or due or started:
             # half a tick early: a timer that fires a little early must not skip a beat
             self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
             self.reported_start = progress.first_applied_at is not None
             self.beat(owned)
-        if now >= self.next_parts:
-            self.next_parts = now + self.interval
-            dirty, progress.dirty = progress.dirty & owned, set()
-            self.write(dirty)
-        elif caught_up:
-            progress.dirty -= caught_up
-            self.write(caught_up)
-            self.written_at_end |= caught_up
+        self.write(due)
+        if at_end:
+            self.written_at_end |= due
 
     def beat(self, owned: set[int]) -> None:
         progress = self.pipe.progress

@@ -44,7 +44,7 @@ RETIRE_WAIT_S = 120.0
 @dataclass
 class AppliedSpan:
     """When a replay's processes applied records: from the first batch any of them began to the
-    last one any made durable (wall clock, from their heartbeats). Its length is the replay's
+    last one any applied (wall clock, from their heartbeats). Its length is the replay's
     time without its fixed costs (start-up, group join, publish and stop), so throughput per
     process shows in it when the whole replay is short."""
 

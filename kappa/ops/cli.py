@@ -249,7 +249,7 @@ def _replay_beside(args: argparse.Namespace, pipeline: str, definition, standby:
         if result.retired
         else (f"; generation {result.previous}'s state is kept" if result.previous else "")
     )
-    applying = f", applying records for {result.applying:.2f}s" if result.applying is not None else ""
+    applying = f", applying records for {result.applying:.3f}s" if result.applying is not None else ""
     print(
         f"generation {result.generation} of {pipeline!r} is current{replaced}: {result.path} "
         f"(caught up in {result.seconds:.1f}s{applying}){retired}"

@@ -91,9 +91,13 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
+def _require_processes(args: argparse.Namespace) -> None:
     if args.processes < 1 or args.snapshot_interval <= 0:
         raise KappaError("--processes must be at least 1 and --snapshot-interval above 0")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    _require_processes(args)
     if not args.batch:
         if args.timeout is not None:
             raise KappaError("--timeout applies to --batch replays only: add --batch, or leave out --timeout")
@@ -160,8 +164,7 @@ def _definition(args: argparse.Namespace):
 def cmd_worker(args: argparse.Namespace) -> int:
     from kappa.lifecycle.worker import Supervisor
 
-    if args.processes < 1 or args.snapshot_interval <= 0:
-        raise KappaError("--processes must be at least 1 and --snapshot-interval above 0")
+    _require_processes(args)
     pipeline, definition = _definition(args)
     supervisor = Supervisor(
         _settings(args), pipeline, definition, args.processes, args.snapshot_interval, args.loglevel

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from operator import itemgetter
@@ -401,14 +401,28 @@ def partials_setting_aside(
     chunk: int = PARTIALS_CHUNK,
 ) -> tuple[pa.Table, dict[bytes, bytes]]:
     """(stored key, encoded entry) pairs as an Arrow table of partials, without the keys in
-    `set_aside` (bookkeeping entries that share the store); and the set-aside entries found.
+    `set_aside` (bookkeeping entries that share the store); and the set-aside entries found."""
+    found: dict[bytes, bytes] = {}
+    batches = list(partial_batches(pairs, set_aside, found, aggregate, layout, chunk))
+    return pa.Table.from_batches(batches, schema=partial_schema(layout, aggregate)), found
+
+
+def partial_batches(
+    pairs: Iterable[tuple[bytes, bytes]],
+    set_aside: frozenset[bytes],
+    found: dict[bytes, bytes],
+    aggregate: Aggregate = MEAN,
+    layout: KeyLayout = PLAIN,
+    chunk: int = PARTIALS_CHUNK,
+) -> Iterator[pa.RecordBatch]:
+    """(stored key, encoded entry) pairs as Arrow record batches of partials, in their order,
+    read as they are asked for; the entries of keys in `set_aside` go into `found` instead.
 
     Decoded in bulk a chunk at a time: the Python objects of a chunk are all that is held beside
-    the table. Chunks are taken and split with C-level calls (islice, itemgetter), so a store's
+    the batches. Chunks are taken and split with C-level calls (islice, itemgetter), so a store's
     own iterator is read with no Python step per entry: at 1M keys a generator in between, and
     `zip(*chunk)`, cost a second."""
     schema = partial_schema(layout, aggregate)
-    batches, found = [], {}
     pairs = iter(pairs)
     while pairs_chunk := list(islice(pairs, chunk)):
         keys, entries = list(map(_FIRST, pairs_chunk)), list(map(_SECOND, pairs_chunk))
@@ -420,8 +434,7 @@ def partials_setting_aside(
             continue
         columns = aggregate.decode_many(entries)
         key_column = _binary_array(keys).cast(layout.key_type())
-        batches.append(pa.record_batch({"key": key_column, **columns}, schema=schema))
-    return pa.Table.from_batches(batches, schema=schema), found
+        yield pa.record_batch({"key": key_column, **columns}, schema=schema)
 
 
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)

@@ -113,7 +113,7 @@ def test_snapshot_as_csv_is_the_published_file(tmp_path):
         (layout.encode([city], start), MEAN.encode([MeanState(total=2.5, count=2)]))
         for city, start in [("a,b", 0), ("東京", 3600), ('say "hi"', 7200)]
     ]
-    rows = snapshot.merge_partials(partials_table(sorted(partials), MEAN, layout), MEAN, layout)
+    rows = snapshot.merge_partials([partials_table(sorted(partials), MEAN, layout).to_batches()], MEAN, layout)
     manifest = {"generation": 1, "offsets": {}, "complete": True}
     published = snapshot.publish(tmp_path, "trips", 1, rows, manifest)
     assert published is not None

@@ -69,7 +69,7 @@ def test_the_batch_and_the_live_path_merge_alike(tmp_path):
     expected = write_spread_parts(tmp_path, partitions=3, seed=5)
     merged = parts.merge_parts(tmp_path, 3)
     live = pa.concat_tables(merged.snapshot_rows().chunks).to_pandas()
-    batch = pa.concat_tables(merge_partials(merged.table).chunks).to_pandas()
+    batch = pa.concat_tables(merge_partials([run.to_batches() for run in merged.runs]).chunks).to_pandas()
     pd.testing.assert_frame_equal(live, batch)
     assert len(live) == len(expected)
 
@@ -144,3 +144,47 @@ def test_entries_an_older_kappa_stored_take_new_batches_like_current_ones():
     assert all(upgraded[index][0] == 2 for index in (0, 1, 2, 4))
     assert (first.count, first.next_offset, second.count, third.total, new.count) == (5, 60, 2, math.inf, 3)
     assert first.total + first.compensation == 1.75 and second.total + second.compensation == -2e12 + 3.0
+
+
+def _runs_of(partials_by_run: list[list[tuple[bytes, bytes]]], batch_rows: int) -> list[list[pa.RecordBatch]]:
+    return [partials_table(run).to_batches(max_chunksize=batch_rows) for run in partials_by_run]
+
+
+def test_the_merge_reads_each_run_a_slice_at_a_time():
+    """A snapshot holds a slice of every run, not the whole table: when the first chunk comes
+    out, each run has been read only about `size / runs` rows ahead."""
+    from kappa.snapshots.snapshot import merge_partials
+
+    state = MEAN.encode([MeanState(total=3.0, count=2)])
+    runs = [[(f"k{key:05d}".encode(), state) for key in range(run, 20_000, 4)] for run in range(4)]
+    taken = [0] * len(runs)
+
+    def counted(index: int, batches: list[pa.RecordBatch]):
+        for batch in batches:
+            taken[index] += batch.num_rows
+            yield batch
+
+    batches = _runs_of(runs, batch_rows=100)
+    chunks = iter(merge_partials([counted(i, b) for i, b in enumerate(batches)], size=1_000).chunks)
+    first = next(chunks)
+    assert first.column("key").to_pylist()[:3] == ["k00000", "k00001", "k00002"]
+    assert max(taken) <= 300  # 1,000 / 4 runs, rounded up to whole batches of 100
+    rest = pa.concat_tables([first, *chunks]).to_pandas()
+    assert sum(taken) == 20_000 and len(rest) == 20_000
+    assert list(rest["key"]) == [f"k{key:05d}" for key in range(20_000)]
+    assert (rest["count"] == 2).all() and (rest["mean"] == 1.5).all()
+
+
+def test_a_run_out_of_key_order_is_refused():
+    """Merged a slice at a time, a run out of order would split a key over two rows: refused."""
+    from kappa.errors import KappaError
+    from kappa.snapshots.snapshot import merge_partials
+
+    state = MEAN.encode([MeanState(total=1.0, count=1)])
+    ordered = [(key.encode(), state) for key in ("a", "b", "c", "d")]
+    shuffled = [(key.encode(), state) for key in ("a", "c", "b", "d")]
+    assert len(pa.concat_tables(merge_partials(_runs_of([ordered, ordered], 2), size=2).chunks)) == 4
+    with pytest.raises(KappaError, match="not in key order"):
+        list(merge_partials(_runs_of([ordered, shuffled], 2), size=2).chunks)
+    with pytest.raises(KappaError, match="not in key order"):
+        list(merge_partials(_runs_of([ordered, shuffled], 1), size=2).chunks)  # across batches

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from kappa.config import Settings
 from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
 from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop, request_stop
@@ -28,7 +26,7 @@ from kappa.lifecycle.guards import Checked, EmptyResult, refuse_empty_result
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import snapshot
-from tables.grouped_mean import PartitionStats, read_partition, read_stats
+from tables.grouped_mean import PartitionStats, partition_batches, read_stats
 
 WATCH_INTERVAL_S = 0.25
 
@@ -62,10 +60,12 @@ def resumable_batch(registry: Registry, definition: Definition) -> int | None:
 
 def table_rows(pipe: Pipeline, partitions: int) -> snapshot.SnapshotRows:
     """The snapshot's rows: every partition's partials, read out of RocksDB as Arrow (no
-    Python object per key), merged the same way live parts are (kappa.snapshots.snapshot)."""
+    Python object per key) while the snapshot is written, merged the same way live parts are
+    (kappa.snapshots.snapshot)."""
     aggregate, layout = pipe.definition.aggregate(), pipe.definition.layout()
-    tables = [read_partition(pipe.table, partition, aggregate, layout)[0] for partition in range(partitions)]
-    return snapshot.merge_partials(pa.concat_tables(tables), aggregate, layout)
+    ahead = snapshot.read_ahead_rows(partitions)
+    runs = [partition_batches(pipe.table, partition, aggregate, layout, ahead) for partition in range(partitions)]
+    return snapshot.merge_partials(runs, aggregate, layout)
 
 
 def record_counts(pipe: Pipeline, partitions: int) -> dict:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kappa.snapshots.snapshot import CHUNK_ROWS, SnapshotRows, merge_partials
-from tables.aggregate import MEAN, Aggregate, partial_schema
+from tables.aggregate import MEAN, Aggregate
 from tables.grouped_mean import PartitionStats
 from tables.keys import PLAIN, KeyLayout
 
@@ -79,16 +79,16 @@ def _prune_partition(directory: Path, partition: int) -> None:
 
 @dataclass
 class MergedParts:
-    """The newest part of every partition: their rows (one per key and partition) and cut."""
+    """The newest part of every partition: their rows (a table per part, each in key order) and cut."""
 
-    table: pa.Table
+    runs: list[pa.Table]
     offsets: dict[int, int]
     stats: PartitionStats
 
     def snapshot_rows(
         self, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN, size: int = CHUNK_ROWS
     ) -> SnapshotRows:
-        return merge_partials(self.table, aggregate, layout, size)
+        return merge_partials([run.to_batches() for run in self.runs], aggregate, layout, size)
 
 
 def cut_of(newest: Mapping[int, tuple[int, Path]], partitions: int) -> dict[int, int]:
@@ -99,9 +99,8 @@ def cut_of(newest: Mapping[int, tuple[int, Path]], partitions: int) -> dict[int,
     return offsets
 
 
-def read_parts(newest: Mapping[int, tuple[int, Path]], partitions: int, schema: pa.Schema | None = None) -> MergedParts:
-    """The given parts, read as Arrow (no Python object per row); `schema` is the partials'
-    schema (tables.aggregate.partial_schema), for when there is no part yet."""
+def read_parts(newest: Mapping[int, tuple[int, Path]], partitions: int) -> MergedParts:
+    """The given parts, read as Arrow (no Python object per row)."""
     tables = []
     stats = PartitionStats()
     for _, (_, path) in sorted(newest.items()):
@@ -111,10 +110,9 @@ def read_parts(newest: Mapping[int, tuple[int, Path]], partitions: int, schema: 
             PartitionStats(records["counted"], records["skipped"], records["rejected"], values=records.get("values"))
         )
         tables.append(table.replace_schema_metadata(None))
-    combined = pa.concat_tables(tables) if tables else (schema or partial_schema()).empty_table()
-    return MergedParts(table=combined, offsets=cut_of(newest, partitions), stats=stats)
+    return MergedParts(runs=tables, offsets=cut_of(newest, partitions), stats=stats)
 
 
-def merge_parts(directory: Path, partitions: int, schema: pa.Schema | None = None) -> MergedParts:
+def merge_parts(directory: Path, partitions: int) -> MergedParts:
     """The newest part of every partition."""
-    return read_parts(newest_parts(directory), partitions, schema)
+    return read_parts(newest_parts(directory), partitions)

@@ -17,7 +17,6 @@ from kappa.lifecycle.generations import Registry
 from kappa.lifecycle.guards import refuse_empty_result
 from kappa.pipeline import Definition
 from kappa.snapshots import parts, snapshot
-from tables.aggregate import partial_schema
 
 
 class Publisher:
@@ -63,7 +62,7 @@ class Publisher:
         if not newest or parts.cut_of(newest, self.partitions) == self.last_offsets:
             return None
         aggregate, layout = self.definition.aggregate(), self.definition.layout()
-        merged = parts.read_parts(newest, self.partitions, partial_schema(layout, aggregate))
+        merged = parts.read_parts(newest, self.partitions)
         records = merged.stats.records(self.definition.value_fields)
         end_offsets = admin.end_offsets(self.settings.broker, self.definition.topic, self.partitions)
         manifest = snapshot.build_manifest(

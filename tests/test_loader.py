@@ -31,17 +31,22 @@ def messages_on(broker: str, topic: str) -> int:
 
 def read_messages(broker: str, topic: str) -> list[tuple[bytes | None, dict]]:
     """Every (key, JSON row) on the topic, read back from the broker."""
+    return [(key, orjson.loads(value)) for key, value in read_raw_messages(broker, topic)]
+
+
+def read_raw_messages(broker: str, topic: str) -> list[tuple[bytes | None, bytes]]:
+    """Every (key, value) on the topic as bytes, read back from the broker."""
     partitions = admin.partition_count(broker, topic) or 0
     ends = admin.end_offsets(broker, topic, partitions)
     consumer = Consumer({"bootstrap.servers": broker, "group.id": "test-loader", "enable.auto.commit": False})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    seen: list[tuple[bytes | None, dict]] = []
+    seen: list[tuple[bytes | None, bytes]] = []
     deadline = time.monotonic() + 60
     try:
         while len(seen) < sum(ends.values()) and time.monotonic() < deadline:
             for message in consumer.consume(1000, timeout=1.0):
                 if message.error() is None:
-                    seen.append((message.key(), orjson.loads(message.value())))
+                    seen.append((message.key(), message.value()))
     finally:
         consumer.close()
     return seen
@@ -237,3 +242,86 @@ def test_tab_separated_input(kappa, tmp_path):
         kappa.replay_batch(topic, VALUE, KEY)
         csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
         assert_matches(csv_table, expected)
+
+
+AWKWARD_TEXTS = [
+    "São Paulo",
+    "東京",
+    "a,b",
+    'say "hi"',
+    "line\nbreak",
+    "back\\slash",
+    "tab\there",
+    "\r\n\b\f",
+    "🎉",
+    " ",
+]
+
+
+def _orjson_rows(frame: pd.DataFrame) -> list[bytes]:
+    """The rows as the loader wrote them before it wrote columns: a dict per row, through orjson."""
+    from kappa.load.sources import ORJSON_OPTIONS, _json_default
+
+    names = list(frame.columns)
+    return [
+        orjson.dumps(dict(zip(names, row, strict=True)), default=_json_default, option=ORJSON_OPTIONS)
+        for row in zip(*[frame[name].tolist() for name in names], strict=True)
+    ]
+
+
+def test_rows_written_column_wise_are_the_bytes_orjson_writes():
+    """Text that needs escapes, missing values, NaN and infinities, float32, ints and booleans."""
+    from kappa.load.json_rows import json_objects
+
+    rng = random.Random(7)
+    size = 2_000
+    frame = pd.DataFrame(
+        {
+            "city": [rng.choice([*AWKWARD_TEXTS, "", None, float("nan")]) for _ in range(size)],
+            "amount": [
+                rng.choice([rng.uniform(-1e3, 1e3), 1.0, 1e16, 1e-7, 5e-324, float("nan"), float("inf")])
+                for _ in range(size)
+            ],
+            "seq": range(size),
+            "flag": [rng.random() < 0.5 for _ in range(size)],
+            'say "x"': pd.Series([rng.uniform(0, 1) for _ in range(size)], dtype="float32"),
+        }
+    )
+    assert json_objects(frame) == _orjson_rows(frame)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [["ok", "bell\x07"], [1, "mixed"], pd.to_datetime(["2024-01-31", "2024-02-01"])],
+    ids=["control-character", "mixed-objects", "datetimes"],
+)
+def test_columns_not_written_column_wise_are_left_to_orjson(column):
+    from kappa.load.json_rows import json_objects
+    from kappa.load.sources import _frame_chunk
+
+    frame = pd.DataFrame({"city": ["a", "b"], "other": pd.Series(column, dtype=None)})
+    assert json_objects(frame) is None
+    assert _frame_chunk(frame, "city").values == _orjson_rows(frame)
+
+
+def test_the_log_holds_each_row_as_orjson_writes_it(kappa, tmp_path):
+    """Loaded from a file and read back from the broker: keys and values, byte for byte."""
+    rng = random.Random(11)
+    frame = pd.DataFrame(
+        {
+            KEY: [rng.choice([*AWKWARD_TEXTS, ""]) for _ in range(3_000)],
+            VALUE: [round(rng.uniform(-1e6, 1e6), 3) for _ in range(3_000)],
+            "note": [rng.choice(["", "x,y", 'q"q']) for _ in range(3_000)],
+        }
+    )
+    path = tmp_path / "awkward.csv"
+    frame.to_csv(path, index=False)
+    topic = kappa.topic()
+    assert kappa.load(path, KEY, topic).returncode == 0
+
+    written = pd.read_csv(path, dtype={KEY: str})
+    keys = [None if key != key or not key else key.encode() for key in written[KEY]]  # NaN or empty: no key
+    assert None in keys
+    expected = sorted((key or b"", value) for key, value in zip(keys, _orjson_rows(written), strict=True))
+    on_log = sorted((key or b"", value) for key, value in read_raw_messages(kappa.broker, topic))
+    assert on_log == expected

@@ -7,7 +7,6 @@ share offsets or state, and retiring one is deleting what carries its id.
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib.abc
 import logging
 import sys
@@ -33,7 +32,7 @@ from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka import admin, security
 from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.pipeline import Definition, Progress
-from kappa.processes import in_background
+from kappa.processes import in_background, relax_garbage_collector
 from tables.grouped_mean import define_table, stored_next_offset
 
 
@@ -42,26 +41,6 @@ def quiet_faust_noise() -> None:
     design; the agent drains it, so keep the log to what an operator needs."""
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
     fold_repeated_client_errors()
-
-
-# Young-generation collections per allocated container object; CPython's default is 700.
-GC_YOUNG_THRESHOLD = 100_000
-
-
-def relax_garbage_collector() -> None:
-    """Stop the cyclic GC from rescanning the heap for every few hundred records.
-
-    Each record a replay parses allocates container objects (aiokafka's record, orjson's
-    dict) that live until the batch is folded, so CPython's default thresholds run a young
-    collection every 700 of them and, every hundred of those, a full one over everything
-    the imports left (Faust, aiohttp, pandas: hundreds of thousands of objects). py-spy
-    --native put `gc_collect_main` at about a quarter of a replay's CPU. Freezing what
-    exists at start moves it out of the collector's sight for good, and a larger young
-    threshold batches the rest; garbage cycles are still collected, just less often.
-    """
-    gc.freeze()  # no collection first: the imports leave little garbage, and a collection costs 50 ms
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 class PandasStaysOut(importlib.abc.MetaPathFinder):

@@ -11,11 +11,14 @@ offsets. Entries name the topic's id, so a deleted and re-created topic starts a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import Message, Producer
 
 from kappa.errors import KappaError
@@ -132,6 +135,14 @@ class RowsOnLog:
 
 def header_prefix(load: str) -> bytes:
     return load.encode() + b":"
+
+
+def row_headers(prefix: bytes, rows: Sequence[int]) -> list[list[tuple[str, bytes]]]:
+    """Each row's header list, `[(HEADER, prefix + row number)]`, the numbers written at once."""
+    row_numbers = np.arange(rows.start, rows.stop) if isinstance(rows, range) else np.asarray(rows, dtype=np.int64)
+    numbers = pa.array(row_numbers).cast(pa.string()).cast(pa.binary())
+    texts = pc.binary_join_element_wise(pa.scalar(prefix, pa.binary()), numbers, pa.scalar(b"", pa.binary()))
+    return [[(HEADER, text)] for text in texts.to_pylist()]
 
 
 def _row_of(headers: Iterable[tuple[str, bytes]] | None, prefix: bytes) -> int | None:

@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kappa.errors import KappaError
+from kappa.load.json_rows import json_objects
 
 CHUNK_ROWS = 100_000
 ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-Message = tuple[bytes | None, bytes]
 
 FORMATS = {
     ".csv": "csv",
@@ -67,19 +67,40 @@ def _json_default(value: object) -> object:
     return None if value is pd.NA or value is pd.NaT else str(value)
 
 
-def _frame_messages(frame: pd.DataFrame, key: str) -> Iterator[Message]:
-    """One message per row. Columns become Python lists once (as `to_dict("records")` does, but
-    without its per-value boxing call), and each row is one dict for orjson."""
-    names = list(frame.columns)
-    columns = [frame[name].tolist() for name in names]
-    dumps, options = orjson.dumps, ORJSON_OPTIONS
-    message_key: bytes | None
-    for key_value, values in zip(frame[key].tolist(), zip(*columns, strict=True), strict=True):
-        if key_value.__class__ is str and key_value:
-            message_key = key_value.encode()
-        else:
-            message_key = _key_bytes(key_value)
-        yield message_key, dumps(dict(zip(names, values, strict=True)), default=_json_default, option=options)
+@dataclass(slots=True)
+class Chunk:
+    """Consecutive rows as messages: each row's message key (None: no key) and JSON value."""
+
+    keys: list[bytes | None]
+    values: list[bytes]
+
+
+def _frame_chunk(frame: pd.DataFrame, key: str) -> Chunk:
+    """One message per row. Columns are written as JSON at once (kappa.load.json_rows); a
+    frame with a column that cannot be goes row by row, each row one dict for orjson."""
+    values = json_objects(frame)
+    if values is None:
+        names = list(frame.columns)
+        columns = [frame[name].tolist() for name in names]
+        dumps, options = orjson.dumps, ORJSON_OPTIONS
+        values = [
+            dumps(dict(zip(names, row, strict=True)), default=_json_default, option=options)
+            for row in zip(*columns, strict=True)
+        ]
+    return Chunk(_message_keys(frame[key]), values)
+
+
+def _message_keys(column: pd.Series) -> list[bytes | None]:
+    """Each row's key field as UTF-8 (None when missing or empty), text columns at once."""
+    if column.dtype.kind == "O":
+        try:
+            texts = pa.array(column, from_pandas=True)
+        except (pa.ArrowException, UnicodeError):
+            texts = None
+        if texts is not None and texts.type == pa.string():
+            present = pc.greater(pc.binary_length(texts), 0)
+            return pc.if_else(present, texts, pa.scalar(None, pa.string())).cast(pa.binary()).to_pylist()
+    return [_key_bytes(value) for value in column.tolist()]
 
 
 def _timestamp_text(column: pa.Array) -> pa.Array:
@@ -125,13 +146,13 @@ class Source:
                 digest.update(block)
         return digest.hexdigest()
 
-    def messages(self) -> Iterator[Message]:
-        """Every row in file order; the n-th item is row n on every read."""
+    def chunks(self) -> Iterator[Chunk]:
+        """Every row in file order, in chunks; the n-th row is row n on every read."""
         if self.kind == "jsonl":
-            return self._jsonl_messages()
+            return self._jsonl_chunks()
         if self.kind == "parquet":
-            return self._parquet_messages()
-        return self._csv_messages()
+            return self._parquet_chunks()
+        return self._csv_message_chunks()
 
     def count_rows(self) -> int:
         """The exact number of rows `messages` yields (it reads the whole file)."""
@@ -142,11 +163,12 @@ class Source:
         if self.kind == "jsonl":
             with open(self.path, "rb") as handle:
                 return sum(1 for line in handle if line.strip())
-        return sum(len(chunk) for chunk in self._csv_chunks(usecols=[self.key]))
+        return sum(len(chunk) for chunk in self._csv_frames(usecols=[self.key]))
 
-    def _jsonl_messages(self) -> Iterator[Message]:
+    def _jsonl_chunks(self) -> Iterator[Chunk]:
         """Each non-blank line is loaded unchanged; lines that are not JSON objects still go to
         the log (it is the system of record) and are counted, since workers will reject them."""
+        chunk = Chunk([], [])
         with open(self.path, "rb") as handle:
             for line in handle:
                 line = line.strip()
@@ -156,19 +178,25 @@ class Source:
                     row = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     row = None
-                if not isinstance(row, dict):
+                if isinstance(row, dict):
+                    chunk.keys.append(_key_bytes(row.get(self.key)))
+                else:
                     self.not_objects += 1
-                    yield None, line
-                    continue
-                yield _key_bytes(row.get(self.key)), line
+                    chunk.keys.append(None)
+                chunk.values.append(line)
+                if len(chunk.values) == CHUNK_ROWS:
+                    yield chunk
+                    chunk = Chunk([], [])
+        if chunk.values:
+            yield chunk
 
-    def _parquet_messages(self) -> Iterator[Message]:
+    def _parquet_chunks(self) -> Iterator[Chunk]:
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(self.path).iter_batches(batch_size=CHUNK_ROWS):
-            yield from _frame_messages(_iso_batch(batch).to_pandas(), self.key)
+            yield _frame_chunk(_iso_batch(batch).to_pandas(), self.key)
 
-    def _csv_chunks(self, usecols: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    def _csv_frames(self, usecols: list[str] | None = None) -> Iterator[pd.DataFrame]:
         try:
             yield from pd.read_csv(
                 self.path, sep=self.separator, dtype={self.key: str}, usecols=usecols, chunksize=CHUNK_ROWS
@@ -179,9 +207,9 @@ class Source:
             kind = "TSV" if self.separator == "\t" else "CSV"
             raise KappaError(f"{self.name} is not valid {kind}: {exc}") from None
 
-    def _csv_messages(self) -> Iterator[Message]:
-        for chunk in self._csv_chunks():
-            yield from _frame_messages(chunk, self.key)
+    def _csv_message_chunks(self) -> Iterator[Chunk]:
+        for frame in self._csv_frames():
+            yield _frame_chunk(frame, self.key)
 
 
 def _require_column(columns: list, key: str, source: str) -> None:

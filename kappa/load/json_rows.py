@@ -1,0 +1,108 @@
+"""A chunk of rows as JSON objects, column by column: the bytes orjson writes for each row's dict.
+
+`kappa load` turns every row into one message. A dict per row and an orjson call each cost
+about 1 µs a row, as much as producing it. Here each column is written at once and the
+objects are joined column-wise by Arrow, with no Python object per row until the messages
+themselves. The text is orjson's, byte for byte:
+
+- numbers (int, float, bool columns) are written by orjson itself, one call per column on
+  the numpy array (floats in orjson's shortest form, `1.0` stays `1.0`; NaN and infinities
+  are `null`, as orjson writes them);
+- text is quoted with `"` and `\\` escaped, and `\\n`, `\\r`, `\\t`, `\\b`, `\\f` written as
+  orjson does; missing values (NaN, None) are `null`;
+- anything else (other control characters, mixed or other Python objects, dates, names that
+  are not text) returns None, and the caller writes those rows with orjson, row by row.
+
+tests/test_loader.py checks the bytes against orjson's on awkward columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# escapes orjson writes in short form; the order matters (the backslash first)
+SHORT_ESCAPES = (
+    ("\\", "\\\\"),
+    ('"', '\\"'),
+    ("\n", "\\n"),
+    ("\r", "\\r"),
+    ("\t", "\\t"),
+    ("\b", "\\b"),
+    ("\f", "\\f"),
+)
+OTHER_CONTROL = r"[\x00-\x07\x0b\x0e-\x1f]"  # orjson writes these as \u00XX: left to orjson
+COMMA, QUOTE, BACKSLASH = ord(","), ord('"'), ord("\\")
+
+
+def json_objects(frame: pd.DataFrame) -> list[bytes] | None:
+    """Each row of `frame` as orjson writes `dict(zip(columns, row))`; None when a column is
+    not one this writes (the caller then uses orjson row by row)."""
+    if not len(frame.columns) or not all(isinstance(name, str) for name in frame.columns):
+        return None
+    if not len(frame):
+        return []
+    pieces: list[pa.Array | pa.Scalar] = []
+    for position, name in enumerate(frame.columns):
+        texts = json_values(frame[name])
+        if texts is None:
+            return None
+        label = (b"{" if position == 0 else b",") + orjson.dumps(name) + b":"
+        pieces += [pa.scalar(label, pa.binary()), texts]
+    pieces.append(pa.scalar(b"}", pa.binary()))
+    return pc.binary_join_element_wise(*pieces, pa.scalar(b"", pa.binary())).to_pylist()
+
+
+def json_values(column: pd.Series) -> pa.Array | None:
+    """Each value of the column as JSON text (Arrow binary), or None."""
+    kind = column.dtype.kind
+    if kind in "iub":
+        return _numbers(column.to_numpy())
+    if kind == "f":
+        return _numbers(column.to_numpy(dtype=np.float64))  # orjson writes a float32 as its float64
+    if kind == "O":
+        return _texts(column)
+    return None
+
+
+def _numbers(values: np.ndarray) -> pa.Array:
+    """orjson writes the whole array as `[a,b,c]`; its numbers hold no comma, so each value is
+    the text between two commas. The commas are dropped and the spans become Arrow offsets."""
+    written = np.frombuffer(orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY), dtype=np.uint8)[1:-1]
+    commas = np.flatnonzero(written == COMMA)
+    data = np.delete(written, commas)
+    offsets = np.empty(len(values) + 1, dtype=np.int32)
+    offsets[0], offsets[-1] = 0, len(data)
+    offsets[1:-1] = commas - np.arange(len(commas))
+    return pa.BinaryArray.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _texts(column: pd.Series) -> pa.Array | None:
+    try:
+        texts = pa.array(column, from_pandas=True)  # NaN and None are null
+    except (pa.ArrowException, UnicodeError):
+        return None
+    if texts.type != pa.string():
+        return None
+    if _needs_escapes(texts):
+        if pc.any(pc.match_substring_regex(texts, OTHER_CONTROL)).as_py():
+            return None
+        for character, escaped in SHORT_ESCAPES:
+            texts = pc.replace_substring(texts, character, escaped)
+    quote = pa.scalar('"', pa.string())
+    quoted = pc.binary_join_element_wise(quote, texts, quote, pa.scalar("", pa.string()))
+    return quoted.fill_null("null").cast(pa.binary())
+
+
+def _needs_escapes(texts: pa.StringArray) -> bool:
+    """Whether any text holds a control character, `"` or `\\`: one pass over the UTF-8 bytes
+    (every byte of a multi-byte character is 0x80 or above, so none is mistaken for one)."""
+    data = texts.buffers()[2]
+    if data is None:
+        return False
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)[texts.offset : texts.offset + len(texts) + 1]
+    utf8 = np.frombuffer(data, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return bool(((utf8 < 0x20) | (utf8 == QUOTE) | (utf8 == BACKSLASH)).any())

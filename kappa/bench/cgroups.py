@@ -1,7 +1,7 @@
 """CPU quotas per process (cgroup v1 cpu controller), to simulate one core per process.
 
 On a machine of 2 shared cores, 4 worker processes cannot each have a core. A quota of, say,
-0.4 CPU per process makes each one a "small core": if kappa's throughput grows with processes
+0.25 CPU per process makes each one a "small core": if kappa's throughput grows with processes
 under the same per-process quota, it would grow with real cores too. Each kappa worker process
 gets a group of its own, created under /sys/fs/cgroup/cpu/kappa-bench-<pid>/ and removed afterwards.
 """

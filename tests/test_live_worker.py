@@ -8,7 +8,7 @@ import threading
 import time
 
 from tests.helpers import wait_until
-from tests.live import kcat_round, load_round
+from tests.live import kcat_round, kill_group, load_round
 from tests.oracle import latest_dir, read_csv_table
 
 KEY, VALUE = "city", "amount"
@@ -120,3 +120,36 @@ def test_sigterm_publishes_a_final_snapshot_and_leaves_no_child(kappa, live, tmp
     assert leftover.strip() == ""
     assert not worker.heartbeats(), "stopped processes leave no heartbeat behind"
     worker.assert_exact(tmp_path, KEY, VALUE, running=False)
+
+
+def test_parts_that_could_not_be_written_are_written_once_there_is_room(kappa, live, tmp_path):
+    """A full disk under the snapshots: the parts of records applied meanwhile are written, and
+    published, once there is room again, with no new record to prompt them; a part that failed
+    halfway leaves no file behind."""
+    kappa.snapshot_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(kappa.snapshot_dir)], check=True)
+    filler = kappa.snapshot_dir / "filler"
+    worker = None
+    try:
+        worker = live(kappa.topic(), partitions=4, processes=1)
+        load_round(kappa, worker, tmp_path, 2_000, seed=1)
+        worker.assert_exact(tmp_path, KEY, VALUE)
+
+        with open(filler, "wb") as handle:  # every byte left
+            try:
+                while True:
+                    handle.write(bytes(64 * 1024))
+                    handle.flush()
+            except OSError:
+                pass
+        load_round(kappa, worker, tmp_path, 2_000, seed=2)
+        assert wait_until(lambda: b"could not write snapshot parts" in worker.log.read_bytes(), timeout=60)
+        filler.unlink()
+        worker.assert_exact(tmp_path, KEY, VALUE)  # within 180 s; parts are due every second
+        assert worker.stop() == 0
+        assert not list(kappa.snapshot_dir.rglob("*.tmp"))
+    finally:
+        if worker is not None:
+            kill_group(worker)
+        filler.unlink(missing_ok=True)
+        subprocess.run(["umount", "-l", str(kappa.snapshot_dir)], check=False)

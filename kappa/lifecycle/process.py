@@ -92,10 +92,20 @@ class PartWriter:
         return {tp.partition for tp in self.pipe.app.consumer.assignment() if tp.topic == topic}
 
     def write(self, partitions: set[int]) -> None:
-        for partition in sorted(partitions):
-            definition = self.pipe.definition
-            partials, stats = read_partition(self.pipe.table, partition, definition.aggregate(), definition.layout())
-            parts.write_part(self.directory, partition, partials, stats)
+        """A part for each partition; those not written (a full disk) are marked changed again,
+        so that the next interval writes them even if no record comes meanwhile."""
+        pending = sorted(partitions)
+        definition = self.pipe.definition
+        try:
+            while pending:
+                partition = pending[0]
+                partials, stats = read_partition(
+                    self.pipe.table, partition, definition.aggregate(), definition.layout()
+                )
+                parts.write_part(self.directory, partition, partials, stats)
+                pending.pop(0)
+        finally:
+            self.pipe.progress.dirty.update(pending)
 
     def tick(self) -> None:
         """Parts of changed partitions once per snapshot interval, and of those that reached

@@ -40,8 +40,12 @@ def write_part(directory: Path, partition: int, partials: pa.Table, stats: Parti
     table = partials.replace_schema_metadata({"kappa": json.dumps(meta)})
     final = directory / f"p{partition}-o{stats.next_offset}.parquet"
     staging = directory / f".{final.name}.{os.getpid()}.tmp"
-    pq.write_table(table, staging)
-    os.replace(staging, final)
+    try:
+        pq.write_table(table, staging)
+        os.replace(staging, final)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a part written halfway (a full disk) is never left behind
+        raise
     _prune_partition(directory, partition)
     return final
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -123,33 +124,52 @@ def test_sigterm_publishes_a_final_snapshot_and_leaves_no_child(kappa, live, tmp
 
 
 def test_parts_that_could_not_be_written_are_written_once_there_is_room(kappa, live, tmp_path):
-    """A full disk under the snapshots: the parts of records applied meanwhile are written, and
-    published, once there is room again, with no new record to prompt them; a part that failed
-    halfway leaves no file behind."""
-    kappa.snapshot_dir.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(kappa.snapshot_dir)], check=True)
-    filler = kappa.snapshot_dir / "filler"
+    """A full disk under the snapshots and the processes' heartbeats: the parts of records applied
+    meanwhile are written, and published, once there is room again, with no new record to
+    prompt them; a part that failed halfway leaves no file behind."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    for shared, where in ((kappa.snapshot_dir, disk / "snapshots"), (kappa.data_dir / "run", disk / "run")):
+        where.mkdir()
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        shared.symlink_to(where)
+    filler = disk / "filler"
     worker = None
     try:
         worker = live(kappa.topic(), partitions=4, processes=1)
         load_round(kappa, worker, tmp_path, 2_000, seed=1)
         worker.assert_exact(tmp_path, KEY, VALUE)
 
-        with open(filler, "wb") as handle:  # every byte left
-            try:
-                while True:
-                    handle.write(bytes(64 * 1024))
-                    handle.flush()
-            except OSError:
-                pass
+        fill_up(filler)
         load_round(kappa, worker, tmp_path, 2_000, seed=2)
+        wait_for_status(kappa, worker.topic, all_committed)  # every record applied, while nothing can be written
         assert wait_until(lambda: b"could not write snapshot parts" in worker.log.read_bytes(), timeout=60)
+        time.sleep(3)  # three more ticks, all failing: no part is left to a later record
         filler.unlink()
         worker.assert_exact(tmp_path, KEY, VALUE)  # within 180 s; parts are due every second
         assert worker.stop() == 0
-        assert not list(kappa.snapshot_dir.rglob("*.tmp"))
+        assert not list(disk.rglob("*.tmp"))
     finally:
         if worker is not None:
             kill_group(worker)
         filler.unlink(missing_ok=True)
-        subprocess.run(["umount", "-l", str(kappa.snapshot_dir)], check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def all_committed(status: dict) -> bool:
+    return status["generations"][0]["committed"] == {p: int(o) for p, o in status["end_offsets"].items()}
+
+
+def fill_up(filler) -> None:
+    """Write `filler` until not one more byte fits on its file system."""
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (64 * 1024, 4096, 1):
+            try:
+                while True:
+                    os.write(descriptor, bytes(size))
+            except OSError:
+                continue
+    finally:
+        os.close(descriptor)

@@ -292,16 +292,39 @@ def test_rows_written_column_wise_are_the_bytes_orjson_writes():
 
 @pytest.mark.parametrize(
     "column",
-    [["ok", "bell\x07"], [1, "mixed"], pd.to_datetime(["2024-01-31", "2024-02-01"])],
-    ids=["control-character", "mixed-objects", "datetimes"],
+    [
+        pd.Series(["ok", "bell\x07"]),
+        pd.Series([1, "mixed"]),
+        pd.Series(pd.to_datetime(["2024-01-31", "2024-02-01"])),
+        pd.Series([1, None], dtype="Int64"),
+        pd.Series([True, None], dtype="boolean"),
+    ],
+    ids=["control-character", "mixed-objects", "datetimes", "nullable-int", "nullable-bool"],
 )
 def test_columns_not_written_column_wise_are_left_to_orjson(column):
     from kappa.load.json_rows import json_objects
     from kappa.load.sources import _frame_chunk
 
-    frame = pd.DataFrame({"city": ["a", "b"], "other": pd.Series(column, dtype=None)})
+    frame = pd.DataFrame({"city": ["a", "b"], "other": column})
     assert json_objects(frame) is None
     assert _frame_chunk(frame, "city").values == _orjson_rows(frame)
+
+
+def test_integers_beyond_64_bits_are_not_written_column_wise():
+    """orjson refuses them too (neither read_csv nor a Parquet file gives such a column)."""
+    from kappa.load.json_rows import json_objects
+
+    assert json_objects(pd.DataFrame({"city": ["a", "b"], "other": pd.Series([2**70, 1], dtype=object)})) is None
+
+
+def test_columns_of_a_two_dimensional_array_are_written_as_orjson_writes_them():
+    """Columns that are strided views of one array, not contiguous ones."""
+    import numpy as np
+
+    from kappa.load.json_rows import json_objects
+
+    frame = pd.DataFrame(np.arange(12, dtype=np.float64).reshape(4, 3) / 7, columns=["a", "b", "c"])
+    assert json_objects(frame) == _orjson_rows(frame)
 
 
 def test_the_log_holds_each_row_as_orjson_writes_it(kappa, tmp_path):
@@ -325,3 +348,33 @@ def test_the_log_holds_each_row_as_orjson_writes_it(kappa, tmp_path):
     expected = sorted((key or b"", value) for key, value in zip(keys, _orjson_rows(written), strict=True))
     on_log = sorted((key or b"", value) for key, value in read_raw_messages(kappa.broker, topic))
     assert on_log == expected
+
+
+def test_a_resume_with_few_rows_left_per_chunk_still_stops_on_ctrl_c(kappa, tmp_path):
+    """Ctrl-C and delivery errors are checked every POLL_EVERY rows produced, counted across
+    chunks of the file: a resume that has only a few rows left in each chunk acts on them
+    then, not at the end of the file. (Drives the send loop with a real producer.)"""
+    from confluent_kafka import Producer
+
+    from kappa.load import loader
+    from kappa.load.ledger import STARTED, LedgerEntry, RowsOnLog
+    from kappa.load.sources import CHUNK_ROWS, open_source
+
+    rows = 3 * CHUNK_ROWS
+    path = tmp_path / "rows.csv"
+    sample_frame(rows, 50, seed=5).to_csv(path, index=False)
+    topic = kappa.topic()
+    admin.ensure_topic(kappa.broker, topic, 2)
+    present = bytearray(0 if row % 10 == 0 else 1 for row in range(rows))  # a tenth of each chunk is left
+    entry = LedgerEntry("test-load", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, {})
+    plan = loader.Plan(entry, RowsOnLog(present, rows - rows // 10, 0), rows)
+    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(), loader.StopRequest()
+    stop.count = 1  # Ctrl-C before the first row
+    producer = Producer(loader.producer_config(kappa.broker), on_delivery=errors)
+    try:
+        finished = loader._send(producer, topic, open_source(str(path), KEY, tmp_path), plan, errors, sent, stop)
+    finally:
+        producer.flush(60)
+    assert not finished
+    assert sent.produced == loader.POLL_EVERY < rows // 10
+    assert messages_on(kappa.broker, topic) == loader.POLL_EVERY

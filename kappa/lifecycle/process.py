@@ -127,7 +127,11 @@ class PartWriter:
             # half a tick early: a timer that fires a little early must not skip a beat
             self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
             self.reported_start = progress.first_applied_at is not None
-            self.beat(owned)
+            try:
+                self.beat(owned)
+            except BaseException:  # a full disk: the parts due are written at a later tick
+                progress.dirty |= due
+                raise
         self.write(due)
         if at_end:
             self.written_at_end |= due

@@ -58,11 +58,13 @@ def json_objects(frame: pd.DataFrame) -> list[bytes] | None:
 
 def json_values(column: pd.Series) -> pa.Array | None:
     """Each value of the column as JSON text (Arrow binary), or None."""
+    if not isinstance(column.dtype, np.dtype):  # pandas' own dtypes (Int64, boolean, string, category)
+        return None
     kind = column.dtype.kind
     if kind in "iub":
-        return _numbers(column.to_numpy())
-    if kind == "f":
-        return _numbers(column.to_numpy(dtype=np.float64))  # orjson writes a float32 as its float64
+        return _numbers(np.ascontiguousarray(column.to_numpy()))
+    if kind == "f":  # orjson writes a float32 as its float64
+        return _numbers(np.ascontiguousarray(column.to_numpy(dtype=np.float64)))
     if kind == "O":
         return _texts(column)
     return None
@@ -83,7 +85,7 @@ def _numbers(values: np.ndarray) -> pa.Array:
 def _texts(column: pd.Series) -> pa.Array | None:
     try:
         texts = pa.array(column, from_pandas=True)  # NaN and None are null
-    except (pa.ArrowException, UnicodeError):
+    except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not text: left to orjson
         return None
     if texts.type != pa.string():
         return None

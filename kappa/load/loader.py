@@ -50,7 +50,7 @@ MAX_TOPIC_LENGTH = 249 - len(".loads")  # Kafka's limit, leaving room for the le
 DELIVERY_TIMEOUT_S = 120  # librdkafka retries a batch this long: long enough to ride out a leader election
 POLL_EVERY = 20_000  # rows between progress lines and the checks for delivery errors and Ctrl-C
 POLL_WAIT_S = 0.1  # the delivery poller's longest wait for a report
-QUEUE_FULL_WAIT_S = 0.05  # the producing thread's wait when librdkafka's queue is full
+QUEUE_FULL_WAIT_S = 0.05  # the producing thread's poll when librdkafka's queue is full
 
 
 @dataclass
@@ -274,13 +274,16 @@ def _send(
             first = sent.rows
             sent.rows += len(chunk.values)
             rows = _rows_to_send(plan.on_log, first, len(chunk.values))
-            for start in range(0, len(rows), POLL_EVERY):
-                some = rows[start : start + POLL_EVERY]
+            position = 0
+            while position < len(rows):
+                # up to the next multiple of POLL_EVERY rows produced, counted across chunks
+                some = rows[position : position + POLL_EVERY - sent.produced % POLL_EVERY]
                 produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop)
                 sent.produced += produced
+                position += len(some)
                 if produced < len(some):
                     return False
-                if len(some) == POLL_EVERY:
+                if sent.produced % POLL_EVERY == 0:
                     line.update(sent.produced, to_send, label=f"load {topic}")
                     if errors.count or stop.requested:
                         return False
@@ -316,8 +319,8 @@ def _produce_rows(
             try:
                 produce(topic, values[row - first], keys[row - first], headers=header)
                 break
-            except BufferError:  # the queue is full: the poller frees it as the broker acknowledges
-                time.sleep(QUEUE_FULL_WAIT_S)
+            except BufferError:  # the queue is full until the broker acknowledges (librdkafka's poll is thread-safe)
+                producer.poll(QUEUE_FULL_WAIT_S)
                 if stop.requested:
                     return done
             except KafkaException as exc:

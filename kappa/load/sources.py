@@ -95,7 +95,7 @@ def _message_keys(column: pd.Series) -> list[bytes | None]:
     if column.dtype.kind == "O":
         try:
             texts = pa.array(column, from_pandas=True)
-        except (pa.ArrowException, UnicodeError):
+        except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not all text: value by value
             texts = None
         if texts is not None and texts.type == pa.string():
             present = pc.greater(pc.binary_length(texts), 0)

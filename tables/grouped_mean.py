@@ -139,10 +139,8 @@ def read_partition(
     table, partition: int, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN
 ) -> tuple[pa.Table, PartitionStats]:
     """One partition's partial aggregates (as Arrow, in key order) and stats, in one pass."""
-    from kappa.engine.faust_internals import partition_db, store_offset_key  # not at import: Faust is heavy
-
-    bookkeeping = frozenset((STATS_KEY, store_offset_key(table)))
-    rows, found = partials_setting_aside(scan(partition_db(table, partition)), bookkeeping, aggregate, layout)
+    entries, bookkeeping = _scan_with_bookkeeping(table, partition)
+    rows, found = partials_setting_aside(entries, bookkeeping, aggregate, layout)
     return rows, PartitionStats.decode(found.get(STATS_KEY))
 
 
@@ -151,10 +149,16 @@ def partition_batches(
 ) -> Iterator[pa.RecordBatch]:
     """One partition's partial aggregates in key order, `chunk` keys at a time, read from
     RocksDB as they are asked for (the store must stay open until the last one is taken)."""
+    entries, bookkeeping = _scan_with_bookkeeping(table, partition)
+    yield from partial_batches(entries, bookkeeping, {}, aggregate, layout, chunk)
+
+
+def _scan_with_bookkeeping(table, partition: int) -> tuple[Iterator[tuple[bytes, bytes]], frozenset[bytes]]:
+    """A partition's entries in key order (`scan`), and the keys among them that are
+    bookkeeping, not partials: the stats entry and Faust's changelog offset."""
     from kappa.engine.faust_internals import partition_db, store_offset_key  # not at import: Faust is heavy
 
-    bookkeeping = frozenset((STATS_KEY, store_offset_key(table)))
-    yield from partial_batches(scan(partition_db(table, partition)), bookkeeping, {}, aggregate, layout, chunk)
+    return scan(partition_db(table, partition)), frozenset((STATS_KEY, store_offset_key(table)))
 
 
 def scan(db: rocksdict.Rdict) -> Iterator[tuple[bytes, bytes]]:

@@ -54,19 +54,18 @@ def run_scale_out(bench: Bench, steps: tuple[int, ...], cpus: float, rounds: int
         if result.get("applying_seconds"):  # the median round's (kappa.lifecycle.switchover.AppliedSpan)
             result["applying_rows_per_s"] = round(bench.args.rows / result["applying_seconds"], 1)
     outcome["results"] = results
-    base = results[0]
-    if base["correct"]:
-        outcome["speedups"] = {f"{r['processes']}p/{base['processes']}p": round(r["rows_per_s"] / base["rows_per_s"], 2)
-                               for r in results[1:] if r["correct"]}  # fmt: skip
-        if "applying_rows_per_s" in base:
-            outcome["applying_speedups"] = {
-                f"{r['processes']}p/{base['processes']}p": round(
-                    r["applying_rows_per_s"] / base["applying_rows_per_s"], 2
-                )
-                for r in results[1:]
-                if r["correct"] and "applying_rows_per_s" in r
-            }
+    if results[0]["correct"]:
+        outcome["speedups"] = _speedups(results, "rows_per_s")
+        if "applying_rows_per_s" in results[0]:
+            outcome["applying_speedups"] = _speedups(results, "applying_rows_per_s")
     return outcome
+
+
+def _speedups(results: list[dict], field: str) -> dict[str, float]:
+    """Each correct result's `field` over the first one's, named `Np/1p`."""
+    base = results[0]
+    return {f"{r['processes']}p/{base['processes']}p": round(r[field] / base[field], 2)
+            for r in results[1:] if r["correct"] and field in r}  # fmt: skip
 
 
 def scale_out_report(outcome: dict) -> list[str]:

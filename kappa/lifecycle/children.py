@@ -61,8 +61,10 @@ def worker_arguments(
         "--catch-up-to": format_offsets(catch_up_to) if catch_up_to is not None else None,
         "--group-size": group_size,
     }
-    arguments = [*definition.to_args()]
-    return arguments + [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
+    return [
+        *definition.to_args(),
+        *(part for flag, value in options.items() if value is not None for part in (flag, str(value))),
+    ]
 
 
 def spawn_process(index: int, arguments: list[str], hold: IO | None = None) -> Child:

@@ -92,20 +92,10 @@ class PartWriter:
         return {tp.partition for tp in self.pipe.app.consumer.assignment() if tp.topic == topic}
 
     def write(self, partitions: set[int]) -> None:
-        """A part for each partition; those not written (a full disk) are marked changed again,
-        so that the next interval writes them even if no record comes meanwhile."""
-        pending = sorted(partitions)
         definition = self.pipe.definition
-        try:
-            while pending:
-                partition = pending[0]
-                partials, stats = read_partition(
-                    self.pipe.table, partition, definition.aggregate(), definition.layout()
-                )
-                parts.write_part(self.directory, partition, partials, stats)
-                pending.pop(0)
-        finally:
-            self.pipe.progress.dirty.update(pending)
+        for partition in sorted(partitions):
+            partials, stats = read_partition(self.pipe.table, partition, definition.aggregate(), definition.layout())
+            parts.write_part(self.directory, partition, partials, stats)
 
     def tick(self) -> None:
         """Parts of changed partitions once per snapshot interval, and of those that reached
@@ -123,16 +113,16 @@ class PartWriter:
             progress.dirty -= due
             at_end = True
         started = progress.first_applied_at is not None and not self.reported_start
-        if now >= self.next_beat or due or started:
-            # half a tick early: a timer that fires a little early must not skip a beat
-            self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
-            self.reported_start = progress.first_applied_at is not None
-            try:
+        try:
+            if now >= self.next_beat or due or started:
+                # half a tick early: a timer that fires a little early must not skip a beat
+                self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
+                self.reported_start = progress.first_applied_at is not None
                 self.beat(owned)
-            except BaseException:  # a full disk: the parts due are written at a later tick
-                progress.dirty |= due
-                raise
-        self.write(due)
+            self.write(due)
+        except BaseException:  # a full disk: the parts due are written at a later tick, records or not
+            progress.dirty |= due
+            raise
         if at_end:
             self.written_at_end |= due
 

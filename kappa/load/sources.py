@@ -152,10 +152,10 @@ class Source:
             return self._jsonl_chunks()
         if self.kind == "parquet":
             return self._parquet_chunks()
-        return self._csv_message_chunks()
+        return self._csv_chunks()
 
     def count_rows(self) -> int:
-        """The exact number of rows `messages` yields (it reads the whole file)."""
+        """The exact number of rows `chunks` yields (it reads the whole file)."""
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -207,7 +207,7 @@ class Source:
             kind = "TSV" if self.separator == "\t" else "CSV"
             raise KappaError(f"{self.name} is not valid {kind}: {exc}") from None
 
-    def _csv_message_chunks(self) -> Iterator[Chunk]:
+    def _csv_chunks(self) -> Iterator[Chunk]:
         for frame in self._csv_frames():
             yield _frame_chunk(frame, self.key)
 

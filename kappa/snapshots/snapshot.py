@@ -86,7 +86,7 @@ class SortedRun:
         self._buffered: list[pa.RecordBatch] = []
         self.rows = 0
         self.exhausted = False
-        self._last_key: str | bytes | None = None
+        self.last_key: str | bytes | None = None  # of the last row read
 
     def read_ahead(self, rows: int) -> None:
         while not self.exhausted and self.rows < rows:
@@ -97,9 +97,6 @@ class SortedRun:
                 self._check_order(batch.column(0))
                 self._buffered.append(batch)
                 self.rows += batch.num_rows
-
-    def last_key(self) -> str | bytes | None:
-        return self._last_key
 
     def take_through(self, last: str | bytes | None) -> pa.Table:
         """The buffered rows whose key is at most `last` (all of them when None)."""
@@ -114,7 +111,7 @@ class SortedRun:
 
     def _check_order(self, keys: pa.Array) -> None:
         first = keys[0].as_py()
-        ordered = self._last_key is None or self._last_key < first
+        ordered = self.last_key is None or self.last_key < first
         if ordered and len(keys) > 1:
             ordered = pc.all(pc.less(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py()
         if not ordered:
@@ -122,7 +119,7 @@ class SortedRun:
                 "a partition's partials are not in key order (expected each key once, ascending): "
                 "the state or part file was not written by kappa; replay the pipeline into a new generation"
             )
-        self._last_key = keys[len(keys) - 1].as_py()
+        self.last_key = keys[len(keys) - 1].as_py()
 
 
 def _merged_chunks(
@@ -137,7 +134,7 @@ def _merged_chunks(
         readers = [reader for reader in readers if reader.rows or not reader.exhausted]
         if not readers:
             return
-        more = [reader.last_key() for reader in readers if not reader.exhausted]
+        more = [reader.last_key for reader in readers if not reader.exhausted]
         through = min(more) if more else None  # type: ignore[type-var]  # one key type per run
         slice_rows = pa.concat_tables([reader.take_through(through) for reader in readers])
         yield from _merged_slice(slice_rows, aggregate, layout, size)

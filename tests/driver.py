@@ -108,7 +108,16 @@ class RecordingConsumer:
 class AgentDriver:
     """One agent over a fresh table in `directory`; `feed` runs one fetched batch."""
 
-    def __init__(self, directory: Path, definition: Definition, partitions: int, monkeypatch, batch_capacity: int = 4):
+    def __init__(
+        self,
+        directory: Path,
+        definition: Definition,
+        partitions: int,
+        monkeypatch,
+        batch_capacity: int = 4,
+        stop_at: dict[int, int] | None = None,
+    ):
+        """`stop_at` makes it a batch replay's agent (to those offsets), with its write-back cache."""
         self.definition = definition
         self.app = faust.App(
             "driver", broker="kafka://127.0.0.1:1", store="rocksdb://", datadir=str(directory),
@@ -126,7 +135,7 @@ class AgentDriver:
         monkeypatch.setattr(agent_module, "commit_offsets", self._record_commit)
         monkeypatch.setattr(agent_module, "COMMIT_EVERY_S", 0.0)
         self.loop = asyncio.new_event_loop()  # one loop for the agent's life, as in a worker
-        self.progress = Progress()
+        self.progress = Progress(stop_at=stop_at)
         self.agent = GroupedMeanAgent(
             self.table, definition, self.dead, self.progress, DeadLetters("driver", 1, "test", {})
         )

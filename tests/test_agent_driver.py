@@ -8,8 +8,10 @@ import orjson
 import pytest
 from faust.types import TP
 
+import agents.grouped_mean as agent_module
 from kappa.pipeline import Definition
 from tables.aggregate import Mean
+from tables.grouped_mean import STATS_KEY
 from tables.transaction import TransactionError
 from tests.driver import AgentDriver, ParsedRecord
 
@@ -21,8 +23,8 @@ MEAN = Mean()
 def make_driver(tmp_path, monkeypatch):
     made: list[AgentDriver] = []
 
-    def make(partitions: int = 1, batch_capacity: int = 4) -> AgentDriver:
-        made.append(AgentDriver(tmp_path, DEFINITION, partitions, monkeypatch, batch_capacity))
+    def make(partitions: int = 1, batch_capacity: int = 4, stop_at: dict[int, int] | None = None) -> AgentDriver:
+        made.append(AgentDriver(tmp_path, DEFINITION, partitions, monkeypatch, batch_capacity, stop_at))
         return made[-1]
 
     yield make
@@ -165,3 +167,54 @@ def test_the_batch_that_reaches_the_stop_offsets_tells_the_replay_once_it_is_dur
     assert driver.producer.changelog[1], "the last batch is on the changelog before the replay is told"
     driver.feed(1, records(10, 5))
     assert len(told) == 1, "told once"
+
+
+def changelog_keys(driver: AgentDriver, partition: int) -> list[bytes]:
+    return [key for key, _ in driver.producer.changelog.get(partition, [])]
+
+
+def test_a_batch_replay_writes_each_group_once_when_it_holds_every_partition_to_its_stop(make_driver):
+    """The write-back cache (tables.cache): nothing is written, reported or committed before
+    the flush, and the flush writes each group once, however many deliveries touched it."""
+    driver = make_driver(partitions=2, stop_at={0: 40, 1: 12})
+    told: list[int] = []
+    driver.progress.on_reached = lambda: told.append(driver.stats(0).next_offset)
+    driver.feed(0, records(0, 20))
+    driver.feed(0, records(20, 20))
+    driver.feed(1, records(0, 6))
+    assert driver.entries(0) == {} and driver.stats(0).next_offset == 0, "nothing durable before the flush"
+    assert driver.producer.changelog == {} and driver.commits == [] and driver.progress.next_offsets == {}
+    driver.feed(1, records(6, 6))  # every partition now reaches its stop offset
+    assert table_sums(driver, 0) == expected_sums(40) and table_sums(driver, 1) == expected_sums(12)
+    assert driver.stats(0).counted == 40 and driver.stats(1).counted == 12
+    assert sorted(changelog_keys(driver, 0)) == sorted([*expected_sums(40), STATS_KEY]), "each group written once"
+    assert driver.commits[-1] == {TP("trips", 0): 40, TP("trips", 1): 12}
+    assert told == [40]
+
+
+def test_a_full_cache_is_written_before_the_stop(make_driver, monkeypatch):
+    monkeypatch.setattr(agent_module, "CACHE_LIMIT_BYTES", 1)
+    driver = make_driver(partitions=1, stop_at={0: 40})
+    driver.feed(0, records(0, 20))
+    assert table_sums(driver, 0) == expected_sums(20) and driver.commits[-1] == {TP("trips", 0): 20}
+    driver.feed(0, records(20, 20))
+    assert table_sums(driver, 0) == expected_sums(40) and driver.stats(0).counted == 40
+
+
+def test_a_rebalance_drops_what_the_cache_held_and_the_redelivery_counts_it_once(make_driver):
+    """After a rebalance Faust seeks to what the table holds: the records the cache held come
+    again, and are applied to the table's state, once."""
+    driver = make_driver(partitions=1, stop_at={0: 40})
+    driver.feed(0, records(0, 20))
+    assert len(driver.agent.cache) > 0
+    driver.app.consumer_generation_id += 1
+    driver.feed(0, records(driver.stats(0).next_offset, 40))
+    assert table_sums(driver, 0) == expected_sums(40) and driver.stats(0).counted == 40
+    assert len(driver.agent.cache) == 0
+
+
+def test_an_old_cache_is_written_so_a_long_replay_shows_progress(make_driver, monkeypatch):
+    monkeypatch.setattr(agent_module, "CACHE_MAX_AGE_S", 0.0)
+    driver = make_driver(partitions=2, stop_at={0: 40, 1: 40})
+    driver.feed(0, records(0, 20))
+    assert driver.progress.next_offsets == {0: 20} and table_sums(driver, 0) == expected_sums(20)

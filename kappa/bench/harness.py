@@ -30,7 +30,7 @@ from kappa.bench.dataset import (
     oracle,
     shape_oracle,
 )
-from kappa.bench.measure import Measured, run_measured
+from kappa.bench.measure import Measured, run_measured, wait_until_quiet
 from kappa.kafka import admin
 from kappa.kafka import broker as embedded
 from kappa.snapshots import snapshot
@@ -140,11 +140,17 @@ class Bench:
               f"{measured.peak_rss_mb:7.0f} MB  {verdict}", flush=True)  # fmt: skip
         return result
 
-    def run_load(self) -> dict:
-        command = kappa_command("load", str(self.csv), "--key", KEY, "--topic", self.topic,
+    def run_load(self, topic: str | None = None) -> dict:
+        """`kappa load` of the dataset into the bench's topic, or into `topic`, a scratch topic
+        of a later round that is deleted once measured."""
+        topic = topic or self.topic
+        command = kappa_command("load", str(self.csv), "--key", KEY, "--topic", topic,
                                 "--partitions", str(self.args.partitions), *self.place())  # fmt: skip
+        wait_until_quiet()
         measured = run_measured(command, self.workdir / "load.log")
-        loaded = sum(admin.end_offsets(self.broker, self.topic, self.args.partitions).values())
+        loaded = sum(admin.end_offsets(self.broker, topic, self.args.partitions).values())
+        if topic != self.topic:
+            admin.delete_topics(self.broker, [topic])
         # --rows records, or more if a load adds records of its own (transaction markers): never fewer
         error = None if loaded >= self.args.rows else f"{loaded} records in the topic, expected {self.args.rows}"
         return self.outcome("load", measured, error)
@@ -169,6 +175,7 @@ class Bench:
             groups.placed.clear()  # pids of an earlier run may be reused
             hooks = {"preexec_fn": enter_supervisor_group(groups), "on_poll": WorkerPlacer(groups)}
         env = {**os.environ, "KAPPA_PYTHON": sys.executable}
+        wait_until_quiet()
         measured = run_measured(command, self.workdir / f"{label}.log", env=env, **hooks)
         error = None
         if measured.returncode == 0:
@@ -208,6 +215,7 @@ class Bench:
         out.unlink(missing_ok=True)
         workdir = self.workdir / name
         workdir.mkdir(exist_ok=True)
+        wait_until_quiet()
         measured = run_measured(self.contender_command(name, workdir, out), self.workdir / f"{name}.log")
         shutil.rmtree(workdir, ignore_errors=True)  # state of RocksDB peers: a round leaves no disk behind
         error = None
@@ -233,9 +241,12 @@ class Bench:
             if rounds > 1:
                 print(f" round {round_number + 1} of {rounds}", flush=True)
             for name in names:
-                if name == "load" or name in self.results or (name in SLOW and round_number > 0):
+                if name in self.results or (name in SLOW and round_number > 0):
                     continue
-                if name in ("kappa", "kappa_shape"):
+                if name == "load":
+                    if round_number > 0:
+                        per_round[name].append(self.run_load(f"{self.topic}-load{round_number}"))
+                elif name in ("kappa", "kappa_shape"):
                     per_round[name].append(self.measure_kappa(shaped=name == "kappa_shape"))
                 else:
                     per_round[name].append(self.measure_contender(name))

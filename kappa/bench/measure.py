@@ -16,6 +16,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+QUIET_BUSY = 0.15  # of all CPUs: below this the machine counts as quiet
+QUIET_WINDOW_S = 0.5
+QUIET_PATIENCE_S = 10.0
+
+
+def _cpu_times() -> tuple[int, int]:
+    """Busy and total jiffies of all CPUs since boot (/proc/stat's first line)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_until_quiet() -> float:
+    """Wait until the machine is quiet, so that one contender's leftovers (a JVM exiting, the
+    broker deleting or flushing a topic's files) are not charged to the next; seconds waited.
+
+    Gives up after `QUIET_PATIENCE_S` (a busy neighbour would otherwise stall the bench) and
+    does nothing where /proc/stat cannot be read."""
+    started = time.monotonic()
+    try:
+        busy, total = _cpu_times()
+        while time.monotonic() - started < QUIET_PATIENCE_S:
+            time.sleep(QUIET_WINDOW_S)
+            now_busy, now_total = _cpu_times()
+            share = (now_busy - busy) / max(now_total - total, 1)
+            if share < QUIET_BUSY:
+                break
+            busy, total = now_busy, now_total
+    except OSError:
+        pass
+    return time.monotonic() - started
+
 
 @dataclass
 class Measured:

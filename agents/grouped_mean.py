@@ -50,6 +50,9 @@ class DeadLetters:
     def already_written(self, partition: int, offset: int) -> bool:
         return offset <= self.written_up_to.get(partition, -1)
 
+    def mark_written(self, partition: int, offset: int) -> None:
+        self.written_up_to[partition] = max(offset, self.written_up_to.get(partition, -1))
+
 
 class GroupedMeanAgent:
     """Applies batches of records to the table; idempotent per key (see tables.grouped_mean)."""
@@ -194,6 +197,8 @@ class GroupedMeanAgent:
                 partition=partition,
                 headers=self.dead_letters.headers(error, definition.topic, partition, record.offset),
             )
+            # a re-delivery (after a rebalance dropped the cache, or a rewind) must not send it again
+            self.dead_letters.mark_written(partition, record.offset)
         groups = folded.groups
         stored = self.cache.get_many(partition, groups.keys, self.writer.get_many)
         updated = aggregate.add_batches(stored, groups.batch_sums())

@@ -17,8 +17,9 @@ Invariants, and why they keep every record counted exactly once:
 - It belongs to one consumer generation. After a rebalance Faust seeks each partition to
   what its table holds (kappa.engine.app), so the cache is dropped: the records it held
   come again and are applied to the table's state, not on top of the cache's.
-- It is bounded in bytes (`limit_bytes`), and flushed at least every `max_age_s` so a long
-  replay shows progress; a write-through cache (`limit_bytes` 0) flushes every delivery.
+- It is bounded in bytes (`limit_bytes`), and a delivery that finds it older than `max_age_s`
+  flushes it, so a long replay shows progress; a write-through cache (`limit_bytes` 0) flushes
+  every delivery.
 """
 
 from __future__ import annotations

@@ -218,3 +218,15 @@ def test_an_old_cache_is_written_so_a_long_replay_shows_progress(make_driver, mo
     driver = make_driver(partitions=2, stop_at={0: 40, 1: 40})
     driver.feed(0, records(0, 20))
     assert driver.progress.next_offsets == {0: 20} and table_sums(driver, 0) == expected_sums(20)
+
+
+def test_a_reject_sent_before_a_rebalance_dropped_the_cache_is_not_sent_again(make_driver):
+    driver = make_driver(partitions=1, stop_at={0: 40})
+    batch = records(0, 20)
+    batch[5] = ParsedRecord(5, b"m", b"not json")
+    driver.feed(0, batch)
+    assert [message["headers"] for message in driver.dead.sent] and len(driver.dead.sent) == 1
+    driver.app.consumer_generation_id += 1  # the cache is dropped: offsets 0..19 come again
+    driver.feed(0, [*batch, *records(20, 20)])
+    assert len(driver.dead.sent) == 1, "one dead letter per rejected record"
+    assert driver.stats(0).rejected == 1 and driver.stats(0).counted == 39

@@ -32,6 +32,7 @@ from kappa.bench.dataset import (
 )
 from kappa.bench.measure import Measured, run_measured, wait_until_quiet
 from kappa.kafka import admin
+from kappa.load.ledger import ledger_topic
 from kappa.kafka import broker as embedded
 from kappa.snapshots import snapshot
 
@@ -147,10 +148,12 @@ class Bench:
         command = kappa_command("load", str(self.csv), "--key", KEY, "--topic", topic,
                                 "--partitions", str(self.args.partitions), *self.place())  # fmt: skip
         wait_until_quiet()
-        measured = run_measured(command, self.workdir / "load.log")
-        loaded = sum(admin.end_offsets(self.broker, topic, self.args.partitions).values())
-        if topic != self.topic:
-            admin.delete_topics(self.broker, [topic])
+        try:
+            measured = run_measured(command, self.workdir / "load.log")
+            loaded = sum(admin.end_offsets(self.broker, topic, self.args.partitions).values())
+        finally:
+            if topic != self.topic:
+                admin.delete_topics(self.broker, [topic, ledger_topic(topic)])
         # --rows records, or more if a load adds records of its own (transaction markers): never fewer
         error = None if loaded >= self.args.rows else f"{loaded} records in the topic, expected {self.args.rows}"
         return self.outcome("load", measured, error)

@@ -24,14 +24,14 @@ QUIET_PATIENCE_S = 10.0
 def _cpu_times() -> tuple[int, int]:
     """Busy and total jiffies of all CPUs since boot (/proc/stat's first line)."""
     with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:]]
+        fields = [int(value) for value in stat.readline().split()[1:9]]  # guest time is in user already
     idle = fields[3] + fields[4]  # idle and iowait
     return sum(fields) - idle, sum(fields)
 
 
 def wait_until_quiet() -> float:
     """Wait until the machine is quiet, so that one contender's leftovers (a JVM exiting, the
-    broker deleting or flushing a topic's files) are not charged to the next; seconds waited.
+    broker flushing what it was sent) are not charged to the next; seconds waited.
 
     Gives up after `QUIET_PATIENCE_S` (a busy neighbour would otherwise stall the bench) and
     does nothing where /proc/stat cannot be read."""

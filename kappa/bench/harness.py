@@ -32,8 +32,8 @@ from kappa.bench.dataset import (
 )
 from kappa.bench.measure import Measured, run_measured, wait_until_quiet
 from kappa.kafka import admin
-from kappa.load.ledger import ledger_topic
 from kappa.kafka import broker as embedded
+from kappa.load.ledger import ledger_topic
 from kappa.snapshots import snapshot
 
 REPO = Path(__file__).resolve().parents[2]

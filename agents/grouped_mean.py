@@ -19,7 +19,7 @@ from faust.types import TP
 from agents.fold import fold
 from kappa.engine import deadletters
 from kappa.engine.faust_internals import commit_offsets, drain_producer_buffer
-from kappa.pipeline import Definition, Progress, Record
+from kappa.pipeline import Definition, Delivered, Progress, Record
 from tables.cache import WriteBackCache
 from tables.grouped_mean import STATS_KEY, PartitionStats, read_stats
 from tables.transaction import BatchTransaction
@@ -179,11 +179,25 @@ class GroupedMeanAgent:
         cached = self.cache.get(partition, STATS_KEY)
         return PartitionStats.decode(cached) if cached is not None else read_stats(self.table, partition)
 
+    def _pass_markers(self, partition: int, delivered: Sequence[Record], stats: PartitionStats) -> None:
+        """A delivery of offsets that hold no record (transaction markers): the partition's next
+        offset moves past them when they follow what the table holds, so a replay to end
+        offsets that a marker took still reaches them."""
+        if not isinstance(delivered, Delivered) or partition in self._rewinds:
+            return
+        if delivered.start <= stats.next_offset < delivered.read_to:
+            stats.next_offset = delivered.read_to
+            self.cache.put(partition, {STATS_KEY: stats.encode()}, stats.next_offset)
+
     async def _apply_partition(self, partition: int, records: Sequence[Record]) -> None:
         """Fold the records and put each touched group's new entry, and the partition's stats, in the cache."""
         definition, aggregate = self.definition, self.aggregate
         stats = self._stats(partition)
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
+        read_to = records.read_to if isinstance(records, Delivered) else 0
+        if not records:
+            self._pass_markers(partition, records, stats)
+            return
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:
             return
@@ -212,6 +226,7 @@ class GroupedMeanAgent:
         stats.rejected += len(folded.rejected)
         if not definition.plain:  # a plain pipeline's stats have no per-value counts (it has one value)
             stats.add_value_counts(folded.value_counts)
-        stats.next_offset = max(stats.next_offset, folded.last_offset + 1)
+        # past the markers fetched after the last record, too: a transactional log ends with one
+        stats.next_offset = max(stats.next_offset, folded.last_offset + 1, read_to)
         entries[STATS_KEY] = stats.encode()
         self.cache.put(partition, entries, stats.next_offset)

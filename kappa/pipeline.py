@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,6 +61,19 @@ class Record(Protocol):
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes]]
+
+
+class Delivered(list):
+    """One partition's records of one delivery, and the offsets fetched with them: every offset
+    in [start, read_to) was read, and those that are not among the records hold none (a
+    transaction's commit or abort marker, an aborted transaction's records, a record that
+    compaction removed). A log written by a transactional producer ends each partition with a
+    marker, so only `read_to`, not the last record, reaches the partition's end offset."""
+
+    def __init__(self, records: Iterable[Record], start: int, read_to: int) -> None:
+        super().__init__(records)
+        self.start = start
+        self.read_to = read_to
 
 
 @dataclass(frozen=True)

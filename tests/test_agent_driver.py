@@ -9,7 +9,7 @@ import pytest
 from faust.types import TP
 
 import agents.grouped_mean as agent_module
-from kappa.pipeline import Definition
+from kappa.pipeline import Definition, Delivered
 from tables.aggregate import Mean
 from tables.grouped_mean import STATS_KEY
 from tables.transaction import TransactionError
@@ -230,3 +230,20 @@ def test_a_reject_sent_before_a_rebalance_dropped_the_cache_is_not_sent_again(ma
     driver.feed(0, [*batch, *records(20, 20)])
     assert len(driver.dead.sent) == 1, "one dead letter per rejected record"
     assert driver.stats(0).rejected == 1 and driver.stats(0).counted == 39
+
+
+def test_markers_after_the_last_record_take_the_partition_to_its_end_offset(make_driver):
+    """A transactional producer's log ends each partition with a commit marker: an offset that
+    holds no record. A replay to that end offset reaches it by what was read, not by the last record."""
+    driver = make_driver(partitions=2, stop_at={0: 21, 1: 12})
+    told: list[dict[int, int]] = []
+    driver.progress.on_reached = lambda: told.append(dict(driver.progress.next_offsets))
+    driver.feed(0, Delivered(records(0, 20), 0, 21))  # the marker at 20 came in the same fetch
+    driver.feed(1, Delivered(records(0, 11), 0, 11))
+    assert told == []
+    driver.feed(1, Delivered([], 15, 16))  # markers that do not follow what the table holds are not passed
+    assert told == [], "passed markers beyond a gap"
+    driver.feed(1, Delivered([], 11, 12))  # the marker alone, in a later fetch
+    assert told == [{0: 21, 1: 12}]
+    assert driver.stats(0).next_offset == 21 and driver.stats(1).next_offset == 12
+    assert table_sums(driver, 0) == expected_sums(20) and driver.stats(0).counted == 20

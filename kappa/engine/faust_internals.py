@@ -26,7 +26,9 @@ What is coupled, what it is for, and what an upstream change would do without th
    If changed: AttributeError.
 4. aiokafka `fetcher.PartitionRecords` (`_unpack_records`, `_consumer_record(tp, record)`,
    `_tp`, `_records`, `_check_crcs`, `_isolation_level`, `next_fetch_offset`,
-   `READ_COMMITTED`), looked up by its module-global name in `Fetcher._proc_fetch_request`;
+   `READ_COMMITTED`, and for read_committed `_consume_aborted_up_to(batch_offset)`,
+   `_contains_abort_marker(next_batch)`, `_aborted_producers`: aiokafka's own per-batch test
+   for aborted transactions), looked up by its module-global name in `Fetcher._proc_fetch_request`;
    `FetchResult.getall` moving the position from `next_fetch_offset` after each item.
    For: `PassThroughRecords` rebinds that global (process-wide, never undone) so the source
    topic's records come as one list per record batch, skipping the `ConsumerRecord` dataclass.
@@ -141,7 +143,7 @@ from typing import Any, ClassVar, cast
 
 from kappa.engine.lognoise import hold_back_during_outages
 from kappa.errors import KappaError
-from kappa.pipeline import Record
+from kappa.pipeline import Delivered, Record
 
 # the releases this module was read against (pyproject.toml pins the same)
 WRITTEN_FOR = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1"}
@@ -239,6 +241,11 @@ def check_internals() -> None:
     _method(faust, driver.Consumer, "_to_message", ["tp", "record"], coroutine=False)
     _method(faust, driver.Consumer, "_commit", ["offsets"], coroutine=True)
     _method(faust, driver.Producer, "_ensure_producer", [], coroutine=False)
+    _method(faust, driver.Consumer, "_new_consumer_thread", [], coroutine=False)
+    _method(faust, driver.AIOKafkaConsumerThread, "_create_worker_consumer", ["transport"], coroutine=False)
+    raw_consumer = _module(aiokafka, "aiokafka").AIOKafkaConsumer
+    _sets(aiokafka, raw_consumer, ["_isolation_level"])
+    _calls(aiokafka, raw_consumer, "start", ["_isolation_level"])
     _member(faust, _module(faust, "faust.transport.base").Transport, "Consumer")
     producer = _module(faust, "faust.transport.producer")
     _sets(faust, producer.Producer, ["buffer"])
@@ -271,7 +278,10 @@ def check_internals() -> None:
         raise mismatch(aiokafka, "aiokafka.consumer.fetcher.PartitionRecords is no longer a class")
     _method(aiokafka, records, "_consumer_record", ["tp", "record"], coroutine=False)
     _method(aiokafka, records, "_unpack_records", [], coroutine=False)
-    _sets(aiokafka, records, ["_tp", "_records", "_check_crcs", "_isolation_level", "next_fetch_offset"])
+    _sets(aiokafka, records, ["_tp", "_records", "_check_crcs", "_isolation_level", "next_fetch_offset",
+                              "_aborted_producers"])  # fmt: skip
+    _method(aiokafka, records, "_consume_aborted_up_to", ["batch_offset"], coroutine=False)
+    _method(aiokafka, records, "_contains_abort_marker", ["next_batch"], coroutine=False)
     _calls(aiokafka, records, "__init__", ["_unpack_records"])
     _member(aiokafka, fetcher, "READ_COMMITTED")
     _calls(aiokafka, fetcher.FetchResult, "getall", ["_update_position"])
@@ -298,6 +308,7 @@ from aiokafka.consumer.fetcher import PartitionRecords  # noqa: E402
 from faust.sensors.monitor import Monitor  # noqa: E402
 from faust.tables.manager import TableManager  # noqa: E402
 from faust.transport.consumer import CONSUMER_FETCHING  # noqa: E402
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread  # noqa: E402
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer  # noqa: E402
 from faust.types import TP  # noqa: E402
 
@@ -316,6 +327,20 @@ BatchHandler = Callable[[dict[TP, Sequence[Record]]], Awaitable[None]]
 # --- 1, 2, 3, 9: batch delivery -----------------------------------------------------------------
 
 
+class ReadCommittedConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, with an aiokafka consumer that reads committed records only.
+
+    Faust reads uncommitted records unless its own exactly-once mode is on, so a log written by
+    a transactional producer (Kafka Streams with exactly-once, Flink, any `transactional.id`)
+    would have its aborted transactions counted. Its changelogs, written without transactions,
+    read the same either way. `_isolation_level` is what aiokafka hands its fetcher at start."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+
 class BatchDeliveryConsumer(AIOKafkaConsumer):
     """Bind with `for_topics`; the handlers get every fetched batch of their topics."""
 
@@ -330,6 +355,9 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
     ) -> type[BatchDeliveryConsumer]:
         PassThroughRecords.install(handlers)
         return type("BatchDeliveryConsumer", (cls,), {"handlers": dict(handlers), "fair_share": fair_share})
+
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return ReadCommittedConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def seek(self, partition: TP, offset: int) -> None:
         """Faust's seek, remembered while a fetch is being delivered (see `_deliver_all`)."""
@@ -449,7 +477,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         loop = asyncio.get_running_loop()
         sought: set[TP] = set()
         self._sought_in_handler = sought
-        following: asyncio.Future[dict[TP, list[Any]]] | None
+        following: asyncio.Future[dict[TP, Delivered]] | None
         following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
         try:
             while following is not None:
@@ -469,21 +497,35 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if following is not None:  # abandoned (a cancelled delivery): its outcome is nobody's
                 following.add_done_callback(_ignore_outcome)
 
-    async def _deliver(self, topic: str, taken: dict[TP, list[Any]], sought: set[TP]) -> None:
+    async def _deliver(self, topic: str, taken: dict[TP, Delivered], sought: set[TP]) -> None:
         """Hand the agent one delivery; the read offsets move past it, except for partitions
         in `sought`: a seek set their read offset, and overwriting it with this delivery's last
         offset would filter out the re-delivery."""
         mine: dict[TP, Sequence[Record]] = {}
-        for tp, records in taken.items():
-            fresh = self._unread(tp, records)
-            if fresh:
+        for tp, delivered in taken.items():
+            fresh = self._unread_delivered(tp, delivered)
+            if fresh is not None:
                 mine[tp] = fresh
         if not mine:
             return
         await self.handlers[topic](mine)
-        for tp, delivered in mine.items():
-            if tp not in sought:
-                self._read_offset[tp] = delivered[-1].offset
+        for tp, records in mine.items():
+            if tp not in sought and records:
+                self._read_offset[tp] = records[-1].offset
+
+    def _unread_delivered(self, tp: TP, delivered: Delivered) -> Delivered | None:
+        """`_unread` for a delivery, which stays one while it passes offsets it has not read:
+        records, or markers only (an empty delivery that ends past the read offset)."""
+        read_offset = self._read_offset[tp]
+        if read_offset is None:
+            return delivered
+        if not delivered:  # markers: wanted if they end past the read offset (the agent checks they follow on)
+            return delivered if delivered.read_to > read_offset else None
+        fresh = self._unread(tp, delivered)
+        if fresh is delivered:
+            return delivered
+        # the records before the read offset were left out: the delivery vouches only for what follows
+        return Delivered(fresh, max(delivered.start, read_offset), delivered.read_to) if fresh else None
 
     def _unread(self, tp: TP, fetched: list) -> list:
         """Faust's rule: a record at or after the read offset is delivered. (After a seek the
@@ -542,9 +584,7 @@ class PassThroughRecords(PartitionRecords):
         aiokafka_fetcher.PartitionRecords = cls
 
     def _unpack_records(self) -> Iterator[Any]:
-        if self._tp.topic not in self.topics or self._isolation_level == aiokafka_fetcher.READ_COMMITTED:
-            # aiokafka's own loop (aborted transactions are its business); `_consumer_record`
-            # below still gives the chosen topics one-record batches
+        if self._tp.topic not in self.topics:
             yield from super()._unpack_records()
             return
         batches = self._records
@@ -556,12 +596,25 @@ class PassThroughRecords(PartitionRecords):
             first: int = self.next_fetch_offset  # type: ignore[has-type]  # a batch may start before it
             # the end of the batch, not its last record: compaction may have removed later records
             self.next_fetch_offset = batch.next_offset
-            if not batch.is_control_batch:
-                yield FetchedBatch(batch, first)
+            if self._aborted(batch) or batch.is_control_batch:  # in this order: an abort marker ends the abort
+                # no records to read, but its offsets are passed: a log's last offset may be a marker
+                yield FetchedBatch((), first, batch.next_offset)
+            else:
+                yield FetchedBatch(batch, first, batch.next_offset)
+
+    def _aborted(self, batch: Any) -> bool:
+        """aiokafka's own test, per batch: with read_committed, a batch of a transaction that
+        was aborted (its abort marker comes later in the log, as the fetch response lists)."""
+        if self._isolation_level != aiokafka_fetcher.READ_COMMITTED or batch.producer_id is None:
+            return False
+        self._consume_aborted_up_to(batch.base_offset)
+        if batch.is_control_batch and self._contains_abort_marker(batch):
+            self._aborted_producers.discard(batch.producer_id)
+        return bool(batch.is_transactional and batch.producer_id in self._aborted_producers)
 
     def _consumer_record(self, tp: Any, record: Any) -> Any:
         if tp.topic in self.topics:
-            return FetchedBatch([record], record.offset)
+            return FetchedBatch([record], record.offset, record.offset + 1)
         return self._wrap(tp, record)
 
 
@@ -573,6 +626,7 @@ class FetchedBatch:
 
     records: Iterable[Any]
     first: int
+    next_offset: int  # the offset after the batch (a control batch's, or an aborted one's, too)
 
     def parse(self) -> list[Any]:
         records = list(self.records)
@@ -595,21 +649,28 @@ def _parser() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kappa-parse")
 
 
-def take_records(fetched: dict[TP, deque[FetchedBatch]], limit: int) -> dict[TP, list[Any]]:
+def take_records(fetched: dict[TP, deque[FetchedBatch]], limit: int) -> dict[TP, Delivered]:
     """Up to about `limit` records, parsed from the front of each partition's fetched batches in
     turn (whole batches, in offset order: a delivery exceeds `limit` by less than one record
-    batch); a partition whose batches are all taken leaves `fetched`."""
-    taken: dict[TP, list[Any]] = {}
+    batch); a partition whose batches are all taken leaves `fetched`. A partition whose batches
+    taken hold no record (markers) is taken too: its offsets were read."""
+    taken: dict[TP, Delivered] = {}
     size = 0
     for tp in list(fetched):
         batches = fetched[tp]
-        records: list[Any] = []
-        while batches and size + len(records) < limit:
-            records += batches.popleft().parse()
         if not batches:
             del fetched[tp]
-        if records:
-            taken[tp] = records
+            continue
+        start, read_to = batches[0].first, batches[0].first
+        records: list[Any] = []
+        while batches and size + len(records) < limit:
+            batch = batches.popleft()
+            records += batch.parse()
+            read_to = batch.next_offset
+        if not batches:
+            del fetched[tp]
+        if records or read_to > start:
+            taken[tp] = Delivered(records, start, read_to)
             size += len(records)
         if size >= limit:
             break

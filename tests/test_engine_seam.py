@@ -3,13 +3,16 @@ on stops kappa with one line naming the library and both versions, never a hang.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
 from aiokafka.consumer.fetcher import Fetcher
+from aiokafka.errors import CommitFailedError, GroupAuthorizationFailedError, IllegalStateError
 from faust.transport.consumer import Consumer
 from faust.transport.consumer import Fetcher as FaustFetcher
+from faust.types import TP
 from mode.worker import Worker
 
 from kappa.engine import faust_internals
@@ -115,3 +118,56 @@ def test_the_command_line_starts_without_pyarrow():
     )
     found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[] kappa.snapshots.snapshot", found.stdout + found.stderr
+
+
+class _Thread:
+    """What `KappaConsumerThread._commit` uses of Faust's consumer thread: its aiokafka consumer,
+    its view of the assignment, its commit bookkeeping and `crash`."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.committed: list[dict] = []
+        self.crashed: list[BaseException] = []
+        self.tp_last_committed_at: dict = {}
+        self.log = faust_internals.COMMIT_LOG
+
+    def assignment(self) -> set:
+        return {TP("t", 0), TP("t", 1)}
+
+    def _ensure_consumer(self) -> _Thread:
+        return self
+
+    async def commit(self, offsets: dict) -> None:
+        if self.error is not None:
+            raise self.error
+        self.committed.append({(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()})
+
+    async def crash(self, exc: BaseException) -> None:
+        self.crashed.append(exc)
+
+
+def _commit(thread: _Thread, offsets: dict) -> bool:
+    return asyncio.run(faust_internals.KappaConsumerThread._commit(thread, offsets))  # type: ignore[arg-type]
+
+
+def test_a_commit_commits_the_owned_partitions_only():
+    thread = _Thread(None)
+    assert _commit(thread, {TP("t", 0): 5, TP("t", 7): 9}) is True
+    assert thread.committed == [{("t", 0): 5}] and set(thread.tp_last_committed_at) == {TP("t", 0)}
+    assert _commit(thread, {TP("t", 7): 9}) is False and len(thread.committed) == 1
+
+
+@pytest.mark.parametrize(
+    "error", [IllegalStateError("No partitions assigned"), CommitFailedError("the group has already rebalanced")]
+)
+def test_a_commit_a_rebalance_overtook_is_skipped_not_fatal(error):
+    """Faust crashes the consumer, and so the worker, on these; the table holds the offsets anyway."""
+    thread = _Thread(error)
+    assert _commit(thread, {TP("t", 0): 5}) is False
+    assert thread.crashed == []
+
+
+def test_any_other_commit_error_still_crashes_the_consumer():
+    thread = _Thread(GroupAuthorizationFailedError())
+    assert _commit(thread, {TP("t", 0): 5}) is False
+    assert len(thread.crashed) == 1

@@ -21,9 +21,13 @@ What is coupled, what it is for, and what an upstream change would do without th
    If changed: AttributeError. A change in what `_read_offset` means (after a seek the next
    offset to read, after a delivery the last one delivered) would re-deliver or skip records:
    no check can see that, hence the exact pins.
-3. faust aiokafka driver `Consumer._to_message(tp, record)`, `Consumer._commit(offsets)`.
-   For: the per-record path of changelog topics; `commit_offsets`.
-   If changed: AttributeError.
+3. faust aiokafka driver `Consumer._to_message(tp, record)`, `Consumer._commit(offsets)`,
+   `Consumer._new_consumer_thread()`, and on `AIOKafkaConsumerThread`
+   `_create_worker_consumer(transport)`, `_commit(offsets)`, `_ensure_consumer()` and
+   `tp_last_committed_at`; aiokafka `AIOKafkaConsumer._isolation_level`, read by `start`.
+   For: the per-record path of changelog topics; `commit_offsets`; `KappaConsumerThread`
+   (read_committed, and a commit a rebalance overtook is skipped instead of fatal).
+   If changed: AttributeError, or Faust's own thread (uncommitted reads, fatal commits).
 4. aiokafka `fetcher.PartitionRecords` (`_unpack_records`, `_consumer_record(tp, record)`,
    `_tp`, `_records`, `_check_crcs`, `_isolation_level`, `next_fetch_offset`,
    `READ_COMMITTED`, and for read_committed `_consume_aborted_up_to(batch_offset)`,
@@ -243,6 +247,9 @@ def check_internals() -> None:
     _method(faust, driver.Producer, "_ensure_producer", [], coroutine=False)
     _method(faust, driver.Consumer, "_new_consumer_thread", [], coroutine=False)
     _method(faust, driver.AIOKafkaConsumerThread, "_create_worker_consumer", ["transport"], coroutine=False)
+    _method(faust, driver.AIOKafkaConsumerThread, "_commit", ["offsets"], coroutine=True)
+    _method(faust, driver.AIOKafkaConsumerThread, "_ensure_consumer", [], coroutine=False)
+    _calls(faust, driver.AIOKafkaConsumerThread, "__post_init__", ["tp_last_committed_at"])
     raw_consumer = _module(aiokafka, "aiokafka").AIOKafkaConsumer
     _sets(aiokafka, raw_consumer, ["_isolation_level"])
     _calls(aiokafka, raw_consumer, "start", ["_isolation_level"])
@@ -305,6 +312,8 @@ import aiokafka.errors as aiokafka_errors  # noqa: E402
 import faust  # noqa: E402
 from aiokafka.consumer import fetcher as aiokafka_fetcher  # noqa: E402
 from aiokafka.consumer.fetcher import PartitionRecords  # noqa: E402
+from aiokafka.structs import OffsetAndMetadata  # noqa: E402
+from aiokafka.structs import TopicPartition as aiokafka_TP  # noqa: E402
 from faust.sensors.monitor import Monitor  # noqa: E402
 from faust.tables.manager import TableManager  # noqa: E402
 from faust.transport.consumer import CONSUMER_FETCHING  # noqa: E402
@@ -327,18 +336,51 @@ BatchHandler = Callable[[dict[TP, Sequence[Record]]], Awaitable[None]]
 # --- 1, 2, 3, 9: batch delivery -----------------------------------------------------------------
 
 
-class ReadCommittedConsumerThread(AIOKafkaConsumerThread):
-    """Faust's consumer thread, with an aiokafka consumer that reads committed records only.
+COMMIT_LOG = logging.getLogger("kappa.commit")
 
-    Faust reads uncommitted records unless its own exactly-once mode is on, so a log written by
-    a transactional producer (Kafka Streams with exactly-once, Flink, any `transactional.id`)
-    would have its aborted transactions counted. Its changelogs, written without transactions,
-    read the same either way. `_isolation_level` is what aiokafka hands its fetcher at start."""
+
+class KappaConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, with two changes.
+
+    Its aiokafka consumer reads committed records only. Faust reads uncommitted records unless
+    its own exactly-once mode is on, so a log written by a transactional producer (Kafka Streams
+    with exactly-once, Flink, any `transactional.id`) would have its aborted transactions
+    counted. Its changelogs, written without transactions, read the same either way.
+    `_isolation_level` is what aiokafka hands its fetcher at start.
+
+    A commit that a rebalance overtook is skipped, not fatal (see `_commit`)."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         consumer._isolation_level = "read_committed"
         return consumer
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        """Faust's commit, run on this thread, except that a commit refused because the group is
+        rebalancing returns False instead of crashing the consumer (and with it the worker).
+
+        Faust checks its own view of the assignment, but aiokafka's may already have changed: it
+        then raises IllegalStateError ("No partitions assigned", "Partition ... is not assigned")
+        or CommitFailedError, which Faust treats as fatal. Nothing is lost by skipping: a partition
+        resumes from what its table holds, never from the group's offsets, and the next commit
+        of its owner catches up. Any other error still crashes the consumer, as in Faust."""
+        assigned = self.assignment()
+        owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not owned:
+            return False
+        try:
+            await self._ensure_consumer().commit(
+                {aiokafka_TP(tp.topic, tp.partition): OffsetAndMetadata(offset, "") for tp, offset in owned.items()}
+            )
+        except (aiokafka_errors.CommitFailedError, aiokafka_errors.IllegalStateError) as exc:
+            COMMIT_LOG.warning("offsets not committed, the group is rebalancing (%s); the next commit catches up", exc)
+            return False
+        except Exception as exc:
+            self.log.exception("Got exception: %r\nCurrent assignment: %r", exc, assigned)
+            await self.crash(exc)
+            return False
+        self.tp_last_committed_at.update(dict.fromkeys(owned, time.monotonic()))
+        return True
 
 
 class BatchDeliveryConsumer(AIOKafkaConsumer):
@@ -357,7 +399,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         return type("BatchDeliveryConsumer", (cls,), {"handlers": dict(handlers), "fair_share": fair_share})
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
-        return ReadCommittedConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        return KappaConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def seek(self, partition: TP, offset: int) -> None:
         """Faust's seek, remembered while a fetch is being delivered (see `_deliver_all`)."""

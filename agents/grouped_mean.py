@@ -54,6 +54,15 @@ class DeadLetters:
         self.written_up_to[partition] = max(offset, self.written_up_to.get(partition, -1))
 
 
+def passed_to(records: Sequence[Record], stop: int | None) -> int:
+    """The offset a delivery's reading reached, past markers after its last record (0 when it
+    cannot tell), never beyond `stop`: records from there on are not folded (agents.fold), so
+    the partition's next offset must not pass them."""
+    if not isinstance(records, Delivered):
+        return 0
+    return records.read_to if stop is None else min(records.read_to, stop)
+
+
 class GroupedMeanAgent:
     """Applies batches of records to the table; idempotent per key (see tables.grouped_mean)."""
 
@@ -145,23 +154,25 @@ class GroupedMeanAgent:
         silently lost the first 100,000 records with exit 0.
         """
         pending = self._rewinds.get(partition)
+        # where the delivery's reading began: its first record, or before it when the offsets
+        # between hold none (a transaction's marker, a record that compaction removed)
+        first = messages.start if isinstance(messages, Delivered) else messages[0].offset
         if pending is None:
-            if messages[0].offset <= stored or (stored == 0 and messages[0].offset <= await self._log_start(partition)):
+            if first <= stored or (stored == 0 and first <= await self._log_start(partition)):
                 return messages
             log.warning(
                 "partition %s resumed at offset %s but the table holds records up to %s; seeking back",
                 partition,
-                messages[0].offset,
+                first,
                 stored,
             )
             self._rewinds[partition] = (stored, time.monotonic() + REWIND_PATIENCE_S)
             await self.table.app.consumer.seek(TP(self.definition.topic, partition), stored)
             return ()
         target, deadline = pending
-        for index, message in enumerate(messages):
-            if message.offset <= target:
-                del self._rewinds[partition]
-                return messages[index:]
+        if first <= target:
+            del self._rewinds[partition]
+            return messages
         if time.monotonic() < deadline:
             return ()
         log.warning(
@@ -179,24 +190,17 @@ class GroupedMeanAgent:
         cached = self.cache.get(partition, STATS_KEY)
         return PartitionStats.decode(cached) if cached is not None else read_stats(self.table, partition)
 
-    def _pass_markers(self, partition: int, delivered: Sequence[Record], stats: PartitionStats) -> None:
-        """A delivery of offsets that hold no record (transaction markers): the partition's next
-        offset moves past them when they follow what the table holds, so a replay to end
-        offsets that a marker took still reaches them."""
-        if not isinstance(delivered, Delivered) or partition in self._rewinds:
-            return
-        if delivered.start <= stats.next_offset < delivered.read_to:
-            stats.next_offset = delivered.read_to
-            self.cache.put(partition, {STATS_KEY: stats.encode()}, stats.next_offset)
-
     async def _apply_partition(self, partition: int, records: Sequence[Record]) -> None:
         """Fold the records and put each touched group's new entry, and the partition's stats, in the cache."""
         definition, aggregate = self.definition, self.aggregate
         stats = self._stats(partition)
         stop = self.progress.stop_at.get(partition) if self.progress.stop_at is not None else None
-        read_to = records.read_to if isinstance(records, Delivered) else 0
+        read_to = passed_to(records, stop)
         if not records:
-            self._pass_markers(partition, records, stats)
+            follows = isinstance(records, Delivered) and records.start <= stats.next_offset
+            if follows and read_to > stats.next_offset and partition not in self._rewinds:
+                stats.next_offset = read_to  # markers alone, right after what the table holds
+                self.cache.put(partition, {STATS_KEY: stats.encode()}, read_to)
             return
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:

@@ -247,3 +247,29 @@ def test_markers_after_the_last_record_take_the_partition_to_its_end_offset(make
     assert told == [{0: 21, 1: 12}]
     assert driver.stats(0).next_offset == 21 and driver.stats(1).next_offset == 12
     assert table_sums(driver, 0) == expected_sums(20) and driver.stats(0).counted == 20
+
+
+def test_a_delivery_read_past_the_stop_offset_moves_the_partition_to_the_stop_only(make_driver):
+    """Records at or past a replay's stop are not folded, so its next offset must not pass them:
+    a worker that later continues the generation resumes from there."""
+    driver = make_driver(partitions=1, stop_at={0: 10})
+    driver.feed(0, Delivered(records(0, 20), 0, 20))
+    assert driver.stats(0).next_offset == 10 and driver.stats(0).counted == 10
+    assert table_sums(driver, 0) == expected_sums(10)
+
+
+def test_a_delivery_that_starts_with_a_marker_follows_on_and_is_applied_not_rewound(make_driver):
+    """The marker at offset 20 ends the first delivery's transaction; the second delivery read
+    from 20, and its first record is 21. It follows what the table holds: no seek, no record dropped."""
+    driver = make_driver(partitions=1)
+    driver.feed(0, Delivered(records(0, 20), 0, 20))
+    later = records(21, 20)
+    driver.feed(0, Delivered(later, 20, 41))
+    assert driver.consumer.seeks == []
+    assert driver.stats(0).next_offset == 41 and driver.stats(0).counted == 40
+    expected = expected_sums(20)
+    for record in later:
+        key, value = orjson.loads(record.value)["city"].encode(), orjson.loads(record.value)["fare"]
+        count, total = expected.get(key, (0, 0.0))
+        expected[key] = (count + 1, total + value)
+    assert table_sums(driver, 0) == expected

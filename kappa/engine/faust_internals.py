@@ -359,11 +359,13 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         """Faust's commit, run on this thread, except that a commit refused because the group is
         rebalancing returns False instead of crashing the consumer (and with it the worker).
 
-        Faust checks its own view of the assignment, but aiokafka's may already have changed: it
-        then raises IllegalStateError ("No partitions assigned", "Partition ... is not assigned")
-        or CommitFailedError, which Faust treats as fatal. Nothing is lost by skipping: a partition
-        resumes from what its table holds, never from the group's offsets, and the next commit
-        of its owner catches up. Any other error still crashes the consumer, as in Faust."""
+        The assignment checked here can change before aiokafka checks it again: it then raises
+        IllegalStateError ("No partitions assigned", "Partition ... is not assigned") or
+        CommitFailedError, which Faust treats as fatal. Skipping loses nothing. A refused commit
+        means a rebalance is under way, whose recovery commits each partition's table offsets
+        again (kappa.engine.app.resume_from_table_offsets); should a seek still land on a stale
+        group offset, the agent rewinds to what its table holds or skips what it already applied.
+        Any other error still crashes the consumer, as in Faust."""
         assigned = self.assignment()
         owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
         if not owned:

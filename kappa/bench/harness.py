@@ -30,7 +30,7 @@ from kappa.bench.dataset import (
     oracle,
     shape_oracle,
 )
-from kappa.bench.measure import Measured, run_measured, wait_until_quiet
+from kappa.bench.measure import Measured, run_measured
 from kappa.kafka import admin
 from kappa.kafka import broker as embedded
 from kappa.load.ledger import ledger_topic
@@ -147,7 +147,6 @@ class Bench:
         topic = topic or self.topic
         command = kappa_command("load", str(self.csv), "--key", KEY, "--topic", topic,
                                 "--partitions", str(self.args.partitions), *self.place())  # fmt: skip
-        wait_until_quiet()
         try:
             measured = run_measured(command, self.workdir / "load.log")
             loaded = sum(admin.end_offsets(self.broker, topic, self.args.partitions).values())
@@ -178,7 +177,6 @@ class Bench:
             groups.placed.clear()  # pids of an earlier run may be reused
             hooks = {"preexec_fn": enter_supervisor_group(groups), "on_poll": WorkerPlacer(groups)}
         env = {**os.environ, "KAPPA_PYTHON": sys.executable}
-        wait_until_quiet()
         measured = run_measured(command, self.workdir / f"{label}.log", env=env, **hooks)
         error = None
         if measured.returncode == 0:
@@ -218,7 +216,6 @@ class Bench:
         out.unlink(missing_ok=True)
         workdir = self.workdir / name
         workdir.mkdir(exist_ok=True)
-        wait_until_quiet()
         measured = run_measured(self.contender_command(name, workdir, out), self.workdir / f"{name}.log")
         shutil.rmtree(workdir, ignore_errors=True)  # state of RocksDB peers: a round leaves no disk behind
         error = None

@@ -66,9 +66,11 @@ def run_measured(
     preexec_fn: Callable[[], None] | None = None,
     on_poll: Callable[[int], None] | None = None,
 ) -> Measured:
-    """Run to exit; a contender past its timeout, or one left behind by an interrupt, is killed.
+    """Run to exit, once the machine is quiet (`wait_until_quiet`); a contender past its timeout,
+    or one left behind by an interrupt, is killed.
 
     `preexec_fn` runs in the child before exec; `on_poll(pgid)` every poll (50 ms) while it runs."""
+    wait_until_quiet()
     with open(log, "wb") as output:
         started = time.monotonic()
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,

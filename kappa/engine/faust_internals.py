@@ -365,7 +365,11 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         means a rebalance is under way, whose recovery commits each partition's table offsets
         again (kappa.engine.app.resume_from_table_offsets); should a seek still land on a stale
         group offset, the agent rewinds to what its table holds or skips what it already applied.
-        Any other error still crashes the consumer, as in Faust."""
+        Any other error still crashes the consumer, as in Faust.
+
+        Offsets gathered before a rebalance can all belong to revoked partitions: nothing is
+        committed then, where Faust would hand aiokafka an empty map, which it refuses with
+        `ValueError({})`, crashing the worker; a partition's new owner commits for it instead."""
         assigned = self.assignment()
         owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
         if not owned:
@@ -732,17 +736,9 @@ def deliver_batches(
 
 
 async def commit_offsets(consumer: Any, offsets: Mapping[TP, int]) -> bool:
-    """Commit `offsets` of the partitions this consumer still owns; False when none is left.
-
-    Offsets gathered before a rebalance can all belong to revoked partitions. Faust's driver
-    drops those and would hand aiokafka an empty map, which it refuses with `ValueError({})`,
-    crashing the worker; a partition's new owner commits for it instead.
-    """
-    assigned = consumer.assignment()
-    owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
-    if not owned:
-        return False
-    return bool(await consumer._commit(owned))
+    """Commit `offsets` on the consumer's thread (`KappaConsumerThread._commit`: the partitions
+    it still owns only, and a commit a rebalance overtook is skipped); False when nothing was."""
+    return bool(await consumer._commit(offsets))
 
 
 # --- 5, 6, 7, 8: Faust's services ---------------------------------------------------------------

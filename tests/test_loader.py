@@ -36,17 +36,22 @@ def read_messages(broker: str, topic: str) -> list[tuple[bytes | None, dict]]:
 
 def read_raw_messages(broker: str, topic: str) -> list[tuple[bytes | None, bytes]]:
     """Every (key, value) on the topic as bytes, read back from the broker."""
+    return [(key, value) for key, value, _ in read_records(broker, topic)]
+
+
+def read_records(broker: str, topic: str) -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]]:
+    """Every (key, value, headers) on the topic, read back from the broker."""
     partitions = admin.partition_count(broker, topic) or 0
     ends = admin.end_offsets(broker, topic, partitions)
     consumer = Consumer({"bootstrap.servers": broker, "group.id": "test-loader", "enable.auto.commit": False})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    seen: list[tuple[bytes | None, bytes]] = []
+    seen: list[tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
     deadline = time.monotonic() + 60
     try:
         while len(seen) < sum(ends.values()) and time.monotonic() < deadline:
             for message in consumer.consume(1000, timeout=1.0):
                 if message.error() is None:
-                    seen.append((message.key(), message.value()))
+                    seen.append((message.key(), message.value(), message.headers()))
     finally:
         consumer.close()
     return seen
@@ -378,3 +383,42 @@ def test_a_resume_with_few_rows_left_per_chunk_still_stops_on_ctrl_c(kappa, tmp_
     assert not finished
     assert sent.produced == loader.POLL_EVERY < rows // 10
     assert messages_on(kappa.broker, topic) == loader.POLL_EVERY
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_a_full_producer_queue_neither_loses_nor_repeats_a_row(kappa, tmp_path, resume):
+    """librdkafka refuses a message while its queue is full (BufferError) and the send loop
+    waits and goes on from that message. A queue of 50 messages is full hundreds of times over
+    5,000 rows: each row is on the log once, under its own row number, as orjson writes it.
+    (Drives the send loop with a real producer.)"""
+    from confluent_kafka import Producer
+
+    from kappa.load import loader
+    from kappa.load.ledger import HEADER, STARTED, LedgerEntry, RowsOnLog, header_prefix
+    from kappa.load.sources import open_source
+
+    rows = 5_000
+    path = write_sample(tmp_path / "rows.csv", rows, seed=8)
+    topic = kappa.topic()
+    admin.ensure_topic(kappa.broker, topic, 3)
+    present = bytearray(1 if resume and row % 3 == 0 else 0 for row in range(rows))
+    entry = LedgerEntry("full-queue", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, {})
+    plan = loader.Plan(entry, RowsOnLog(present, sum(present), 0), rows)
+    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(), loader.StopRequest()
+    producer = Producer({**loader.producer_config(kappa.broker), "queue.buffering.max.messages": 50})
+    try:
+        with loader.DeliveryPoller(producer):
+            finished = loader._send(producer, topic, open_source(str(path), KEY, tmp_path), plan, errors, sent, stop)
+    finally:
+        assert producer.flush(60) == 0
+    assert finished and errors.count == 0
+
+    expected = _orjson_rows(pd.read_csv(path, dtype={KEY: str}))
+    prefix = header_prefix(entry.load_id)
+    on_log = [
+        (int(dict(headers or [])[HEADER].removeprefix(prefix)), value)
+        for _, value, headers in read_records(kappa.broker, topic)
+    ]
+    wanted = [row for row in range(rows) if not present[row]]
+    assert sorted(row for row, _ in on_log) == wanted
+    assert all(value == expected[row] for row, value in on_log)

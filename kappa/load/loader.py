@@ -19,7 +19,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat, starmap
+from operator import length_hint
 from pathlib import Path
 
 from confluent_kafka import KafkaException, Producer
@@ -312,20 +316,50 @@ def _produce_rows(
     """Hand librdkafka the given rows of the chunk (whose first row is number `first`), each
     with its row number header; returns how many it took (fewer when a stop was requested
     while its queue was full)."""
-    produce = producer.produce
-    keys, values = chunk.keys, chunk.values
-    for done, (row, header) in enumerate(zip(rows, row_headers(prefix, rows), strict=True)):
-        while True:
-            try:
-                produce(topic, values[row - first], keys[row - first], headers=header)
-                break
-            except BufferError:  # the queue is full until the broker acknowledges (librdkafka's poll is thread-safe)
-                producer.poll(QUEUE_FULL_WAIT_S)
-                if stop.requested:
-                    return done
-            except KafkaException as exc:
-                raise KappaError(f"could not produce to {topic!r}: {exc.args[0].str()}") from None
-    return len(rows)
+    if isinstance(rows, range):
+        span = slice(rows.start - first, rows.stop - first)
+        values, keys = chunk.values[span], chunk.keys[span]
+    else:
+        values, keys = [chunk.values[row - first] for row in rows], [chunk.keys[row - first] for row in rows]
+    headers = row_headers(prefix, rows)
+    done = 0
+    while True:
+        try:
+            done += _produce_from(producer.produce, topic, values, keys, headers, done)
+        except KafkaException as exc:
+            raise KappaError(f"could not produce to {topic!r}: {exc.args[0].str()}") from None
+        if done == len(values):
+            return done
+        producer.poll(QUEUE_FULL_WAIT_S)  # the queue is full until the broker acknowledges (poll is thread-safe)
+        if stop.requested:
+            return done
+
+
+def _produce_from(
+    produce: Callable[..., None],
+    topic: str,
+    values: list[bytes],
+    keys: list[bytes | None],
+    headers: list[list[tuple[str, bytes]]],
+    start: int,
+) -> int:
+    """Hand produce() the messages from `start` on; returns how many it took before its queue
+    was full (BufferError), or all of them.
+
+    The loop runs in C (`starmap` drained by a zero-length deque) with positional arguments:
+    a Python loop and keyword arguments cost 0.45 µs a message, a third of produce() itself.
+    The positions are confluent-kafka's: topic, value, key, partition, callback, on_delivery,
+    timestamp, headers. zip takes the refused message from `values_left` before produce()
+    refuses it, so the messages taken are those gone from it, less one."""
+    values_left = iter(values[start:])
+    calls = zip(
+        repeat(topic), values_left, keys[start:], repeat(-1), repeat(None), repeat(None), repeat(0), headers[start:]
+    )
+    try:
+        deque(starmap(produce, calls), maxlen=0)
+    except BufferError:
+        return len(values) - start - length_hint(values_left) - 1
+    return len(values) - start
 
 
 def _drain(producer: Producer, stop: StopRequest, seconds: float) -> int:

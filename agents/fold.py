@@ -28,7 +28,6 @@ partition's own next offset on, so a re-delivered batch never counts twice.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from bisect import bisect_left
@@ -199,7 +198,7 @@ def _parse(records: Sequence[Record], shape: RowShape) -> Parsed:
         return Parsed(None, text.count(b"\n", 0, exc.start))
     try:
         table = pa_json.read_json(
-            io.BytesIO(text),
+            pa.BufferReader(text),  # not a Python file object: Arrow would take the GIL for each read
             read_options=pa_json.ReadOptions(use_threads=False, block_size=max(len(text), 1 << 20)),
             parse_options=pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore"),
         )

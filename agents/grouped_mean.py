@@ -14,11 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from faust.types import TP
-
 from agents.fold import fold
 from kappa.engine import deadletters
-from kappa.engine.faust_internals import commit_offsets, drain_producer_buffer
+from kappa.engine.faust_internals import TP, commit_offsets, drain_producer_buffer
 from kappa.pipeline import Definition, Delivered, Progress, Record
 from tables.cache import WriteBackCache
 from tables.grouped_mean import STATS_KEY, PartitionStats, read_stats

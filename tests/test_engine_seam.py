@@ -120,6 +120,26 @@ def test_the_command_line_starts_without_pyarrow():
     assert found.stdout.strip() == "[] kappa.snapshots.snapshot", found.stdout + found.stderr
 
 
+def test_a_worker_process_imports_faust_without_aiohttp():
+    """Faust imports aiohttp only to name a type in faust.types.web; the seam imports Faust with
+    a stand-in for that one name (0.1 s of every worker's start). Nothing a batch replay or a
+    worker process imports brings the real aiohttp in, and the stand-in is gone afterwards."""
+    probe = (
+        "import sys, kappa.lifecycle.replay, kappa.lifecycle.process, kappa.engine.app; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp')); "
+        "import aiohttp.client, faust.types.web; print(aiohttp.client.ClientSession.__module__, "
+        "faust.types.web.HttpClientT is aiohttp.client.ClientSession)"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert found.stdout.split("\n")[:2] == ["[]", "aiohttp.client False"], found.stdout + found.stderr
+
+
+def test_faust_imported_after_aiohttp_uses_the_real_one():
+    probe = "import aiohttp, kappa.engine.app, faust.types.web as w; print(w.HttpClientT is aiohttp.ClientSession)"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "True", found.stdout + found.stderr
+
+
 class _Thread:
     """What `KappaConsumerThread._commit` uses of Faust's consumer thread: its aiokafka consumer,
     its view of the assignment, its commit bookkeeping and `crash`."""

@@ -13,14 +13,13 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import faust
+from typing import TYPE_CHECKING, Any
 
 from agents.grouped_mean import COMMIT_EVERY_S, DeadLetters, GroupedMeanAgent
 from kappa.config import fetch_partition_bytes
 from kappa.engine import deadletters
 from kappa.engine.faust_internals import (
+    FaustApp,
     PerRecordQuietMonitor,
     PromptTableManager,
     commit_offsets,
@@ -34,6 +33,9 @@ from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter,
 from kappa.pipeline import Definition, Progress
 from kappa.processes import in_background, relax_garbage_collector
 from tables.grouped_mean import define_table, stored_next_offset
+
+if TYPE_CHECKING:  # Faust is imported through the seam (faust_internals.import_faust_types_without_aiohttp)
+    import faust
 
 HEARTBEAT_S = 0.5  # a worker's heartbeat to its group (see create_pipeline)
 REPLAY_HEARTBEAT_S = 0.1  # a replay's processes', while they form their group
@@ -118,7 +120,7 @@ def create_pipeline(
         1,
         replication_factor=replication.factor,
     )
-    app = faust.App(
+    app = FaustApp(
         app_id(pipeline, generation),
         broker=f"kafka://{broker}",
         # one client id per generation: broker-side logs and quotas can tell generations apart

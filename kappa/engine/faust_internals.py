@@ -138,7 +138,9 @@ import inspect
 import logging
 import os
 import signal
+import sys
 import time
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -305,6 +307,30 @@ def check_internals() -> None:
     _member(mode, worker, "on_setup_root_logger")
 
 
+def import_faust_types_without_aiohttp() -> None:
+    """Import `faust.types` without aiohttp, unless Faust is imported already.
+
+    faust.types.web imports aiohttp's `ClientSession` only to name a type in annotations;
+    Faust's web server and HTTP client, which kappa turns off, import aiohttp when they are
+    used. aiohttp and what it pulls in (an SSL context made at import) took about 0.1 s of the
+    0.6 s every kappa process spends importing; under the bench's CPU quota of 0.25, 0.4 s of
+    each scale-out process's start. A stand-in module holding that one name is in
+    `sys.modules` while faust.types imports, and only then: any later `import aiohttp` gets
+    the real one, and so does anything that imports it first."""
+    if "faust.types" in sys.modules or "aiohttp.client" in sys.modules:
+        return
+    stand_in = types.ModuleType("aiohttp.client", "kappa's stand-in while faust.types imports")
+    stand_in.ClientSession = type("ClientSession", (), {"__module__": "aiohttp.client"})  # type: ignore[attr-defined]
+    sys.modules["aiohttp.client"] = stand_in
+    try:
+        importlib.import_module("faust.types")
+    finally:
+        del sys.modules["aiohttp.client"]
+    if "aiohttp" in sys.modules:  # imported for real meanwhile, its `client` may be the stand-in
+        raise mismatch("faust-streaming", "faust.types imports aiohttp itself; drop kappa's aiohttp stand-in")
+
+
+import_faust_types_without_aiohttp()
 check_internals()
 
 # Only once the members are known to be there: class definitions below read some at import.
@@ -321,6 +347,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread  # noqa: E40
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer  # noqa: E402
 from faust.types import TP  # noqa: E402
 
+FaustApp = faust.App  # kappa.engine.app imports Faust through the seam (import_faust_types_without_aiohttp)
 YIELD_EVERY = 100
 # records parsed and handed to the agent at once: bounds the memory of a fetch's parsed records
 # (two deliveries are held, one applied and one parsed). 25k held 25-35 MB less than 50k at

@@ -134,6 +134,29 @@ def test_a_worker_process_imports_faust_without_aiohttp():
     assert found.stdout.split("\n")[:2] == ["[]", "aiohttp.client False"], found.stdout + found.stderr
 
 
+def test_faust_types_that_no_longer_import_with_the_stand_in_is_one_clear_line():
+    """If a Faust release wants more of aiohttp at import than the stand-in holds, kappa stops
+    with the seam's one line, and the stand-in is not left behind."""
+    script = (
+        "import sys, importlib.abc\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'yarl': raise ImportError('cannot import name URL (simulated)')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "from kappa.ops.cli import main\n"
+        "try:\n"
+        "    main(['replay', '--topic', 't', '--value', 'v', '--batch', '--broker', '127.0.0.1:9'])\n"
+        "finally:\n"
+        "    print('aiohttp.client' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kappa: error: faust-streaming 0.15.3 is installed, but kappa's engine seam")
+    assert "faust.types does not import with kappa's aiohttp stand-in" in lines[0]
+    assert result.stdout.strip() == "False"
+
+
 def test_faust_imported_after_aiohttp_uses_the_real_one():
     probe = "import aiohttp, kappa.engine.app, faust.types.web as w; print(w.HttpClientT is aiohttp.ClientSession)"
     found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)

@@ -316,7 +316,8 @@ def import_faust_types_without_aiohttp() -> None:
     0.6 s every kappa process spends importing; under the bench's CPU quota of 0.25, 0.4 s of
     each scale-out process's start. A stand-in module holding that one name is in
     `sys.modules` while faust.types imports, and only then: any later `import aiohttp` gets
-    the real one, and so does anything that imports it first."""
+    the real one. No other thread may import aiohttp meanwhile (it would find the stand-in);
+    the only thread running then, a replay's preflight, imports confluent-kafka only."""
     if "faust.types" in sys.modules or "aiohttp.client" in sys.modules:
         return
     stand_in = types.ModuleType("aiohttp.client", "kappa's stand-in while faust.types imports")
@@ -324,10 +325,12 @@ def import_faust_types_without_aiohttp() -> None:
     sys.modules["aiohttp.client"] = stand_in
     try:
         importlib.import_module("faust.types")
+    except ImportError as exc:  # it wants more of aiohttp than the one name, or Faust is missing
+        what = f"faust.types does not import with kappa's aiohttp stand-in ({exc})"
+        raise mismatch("faust-streaming", what) from None
     finally:
-        del sys.modules["aiohttp.client"]
-    if "aiohttp" in sys.modules:  # imported for real meanwhile, its `client` may be the stand-in
-        raise mismatch("faust-streaming", "faust.types imports aiohttp itself; drop kappa's aiohttp stand-in")
+        if sys.modules.get("aiohttp.client") is stand_in:
+            del sys.modules["aiohttp.client"]
 
 
 import_faust_types_without_aiohttp()

@@ -23,6 +23,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: $(PY) $(LOCK) pyproject.toml
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m compileall -q kappa agents tables  # an editable install is not compiled, and PYTHONDONTWRITEBYTECODE may be set
 	@stale=$$(comm -23 <($(PY) -m pip freeze --exclude-editable | sed 's/[ =@].*//' | tr 'A-Z_.' 'a-z--' | sort) \
 	                   <(sed -n 's/^\([A-Za-z0-9][A-Za-z0-9._-]*\)==.*/\1/p' $(LOCK) | tr 'A-Z_.' 'a-z--' | sort)); \
 	if [ -n "$$stale" ]; then echo "uninstalling (not in $(LOCK)):" $$stale; $(PY) -m pip uninstall --quiet -y $$stale; fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -130,3 +131,22 @@ def test_load_with_several_key_fields_says_where_they_belong(tmp_path):
     result = kappa_cli("load", str(data), "--key", "city,vendor", "--broker", f"127.0.0.1:{free_port()}")
     assert result.returncode != 0
     assert "names one column (the message key)" in result.stderr and "--key city,vendor" in result.stderr
+
+
+def test_kafka_start_on_a_machine_without_the_jars_resolves_them(tmp_path):
+    """A fresh machine has no jar cache: the first start copies the broker's jars with Maven,
+    from the pom in this checkout, then runs the broker."""
+    port = free_port()
+    libs = tmp_path / "libs"
+    env = {name: value for name, value in os.environ.items() if name != "KAPPA_KAFKA_POM"}
+    env["KAPPA_KAFKA_LIBS"] = str(libs)
+    data = tmp_path / "data"
+    try:
+        started = run_kappa(
+            ["kafka", "start", "--port", str(port), "--data-dir", str(data)], env=env, timeout=900, text=True
+        )
+        assert started.returncode == 0, started.stderr
+        assert f"127.0.0.1:{port}" in started.stdout
+        assert (libs / ".resolved").exists() and any(libs.glob("kafka_2.13-*.jar"))
+    finally:
+        run_kappa(["kafka", "stop", "--data-dir", str(data)], env=env, timeout=60)

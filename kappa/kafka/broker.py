@@ -28,7 +28,7 @@ from kappa.errors import KappaError
 from kappa.processes import pid_alive
 
 KAFKA_VERSION = "4.1.0"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # kappa/kafka/broker.py -> the checkout
 POM = Path(os.environ.get("KAPPA_KAFKA_POM", REPO_ROOT / "scripts" / "kafka" / "pom.xml"))
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0

@@ -61,6 +61,19 @@ def test_a_field_no_row_has_is_refused_and_the_current_result_stays(kappa, tmp_p
     assert beside.returncode != 0 and "--value 'nosuchval'" in beside.stderr.decode()
     assert latest_dir(kappa.snapshot_dir, topic) == before
 
+    # a worker: a misspelt field is named as such, and another definition is shown as the options that give it
+    misspelt = kappa.run("worker", "--topic", topic, "--value", "amuont", "--key", "city", check=False, timeout=120)
+    assert misspelt.returncode != 0 and "--value 'amuont' is a field of none" in misspelt.stderr.decode()
+    other = kappa.run("worker", "--topic", topic, "--value", "seq", "--key", "city", check=False, timeout=120)
+    lines = other.stderr.decode().strip().splitlines()
+    assert other.returncode != 0 and len(lines) == 1, lines
+    assert (
+        f"computes `--topic {topic} --value amount --key city`, not `--topic {topic} --value seq --key city`"
+        in (lines[0])
+    )
+    assert latest_dir(kappa.snapshot_dir, topic) == before
+    assert set(registry(kappa, topic)["generations"]) == {"1"}
+
 
 def test_an_empty_log_is_not_a_reason_to_refuse(kappa):
     topic = kappa.topic()

@@ -42,7 +42,7 @@ def test_status_with_the_broker_down_shows_what_is_on_disk(kappa, live, tmp_path
     out = text.stdout.decode()
     assert f"broker {down.broker}: unreachable" in out
     assert f"pipeline {worker.topic}: topic {worker.topic!r}" in out
-    assert "generation 1 [" in out and "lag unknown" in out
+    assert "generation 1 [" in out and "--value amount --key city, lag unknown" in out
     for pid in pids:
         assert f"process pid {pid} " in out
     assert "latest snapshot: generation 1," in out

@@ -74,9 +74,12 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
         return current
     recorded = registry.read()["generations"][str(current)].get("definition", {})
     if recorded and recorded != definition.to_record():
+        check_definition(settings, definition, partitions)  # a misspelt field is a typo, not a new definition
+        running = " ".join(Definition.from_record(recorded).to_args())
         raise KappaError(
-            f"the current generation {current} of {pipeline!r} computes {recorded}, not "
-            f"{definition.to_record()}: run `scripts/replay` with the new definition to switch"
+            f"the current generation {current} of {pipeline!r} computes `{running}`, not "
+            f"`{' '.join(definition.to_args())}`: run `scripts/replay` with the new definition to switch to it, "
+            "or start the worker with the current one"
         )
     return int(current)
 

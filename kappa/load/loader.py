@@ -291,6 +291,7 @@ def _send(
                     line.update(sent.produced, to_send, label=f"load {topic}")
                     if errors.count or stop.requested:
                         return False
+        line.update(sent.produced, sent.produced, label=f"load {topic}")  # the exact count, not the estimate
     finally:
         line.finish()
     return True

@@ -53,9 +53,10 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         if not state["running"]:
             print(f"kafka is not running (data dir {state['home']})")
             return 1
+        answering = "answering" if state["answers"] else f"not answering (starting, or stuck: see {state['home']})"
         print(
             f"kafka {state['version']} running at {state['address']} ({state['protocol']}) pid {state['pid']}, "
-            f"answers: {state['answers']}"
+            f"{answering}"
         )
         if len(state["nodes"]) > 1:
             for node in state["nodes"]:
@@ -87,8 +88,9 @@ def cmd_load(args: argparse.Namespace) -> int:
         )
     created = " (created)" if result.created else ""
     resumed = f"; {result.resumed_from:,} were already there" if result.resumed_from is not None else ""
+    rows = "1 row" if result.rows == 1 else f"{result.rows:,} rows"
     print(
-        f"loaded {result.rows:,} rows into {result.topic!r}{created} in {result.seconds:.2f}s "
+        f"loaded {rows} into {result.topic!r}{created} in {result.seconds:.2f}s "
         f"({result.rows_per_s:,.0f} rows/s){resumed}"
     )
     return 0

@@ -11,6 +11,7 @@ from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.generations import GenerationState, Registry, pipelines_under
+from kappa.pipeline import Definition
 from kappa.processes import pid_alive
 from kappa.snapshots.snapshot import read_manifest
 
@@ -145,13 +146,14 @@ def render(status: dict) -> str:
             )
         lines.append(f"  current generation: {pipe['current_generation']}")
         for gen in pipe["generations"]:
-            value = (gen["definition"] or {}).get("value")
+            recorded = gen["definition"]
+            computes = " ".join(Definition.from_record(recorded).to_args()[2:]) if recorded else "definition unknown"
             if gen["lag"] is None:
                 lag = "lag unknown"
             else:
                 per_partition = ", ".join(f"{p}:{lag}" for p, lag in gen["lag"].items())
                 lag = f"lag {gen['total_lag']:,} ({per_partition})"
-            lines.append(f"  generation {gen['generation']} [{gen['state']}, {gen['mode']}] value={value} {lag}")
+            lines.append(f"  generation {gen['generation']} [{gen['state']}, {gen['mode']}] {computes}, {lag}")
             for proc in gen["processes"]:
                 lines.append(
                     f"    process pid {proc['pid']} on {proc['host']}: partitions {proc['partitions']}, "

@@ -1,6 +1,8 @@
-"""A snapshot's CSV text, byte for byte what pandas' `to_csv` wrote before, from Arrow columns.
+"""A snapshot's CSV text, byte for byte what pandas' `to_csv(lineterminator="\r\n")` wrote before,
+from Arrow columns.
 
-pandas writes CSV through Python's csv module (minimal quoting, doubled quotes, CRLF) and
+pandas writes CSV through Python's csv module (minimal quoting, doubled quotes; CRLF line
+ends, as RFC 4180 has them and kappa asked for) and
 formats floats as Python's `repr` does, which for a million rows takes seconds. Here whole
 columns are formatted by Arrow and joined into lines without a Python object per row:
 

@@ -92,7 +92,7 @@ def run_scaling(args: argparse.Namespace, broker: str, workdir: Path) -> dict:
         bench = Bench(_variant(args, rows=rows, keys=keys), broker, workdir / label)
         bench.workdir.mkdir(parents=True, exist_ok=True)
         bench.prepare()
-        bench.run_load()
+        bench.fill_topic()
         return bench
 
     def kappa_on(label: str, rows: int, keys: int) -> dict:

@@ -36,12 +36,15 @@ lock: venv
 	$(UV_COMPILE) $(LOCK_ARGS) -o $(LOCK).tmp
 	@if cmp -s $(LOCK).tmp $(LOCK); then rm $(LOCK).tmp; echo "$(LOCK) unchanged"; else mv $(LOCK).tmp $(LOCK); echo "$(LOCK) updated: make venv installs it; run make test"; fi
 
-# System tools the tests drive: Java and Maven for the broker, kcat as the outside client.
+# System tools the tests drive: Java and Maven for the broker (a JDK: the bench compiles its Kafka Streams
+# contender), kcat as the outside client, ss and pgrep (iproute2, procps) that some tests use.
 deps:
 	@missing=""; \
-	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v javac >/dev/null || missing="$$missing openjdk-17-jdk-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
 	command -v kcat >/dev/null || missing="$$missing kcat"; \
+	command -v ss >/dev/null || missing="$$missing iproute2"; \
+	command -v pgrep >/dev/null || missing="$$missing procps"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -70,7 +73,7 @@ test-fast: venv deps
 # The bench: every contender on 1M rows at 1k and 1M keys (3 interleaved rounds, medians), kappa's
 # scale-out under a CPU quota per process, bench.json and bench.png. The external peers' venvs and Kafka
 # Streams build are kept in BENCH_PEERS between runs (override: make bench BENCH_ARGS="--rows 5000000").
-BENCH_PEERS ?= $(HOME)/.cache/kappa/bench-peers
+BENCH_PEERS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kappa/bench-peers
 bench: venv deps
 	scripts/bench --peers-dir $(BENCH_PEERS) --plot bench.png $(BENCH_ARGS)
 

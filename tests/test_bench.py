@@ -55,15 +55,19 @@ def test_bench_smoke_run_checks_every_contender(kafka, tmp_path):
     assert _leftover_groups() == groups_before
 
 
-def test_an_unavailable_peer_is_reported_not_fatal(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no java, no mvn
+@pytest.mark.parametrize("on_path", [(), ("java", "mvn")], ids=["nothing", "a JRE without javac"])
+def test_an_unavailable_peer_is_reported_not_fatal(tmp_path, monkeypatch, on_path):
+    for tool in on_path:  # never run: only found on PATH
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
     peers = set_up_peers(["raw", "kafka_streams"], tmp_path / "peers")
-    assert set(peers) == {"kafka_streams"} and "needs java and mvn" in peers["kafka_streams"]
+    assert set(peers) == {"kafka_streams"} and "needs a JDK and mvn" in peers["kafka_streams"]
     run = {"rows": 10, "keys": 1_000_000, "partitions": 1, "contenders": {
         "raw": {"rows_per_s": 10.0, "seconds": 1.0, "peak_rss_mb": 1.0, "correct": True},
         "kafka_streams": {"unavailable": peers["kafka_streams"]}}}  # fmt: skip
     lines = report(run)
-    assert any(line.startswith("kafka_streams") and "unavailable: needs java and mvn" in line for line in lines)
+    assert any(line.startswith("kafka_streams") and "unavailable: needs a JDK and mvn" in line for line in lines)
 
 
 def test_median_round_is_the_middle_time_and_correct_only_if_every_round_was():

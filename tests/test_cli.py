@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 
+import pytest
+
+from kappa.errors import KappaError
 from tests.helpers import free_port, free_port_block, run_kappa
 
 
@@ -137,9 +141,8 @@ def test_kafka_start_on_a_machine_without_the_jars_resolves_them(tmp_path):
     """A fresh machine has no jar cache: the first start copies the broker's jars with Maven,
     from the pom in this checkout, then runs the broker."""
     port = free_port()
-    libs = tmp_path / "libs"
-    env = {name: value for name, value in os.environ.items() if name != "KAPPA_KAFKA_POM"}
-    env["KAPPA_KAFKA_LIBS"] = str(libs)
+    env = {name: value for name, value in os.environ.items() if name not in ("KAPPA_KAFKA_POM", "KAPPA_KAFKA_LIBS")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     data = tmp_path / "data"
     try:
         started = run_kappa(
@@ -147,6 +150,28 @@ def test_kafka_start_on_a_machine_without_the_jars_resolves_them(tmp_path):
         )
         assert started.returncode == 0, started.stderr
         assert f"127.0.0.1:{port}" in started.stdout
+        [libs] = (tmp_path / "cache" / "kappa").glob("kafka-4.1.0-*")  # and the pom's digest
         assert (libs / ".resolved").exists() and any(libs.glob("kafka_2.13-*.jar"))
     finally:
         run_kappa(["kafka", "stop", "--data-dir", str(data)], env=env, timeout=60)
+
+
+def test_the_jar_cache_follows_the_pom_and_ignores_empty_settings(tmp_path, monkeypatch):
+    """A changed pom resolves into a directory of its own; a variable set but empty is unset, not the
+    current directory; a missing pom is one line saying what to set."""
+    from kappa.kafka import broker
+
+    pom = tmp_path / "pom.xml"
+    pom.write_bytes(broker.POM.read_bytes())
+    monkeypatch.setattr(broker, "POM", pom)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("KAPPA_KAFKA_LIBS", "")
+    first = broker.jar_cache()
+    assert first.parent == tmp_path / "cache" / "kappa" and first.name.startswith("kafka-4.1.0-")
+    pom.write_bytes(pom.read_bytes().replace(b"</project>", b"<!-- another log4j -->\n</project>"))
+    assert broker.jar_cache() != first and broker.jar_cache().parent == first.parent
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert broker.jar_cache().parent == Path.home() / ".cache" / "kappa"
+    monkeypatch.setattr(broker, "POM", tmp_path / "absent.xml")
+    with pytest.raises(KappaError, match="KAPPA_KAFKA_POM"):
+        broker.jar_cache()

@@ -57,9 +57,9 @@ def _sources_newer(than: Path) -> bool:
 
 def kafka_streams(peers_dir: Path) -> list[str]:
     """The command prefix that runs the Kafka Streams program (built here on first use)."""
-    java, mvn = shutil.which("java"), shutil.which("mvn")
-    if java is None or mvn is None:
-        raise Unavailable("needs java and mvn (apt-get install openjdk-17-jdk-headless maven)")
+    java, javac, mvn = shutil.which("java"), shutil.which("javac"), shutil.which("mvn")
+    if java is None or javac is None or mvn is None:
+        raise Unavailable("needs a JDK and mvn (apt-get install openjdk-17-jdk-headless maven)")
     build = peers_dir / "kafka_streams"
     jar = build / "bench-kafka-streams-1.jar"
     if not jar.exists() or _sources_newer(jar):

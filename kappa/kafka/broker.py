@@ -14,6 +14,7 @@ with acks=all needs all but one replica (at three nodes or more), so one node ca
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import shutil
 import signal
@@ -29,7 +30,15 @@ from kappa.processes import pid_alive
 
 KAFKA_VERSION = "4.1.0"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # kappa/kafka/broker.py -> the checkout
-POM = Path(os.environ.get("KAPPA_KAFKA_POM", REPO_ROOT / "scripts" / "kafka" / "pom.xml"))
+
+
+def _env_path(name: str) -> Path | None:
+    """A path from the environment; set but empty counts as unset (not as the current directory)."""
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+POM = _env_path("KAPPA_KAFKA_POM") or REPO_ROOT / "scripts" / "kafka" / "pom.xml"
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 MAX_NODES = 9
@@ -110,8 +119,24 @@ def node_paths(data_dir: Path) -> list[BrokerPaths]:
 
 
 def jar_cache() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(os.environ.get("KAPPA_KAFKA_LIBS", base / "kappa" / f"kafka-{KAFKA_VERSION}"))
+    """Where the broker's jars are kept ($KAPPA_KAFKA_LIBS, else the user's cache): named after
+    the Kafka version and the pom's digest, so that a changed pom (another log4j, say) resolves
+    into a directory of its own instead of reusing the old jars, or mixing with them."""
+    explicit = _env_path("KAPPA_KAFKA_LIBS")
+    if explicit is not None:
+        return explicit
+    base = _env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return base / "kappa" / f"kafka-{KAFKA_VERSION}-{hashlib.sha256(_pom().read_bytes()).hexdigest()[:12]}"
+
+
+def _pom() -> Path:
+    if not POM.is_file():
+        raise KappaError(
+            f"the embedded broker's pom is not at {POM}: kappa runs from its checkout (make venv installs it "
+            "editable there); set KAPPA_KAFKA_POM to scripts/kafka/pom.xml of a checkout, or KAPPA_KAFKA_LIBS to a "
+            "directory of jars already resolved"
+        )
+    return POM
 
 
 def resolve_jars() -> Path:
@@ -124,12 +149,11 @@ def resolve_jars() -> Path:
         raise KappaError(
             "mvn not found: the embedded broker's jars come from Maven Central; install Maven (apt-get install maven)"
         )
-    if not POM.exists():
-        raise KappaError(f"broker pom not found at {POM}: run from a kappa checkout or set KAPPA_KAFKA_POM")
+    pom = _pom()
     libs.mkdir(parents=True, exist_ok=True)
     print(f"resolving Apache Kafka {KAFKA_VERSION} jars with Maven (first start only)...", flush=True)
     result = subprocess.run(
-        ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={libs}"],
+        ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={libs}"],
         capture_output=True,
         text=True,
         timeout=900,

@@ -160,8 +160,12 @@ class Definition:
 
     def to_args(self) -> list[str]:
         """The definition as `kappa` command-line options (for the worker processes)."""
+        return ["--topic", self.topic, *self.computation_args()]
+
+    def computation_args(self) -> list[str]:
+        """The options that say what is computed over the topic: values, keys, window."""
         record = self.to_record()
-        args = ["--topic", self.topic, "--value", record["value"]]
+        args = ["--value", record["value"]]
         if record["key"] is not None:
             args += ["--key", record["key"]]
         if self.window is not None:

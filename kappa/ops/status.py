@@ -147,7 +147,9 @@ def render(status: dict) -> str:
         lines.append(f"  current generation: {pipe['current_generation']}")
         for gen in pipe["generations"]:
             recorded = gen["definition"]
-            computes = " ".join(Definition.from_record(recorded).to_args()[2:]) if recorded else "definition unknown"
+            computes = "definition unknown"
+            if recorded:
+                computes = " ".join(Definition.from_record(recorded).computation_args())
             if gen["lag"] is None:
                 lag = "lag unknown"
             else:

@@ -4,6 +4,7 @@ interrupted; topic names, partition counts, dates and tab-separated files are ha
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 import re
 import signal
@@ -57,13 +58,23 @@ def read_records(broker: str, topic: str) -> list[tuple[bytes | None, bytes, lis
     return seen
 
 
-def start_load(kappa, path: Path, topic: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        kappa_command("load", str(path), "--key", KEY, "--topic", topic, *extra, *kappa.args()),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-    )
+def start_load(kappa, path: Path, topic: str, *extra: str, temp_dir: Path, stdin: bool = False) -> subprocess.Popen:
+    """A load of `path` (fed on stdin when `stdin`), with its temporary files in `temp_dir`."""
+    with open(path, "rb") if stdin else open(os.devnull, "rb") as feed:
+        return subprocess.Popen(
+            kappa_command("load", "-" if stdin else str(path), "--key", KEY, "--topic", topic, *extra, *kappa.args()),
+            stdin=feed,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            env={**os.environ, "TMPDIR": str(temp_dir)},
+        )
+
+
+def empty_temp_dir(tmp_path: Path) -> Path:
+    temp_dir = tmp_path / "temp"
+    temp_dir.mkdir()
+    return temp_dir
 
 
 def wait_for_progress(load: subprocess.Popen) -> list[str]:
@@ -87,7 +98,8 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
     rng = random.Random(14)
     rows, topic = 600_000, kappa.topic()
     path = write_sample(tmp_path / "rows.csv", rows, seed=140)
-    load = start_load(kappa, path, topic, "--partitions", "4")
+    temp_dir = empty_temp_dir(tmp_path)
+    load = start_load(kappa, path, topic, "--partitions", "4", temp_dir=temp_dir)
     try:
         wait_for_progress(load)
         time.sleep(rng.uniform(0.0, 0.8))
@@ -95,6 +107,7 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
         load.send_signal(signal.SIGKILL)
         load.wait(timeout=30)
     assert load.returncode == -signal.SIGKILL, "the load finished before it was killed"
+    assert list(temp_dir.iterdir()) == [], "a load of a file left temporary files behind"
     partial = messages_on(kappa.broker, topic)
     assert partial < rows
 
@@ -108,22 +121,38 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
     assert_matches(parquet_table, expected)
 
 
-def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_rest(kappa, tmp_path):
+@pytest.mark.parametrize(
+    ("stop", "reason", "stdin"),
+    [(signal.SIGINT, "Ctrl-C", False), (signal.SIGTERM, "SIGTERM", True)],
+    ids=["ctrl-c-of-a-file", "sigterm-of-stdin"],
+)
+def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_rest(
+    kappa, tmp_path, stop: signal.Signals, reason: str, stdin: bool
+):
     rows, topic = 400_000, kappa.topic()
     path = write_sample(tmp_path / "rows.csv", rows, seed=141)
-    load = start_load(kappa, path, topic, "--partitions", "3")
+    source = path
+    if stdin:
+        source = tmp_path / "rows.jsonl"
+        pd.read_csv(path, dtype={KEY: str}).to_json(source, orient="records", lines=True)
+    temp_dir = empty_temp_dir(tmp_path)
+    load = start_load(kappa, source, topic, "--partitions", "3", temp_dir=temp_dir, stdin=stdin)
     wait_for_progress(load)
-    load.send_signal(signal.SIGINT)
+    load.send_signal(stop)
     _, stderr = load.communicate(timeout=120)
     assert load.returncode not in (0, None), "the load finished before it was interrupted"
     last = stderr.decode().strip().splitlines()[-1]
-    found = re.search(r"interrupted .*: ([\d,]+) rows are on the log;", last)
+    found = re.search(rf"interrupted \({reason}\): ([\d,]+) rows are on the log;", last)
     assert found and "run the same command again" in last, last
     on_log = int(found.group(1).replace(",", ""))
     assert 0 < on_log < rows
     assert messages_on(kappa.broker, topic) == on_log
+    assert list(temp_dir.iterdir()) == [], "the interrupted load left temporary files behind"
 
-    resumed = kappa.load(path, KEY, topic, partitions=3)
+    if stdin:
+        resumed = kappa.run("load", "-", "--key", KEY, "--topic", topic, "--partitions", "3", stdin=source.read_bytes())
+    else:
+        resumed = kappa.load(path, KEY, topic, partitions=3)
     expected_line = f"resuming: {on_log:,} of {rows:,} rows already on the log, sending {rows - on_log:,}"
     assert expected_line in resumed.stderr.decode()
     assert messages_on(kappa.broker, topic) == rows
@@ -387,7 +416,7 @@ def test_a_resume_with_few_rows_left_per_chunk_still_stops_on_ctrl_c(kappa, tmp_
     stop.count = 1  # Ctrl-C before the first row
     producer = Producer(loader.producer_config(kappa.broker), on_delivery=errors)
     try:
-        finished = loader._send(producer, topic, open_source(str(path), KEY, tmp_path), plan, errors, sent, stop)
+        finished = loader._send(producer, topic, open_source(str(path), KEY), plan, errors, sent, stop)
     finally:
         producer.flush(60)
     assert not finished
@@ -418,7 +447,7 @@ def test_a_full_producer_queue_neither_loses_nor_repeats_a_row(kappa, tmp_path, 
     producer = Producer({**loader.producer_config(kappa.broker), "queue.buffering.max.messages": 50})
     try:
         with loader.DeliveryPoller(producer):
-            finished = loader._send(producer, topic, open_source(str(path), KEY, tmp_path), plan, errors, sent, stop)
+            finished = loader._send(producer, topic, open_source(str(path), KEY), plan, errors, sent, stop)
     finally:
         assert producer.flush(60) == 0
     assert finished and errors.count == 0

@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat, starmap
 from operator import length_hint
@@ -44,7 +44,7 @@ from kappa.load.ledger import (
     row_headers,
     rows_on_log,
 )
-from kappa.load.sources import Chunk, Source, open_source, split_name
+from kappa.load.sources import Chunk, Source, opened_source, split_name
 from kappa.ops.progress import ProgressLine
 from kappa.processes import relax_garbage_collector
 
@@ -241,18 +241,31 @@ class DeliveryPoller:
 
 
 class StopRequest:
-    """A SIGINT handler that only counts Ctrl-Cs for the send loop to act on. A KeyboardInterrupt
-    raised inside librdkafka's produce() would surface as an unrelated TypeError and lose the
-    count of what was sent."""
+    """A SIGINT and SIGTERM handler that only counts the signals for the send loop to act on.
+    A KeyboardInterrupt raised inside librdkafka's produce() would surface as an unrelated
+    TypeError and lose the count of what was sent; SIGTERM's default would end the process
+    without saying what the log holds, and leave stdin's spooled copy behind."""
 
     count = 0
+    reason = ""
 
     @property
     def requested(self) -> bool:
         return self.count > 0
 
-    def __call__(self, _signum, _frame) -> None:
+    def __call__(self, signum: int, _frame: object) -> None:
         self.count += 1
+        self.reason = self.reason or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """This handler for SIGINT and SIGTERM while the block runs, the previous ones after it."""
+        previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 @dataclass
@@ -365,7 +378,7 @@ def _produce_from(
 
 def _drain(producer: Producer, stop: StopRequest, seconds: float) -> int:
     """Wait up to `seconds` for every message to be acknowledged or failed; returns how many are
-    neither. A Ctrl-C drops the messages still queued; a second one stops waiting for those in flight."""
+    neither. A Ctrl-C (or SIGTERM) drops the messages still queued; a second stops waiting for those in flight."""
     deadline = time.monotonic() + seconds
     purges = 0
     while True:
@@ -396,8 +409,7 @@ def load(
     topic = check_topic_name(topic) if topic is not None else topic_for_path(path)
     if partitions is not None and partitions < 1:
         raise KappaError(f"--partitions must be at least 1, got {partitions}")
-    with tempfile.TemporaryDirectory(prefix="kappa-load-") as spool:
-        source = open_source(path, key, Path(spool))
+    with opened_source(path, key) as source:
         for text in source.notes:
             note(text)
         admin.wait_until_reachable(settings.broker)
@@ -421,16 +433,13 @@ def _load(
     sent = Sent()
     flush_s = DELIVERY_TIMEOUT_S + 30
     stop = StopRequest()
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
+    with stop.handling():
         with DeliveryPoller(producer):
             finished = _send(producer, topic, source, plan, errors, sent, stop)
         unsent = _drain(producer, stop, flush_s)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if errors.count or unsent or not finished:
         timed_out = f"{unsent:,} messages unacknowledged after {flush_s}s"
-        reason = "Ctrl-C" if stop.requested else errors.first or timed_out
+        reason = stop.reason or errors.first or timed_out
         on_log = plan.on_log.count + sent.produced - errors.count - unsent
         raise _interrupted(source, topic, on_log, errors.unsure + unsent, reason)
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()

@@ -13,7 +13,9 @@ import hashlib
 import math
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,10 +264,21 @@ def spool_stdin(directory: Path) -> Path:
     return spooled
 
 
-def open_source(path: str, key: str, spool_dir: Path) -> Source:
-    """The input named on the command line, checked: it exists, has a known format and the key column."""
-    if path == "-":
-        return Source(spool_stdin(spool_dir), "stdin", "jsonl", key)
+@contextmanager
+def opened_source(path: str, key: str) -> Iterator[Source]:
+    """The input named on the command line, checked, for as long as the load reads it.
+
+    Only stdin needs a temporary directory (its spooled copy), removed on leaving; a file gets
+    none, so a load that is killed outright leaves nothing behind when it reads a file."""
+    if path != "-":
+        yield open_source(path, key)
+        return
+    with tempfile.TemporaryDirectory(prefix="kappa-load-") as spool:
+        yield Source(spool_stdin(Path(spool)), "stdin", "jsonl", key)
+
+
+def open_source(path: str, key: str) -> Source:
+    """An input file, checked: it exists, has a known format and the key column."""
     split = split_name(Path(path).name)
     if split is None:
         known = ", ".join(FORMATS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from kappa.errors import KappaError
-from tests.helpers import free_port, free_port_block, run_kappa
+from kappa.kafka import broker as embedded
+from kappa.kafka.admin import ensure_topic
+from tests.helpers import free_port, free_port_block, run_kappa, wait_until
 
 
 def kappa_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -86,6 +89,33 @@ def test_kafka_lifecycle_is_idempotent(tmp_path):
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     after = kappa_cli("kafka", "status", "--data-dir", str(tmp_path))
     assert after.returncode == 1 and "not running" in after.stdout
+
+
+def test_a_broker_killed_outright_comes_back_on_its_port_and_leaves_no_files_behind(tmp_path):
+    """The JVM unpacks lz4's native library (for the compressed batches every load sends) into its
+    java.io.tmpdir and removes it only on a clean exit; in /tmp, each kill -9 left a copy for good.
+    Started again without --port, a stopped broker came back on 9092, not on its own port."""
+    from confluent_kafka import Producer
+
+    port = free_port()
+    temp = tmp_path / "kafka" / "tmp"
+    try:
+        first = kappa_cli("kafka", "start", "--port", str(port), "--data-dir", str(tmp_path), timeout=180)
+        assert first.returncode == 0, first.stderr
+        ensure_topic(f"127.0.0.1:{port}", "lz4-rows", 1)
+        producer = Producer({"bootstrap.servers": f"127.0.0.1:{port}", "compression.type": "lz4"})
+        producer.produce("lz4-rows", b"x" * 1000)
+        assert producer.flush(60) == 0
+        wait_until(lambda: list(temp.glob("liblz4-java-*")), 30, interval=0.1)
+        killed = set(temp.iterdir())
+        (node,) = embedded.nodes(tmp_path)
+        os.kill(node.pid, signal.SIGKILL)
+        wait_until(lambda: not embedded.nodes(tmp_path)[0].running, 10, interval=0.05)
+        again = kappa_cli("kafka", "start", "--data-dir", str(tmp_path), timeout=180)
+        assert again.returncode == 0 and f"127.0.0.1:{port}" in again.stdout, again.stdout + again.stderr
+        assert killed.isdisjoint(temp.iterdir()), "the killed JVM's files are still there"
+    finally:
+        kappa_cli("kafka", "stop", "--data-dir", str(tmp_path), timeout=60)
 
 
 def test_kafka_start_on_another_port_is_refused(tmp_path):

@@ -94,6 +94,13 @@ class BrokerPaths:
     def protocol(self) -> Path:
         return self.home / "broker.protocol"
 
+    @property
+    def temp(self) -> Path:
+        """The JVM's java.io.tmpdir. It unpacks native libraries there (lz4's, for the compressed
+        batches kappa sends) and removes them only on a clean exit: in /tmp, every kill -9 of a
+        broker left its copies behind for good. Here the next start of this node clears them."""
+        return self.home / "tmp"
+
 
 def kafka_home(data_dir: Path) -> Path:
     return data_dir / "kafka"
@@ -392,7 +399,7 @@ def _start_single(data_dir: Path, port: int | None, sasl: bool) -> str:
             f"a broker process from {paths.home} is running (pid file {paths.pid}) but does not answer on "
             f"127.0.0.1:{current}: run `kappa kafka stop` and start again; its log is {paths.output}"
         )
-    port = port if port is not None else DEFAULT_PORT
+    port = port if port is not None else (_read_int(paths.port) or DEFAULT_PORT)  # a stopped broker keeps its port
     java = _java()
     if not _port_free(port):
         raise KappaError(f"port {port} on 127.0.0.1 is already in use: pass --port P, or stop what listens there")
@@ -519,11 +526,14 @@ def _launch(
     paths.config.write_text(_server_properties(paths, topology, protocol))
     paths.config.chmod(0o600)  # it may hold the SASL password
     paths.protocol.write_text(protocol)
+    shutil.rmtree(paths.temp, ignore_errors=True)  # what a JVM of this node killed outright left
+    paths.temp.mkdir()
     jvm = [
         java,
         "-Xms256m",
         heap,
         "-XX:+UseG1GC",
+        f"-Djava.io.tmpdir={paths.temp}",
         f"-Dlog4j2.configurationFile={paths.home / 'log4j2.yaml'}",
         "-cp",
         f"{libs}/*",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from kappa import read_snapshot
 from tests.datagen import AWKWARD_KEYS, pandas_expectation, sample_frame
+from tests.helpers import run_kappa
 from tests.oracle import assert_matches, assert_tables_identical, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -53,6 +55,23 @@ def test_generated_data_matches_pandas(kappa, generated_csv):
     frame, api_manifest = read_snapshot(kappa.snapshot_dir, topic)
     assert api_manifest == manifest
     assert_matches(frame, expected)
+
+
+def test_a_replay_imports_no_http_client(kappa, tmp_path):
+    """Faust imports the HTTP client its settings name (aiohttp's, about 0.12 s of every
+    process's start) unless told otherwise; kappa's apps make no HTTP calls."""
+    topic, path = kappa.topic(), tmp_path / "rows.csv"
+    sample_frame(2_000, 50, seed=30).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    replay = ["replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--batch", *kappa.args()]
+    result = run_kappa(replay, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}, timeout=300, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "faust.app.base" in imported, "the replay's imports were not listed"
+    assert [module for module in imported if module.split(".")[0] == "aiohttp"] == []
+    csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 8])

@@ -161,6 +161,32 @@ def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_res
     assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
 
 
+def test_rows_longer_than_the_topic_takes_are_named_and_the_rest_loaded(kappa, tmp_path):
+    """A row whose message the topic cannot take stopped the load at that row on every run
+    (`Broker: Message size too large`); it is counted, named and left out, and the rest loads."""
+    topic, limit = kappa.topic(), 20_000
+    admin.ensure_topic(kappa.broker, topic, 3, {"max.message.bytes": str(limit)})
+    frame = sample_frame(30_000, 100, seed=143)
+    frame["note"] = "x"
+    too_large = [7_000, 21_000]
+    frame.loc[too_large, "note"] = "y" * 30_000
+    path = tmp_path / "rows.csv"
+    frame.to_csv(path, index=False)
+
+    loaded = kappa.load(path, KEY, topic, partitions=3)
+    warning = loaded.stderr.decode().strip().splitlines()[-1]
+    assert warning.startswith(f"warning: 2 rows were not loaded: their messages are longer than {topic!r} takes")
+    assert "rows 7,001 (" in warning and ", 21,001 (" in warning, warning
+    assert "loaded 29,998 rows" in loaded.stdout.decode()
+    assert messages_on(kappa.broker, topic) == 29_998
+
+    kappa.replay_batch(topic, VALUE, KEY)
+    fitting = tmp_path / "fitting.csv"
+    pd.read_csv(path, dtype={KEY: str}).drop(index=too_large).to_csv(fitting, index=False)
+    csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(csv_table, pandas_expectation(str(fitting), KEY, VALUE))
+
+
 def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):
     rows, topic = 5_000, kappa.topic()
     path = write_sample(tmp_path / "rows.csv", rows, seed=142)
@@ -331,7 +357,7 @@ def test_rows_written_column_wise_are_the_bytes_orjson_writes():
             'say "x"': pd.Series([rng.uniform(0, 1) for _ in range(size)], dtype="float32"),
         }
     )
-    assert json_objects(frame) == _orjson_rows(frame)
+    assert json_objects(frame).to_pylist() == _orjson_rows(frame)
 
 
 @pytest.mark.parametrize(
@@ -368,7 +394,7 @@ def test_columns_of_a_two_dimensional_array_are_written_as_orjson_writes_them():
     from kappa.load.json_rows import json_objects
 
     frame = pd.DataFrame(np.arange(12, dtype=np.float64).reshape(4, 3) / 7, columns=["a", "b", "c"])
-    assert json_objects(frame) == _orjson_rows(frame)
+    assert json_objects(frame).to_pylist() == _orjson_rows(frame)
 
 
 def test_the_log_holds_each_row_as_orjson_writes_it(kappa, tmp_path):
@@ -412,7 +438,7 @@ def test_a_resume_with_few_rows_left_per_chunk_still_stops_on_ctrl_c(kappa, tmp_
     present = bytearray(0 if row % 10 == 0 else 1 for row in range(rows))  # a tenth of each chunk is left
     entry = LedgerEntry("test-load", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, {})
     plan = loader.Plan(entry, RowsOnLog(present, rows - rows // 10, 0), rows)
-    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(), loader.StopRequest()
+    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(loader.TooLarge(10_000_000)), loader.StopRequest()
     stop.count = 1  # Ctrl-C before the first row
     producer = Producer(loader.producer_config(kappa.broker), on_delivery=errors)
     try:
@@ -443,7 +469,7 @@ def test_a_full_producer_queue_neither_loses_nor_repeats_a_row(kappa, tmp_path, 
     present = bytearray(1 if resume and row % 3 == 0 else 0 for row in range(rows))
     entry = LedgerEntry("full-queue", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, {})
     plan = loader.Plan(entry, RowsOnLog(present, sum(present), 0), rows)
-    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(), loader.StopRequest()
+    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(loader.TooLarge(10_000_000)), loader.StopRequest()
     producer = Producer({**loader.producer_config(kappa.broker), "queue.buffering.max.messages": 50})
     try:
         with loader.DeliveryPoller(producer):

@@ -306,6 +306,11 @@ def _topic_min_insync(client: AdminClient, topic: str) -> int | None:
     return _topic_config_int(client, topic, "min.insync.replicas")
 
 
+def topic_config_int(broker: str, topic: str, name: str) -> int | None:
+    """`topic`'s integer config `name` (its own or the broker's default), or None when it cannot be read."""
+    return _topic_config_int(admin(broker), topic, name)
+
+
 def _topic_config_int(client: AdminClient, topic: str, name: str) -> int | None:
     """A topic's integer config `name`, or None when it cannot be read."""
     resource = ConfigResource(ResourceType.TOPIC, topic)

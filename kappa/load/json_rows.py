@@ -38,13 +38,13 @@ OTHER_CONTROL = r"[\x00-\x07\x0b\x0e-\x1f]"  # orjson writes these as \u00XX: le
 COMMA, QUOTE, BACKSLASH = ord(","), ord('"'), ord("\\")
 
 
-def json_objects(frame: pd.DataFrame) -> list[bytes] | None:
+def json_objects(frame: pd.DataFrame) -> pa.BinaryArray | None:
     """Each row of `frame` as orjson writes `dict(zip(columns, row))`; None when a column is
     not one this writes (the caller then uses orjson row by row)."""
     if not len(frame.columns) or not all(isinstance(name, str) for name in frame.columns):
         return None
     if not len(frame):
-        return []
+        return pa.array([], pa.binary())
     pieces: list[pa.Array | pa.Scalar] = []
     for position, name in enumerate(frame.columns):
         texts = json_values(frame[name])
@@ -53,7 +53,7 @@ def json_objects(frame: pd.DataFrame) -> list[bytes] | None:
         label = (b"{" if position == 0 else b",") + orjson.dumps(name) + b":"
         pieces += [pa.scalar(label, pa.binary()), texts]
     pieces.append(pa.scalar(b"}", pa.binary()))
-    return pc.binary_join_element_wise(*pieces, pa.scalar(b"", pa.binary())).to_pylist()
+    return pc.binary_join_element_wise(*pieces, pa.scalar(b"", pa.binary()))
 
 
 def json_values(column: pd.Series) -> pa.Array | None:

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat, starmap
 from operator import length_hint
 from pathlib import Path
@@ -55,6 +55,11 @@ DELIVERY_TIMEOUT_S = 120  # librdkafka retries a batch this long: long enough to
 POLL_EVERY = 20_000  # rows between progress lines and the checks for delivery errors and Ctrl-C
 POLL_WAIT_S = 0.1  # the delivery poller's longest wait for a report
 QUEUE_FULL_WAIT_S = 0.05  # the producing thread's poll when librdkafka's queue is full
+PRODUCER_MAX_MESSAGE_BYTES = 10_000_000  # librdkafka's message.max.bytes, set below
+BATCH_BYTES = 1_000_000  # a produce batch's bytes before compression, unless the topic takes less
+# a message's bytes beside its key and value on the broker: its batch's framing (61 bytes), the
+# record's own (about 20) and the row header (about 40), with room to spare
+MESSAGE_FRAMING_BYTES = 512
 
 
 @dataclass
@@ -67,6 +72,7 @@ class LoadResult:
     resumed_from: int | None = None
     not_objects: int = 0
     previous: LedgerEntry | None = None
+    too_large: TooLarge | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -99,7 +105,10 @@ def check_topic_name(topic: str, derived_from: str | None = None) -> str:
     )
 
 
-def producer_config(broker: str) -> dict:
+def producer_config(broker: str, message_limit: int = PRODUCER_MAX_MESSAGE_BYTES) -> dict:
+    """The loader's producer; its batches are no longer than `message_limit` bytes (uncompressed),
+    the longest message the topic takes, or the broker would refuse every batch of a topic
+    whose max.message.bytes is below the batch size."""
     return admin.client_config(
         broker,
         **{
@@ -107,13 +116,13 @@ def producer_config(broker: str) -> dict:
             "acks": "all",
             "delivery.timeout.ms": DELIVERY_TIMEOUT_S * 1000,
             "linger.ms": 50,
-            "batch.size": 1_000_000,
+            "batch.size": min(BATCH_BYTES, message_limit),
             "batch.num.messages": 100_000,
             "compression.type": "lz4",
             "partitioner": "murmur2_random",
             "queue.buffering.max.messages": 1_000_000,
             "queue.buffering.max.kbytes": 1_048_576,
-            "message.max.bytes": 10_000_000,
+            "message.max.bytes": PRODUCER_MAX_MESSAGE_BYTES,
             "delivery.report.only.error": True,
         },
     )
@@ -167,6 +176,54 @@ class Plan:
     entry: LedgerEntry
     on_log: RowsOnLog
     total: int | None
+
+
+@dataclass
+class TooLarge:
+    """Rows whose message is longer than the topic takes (`limit` bytes, the smaller of the
+    topic's max.message.bytes and the producer's own limit, before compression). They cannot be
+    on the log, so they are reported and not sent: sent, the producer or the broker would
+    refuse them, and the load would stop at the same row on every run."""
+
+    limit: int
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (row number, message bytes)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keep_fitting(self, chunk: Chunk, first: int, rows: range | list[int]) -> range | list[int]:
+        """The given rows of the chunk (whose first row is number `first`) whose message fits;
+        the others are recorded here."""
+        if chunk.longest + MESSAGE_FRAMING_BYTES <= self.limit:
+            return rows
+        fitting = []
+        for row in rows:
+            key = chunk.keys[row - first]
+            size = len(chunk.values[row - first]) + (len(key) if key is not None else 0) + MESSAGE_FRAMING_BYTES
+            if size > self.limit:
+                self.rows.append((row, size))
+            else:
+                fitting.append(row)
+        return fitting
+
+    def line(self, topic: str) -> str:
+        """One line for the user: how many rows, which (counted from 1, a header not counted)."""
+        shown = ", ".join(f"{row + 1:,} ({size:,} bytes)" for row, size in self.rows[:5])
+        more = f" and {len(self.rows) - 5:,} more" if len(self.rows) > 5 else ""
+        if len(self.rows) == 1:
+            rows, messages, which = "1 row was", "its message is", "row"
+        else:
+            rows, messages, which = f"{len(self.rows):,} rows were", "their messages are", "rows"
+        return (
+            f"warning: {rows} not loaded: {messages} longer than {topic!r} takes "
+            f"({self.limit:,} bytes before compression): {which} {shown}{more}"
+        )
+
+
+def message_limit(broker: str, topic: str) -> int:
+    """The longest message, in bytes, that `topic` takes from the loader."""
+    configured = admin.topic_config_int(broker, topic, "max.message.bytes")
+    return min(PRODUCER_MAX_MESSAGE_BYTES, configured) if configured is not None else PRODUCER_MAX_MESSAGE_BYTES
 
 
 def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: LedgerWriter) -> Plan | LedgerEntry:
@@ -270,8 +327,10 @@ class StopRequest:
 
 @dataclass
 class Sent:
-    """How far a run got: rows read from the file, and rows of them handed to librdkafka."""
+    """How far a run got: rows read from the file, rows of them handed to librdkafka, and those
+    too large to send."""
 
+    too_large: TooLarge
     rows: int = 0
     produced: int = 0
 
@@ -290,7 +349,7 @@ def _send(
         for chunk in source.chunks():
             first = sent.rows
             sent.rows += len(chunk.values)
-            rows = _rows_to_send(plan.on_log, first, len(chunk.values))
+            rows = sent.too_large.keep_fitting(chunk, first, _rows_to_send(plan.on_log, first, len(chunk.values)))
             position = 0
             while position < len(rows):
                 # up to the next multiple of POLL_EVERY rows produced, counted across chunks
@@ -428,9 +487,10 @@ def _load(
     how many rows the log holds and how to finish."""
     relax_garbage_collector()  # a header list per row
     errors = DeliveryErrors()
-    producer = Producer(producer_config(settings.broker), on_delivery=errors)
+    too_large = TooLarge(message_limit(settings.broker, topic))
+    producer = Producer(producer_config(settings.broker, too_large.limit), on_delivery=errors)
     started = time.monotonic()
-    sent = Sent()
+    sent = Sent(too_large)
     flush_s = DELIVERY_TIMEOUT_S + 30
     stop = StopRequest()
     with stop.handling():
@@ -445,7 +505,8 @@ def _load(
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()
     writer.write(plan.entry)
     resumed = plan.on_log.count if plan.total is not None else None
-    return LoadResult(topic, sent.produced, time.monotonic() - started, created, sent.rows, resumed, source.not_objects)
+    seconds, refused = time.monotonic() - started, too_large if too_large else None
+    return LoadResult(topic, sent.produced, seconds, created, sent.rows, resumed, source.not_objects, too_large=refused)
 
 
 __all__ = ["LoadResult", "check_topic_name", "load", "producer_config", "topic_for_path"]

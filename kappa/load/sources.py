@@ -71,17 +71,23 @@ def _json_default(value: object) -> object:
 
 @dataclass(slots=True)
 class Chunk:
-    """Consecutive rows as messages: each row's message key (None: no key) and JSON value."""
+    """Consecutive rows as messages: each row's message key (None: no key) and JSON value, and
+    `longest`, the bytes of the longest value plus those of the longest key: no message of the
+    chunk is longer, so the loader checks row by row only a chunk that may hold one too large."""
 
     keys: list[bytes | None]
     values: list[bytes]
+    longest: int
 
 
 def _frame_chunk(frame: pd.DataFrame, key: str) -> Chunk:
     """One message per row. Columns are written as JSON at once (kappa.load.json_rows); a
     frame with a column that cannot be goes row by row, each row one dict for orjson."""
-    values = json_objects(frame)
-    if values is None:
+    objects = json_objects(frame)
+    if objects is not None:
+        values = objects.to_pylist()
+        longest_value = _longest(objects)
+    else:
         names = list(frame.columns)
         columns = [frame[name].tolist() for name in names]
         dumps, options = orjson.dumps, ORJSON_OPTIONS
@@ -89,11 +95,18 @@ def _frame_chunk(frame: pd.DataFrame, key: str) -> Chunk:
             dumps(dict(zip(names, row, strict=True)), default=_json_default, option=options)
             for row in zip(*columns, strict=True)
         ]
-    return Chunk(_message_keys(frame[key]), values)
+        longest_value = max(map(len, values), default=0)
+    keys, longest_key = _message_keys(frame[key])
+    return Chunk(keys, values, longest_value + longest_key)
 
 
-def _message_keys(column: pd.Series) -> list[bytes | None]:
-    """Each row's key field as UTF-8 (None when missing or empty), text columns at once."""
+def _longest(texts: pa.Array) -> int:
+    return pc.max(pc.binary_length(texts)).as_py() or 0
+
+
+def _message_keys(column: pd.Series) -> tuple[list[bytes | None], int]:
+    """Each row's key field as UTF-8 (None when missing or empty), text columns at once; and
+    the longest one's bytes."""
     if column.dtype.kind == "O":
         try:
             texts = pa.array(column, from_pandas=True)
@@ -101,8 +114,10 @@ def _message_keys(column: pd.Series) -> list[bytes | None]:
             texts = None
         if texts is not None and texts.type == pa.string():
             present = pc.greater(pc.binary_length(texts), 0)
-            return pc.if_else(present, texts, pa.scalar(None, pa.string())).cast(pa.binary()).to_pylist()
-    return [_key_bytes(value) for value in column.tolist()]
+            keys = pc.if_else(present, texts, pa.scalar(None, pa.string())).cast(pa.binary())
+            return keys.to_pylist(), _longest(keys)
+    keys = [_key_bytes(value) for value in column.tolist()]
+    return keys, max((len(key) for key in keys if key is not None), default=0)
 
 
 def _timestamp_text(column: pa.Array) -> pa.Array:
@@ -170,7 +185,7 @@ class Source:
     def _jsonl_chunks(self) -> Iterator[Chunk]:
         """Each non-blank line is loaded unchanged; lines that are not JSON objects still go to
         the log (it is the system of record) and are counted, since workers will reject them."""
-        chunk = Chunk([], [])
+        chunk = Chunk([], [], 0)
         with open(self.path, "rb") as handle:
             for line in handle:
                 line = line.strip()
@@ -180,15 +195,17 @@ class Source:
                     row = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     row = None
+                key = None
                 if isinstance(row, dict):
-                    chunk.keys.append(_key_bytes(row.get(self.key)))
+                    key = _key_bytes(row.get(self.key))
                 else:
                     self.not_objects += 1
-                    chunk.keys.append(None)
+                chunk.keys.append(key)
                 chunk.values.append(line)
+                chunk.longest = max(chunk.longest, len(line) + (len(key) if key is not None else 0))
                 if len(chunk.values) == CHUNK_ROWS:
                     yield chunk
-                    chunk = Chunk([], [])
+                    chunk = Chunk([], [], 0)
         if chunk.values:
             yield chunk
 
@@ -274,7 +291,13 @@ def opened_source(path: str, key: str) -> Iterator[Source]:
         yield open_source(path, key)
         return
     with tempfile.TemporaryDirectory(prefix="kappa-load-") as spool:
-        yield Source(spool_stdin(Path(spool)), "stdin", "jsonl", key)
+        yield _jsonl_source(spool_stdin(Path(spool)), "stdin", key)
+
+
+def _jsonl_source(file: Path, name: str, key: str) -> Source:
+    source = Source(file, name, "jsonl", key)
+    source.estimated_rows = _count_lines(file)  # for the progress line's share done
+    return source
 
 
 def open_source(path: str, key: str) -> Source:
@@ -286,10 +309,9 @@ def open_source(path: str, key: str) -> Source:
     file = Path(path)
     if not file.is_file():
         raise KappaError(f"input file {path!r} not found")
+    if split[1] == "jsonl":
+        return _jsonl_source(file, path, key)
     source = Source(file, path, split[1], key)
-    if source.kind == "jsonl":
-        source.estimated_rows = _count_lines(file)
-        return source
     if source.kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -86,6 +86,8 @@ def cmd_load(args: argparse.Namespace) -> int:
             f"{result.topic}.dlq",
             file=sys.stderr,
         )
+    if result.too_large is not None:
+        print(result.too_large.line(result.topic), file=sys.stderr)
     created = " (created)" if result.created else ""
     resumed = f"; {result.resumed_from:,} were already there" if result.resumed_from is not None else ""
     rows = "1 row" if result.rows == 1 else f"{result.rows:,} rows"

@@ -1,9 +1,11 @@
-"""Small process helpers shared by the broker, the workers, replays and status."""
+"""Small process helpers shared by the broker, the workers, replays, their supervisors and status."""
 
 from __future__ import annotations
 
 import gc
+import importlib.abc
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -67,3 +69,25 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc here: trust the signal check
     return "\nState:\tZ" not in status
+
+
+class PandasStaysOut(importlib.abc.MetaPathFinder):
+    """Refuses `import pandas` in a process that runs a Faust worker or supervises workers.
+
+    Nothing such a process runs uses pandas: the agent, the parts and the snapshots build Arrow
+    arrays from numpy and Arrow, and the CSV bytes are formatted by kappa.snapshots.csvtext.
+    But pyarrow imports pandas the first time it builds an array or takes a Python scalar,
+    only to ask whether its input is a pandas object; an import that fails tells it pandas is
+    absent, and it carries on without. Importing it cost a worker about 40 MB of RSS and 0.2 s
+    of CPU (0.5 s under a 0.4 CPU quota), on a thread that held the GIL while the first batches
+    were applied (1k-key --batch replay, 4 alternating pairs: 2.89 s -> 2.78 s from process
+    start, peak RSS 321 -> 282 MB); a supervisor paid the same for its first publish."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        if fullname == "pandas" or fullname.startswith("pandas."):
+            raise ImportError(f"{fullname} is not imported in a process that runs or supervises kappa workers")
+
+
+def keep_pandas_out() -> None:
+    if not any(isinstance(finder, PandasStaysOut) for finder in sys.meta_path):
+        sys.meta_path.insert(0, PandasStaysOut())

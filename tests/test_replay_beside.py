@@ -230,6 +230,31 @@ def test_a_replays_processes_write_their_parts_on_reaching_its_end_offsets(kappa
     assert_first_generation_matches(kappa, topic, path)
 
 
+def test_no_process_of_a_replay_imports_pandas(kappa, tmp_path):
+    """pyarrow imports pandas the first time it builds an array, only to ask whether its input
+    is a pandas object: 0.2 s of CPU in every process. The workers refused it already; the
+    supervisor imported it for its first publish."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(5_000, 100, seed=63).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    done = subprocess.run(
+        replay_command(kappa, topic, "amount", "--processes", "2"),
+        capture_output=True,
+        text=True,
+        env={**run_env(), "PYTHONPROFILEIMPORTTIME": "1"},
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")]
+    assert imported.count("kappa.lifecycle.switchover") == 1, "the supervisor's imports were not listed"
+    assert imported.count("faust.app.base") == 2, "the workers' imports were not listed"
+    # a refused import is listed too, as `pandas` alone; an import that happens brings pandas.core and the rest
+    assert [module for module in imported if module.startswith("pandas.")] == []
+    assert_first_generation_matches(kappa, topic, path)
+
+
 def test_a_finished_replays_group_has_committed_its_end_offsets(kappa, tmp_path):
     """A replay stops its processes right after their last record; each commits what its table
     reached before it stops, so the group shows no lag that is not there. Paced by a broker

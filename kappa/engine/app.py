@@ -7,9 +7,7 @@ share offsets or state, and retiring one is deleting what carries its id.
 from __future__ import annotations
 
 import asyncio
-import importlib.abc
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka import admin, security
 from kappa.kafka.availability import CHECK_EVERY_S, LeaderWatch, OutageReporter, stderr_line
 from kappa.pipeline import Definition, Progress
-from kappa.processes import in_background, relax_garbage_collector
+from kappa.processes import in_background, keep_pandas_out, relax_garbage_collector
 from tables.grouped_mean import define_table, stored_next_offset
 
 if TYPE_CHECKING:  # Faust is imported through the seam (faust_internals.import_faust_types_without_aiohttp)
@@ -46,28 +44,6 @@ def quiet_faust_noise() -> None:
     design; the agent drains it, so keep the log to what an operator needs."""
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
     fold_repeated_client_errors()
-
-
-class PandasStaysOut(importlib.abc.MetaPathFinder):
-    """Refuses `import pandas` in a process that runs a Faust worker.
-
-    Nothing a worker runs uses pandas: the agent and the snapshots build Arrow arrays from
-    numpy and Arrow, and the CSV bytes are formatted by kappa.snapshots.csvtext. But pyarrow
-    imports pandas the first time it builds an array or takes a Python scalar, only to ask
-    whether its input is a pandas object; an import that fails tells it pandas is absent, and
-    it carries on without. Importing it cost a worker about 40 MB of RSS and 0.2 s of CPU (0.5 s
-    under a 0.4 CPU quota), on a thread that held the GIL while the first batches were
-    applied (1k-key --batch replay, 4 alternating pairs: 2.89 s -> 2.78 s from process start,
-    peak RSS 321 -> 282 MB)."""
-
-    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
-        if fullname == "pandas" or fullname.startswith("pandas."):
-            raise ImportError(f"{fullname} is not imported in a process that runs a kappa worker")
-
-
-def keep_pandas_out() -> None:
-    if not any(isinstance(finder, PandasStaysOut) for finder in sys.meta_path):
-        sys.meta_path.insert(0, PandasStaysOut())
 
 
 def prepare_for_worker() -> None:

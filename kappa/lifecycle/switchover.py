@@ -34,7 +34,8 @@ from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registr
 from kappa.lifecycle.guards import EmptyResult, preflight
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition
-from kappa.snapshots import parts, snapshot
+from kappa.processes import keep_pandas_out
+from kappa.snapshots import parts
 from kappa.snapshots.publisher import Publisher
 
 POLL_S = 0.2
@@ -138,7 +139,7 @@ def run_beside(
             settings, pipeline, definition, generation, index, interval, loglevel, ends, group_size=len(standby)
         ),
     )
-    snapshot.import_pandas_in_background()  # the first publish imports it; the workers take seconds to start
+    keep_pandas_out()  # pyarrow would import it for the first publish, only to find no pandas object
     publisher = Publisher(settings, pipeline, definition, generation, partitions, force=force)
     line = ProgressLine(plain_every=5.0)
     span = AppliedSpan()

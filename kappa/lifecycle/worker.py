@@ -28,6 +28,7 @@ from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, rep
 from kappa.lifecycle.generations import Registry
 from kappa.lifecycle.guards import check_definition
 from kappa.pipeline import Definition
+from kappa.processes import keep_pandas_out
 from kappa.snapshots import snapshot
 from kappa.snapshots.publisher import Publisher
 
@@ -127,6 +128,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is still clean
         signal.signal(signal.SIGINT, self._on_signal)
+        keep_pandas_out()  # pyarrow would import it for the first publish, only to find no pandas object
         self._data_dir_claim = claim_data_dir(self.settings, self.pipeline)
         admin.wait_until_reachable(self.settings.broker)
         partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)

@@ -8,13 +8,11 @@ reader that resolves `latest` once therefore sees one complete, consistent cut.
 from __future__ import annotations
 
 import fcntl
-import importlib
 import json
 import os
 import re
 import shutil
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -162,16 +160,6 @@ def _merged_slice(rows: pa.Table, aggregate: Aggregate, layout: KeyLayout, size:
             {name: pa.array(values[start : start + size], from_pandas=True) for name, values in output.items()}
         )
         yield pa.table(columns, schema=schema)
-
-
-def import_pandas_in_background() -> None:
-    """pyarrow imports pandas (about 0.2 s, 0.5 s under a 0.4 CPU quota) the first time it
-    builds an array, which every snapshot and part does. Imported on a thread while the
-    process waits (a worker on its group join, a supervisor on its workers), it is off the
-    path to the first snapshot. Nothing pandas imports imports kappa's modules, so the two
-    threads' imports cannot wait on each other. Not a daemon: a process that exits early waits
-    for the import to finish rather than tear the interpreter down under it."""
-    threading.Thread(target=importlib.import_module, args=("pandas",), name="import-pandas").start()
 
 
 def _fsync_file(path: Path) -> None:

@@ -52,6 +52,7 @@ MAX_REFUSALS = 8  # records the parser refuses in one batch before the rest is j
 REFUSED_SPAN = 2  # Arrow names the refused row or, for trailing garbage, the one after it
 FEW_VALUES = 16  # a key's values in one batch summed column-wise up to this many, by fsum beyond
 EXACT_INTEGERS = float(1 << 43)  # epoch ms to the year 2248; below it x / 1000 floors as x // 1000
+NEWLINE, OPEN_BRACE = ord("\n"), ord("{")
 
 
 @dataclass(slots=True)
@@ -188,9 +189,10 @@ def _parse(records: Sequence[Record], shape: RowShape) -> Parsed:
         return Parsed(None)
     messages = [record.value or b"" for record in records]
     text = b"\n".join(messages)
+    data = np.frombuffer(text, dtype=np.uint8)
     # one line per record, each an object: the parser then gives exactly one row per record
     count = len(messages)
-    if text[:1] != b"{" or text.count(b"\n") != count - 1 or text.count(b"\n{") != count - 1:
+    if not _one_object_per_line(text, data, count):
         return Parsed(None, next((i for i, m in enumerate(messages) if m[:1] != b"{" or b"\n" in m), None))
     try:  # orjson refuses bytes that are not UTF-8 anywhere in a message; Arrow checks only the fields it reads
         text.decode("utf-8")
@@ -207,14 +209,31 @@ def _parse(records: Sequence[Record], shape: RowShape) -> Parsed:
         return Parsed(None, max(int(row.group(1)) - 1, 0) if row else None)  # Arrow may name the next row
     if table.num_rows != count:
         return Parsed(None)
-    return Parsed(table, judge_each=_unlike_orjson(messages, text))
+    return Parsed(table, judge_each=_unlike_orjson(messages, text, data))
 
 
-def _unlike_orjson(messages: list[bytes], text: bytes) -> np.ndarray | None:
+def _one_object_per_line(text: bytes, data: np.ndarray, count: int) -> bool:
+    """Whether the `count` messages joined by newlines into `text` (`data` its bytes) are one
+    line each and each starts an object: exactly count - 1 newlines, the text's first byte and
+    each newline's next a `{`. One pass of numpy over the bytes: counting `\n` and then `\n{`
+    in the text took 0.1 s per million records."""
+    if text[:1] != b"{" or text[-1:] == b"\n":  # the last message empty, or ending a line
+        return False
+    newlines = np.flatnonzero(data == NEWLINE)
+    return len(newlines) == count - 1 and bool((data[newlines + 1] == OPEN_BRACE).all())
+
+
+def _holds(text: bytes, word: bytes) -> bool:
+    """`word in text`, looking for its first byte first: a search for one byte runs many times
+    faster than one for several, and most texts lack the first byte of the words sought here."""
+    return word[:1] in text and word in text
+
+
+def _unlike_orjson(messages: list[bytes], text: bytes, data: np.ndarray) -> np.ndarray | None:
     """Rows Arrow reads but orjson (and then json) may judge otherwise: NaN and Infinity
     literals (`-NaN` is no JSON to Python) and nesting (orjson stops at 1024 levels)."""
-    flat = text.count(b"{") == len(messages) and b"[" not in text
-    if flat and b"NaN" not in text and b"Infinity" not in text:
+    flat = np.count_nonzero(data == OPEN_BRACE) == len(messages) and b"[" not in text
+    if flat and not _holds(text, b"NaN") and not _holds(text, b"Infinity"):
         return None
     return np.fromiter(
         (b"NaN" in m or b"Infinity" in m or m.count(b"{") > 1 or b"[" in m for m in messages),

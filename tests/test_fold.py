@@ -401,6 +401,24 @@ def test_a_record_the_columns_cannot_judge_is_judged_alone(monkeypatch, bad):
     assert judged <= 3 * 2  # the refused record and the one Arrow may name instead; the rest keep the columns
 
 
+@pytest.mark.parametrize("position", [3, 5999], ids=["inside", "last"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        b'{"city": "a", "vendor": "v", "fare": 4, "tip": 1, "at": "2024-03-01T10:00:00"}\n',
+        b'{"city": "a",\n "vendor": "v", "fare": 5, "tip": 1, "at": "2024-03-01T10:00:00"}',
+        b"",
+    ],
+    ids=["ends-a-line", "two-lines", "empty"],
+)
+def test_a_message_that_is_not_one_line_is_judged_alone(monkeypatch, message, position):
+    """The batch is parsed as one message per line: a message that ends a line or spans two
+    would shift the rows, and an empty last one leaves the text ending in a newline."""
+    mine, judged = fold_with_bad_records(monkeypatch, {position: message})
+    assert mine["counted"] + mine["skipped"] + len(mine["rejected"]) == 6000
+    assert judged >= 1
+
+
 def test_many_records_the_columns_cannot_judge(monkeypatch):
     bad_rows = {index: UNLIKE_ORJSON[n % len(UNLIKE_ORJSON)] for n, index in enumerate(range(3, 6000, 37))}
     mine, _ = fold_with_bad_records(monkeypatch, bad_rows)

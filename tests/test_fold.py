@@ -425,17 +425,22 @@ def test_many_records_the_columns_cannot_judge(monkeypatch):
     assert len(mine["rejected"]) >= len(bad_rows) // 2
 
 
-def test_groups_come_in_the_stores_key_order_each_with_its_own_rows():
+@pytest.mark.parametrize("distinct", [200, 80_000], ids=["radix-sorted", "beyond-16-bits"])
+def test_groups_come_in_the_stores_key_order_each_with_its_own_rows(distinct):
     """The agent reads and writes a batch's keys in the order the fold gives them, and RocksDB
-    takes keys in bytewise order far faster than in arrival order."""
+    takes keys in bytewise order far faster than in arrival order. Up to 2**16 distinct keys,
+    the rows are grouped by a radix sort, beyond by another."""
     rng = random.Random(5)
-    cities = [f"c{n}" for n in rng.sample(range(1000), 200)] + ["Zürich", "zeta", "Ab", "a", "b,c"]
+    cities = [f"c{n}" for n in rng.sample(range(10 * distinct), distinct)] + ["Zürich", "zeta", "Ab", "a", "b,c"]
     records = [
         ParsedRecord(offset, None, orjson.dumps({"city": rng.choice(cities), "amount": offset}))
-        for offset in range(3000)
+        for offset in range(max(3000, 4 * distinct))
     ]
     groups = fold(records, RowShape(("city",), ("amount",)), KeyLayout(), counted_from=0).groups
     assert groups.keys == sorted(groups.keys) and len(groups.keys) == len(set(groups.keys))
+    expected: dict[bytes, list[int]] = {}
+    for record in records:
+        expected.setdefault(orjson.loads(record.value)["city"].encode(), []).append(record.offset)
+    assert (len(groups.keys) > 1 << 16) == (distinct > 1 << 16)
     for index, key in enumerate(groups.keys):
-        mine = groups.offsets[groups.starts[index] : groups.ends[index]].tolist()
-        assert mine == [r.offset for r in records if orjson.loads(r.value)["city"].encode() == key]
+        assert groups.offsets[groups.starts[index] : groups.ends[index]].tolist() == expected[key]

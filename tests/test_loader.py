@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from kappa.kafka import admin
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, kappa_command
+from tests.helpers import REPO, kappa_command, wait_until
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -185,6 +185,33 @@ def test_rows_longer_than_the_topic_takes_are_named_and_the_rest_loaded(kappa, t
     pd.read_csv(path, dtype={KEY: str}).drop(index=too_large).to_csv(fitting, index=False)
     csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
     assert_matches(csv_table, pandas_expectation(str(fitting), KEY, VALUE))
+
+
+def test_sigterm_while_stdin_is_read_leaves_nothing_behind(kappa, tmp_path):
+    """stdin is copied to a temporary file before anything is sent; SIGTERM meanwhile ended the
+    process at once and left the partial copy in $TMPDIR."""
+    temp_dir = empty_temp_dir(tmp_path)
+    load = subprocess.Popen(
+        kappa_command("load", "-", "--key", KEY, "--topic", kappa.topic(), *kappa.args()),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(temp_dir)},
+    )
+    try:
+        load.stdin.write(b'{"city": "a", "amount": 1}\n' * 10_000)
+        load.stdin.flush()
+        wait_until(lambda: any(temp_dir.rglob("stdin.jsonl")), 60, interval=0.05)
+        load.send_signal(signal.SIGTERM)
+        _, stderr = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    assert load.returncode == 130, stderr.decode()
+    assert stderr.decode().strip().splitlines()[-1] == "kappa: interrupted"
+    assert list(temp_dir.iterdir()) == [], "the spooled copy of stdin was left behind"
 
 
 def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):

@@ -468,7 +468,7 @@ def load(
     topic = check_topic_name(topic) if topic is not None else topic_for_path(path)
     if partitions is not None and partitions < 1:
         raise KappaError(f"--partitions must be at least 1, got {partitions}")
-    with opened_source(path, key) as source:
+    with _sigterm_interrupts(), opened_source(path, key) as source:
         for text in source.notes:
             note(text)
         admin.wait_until_reachable(settings.broker)
@@ -478,6 +478,22 @@ def load(
         if isinstance(plan, LedgerEntry):
             return LoadResult(topic, 0, 0.0, created, plan.rows or 0, previous=plan)
         return _load(settings, topic, source, plan, writer, created)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts the load as Ctrl-C does (KeyboardInterrupt) before rows are sent, while
+    stdin is spooled or the log read, so that the spooled copy is removed on the way out; once
+    rows are sent, `StopRequest` takes both signals over."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _load(

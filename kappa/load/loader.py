@@ -105,8 +105,8 @@ def check_topic_name(topic: str, derived_from: str | None = None) -> str:
     )
 
 
-def producer_config(broker: str, message_limit: int = PRODUCER_MAX_MESSAGE_BYTES) -> dict:
-    """The loader's producer; its batches are no longer than `message_limit` bytes (uncompressed),
+def producer_config(broker: str, topic_limit: int = PRODUCER_MAX_MESSAGE_BYTES) -> dict:
+    """The loader's producer; its batches are no longer than `topic_limit` bytes (uncompressed),
     the longest message the topic takes, or the broker would refuse every batch of a topic
     whose max.message.bytes is below the batch size."""
     return admin.client_config(
@@ -116,7 +116,7 @@ def producer_config(broker: str, message_limit: int = PRODUCER_MAX_MESSAGE_BYTES
             "acks": "all",
             "delivery.timeout.ms": DELIVERY_TIMEOUT_S * 1000,
             "linger.ms": 50,
-            "batch.size": min(BATCH_BYTES, message_limit),
+            "batch.size": min(BATCH_BYTES, topic_limit),
             "batch.num.messages": 100_000,
             "compression.type": "lz4",
             "partitioner": "murmur2_random",

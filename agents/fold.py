@@ -40,14 +40,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from kappa.codec import COUNTED, RECORD_TIMESTAMP, REJECTED, UNIT_SECONDS, RowShape, RowVerdict, decode_row
+from kappa.codec import (
+    COUNTED,
+    FIRST_YEAR_SECOND,
+    LAST_YEAR_SECOND,
+    RECORD_TIMESTAMP,
+    REJECTED,
+    UNIT_SECONDS,
+    RowShape,
+    RowVerdict,
+    decode_row,
+)
 from kappa.pipeline import Record
 from tables.aggregate import BatchSums, MeanState, exact_sum, neumaier_add
 from tables.keys import KeyLayout
 
 # ISO 8601 texts the columns parse themselves; datetime.fromisoformat reads these the same way
 PLAIN_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6})?Z?$"
-FIRST_YEAR_SECOND = -62135596800  # 0001-01-01T00:00:00, the first time Python's datetime has
 MAX_REFUSALS = 8  # records the parser refuses in one batch before the rest is judged record by record
 REFUSED_SPAN = 2  # Arrow names the refused row or, for trailing garbage, the one after it
 FEW_VALUES = 16  # a key's values in one batch summed column-wise up to this many, by fsum beyond
@@ -351,7 +360,14 @@ def _message_keys(records: Sequence[Record]) -> tuple[np.ndarray, pa.Array | Non
 
 def _event_seconds(records: Sequence[Record], table: pa.Table, shape: RowShape) -> tuple[np.ndarray, ...]:
     """Each row's event time in epoch seconds, whether it has one, and whether the row must
-    be judged by the per-record rules instead (a time the columns do not parse)."""
+    be judged by the per-record rules instead (a time the columns do not parse, or one outside
+    the years the rules take)."""
+    seconds, known, judge_each = _column_seconds(records, table, shape)
+    outside = known & ((seconds < FIRST_YEAR_SECOND) | (seconds > LAST_YEAR_SECOND))
+    return seconds, known & ~outside, judge_each | outside
+
+
+def _column_seconds(records: Sequence[Record], table: pa.Table, shape: RowShape) -> tuple[np.ndarray, ...]:
     count = len(records)
     if shape.time_field == RECORD_TIMESTAMP:
         stamps = np.array([getattr(record, "timestamp", None) for record in records], dtype=object)

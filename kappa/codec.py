@@ -79,7 +79,10 @@ def _number(field: Any) -> float | None | str:
     if isinstance(field, bool):
         return f"value is a boolean ({field!r}), expected a number"
     if isinstance(field, (int, float)):
-        number = float(field)
+        try:
+            number = float(field)
+        except OverflowError:  # an integer beyond float's range: infinite, skipped as infinities are
+            return None
     elif isinstance(field, str):
         text = field.strip()
         if not text:
@@ -88,7 +91,7 @@ def _number(field: Any) -> float | None | str:
             number = float(text)
         except ValueError:
             return f"value {field[:40]!r} is not numeric"
-        if "_" in text:
+        if "_" in text or not text.isascii():  # float() reads `1_0` and other scripts' digits; pandas does not
             return f"value {field[:40]!r} is not numeric"
     else:
         return f"value is a JSON {type(field).__name__}, expected a number"
@@ -108,6 +111,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_NAIVE = datetime(1970, 1, 1)
 ONE_SECOND = timedelta(seconds=1)
 UNIT_SECONDS = {"s": 1, "ms": 1000}
+# the times Python's datetime holds, 0001-01-01T00:00:00 to 9999-12-31T23:59:59: an event time
+# outside them is rejected (nanoseconds read as seconds, say), as a snapshot could not show it
+FIRST_YEAR_SECOND, LAST_YEAR_SECOND = -62135596800, 253402300799
 
 
 def event_second(field: Any, unit: str) -> int | None | str:
@@ -129,6 +135,17 @@ def event_second(field: Any, unit: str) -> int | None | str:
         # no offset means UTC: a naive time is measured from the naive epoch (no conversion)
         return (moment - (EPOCH_NAIVE if moment.tzinfo is None else EPOCH)) // ONE_SECOND
     return f"time is a JSON {type(field).__name__}, expected ISO 8601 text or epoch {unit}"
+
+
+def _time_out_of_range(row: dict, timestamp: int | None, shape: RowShape) -> str:
+    if shape.time_field == RECORD_TIMESTAMP:
+        return f"record timestamp {timestamp} ms is outside the years 1 to 9999"
+    field = row.get(shape.time_field)
+    unit = "seconds" if shape.time_unit == "s" else "milliseconds"
+    shown = repr(field)[:40]
+    if isinstance(field, (int, float)):
+        return f"time {shown} is outside the years 1 to 9999 as epoch {unit}: is --time-unit right?"
+    return f"time {shown} is outside the years 1 to 9999"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +210,8 @@ def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, sh
             return RowVerdict(REJECTED, error=moment)
         if moment is None:
             return RowVerdict(SKIPPED, values=tuple(values))
+        if not FIRST_YEAR_SECOND <= moment <= LAST_YEAR_SECOND:
+            return RowVerdict(REJECTED, error=_time_out_of_range(row, timestamp, shape))
         window_start = moment - moment % shape.window_s
     if texts is None:
         return RowVerdict(SKIPPED, values=tuple(values))

@@ -78,7 +78,9 @@ class MeanState:
 
     def _accumulate(self, value: float) -> None:
         total = self.total + value
-        if abs(self.total) >= abs(value):
+        if not math.isfinite(total):  # past float's range the sum is infinite (or NaN), as pandas has it
+            self.compensation = 0.0  # and a compensation would be inf - inf: NaN
+        elif abs(self.total) >= abs(value):
             self.compensation += (self.total - total) + value
         else:
             self.compensation += (value - total) + self.total
@@ -340,7 +342,7 @@ def neumaier_add(totals: np.ndarray, compensations: np.ndarray, values: np.ndarr
         added = totals + values
         larger = np.abs(totals) >= np.abs(values)
         error = np.where(larger, (totals - added) + values, (values - added) + totals)
-    return added, compensations + error
+        return added, np.where(np.isfinite(added), compensations + error, 0.0)
 
 
 def _merge_one(
@@ -354,8 +356,19 @@ def _merge_one(
     ends = np.append(starts[1:], rows)
     for group in np.flatnonzero(ends - starts > 1):
         first, last = starts[group], ends[group]
-        sums[group] = math.fsum([*totals[first:last], *compensations[first:last]])
+        sums[group] = _sum_partials([*totals[first:last], *compensations[first:last]])
     return merged_counts, sums
+
+
+def _sum_partials(parts: list[float]) -> float:
+    """fsum of the partials; past float's range infinite, and NaN for inf - inf, as pandas has
+    them (fsum raises for both)."""
+    try:
+        return math.fsum(parts)
+    except OverflowError:
+        return sum(float(part) for part in parts)  # Python floats: inf, without numpy's overflow warning
+    except ValueError:
+        return math.nan
 
 
 class UnreadableEntry(ValueError):

@@ -14,7 +14,9 @@ import math
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
+import pandas as pd
 import pytest
 
 from agents.fold import Fold, _parse, fold
@@ -29,6 +31,7 @@ class ParsedRecord:  # what aiokafka parses a record into: a fold is pure comput
     key: bytes | None
     value: bytes | None
     headers: list = field(default_factory=list)
+    timestamp: int | None = None
 
 
 AWKWARD_VALUES = [
@@ -172,11 +175,34 @@ def test_sums_beyond_the_float_range_become_infinite_instead_of_failing():
     records = [ParsedRecord(i, b"k", orjson.dumps({"amount": 1e308})) for i in range(3)]
     states = {}
     assert folded(records, 0, None, states, key_field=None)["counted"] == 3
-    assert states[b"k"].count == 3 and math.isinf(states[b"k"].total)
+    assert states[b"k"].count == 3 and states[b"k"].sum == math.inf  # inf, not inf - inf in the compensation
     # the stored entry reads back: JSON has no inf, and a null there once stopped the next batch
     more = [ParsedRecord(i, b"k", orjson.dumps({"amount": 1.0})) for i in range(3, 5)]
     assert folded(more, 3, None, states, key_field=None)["counted"] == 2
-    assert states[b"k"].count == 5 and math.isinf(states[b"k"].total)
+    assert states[b"k"].count == 5 and states[b"k"].sum == math.inf
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [([1e308, 1e308], [-1e308], math.inf), ([1e308], [1e308], math.inf), ([-1e308, -1e308], [1.0], -math.inf)],
+)
+def test_partitions_whose_sums_overflow_merge_to_an_infinite_sum(first, second, expected):
+    """pandas sums past float's range to inf; kappa's snapshot showed an empty sum (NaN: inf - inf
+    in a compensation), or stopped on fsum's OverflowError when two finite partials overflowed."""
+    partials = []
+    for values in (first, second):
+        state = MeanState()
+        state.add_all(values)
+        partials.append(state)
+    columns = {
+        "total": np.array([state.total for state in partials]),
+        "compensation": np.array([state.compensation for state in partials]),
+        "count": np.array([state.count for state in partials]),
+    }
+    merged = Mean().merge_groups(columns, np.array([0]))
+    assert merged["count_0"].tolist() == [len(first) + len(second)]
+    with np.errstate(over="ignore"):
+        assert merged["sum_0"].tolist() == [expected] == [float(pd.Series([*first, *second]).sum())]
 
 
 def test_the_key_field_is_the_group_key_whatever_the_message_key():
@@ -228,7 +254,7 @@ def rows_one_at_a_time(records, counted_from, stop, states, shape=SHAPE):
     for record in records:
         if stop is not None and record.offset >= stop:
             break
-        verdict = decode_row(record.key, record.value, None, shape)
+        verdict = decode_row(record.key, record.value, record.timestamp, shape)
         if record.offset >= counted_from:
             if verdict.kind == REJECTED:
                 counts["rejected"].append((record.offset, verdict.error))
@@ -399,6 +425,50 @@ def test_a_record_the_columns_cannot_judge_is_judged_alone(monkeypatch, bad):
     mine, judged = fold_with_bad_records(monkeypatch, {3: bad, 2000: bad, 5999: bad})
     assert mine["rejected"] or mine["counted"] == 6000
     assert judged <= 3 * 2  # the refused record and the one Arrow may name instead; the rest keep the columns
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ('"fare": 1' + "0" * 400, None),  # beyond float: infinite, skipped as infinities are
+        ('"fare": "\u0661\u0662"', "fare: value '\u0661\u0662' is not numeric"),  # digits float() reads, pandas not
+        ('"fare": "\uff11\uff12"', "fare: value '\uff11\uff12' is not numeric"),
+        ('"fare": 1, "at": 1e20', "time 1e+20 is outside the years 1 to 9999 as epoch seconds: is --time-unit right?"),
+        ('"fare": 1, "at": 1700000000123456789', "time 1700000000123456789 is outside the years 1 to 9999"),
+        ('"fare": 1, "at": 1180591620717411303424', "time 1.1805916207174113e+21 is outside the years 1 to 9999"),
+        ('"fare": 1, "at": -62135596801', "time -62135596801 is outside the years 1 to 9999"),
+        ('"fare": 1, "at": "9999-12-31T23:59:59-01:00"', "time '9999-12-31T23:59:59-01:00' is outside the years"),
+    ],
+)
+def test_values_and_times_beyond_what_a_result_holds_never_stop_the_fold(fields, error):
+    """An integer beyond float's range raised OverflowError, and a time beyond int64 or the
+    years a snapshot can show raised in the key's encoding or the snapshot's: one such record
+    stopped a pipeline for good. Each is judged alike by the rules and the columns."""
+    message = ('{"city": "a", "vendor": "v", "tip": 1, ' + fields + "}").encode()
+    if b'"at"' not in message:
+        message = message[:-1] + b', "at": "2024-03-01T10:00:00"}'
+    verdict = decode_row(None, message, None, SHAPE)
+    if error is None:
+        assert verdict.kind == COUNTED and verdict.values == (None, 1.0)
+    else:
+        assert verdict.kind == REJECTED and verdict.error.startswith(error), verdict.error
+    row = {"city": "a", "vendor": "v", "tip": 1}
+    numeric_times = [orjson.dumps({**row, "fare": i, "at": 1709287200 + i}) for i in range(50)]
+    for plain in (numeric_times, [json.dumps(row).encode() for row in PARSEABLE_ROWS[:4]] * 10):
+        records = [ParsedRecord(i, b"k", value) for i, value in enumerate([*plain[:20], message, *plain[20:], message])]
+        mine = assert_fold_matches_rows_one_at_a_time(records, 0, None)
+        assert len(mine["rejected"]) == (0 if error is None else 2)
+
+
+def test_a_record_timestamp_beyond_the_years_a_result_holds_is_rejected():
+    shape = RowShape(("city", "vendor"), ("fare", "tip"), 3600, "@timestamp", "s")
+    value = b'{"city": "a", "vendor": "v", "fare": 1, "tip": 1}'
+    records = [ParsedRecord(i, b"k", value, timestamp=1709287200000 + i) for i in range(30)]
+    records[7] = ParsedRecord(7, b"k", value, timestamp=2**62)
+    verdict = decode_row(None, value, 2**62, shape)
+    assert verdict.kind == REJECTED and verdict.error == f"record timestamp {2**62} ms is outside the years 1 to 9999"
+    mine = assert_fold_matches_rows_one_at_a_time(records, 0, None, shape=shape)
+    assert len(mine["rejected"]) == 1
 
 
 @pytest.mark.parametrize("position", [3, 5999], ids=["inside", "last"])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gc
 import importlib.abc
 import os
+import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,3 +93,21 @@ class PandasStaysOut(importlib.abc.MetaPathFinder):
 def keep_pandas_out() -> None:
     if not any(isinstance(finder, PandasStaysOut) for finder in sys.meta_path):
         sys.meta_path.insert(0, PandasStaysOut())
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the block runs, as Ctrl-C does, so that its
+    cleanup runs (`finally` blocks, context managers) and the command says it was interrupted.
+    SIGTERM's default ends the process at once: a load left stdin's spooled copy behind, and a
+    replay beside live left its generation building with no builder, which `kappa gc` never
+    deleted. Handlers the block installs for SIGTERM itself take precedence while they are in."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from kappa.engine.names import app_id
-from kappa.kafka.admin import committed_offsets
+from kappa.engine.names import app_id, assignor_topic, changelog_topic
+from kappa.kafka.admin import committed_offsets, group_members, partition_count
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, kappa_command, wait_until
 from tests.live import kill_group, start_worker
@@ -28,8 +28,10 @@ def batch_command(kappa, topic: str, *extra: str) -> list[str]:
     return kappa_command("replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--batch", *extra, *kappa.args())
 
 
-def interrupt_when(kappa, command: list[str], env: dict, topic: str, generation: int, records: int) -> str:
-    """Start `command`, Ctrl-C it once its generation has committed `records`; its stderr."""
+def interrupt_when(
+    kappa, command: list[str], env: dict, topic: str, generation: int, records: int, stop: int = signal.SIGINT
+) -> str:
+    """Start `command`, Ctrl-C it (or send `stop`) once its generation has committed `records`; its stderr."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, cwd=REPO, start_new_session=True)
     try:
 
@@ -39,7 +41,10 @@ def interrupt_when(kappa, command: list[str], env: dict, topic: str, generation:
 
         wait_until(committed_enough, 120, interval=0.05)
         assert process.poll() is None, "the replay ended before it was interrupted"
-        os.killpg(process.pid, signal.SIGINT)
+        if stop == signal.SIGINT:
+            os.killpg(process.pid, stop)  # as a terminal's Ctrl-C
+        else:
+            os.kill(process.pid, stop)  # as `kill PID`: the command stops what it started
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -69,6 +74,32 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
     assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
     assert manifest["generation"] == 1
     assert set(registry(kappa, topic)["generations"]) == {"1"}
+
+
+@pytest.mark.slow
+def test_a_replay_beside_live_stopped_by_sigterm_stops_its_workers_and_gc_deletes_it(kappa, tmp_path):
+    """SIGTERM's default ended the replay at once: its generation stayed building with no
+    builder, and `kappa gc` said nothing to clean, leaving its state, changelog and group."""
+    topic, rows = kappa.topic(), 60_000
+    path = tmp_path / "rows.csv"
+    sample_frame(rows, 500, seed=23).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    kappa.replay_batch(topic, VALUE, KEY)  # generation 1
+    env = kappa.paced_replay_env(app_id(topic, 2), 50_000)
+    beside = kappa_command("replay", "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args())
+    message = interrupt_when(kappa, beside, env, topic, 2, rows // 4, stop=signal.SIGTERM)
+    assert message.strip().splitlines()[-1] == "kappa: interrupted", message
+    assert wait_until(lambda: group_members(kappa.broker, app_id(topic, 2)) in (0, None), 60), "its workers run on"
+
+    gc = kappa.run("gc", "--pipeline", topic).stdout.decode()
+    assert "deleted generation 2" in gc, gc
+    assert registry(kappa, topic)["generations"]["2"]["state"] == "retired"
+    assert not (kappa.data_dir / "state" / topic / "g2").exists()
+    for leftover in (changelog_topic(topic, 2), assignor_topic(topic, 2)):
+        assert wait_until(lambda name=leftover: partition_count(kappa.broker, name) is None, 60), leftover
+    csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["generation"] == 1
+    assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from kappa.config import Settings
-from kappa.engine.names import app_id, changelog_topic
+from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.children import heartbeats
@@ -37,9 +37,9 @@ def _local_dirs(settings: Settings, pipeline: str, generation: int) -> list[Path
 
 
 def delete_generation_state(settings: Settings, pipeline: str, generation: int) -> None:
-    """Consumer group, changelog topic and local directories; the group must have no members."""
+    """Consumer group, changelog and assignor topics, and local directories; the group must have no members."""
     admin.delete_consumer_group(settings.broker, app_id(pipeline, generation))
-    admin.delete_topics(settings.broker, [changelog_topic(pipeline, generation)])
+    admin.delete_topics(settings.broker, [changelog_topic(pipeline, generation), assignor_topic(pipeline, generation)])
     for directory in _local_dirs(settings, pipeline, generation):
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -94,12 +94,10 @@ def finish_half_done_steps(settings: Settings, pipeline: str) -> list[str]:
 
 
 def abandoned(registry: Registry) -> list[tuple[int, dict]]:
-    """Generations that stopped before becoming current and that nobody is computing."""
-    return [
-        (number, entry)
-        for number, entry in registry.in_state(GenerationState.FAILED, GenerationState.RUNNING)
-        if not builder_alive(entry)
-    ]
+    """Generations that stopped before becoming current and that nobody is computing (a
+    replay killed outright leaves its generation running or building, with its builder gone)."""
+    states = (GenerationState.FAILED, GenerationState.RUNNING, GenerationState.BUILDING)
+    return [(number, entry) for number, entry in registry.in_state(*states) if not builder_alive(entry)]
 
 
 def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = None, kept: bool = False) -> list[str]:
@@ -114,7 +112,7 @@ def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = Non
     for generation, entry in abandoned(registry):
         if generation == keep:
             continue
-        if entry.get("state") == GenerationState.RUNNING:
+        if entry.get("state") in (GenerationState.RUNNING, GenerationState.BUILDING):
             registry.mark(generation, GenerationState.FAILED)
         if retire_if_stopped(settings, pipeline, generation):
             done.append(f"deleted generation {generation} ({entry.get('mode')}, stopped before it became current)")

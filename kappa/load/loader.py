@@ -46,7 +46,7 @@ from kappa.load.ledger import (
 )
 from kappa.load.sources import Chunk, Source, opened_source, split_name
 from kappa.ops.progress import ProgressLine
-from kappa.processes import relax_garbage_collector
+from kappa.processes import relax_garbage_collector, sigterm_interrupts
 
 DEFAULT_PARTITIONS = 8
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -468,7 +468,7 @@ def load(
     topic = check_topic_name(topic) if topic is not None else topic_for_path(path)
     if partitions is not None and partitions < 1:
         raise KappaError(f"--partitions must be at least 1, got {partitions}")
-    with _sigterm_interrupts(), opened_source(path, key) as source:
+    with sigterm_interrupts(), opened_source(path, key) as source:
         for text in source.notes:
             note(text)
         admin.wait_until_reachable(settings.broker)
@@ -478,22 +478,6 @@ def load(
         if isinstance(plan, LedgerEntry):
             return LoadResult(topic, 0, 0.0, created, plan.rows or 0, previous=plan)
         return _load(settings, topic, source, plan, writer, created)
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM interrupts the load as Ctrl-C does (KeyboardInterrupt) before rows are sent, while
-    stdin is spooled or the log read, so that the spooled copy is removed on the way out; once
-    rows are sent, `StopRequest` takes both signals over."""
-
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _load(

@@ -109,14 +109,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.timeout is not None:
             raise KappaError("--timeout applies to --batch replays only: add --batch, or leave out --timeout")
         from kappa.lifecycle.children import start_standby, stop_standby
+        from kappa.processes import sigterm_interrupts
 
-        # its processes import their libraries while this one imports its own and checks the log
-        standby = start_standby(args.processes)
-        try:
-            pipeline, definition = _definition(args)
-            return _replay_beside(args, pipeline, definition, standby)
-        finally:
-            stop_standby(standby)  # those that got work are the replay's to stop, and are gone by now
+        with sigterm_interrupts():  # its workers are stopped on the way out, as on Ctrl-C
+            # its processes import their libraries while this one imports its own and checks the log
+            standby = start_standby(args.processes)
+            try:
+                pipeline, definition = _definition(args)
+                return _replay_beside(args, pipeline, definition, standby)
+            finally:
+                stop_standby(standby)  # those that got work are the replay's to stop, and are gone by now
     pipeline, definition = _definition(args)
     settings = _settings(args)
     if args.timeout is not None and args.timeout <= 0:

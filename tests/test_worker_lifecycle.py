@@ -10,9 +10,12 @@ import signal
 import threading
 import time
 
+from confluent_kafka.admin import NewPartitions
+
+from kappa.kafka.admin import admin, delete_topics, ensure_topic, partition_count
 from tests.datagen import sample_frame
-from tests.helpers import pid_alive, wait_until
-from tests.live import kill_group, start_worker
+from tests.helpers import pid_alive, run_kappa, wait_until
+from tests.live import kill_group, load_round, start_worker
 from tests.oracle import latest_dir
 
 KEY, VALUE = "city", "amount"
@@ -149,3 +152,54 @@ def test_two_supervisors_starting_a_new_pipeline_together_make_one_generation(ka
     finally:
         kill_group(first)
         kill_group(second)
+
+
+def start_and_catch_up(kappa, tmp_path, topic: str, rows: int, partitions: int):
+    worker = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
+    worker.partitions = partitions
+    load_round(kappa, worker, tmp_path, rows, seed=71)
+    worker.assert_exact(tmp_path, KEY, VALUE)
+    return worker
+
+
+def refused_start(kappa, topic: str) -> str:
+    """`kappa worker` on a log its generation was not built from: refused at once, with one line."""
+    again = run_kappa(["worker", "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args()], timeout=120)
+    assert again.returncode == 2, again.stdout.decode() + again.stderr.decode()
+    return again.stderr.decode().strip().splitlines()[-1]
+
+
+def test_partitions_added_under_a_live_worker_stop_it_with_the_fix(kappa, tmp_path):
+    """Its processes ignored the new partition for minutes, then failed on every restart
+    ('Unrecognized partition' from the changelog), and the supervisor restarted them forever."""
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 2)
+    worker = start_and_catch_up(kappa, tmp_path, topic, 2_000, 2)
+    try:
+        result = admin(kappa.broker).create_partitions([NewPartitions(topic, 3)])
+        result[topic].result(timeout=30)
+        (child,) = worker.child_pids()
+        os.kill(child, signal.SIGKILL)  # a crash: the supervisor restarts it, and checks the log first
+        code = worker.process.wait(timeout=120)
+    finally:
+        kill_group(worker)
+    last = worker.log.read_text().strip().splitlines()[-1]
+    assert code == 2 and "has 3 partitions, but generation 1" in last and "was built on 2" in last, last
+    assert "run `kappa replay`" in last
+    assert "has 3 partitions, but generation 1" in refused_start(kappa, topic)
+
+
+def test_a_topic_made_again_under_a_generation_is_refused(kappa, tmp_path):
+    """On a topic deleted and made again, the worker went on from offsets the new log never had,
+    and published the deleted topic's counts as complete."""
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 2)
+    worker = start_and_catch_up(kappa, tmp_path, topic, 2_000, 2)
+    assert worker.stop() == 0
+    delete_topics(kappa.broker, [topic])
+    assert wait_until(lambda: partition_count(kappa.broker, topic) is None, 60)
+    path = tmp_path / "after.csv"
+    sample_frame(500, 50, seed=72).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    last = refused_start(kappa, topic)
+    assert "was deleted and made again since generation 1" in last and "run `kappa replay`" in last, last

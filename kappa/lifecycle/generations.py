@@ -176,6 +176,12 @@ class Registry:
         with self._locked() as state:
             state["generations"][str(generation)]["builder"] = builder
 
+    def bind_to_topic(self, generation: int, topic_id: str) -> str:
+        """The id of the topic the generation reads: recorded the first time, returned ever after
+        (a topic deleted and made again under the same name has another id)."""
+        with self._locked() as state:
+            return state["generations"][str(generation)].setdefault("topic_id", topic_id)
+
     def switch_to(self, generation: int) -> int | None:
         """Make `generation` current and the previous one retiring; returns the previous."""
         with self._locked() as state:

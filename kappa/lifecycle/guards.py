@@ -119,6 +119,54 @@ class EmptyResult(KappaError):
     """A finished generation counted no value at all from a log that has records."""
 
 
+class LogChanged(KappaError):
+    """The log under a generation is not the one it was built from (see `check_same_log`)."""
+
+
+def _rebuild_advice(pipeline: str) -> str:
+    return f"run `kappa replay` to build a generation from the log as it is now (see `kappa status {pipeline}`)"
+
+
+def check_same_partitions(settings: Settings, pipeline: str, generation: int, topic: str, partitions: int) -> None:
+    """Refuse a generation built on another number of the log's partitions (its changelog has
+    one partition per partition of the log it was built on). With a partition added, a worker
+    ignored it for minutes, then its processes failed on every start ("Unrecognized
+    partition" from the changelog) and were restarted forever."""
+    from kappa.engine.names import changelog_topic  # no Faust: names only
+
+    built_on = admin.partition_count(settings.broker, changelog_topic(pipeline, generation))
+    if built_on is not None and built_on != partitions:
+        raise LogChanged(
+            f"topic {topic!r} has {partitions} partitions, but generation {generation} of {pipeline!r} was built on "
+            f"{built_on}: its state is kept per partition, so it cannot follow a log whose partitions changed; "
+            + _rebuild_advice(pipeline)
+        )
+
+
+def check_same_topic(settings: Settings, pipeline: str, generation: int, topic: str) -> None:
+    """Refuse a generation that began reading another topic of the same name: on a topic
+    deleted and made again, a worker went on from the offsets its state held, and published
+    the deleted topic's counts as complete. Generations from before the topic id was recorded
+    take the topic they find."""
+    from kappa.lifecycle.generations import Registry
+
+    found = admin.topic_id(settings.broker, topic)
+    recorded = Registry(settings.snapshot_dir, pipeline).bind_to_topic(generation, found)
+    if recorded != found:
+        raise LogChanged(
+            f"topic {topic!r} was deleted and made again since generation {generation} of {pipeline!r} began reading "
+            f"it (topic id {recorded}, now {found}): its counts are the deleted topic's; " + _rebuild_advice(pipeline)
+        )
+
+
+def check_same_log(settings: Settings, pipeline: str, generation: int, topic: str, partitions: int) -> None:
+    """Refuse to continue a generation on a log it was not built from: its state is kept per
+    partition of the topic it read (see `check_same_partitions` and `check_same_topic`). A
+    replay rebuilds from the log as it is."""
+    check_same_partitions(settings, pipeline, generation, topic, partitions)
+    check_same_topic(settings, pipeline, generation, topic)
+
+
 def refuse_empty_result(records: dict[str, int], total: int, force: bool) -> None:
     """A generation that counted nothing from a log that has records never becomes current
     unless forced: it would replace a real result with an empty one."""

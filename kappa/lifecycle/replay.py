@@ -22,7 +22,7 @@ from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import Checked, EmptyResult, refuse_empty_result
+from kappa.lifecycle.guards import Checked, EmptyResult, check_same_topic, refuse_empty_result
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import snapshot
@@ -103,6 +103,7 @@ def run_batch(
     else:
         generation = registry.begin("batch", definition_record, this_builder())
         clear_leftovers(settings, pipeline, generation)
+        check_same_topic(settings, pipeline, generation, definition.topic)  # records the topic it reads
     total = sum(end_offsets.values())
     verb = "resuming the stopped generation" if resumable is not None else "generation"
     print(

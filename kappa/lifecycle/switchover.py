@@ -31,7 +31,7 @@ from kappa.lifecycle.children import (
 )
 from kappa.lifecycle.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
 from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import EmptyResult, preflight
+from kappa.lifecycle.guards import EmptyResult, check_same_topic, preflight
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition
 from kappa.processes import keep_pandas_out
@@ -122,6 +122,7 @@ def run_beside(
     report(collect_garbage(settings, pipeline, keep=generation), pipeline)
     if not resumed:
         clear_leftovers(settings, pipeline, generation)
+        check_same_topic(settings, pipeline, generation, definition.topic)  # records the topic it reads
     total = sum(ends.values())
     current = registry.current()
     verb = "resuming" if resumed else "building"

@@ -26,7 +26,13 @@ from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageR
 from kappa.lifecycle.children import Child, spawn_process, stop_children, worker_arguments
 from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.lifecycle.generations import Registry
-from kappa.lifecycle.guards import check_definition
+from kappa.lifecycle.guards import (
+    LogChanged,
+    check_definition,
+    check_same_log,
+    check_same_partitions,
+    check_same_topic,
+)
 from kappa.pipeline import Definition
 from kappa.processes import keep_pandas_out
 from kappa.snapshots import snapshot
@@ -72,6 +78,7 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
     current, created = registry.current_or_begin("live", definition.to_record())
     if created:
         clear_leftovers(settings, pipeline, current)
+        check_same_topic(settings, pipeline, current, definition.topic)  # records the topic it reads
         return current
     recorded = registry.read()["generations"][str(current)].get("definition", {})
     if recorded and recorded != definition.to_record():
@@ -82,6 +89,7 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
             f"`{' '.join(definition.to_args())}`: run `scripts/replay` with the new definition to switch to it, "
             "or start the worker with the current one"
         )
+    check_same_log(settings, pipeline, int(current), definition.topic, partitions)
     return int(current)
 
 
@@ -218,4 +226,18 @@ class Supervisor:
                     flush=True,
                 )
                 time.sleep(RESTART_DELAY_S)
+                self._stop_if_partitions_changed(generation)  # they would fail on every restart
                 self.children[position] = self._spawn(generation, child.index)
+
+    def _stop_if_partitions_changed(self, generation: int) -> None:
+        """Raise LogChanged when partitions were added to the log under the generation; a broker
+        that does not answer now (an outage, which the processes ride out) is no reason to stop."""
+        topic = self.definition.topic
+        try:
+            partitions = admin.partition_count(self.settings.broker, topic, timeout=5.0)
+            if partitions is not None:
+                check_same_partitions(self.settings, self.pipeline, generation, topic, partitions)
+        except LogChanged:
+            raise
+        except KappaError:
+            pass

@@ -41,9 +41,15 @@ class DeadLetters:
     generation: int
     definition_id: str
     written_up_to: dict[int, int] = field(default_factory=dict)
+    message_limit: int = deadletters.DEFAULT_MESSAGE_BYTES  # the dead-letter topic's max.message.bytes
 
     def headers(self, error: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
         return deadletters.headers(error, topic, partition, offset, self.pipeline, self.generation, self.definition_id)
+
+    def message(self, record: Record, error: str, topic: str, partition: int) -> tuple[bytes | None, list]:
+        """The value and headers the reject is written with (kappa.engine.deadletters.fitting)."""
+        headers = self.headers(error, topic, partition, record.offset)
+        return deadletters.fitting(record.key, record.value, headers, self.message_limit)
 
     def already_written(self, partition: int, offset: int) -> bool:
         return offset <= self.written_up_to.get(partition, -1)
@@ -207,12 +213,8 @@ class GroupedMeanAgent:
         for record, error in folded.rejected:
             if self.dead_letters.already_written(partition, record.offset):
                 continue
-            await self.dlq.send(
-                key=record.key,
-                value=record.value,
-                partition=partition,
-                headers=self.dead_letters.headers(error, definition.topic, partition, record.offset),
-            )
+            value, headers = self.dead_letters.message(record, error, definition.topic, partition)
+            await self.dlq.send(key=record.key, value=value, partition=partition, headers=headers)
             # a re-delivery (after a rebalance dropped the cache, or a rewind) must not send it again
             self.dead_letters.mark_written(partition, record.offset)
         groups = folded.groups

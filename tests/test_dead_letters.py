@@ -105,3 +105,28 @@ def test_a_replay_of_the_same_definition_does_not_dead_letter_twice(kappa):
 
     kappa.replay_batch(topic, "v", "zone")  # another definition rejects them for itself
     assert len(everything_in(kappa.broker, f"{topic}.dlq")) == 2 * bad
+
+
+def test_a_reject_longer_than_the_dead_letter_topic_takes_goes_without_its_value(kappa):
+    """A reject over 1 MB failed the send (aiokafka's default cap on a record), and so the worker
+    on every restart and the batch replay on every run; one longer than the dead-letter topic
+    takes would fail at the broker. The first is copied whole now, the second without its value."""
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 1, {"max.message.bytes": str(4 << 20)})
+    ensure_topic(kappa.broker, f"{topic}.dlq", 1, {"max.message.bytes": str(3 << 20)})
+    over_a_megabyte = orjson.dumps({"v": "x" * (3 << 19)})  # 1.5 MB, not numeric
+    too_long = orjson.dumps({"v": "y" * (7 << 19)})  # 3.5 MB, not numeric
+    cases = [(b"a", over_a_megabyte, "rejected"), (b"a", too_long, "rejected"), (b"a", b'{"v": 5}', "counted")]
+    produce(kappa.broker, topic, cases)
+    kappa.run("replay", "--topic", topic, "--value", "v", "--batch")
+
+    _, parquet_table, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["records"] == {"counted": 1, "skipped": 0, "rejected": 2}
+    assert parquet_table["sum"].tolist() == [5.0]
+    dead = everything_in(kappa.broker, f"{topic}.dlq")
+    dead.sort(key=lambda message: int(dict(message.headers())["kappa.source.offset"]))
+    assert [m.value() for m in dead] == [over_a_megabyte, None]
+    headers = dict(dead[1].headers())
+    assert headers["kappa.value.omitted"] == str(len(too_long)).encode()
+    assert "not numeric" in headers["kappa.error"].decode()
+    assert "kappa.value.omitted" not in dict(dead[0].headers())

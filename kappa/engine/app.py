@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # Faust is imported through the seam (faust_internals.import_
     import faust
 
 HEARTBEAT_S = 0.5  # a worker's heartbeat to its group (see create_pipeline)
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # the producer's cap on one record; the topics' own limits are lower
 REPLAY_HEARTBEAT_S = 0.1  # a replay's processes', while they form their group
 
 
@@ -133,6 +134,9 @@ def create_pipeline(
         broker_max_poll_records=100_000,
         producer_linger_ms=20,
         producer_max_batch_size=1024 * 1024,
+        # a reject is copied whole when its dead-letter topic takes it (kappa.engine.deadletters):
+        # aiokafka's own cap on a record (1 MB by default) must not refuse it first
+        producer_max_request_size=MAX_REQUEST_BYTES,
         table_cleanup_interval=3600.0,
         # a killed process must leave the group in seconds, not Faust's default minute
         broker_session_timeout=10.0,
@@ -156,7 +160,10 @@ def create_pipeline(
     table = define_table(app, partitions, replication.topic_config)
     identity = deadletters.definition_id(definition.to_record())
     written = deadletters.written_up_to(broker, definition.dlq_topic, definition.topic, identity)
-    agent = GroupedMeanAgent(table, definition, dlq, progress, DeadLetters(pipeline, generation, identity, written))
+    dead_letters = DeadLetters(
+        pipeline, generation, identity, written, deadletters.message_limit(broker, definition.dlq_topic)
+    )
+    agent = GroupedMeanAgent(table, definition, dlq, progress, dead_letters)
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent
     fair_share = -(-partitions // group_size) if group_size else None
     deliver_batches(app, source, {definition.topic: agent.on_batch}, fair_share)

@@ -1,5 +1,6 @@
 """The dead-letter topic `<topic>.dlq`: rejected records, copied unchanged, with headers that
-say why, where from, and which pipeline, generation and definition rejected them.
+say why, where from, and which pipeline, generation and definition rejected them (a record
+longer than the topic takes goes without its value, its length in a header: `fitting`).
 
 A replay recomputes every record, so it meets the same rejects again. Whether a record is
 rejected depends only on the definition, so a definition's rejects are written once: before
@@ -37,6 +38,30 @@ def headers(
         ("kappa.generation", str(generation).encode()),
         ("kappa.definition", definition.encode()),
     ]
+
+
+OMITTED_HEADER = "kappa.value.omitted"  # on a reject whose value the topic could not take: its length
+DEFAULT_MESSAGE_BYTES = 1_048_588  # Kafka's default max.message.bytes, when the topic's cannot be read
+FRAMING_BYTES = 1024  # a record's batch and header framing beside its key, value and header texts
+
+
+def message_limit(broker: str, dlq_topic: str) -> int:
+    """The longest record the dead-letter topic takes (its max.message.bytes)."""
+    return admin.topic_config_int(broker, dlq_topic, "max.message.bytes") or DEFAULT_MESSAGE_BYTES
+
+
+def fitting(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]], limit: int
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The value and headers of a reject as the dead-letter topic can take it: unchanged, or,
+    when the record is longer than `limit` (a source topic may take longer records than its
+    dead-letter topic, or than the producer's request), without the value and with a header
+    giving its length. Sent whole, such a record failed the send, and the worker with it, on
+    every restart."""
+    size = len(key or b"") + len(value or b"") + sum(len(name) + len(text) for name, text in headers)
+    if value is None or size + FRAMING_BYTES <= limit:
+        return value, headers
+    return None, [*headers, (OMITTED_HEADER, str(len(value)).encode())]
 
 
 def written_up_to(broker: str, dlq_topic: str, source_topic: str, definition: str) -> dict[int, int]:

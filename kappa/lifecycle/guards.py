@@ -124,7 +124,10 @@ class LogChanged(KappaError):
 
 
 def _rebuild_advice(pipeline: str) -> str:
-    return f"run `kappa replay` to build a generation from the log as it is now (see `kappa status {pipeline}`)"
+    return (
+        f"run `kappa replay` with the pipeline's definition (`kappa status --pipeline {pipeline}` shows it) to build "
+        "a generation from the log as it is now"
+    )
 
 
 def check_same_partitions(settings: Settings, pipeline: str, generation: int, topic: str, partitions: int) -> None:

@@ -13,7 +13,7 @@ import pytest
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka.admin import committed_offsets, group_members, partition_count
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, kappa_command, wait_until
+from tests.helpers import REPO, kappa_command, read_heartbeats, run_kappa, wait_until
 from tests.live import kill_group, start_worker
 from tests.oracle import assert_matches, read_latest
 
@@ -146,3 +146,36 @@ def test_abandoned_and_half_retired_generations_are_cleaned_up(kappa, tmp_path):
     csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
     assert manifest["generation"] == 3
     assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
+
+
+def test_drop_deletes_everything_kappa_made_for_a_pipeline(kappa, tmp_path):
+    """Nothing kappa makes is left without a command that removes it: `kappa gc` deletes
+    abandoned generations, `kappa drop` a whole pipeline (refused while it runs), with --topic
+    the topic, its load ledger and its dead-letter topic too."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(5_000, 100, seed=24).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    kappa.replay_batch(topic, VALUE, KEY)  # generation 1
+    kappa.replay_batch(topic, VALUE, KEY)  # generation 2, which retires 1
+    worker = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
+    worker.partitions = 2
+    try:
+        assert wait_until(lambda: read_heartbeats(kappa.data_dir / "run" / topic / "g2"), 120), "it never started"
+        refused = run_kappa(["drop", topic, *kappa.args()], timeout=120)
+        assert refused.returncode == 2 and b"has processes running" in refused.stderr, refused.stderr
+        assert worker.stop() == 0
+    finally:
+        kill_group(worker)
+
+    dropped = kappa.run("drop", topic, "--topic").stdout.decode()
+    assert "deleted generation 2" in dropped and f"deleted topics {topic}, {topic}.loads, {topic}.dlq" in dropped
+    for directory in (kappa.snapshot_dir / topic, kappa.data_dir / "state" / topic, kappa.data_dir / "run" / topic):
+        assert not directory.exists(), directory
+    for generation in (1, 2):
+        assert group_members(kappa.broker, app_id(topic, generation)) is None
+    gone = [topic, f"{topic}.loads", f"{topic}.dlq", changelog_topic(topic, 2), assignor_topic(topic, 2)]
+    for name in gone:
+        assert wait_until(lambda name=name: partition_count(kappa.broker, name) is None, 60), name
+    again = run_kappa(["drop", topic, *kappa.args()], timeout=60)
+    assert again.returncode == 2 and b"nothing to drop" in again.stderr

@@ -122,3 +122,55 @@ def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = Non
 def report(lines: list[str], pipeline: str) -> None:
     for line in lines:
         print(f"kappa: {pipeline}: {line}", file=sys.stderr, flush=True)
+
+
+def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False) -> list[str]:
+    """Delete everything kappa made for a pipeline: every generation's consumer group,
+    changelog and assignor topics and local state, its snapshots and its registry; with
+    `with_topic`, also the topic it reads and the topic's load ledger and dead-letter topic
+    (refused while another pipeline under the same --snapshot-dir reads that topic).
+
+    Refused while any of its processes runs, here or on another host (its groups' members):
+    deleting a running generation's changelog would leave its processes failing."""
+    registry = Registry(settings.snapshot_dir, pipeline)
+    generations = registry.read()["generations"]
+    home = settings.snapshot_dir / pipeline
+    if not generations and not home.exists():
+        raise KappaError(f"no pipeline {pipeline!r} under {settings.snapshot_dir}: nothing to drop")
+    running = [
+        int(number)
+        for number, entry in generations.items()
+        if heartbeats(settings, pipeline, int(number))
+        or admin.group_members(settings.broker, app_id(pipeline, int(number)))
+        or (entry.get("state") in (GenerationState.RUNNING, GenerationState.BUILDING) and builder_alive(entry))
+    ]
+    if running:
+        raise KappaError(
+            f"pipeline {pipeline!r} has processes running (generation {running[0]}): stop its workers and replays "
+            "first, then drop it"
+        )
+    topics = {entry["definition"]["topic"] for entry in generations.values() if entry.get("definition")}
+    if with_topic:
+        from kappa.lifecycle.generations import pipelines_under
+
+        for other in pipelines_under(settings.snapshot_dir):
+            others = Registry(settings.snapshot_dir, other).read()["generations"].values()
+            shared = topics & {entry["definition"]["topic"] for entry in others if entry.get("definition")}
+            if other != pipeline and shared:
+                raise KappaError(
+                    f"pipeline {other!r} also reads topic {sorted(shared)[0]!r}: drop it first, or leave out --topic"
+                )
+    done = []
+    for number in sorted(int(n) for n in generations):
+        delete_generation_state(settings, pipeline, number)
+        done.append(f"deleted generation {number}: its consumer group, changelog and assignor topics, and local state")
+    for directory in (home, settings.data_dir / "state" / pipeline, settings.data_dir / "run" / pipeline):
+        if directory.exists():
+            shutil.rmtree(directory)
+            done.append(f"deleted {directory}")
+    if with_topic:
+        for topic in sorted(topics):
+            named = [topic, f"{topic}.loads", f"{topic}.dlq"]
+            admin.delete_topics(settings.broker, named)
+            done.append(f"deleted topics {', '.join(named)}")
+    return done

@@ -240,6 +240,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drop(args: argparse.Namespace) -> int:
+    from kappa.lifecycle.cleanup import drop_pipeline
+
+    name = validate_pipeline_name(args.name)
+    for line in drop_pipeline(_settings(args), name, with_topic=args.topic):
+        print(f"{name}: {line}")
+    return 0
+
+
 def _replay_beside(args: argparse.Namespace, pipeline: str, definition, standby: list) -> int:
     from kappa.lifecycle.switchover import run_beside
 
@@ -416,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--pipeline", help="only this pipeline (default: every pipeline under --snapshot-dir)")
     gc.add_argument("--kept", action="store_true", help="also delete generations replaced with --keep-old")
     gc.set_defaults(handler=cmd_gc)
+
+    drop = commands.add_parser(
+        "drop", parents=[common], help="delete a pipeline: every generation's state, its snapshots and its registry"
+    )
+    drop.add_argument("name", help="the pipeline")
+    drop.add_argument(
+        "--topic", action="store_true", help="also delete the topic it reads, with <topic>.loads and <topic>.dlq"
+    )
+    drop.set_defaults(handler=cmd_drop)
 
     snap = commands.add_parser("snapshot", parents=[common], help="print the latest snapshot and its manifest")
     snap.add_argument("name", nargs="?", help="the pipeline (as --pipeline)")

@@ -106,8 +106,16 @@ def sigterm_interrupts() -> Iterator[None]:
     def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    with handling_signals(interrupt, signal.SIGTERM):
+        yield
+
+
+@contextmanager
+def handling_signals(handler: Callable[[int, Any], None], *signums: int) -> Iterator[None]:
+    """`handler` for the given signals while the block runs, the previous handlers after it."""
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)

@@ -22,7 +22,7 @@ from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.children import heartbeats
-from kappa.lifecycle.generations import GenerationState, Registry, builder_alive
+from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, pipelines_under
 from kappa.snapshots import parts
 
 TOPIC_GONE_TIMEOUT_S = 30.0
@@ -151,8 +151,6 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
         )
     topics = {entry["definition"]["topic"] for entry in generations.values() if entry.get("definition")}
     if with_topic:
-        from kappa.lifecycle.generations import pipelines_under
-
         for other in pipelines_under(settings.snapshot_dir):
             others = Registry(settings.snapshot_dir, other).read()["generations"].values()
             shared = topics & {entry["definition"]["topic"] for entry in others if entry.get("definition")}

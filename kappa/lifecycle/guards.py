@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from kappa.config import Settings
+from kappa.engine.names import changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.kafka.availability import wait_for_leaders
@@ -135,8 +136,6 @@ def check_same_partitions(settings: Settings, pipeline: str, generation: int, to
     one partition per partition of the log it was built on). With a partition added, a worker
     ignored it for minutes, then its processes failed on every start ("Unrecognized
     partition" from the changelog) and were restarted forever."""
-    from kappa.engine.names import changelog_topic  # no Faust: names only
-
     built_on = admin.partition_count(settings.broker, changelog_topic(pipeline, generation))
     if built_on is not None and built_on != partitions:
         raise LogChanged(

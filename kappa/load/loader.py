@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import repeat, starmap
 from operator import length_hint
@@ -46,7 +46,7 @@ from kappa.load.ledger import (
 )
 from kappa.load.sources import Chunk, Source, opened_source, split_name
 from kappa.ops.progress import ProgressLine
-from kappa.processes import relax_garbage_collector, sigterm_interrupts
+from kappa.processes import handling_signals, relax_garbage_collector, sigterm_interrupts
 
 DEFAULT_PARTITIONS = 8
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -314,15 +314,9 @@ class StopRequest:
         self.count += 1
         self.reason = self.reason or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
-    @contextmanager
-    def handling(self) -> Iterator[None]:
+    def handling(self) -> AbstractContextManager[None]:
         """This handler for SIGINT and SIGTERM while the block runs, the previous ones after it."""
-        previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        return handling_signals(self, signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass

@@ -100,8 +100,16 @@ def _frame_chunk(frame: pd.DataFrame, key: str) -> Chunk:
     return Chunk(keys, values, longest_value + longest_key)
 
 
+def _listed_chunk(keys: list[bytes | None], values: list[bytes]) -> Chunk:
+    return Chunk(keys, values, max(map(len, values), default=0) + _longest_key(keys))
+
+
 def _longest(texts: pa.Array) -> int:
     return pc.max(pc.binary_length(texts)).as_py() or 0
+
+
+def _longest_key(keys: list[bytes | None]) -> int:
+    return max(map(len, filter(None, keys)), default=0)
 
 
 def _message_keys(column: pd.Series) -> tuple[list[bytes | None], int]:
@@ -117,7 +125,7 @@ def _message_keys(column: pd.Series) -> tuple[list[bytes | None], int]:
             keys = pc.if_else(present, texts, pa.scalar(None, pa.string())).cast(pa.binary())
             return keys.to_pylist(), _longest(keys)
     keys = [_key_bytes(value) for value in column.tolist()]
-    return keys, max((len(key) for key in keys if key is not None), default=0)
+    return keys, _longest_key(keys)
 
 
 def _timestamp_text(column: pa.Array) -> pa.Array:
@@ -185,7 +193,8 @@ class Source:
     def _jsonl_chunks(self) -> Iterator[Chunk]:
         """Each non-blank line is loaded unchanged; lines that are not JSON objects still go to
         the log (it is the system of record) and are counted, since workers will reject them."""
-        chunk = Chunk([], [], 0)
+        keys: list[bytes | None] = []
+        values: list[bytes] = []
         with open(self.path, "rb") as handle:
             for line in handle:
                 line = line.strip()
@@ -195,19 +204,17 @@ class Source:
                     row = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     row = None
-                key = None
                 if isinstance(row, dict):
-                    key = _key_bytes(row.get(self.key))
+                    keys.append(_key_bytes(row.get(self.key)))
                 else:
                     self.not_objects += 1
-                chunk.keys.append(key)
-                chunk.values.append(line)
-                chunk.longest = max(chunk.longest, len(line) + (len(key) if key is not None else 0))
-                if len(chunk.values) == CHUNK_ROWS:
-                    yield chunk
-                    chunk = Chunk([], [], 0)
-        if chunk.values:
-            yield chunk
+                    keys.append(None)
+                values.append(line)
+                if len(values) == CHUNK_ROWS:
+                    yield _listed_chunk(keys, values)
+                    keys, values = [], []
+        if values:
+            yield _listed_chunk(keys, values)
 
     def _parquet_chunks(self) -> Iterator[Chunk]:
         import pyarrow.parquet as pq

@@ -230,3 +230,9 @@ def read_heartbeats(run_dir: Path) -> list[dict]:
         except (OSError, ValueError):
             pass
     return beats
+
+
+def imported_modules(stderr: str) -> list[str]:
+    """The modules a process run with PYTHONPROFILEIMPORTTIME=1 imported, in order, from its stderr
+    (an import refused by a finder is listed too, without its submodules)."""
+    return [line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")]

@@ -12,7 +12,7 @@ import pytest
 
 from kappa import read_snapshot
 from tests.datagen import AWKWARD_KEYS, pandas_expectation, sample_frame
-from tests.helpers import run_kappa
+from tests.helpers import imported_modules, run_kappa
 from tests.oracle import assert_matches, assert_tables_identical, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -66,8 +66,7 @@ def test_a_replay_imports_no_http_client(kappa, tmp_path):
     replay = ["replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--batch", *kappa.args()]
     result = run_kappa(replay, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}, timeout=300, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stderr.splitlines()
-    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")]
+    imported = imported_modules(result.stderr)
     assert "faust.app.base" in imported, "the replay's imports were not listed"
     assert [module for module in imported if module.split(".")[0] == "aiohttp"] == []
     csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)

@@ -18,7 +18,7 @@ from confluent_kafka.admin import NewTopic
 from kappa.engine.names import app_id, changelog_topic
 from kappa.kafka.admin import admin, committed_offsets, ensure_topic, partition_count
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, kill_tree, wait_for
+from tests.helpers import REPO, imported_modules, kill_tree, wait_for
 from tests.live import kill_group, start_worker
 from tests.oracle import assert_matches, latest_dir, read_latest
 
@@ -246,8 +246,7 @@ def test_no_process_of_a_replay_imports_pandas(kappa, tmp_path):
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stderr.splitlines()
-    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")]
+    imported = imported_modules(done.stderr)
     assert imported.count("kappa.lifecycle.switchover") == 1, "the supervisor's imports were not listed"
     assert imported.count("faust.app.base") == 2, "the workers' imports were not listed"
     # a refused import is listed too, as `pandas` alone; an import that happens brings pandas.core and the rest

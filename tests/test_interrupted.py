@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
-from kappa.kafka.admin import committed_offsets, group_members, partition_count
+from kappa.kafka.admin import committed_offsets, delete_topics, group_members, partition_count
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, kappa_command, read_heartbeats, run_kappa, wait_until
 from tests.live import kill_group, start_worker
@@ -74,6 +74,31 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
     assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
     assert manifest["generation"] == 1
     assert set(registry(kappa, topic)["generations"]) == {"1"}
+
+
+@pytest.mark.slow
+def test_a_stopped_batch_replay_on_a_topic_made_again_starts_over(kappa, tmp_path):
+    """Resuming went on from generation 1's offsets and state, which belong to the deleted
+    topic: the result mixed its counts with the new log's."""
+    topic = kappa.topic()
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    sample_frame(60_000, 500, seed=21).to_csv(first, index=False)
+    sample_frame(3_000, 40, seed=22).to_csv(second, index=False)
+    kappa.load(first, KEY, topic, partitions=4)
+    env = kappa.paced_replay_env(app_id(topic, 1), 50_000)
+    interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, 15_000)
+    assert registry(kappa, topic)["generations"]["1"]["state"] == "failed"
+
+    delete_topics(kappa.broker, [topic])
+    assert wait_until(lambda: partition_count(kappa.broker, topic) is None, 60)
+    kappa.load(second, KEY, topic, partitions=4)
+    finished = subprocess.run(batch_command(kappa, topic), capture_output=True, cwd=REPO, timeout=300)
+    assert finished.returncode == 0, finished.stderr.decode()
+    assert "deleted generation 1 instead of resuming it: topic" in finished.stderr.decode()
+    csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(csv_table, pandas_expectation(str(second), KEY, VALUE))
+    assert manifest["generation"] == 2
+    assert partition_count(kappa.broker, changelog_topic(topic, 1)) is None
 
 
 @pytest.mark.slow

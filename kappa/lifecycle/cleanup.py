@@ -23,6 +23,7 @@ from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.children import heartbeats
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, pipelines_under
+from kappa.lifecycle.guards import LogChanged, check_same_log
 from kappa.snapshots import parts
 
 TOPIC_GONE_TIMEOUT_S = 30.0
@@ -100,6 +101,12 @@ def abandoned(registry: Registry) -> list[tuple[int, dict]]:
     return [(number, entry) for number, entry in registry.in_state(*states) if not builder_alive(entry)]
 
 
+def mark_failed(registry: Registry, generation: int, entry: dict) -> None:
+    """An abandoned generation whose builder is gone is failed (if it was not marked so already)."""
+    if entry.get("state") in (GenerationState.RUNNING, GenerationState.BUILDING):
+        registry.mark(generation, GenerationState.FAILED)
+
+
 def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = None, kept: bool = False) -> list[str]:
     """Everything a pipeline no longer needs: half-done retirements and abandoned generations
     (all of them, or all but `keep`, which a resumed replay is about to take over), and with
@@ -112,10 +119,28 @@ def collect_garbage(settings: Settings, pipeline: str, *, keep: int | None = Non
     for generation, entry in abandoned(registry):
         if generation == keep:
             continue
-        if entry.get("state") in (GenerationState.RUNNING, GenerationState.BUILDING):
-            registry.mark(generation, GenerationState.FAILED)
+        mark_failed(registry, generation, entry)
         if retire_if_stopped(settings, pipeline, generation):
             done.append(f"deleted generation {generation} ({entry.get('mode')}, stopped before it became current)")
+    return done
+
+
+def discard_built_on_another_log(settings: Settings, pipeline: str, topic: str, partitions: int) -> list[str]:
+    """Delete the abandoned generations of `topic` that were built on another log (partitions
+    added since, or the topic deleted and made again): resuming one would go on from offsets
+    and per-partition state of a log that is gone, and publish its counts as this log's. The
+    replay then builds a new generation from the log as it is."""
+    registry = Registry(settings.snapshot_dir, pipeline)
+    done = []
+    for generation, entry in abandoned(registry):
+        if (entry.get("definition") or {}).get("topic") != topic:
+            continue
+        try:
+            check_same_log(settings, pipeline, generation, topic, partitions)
+        except LogChanged as changed:
+            mark_failed(registry, generation, entry)
+            if retire_if_stopped(settings, pipeline, generation):
+                done.append(f"deleted generation {generation} instead of resuming it: {changed.fact}")
     return done
 
 

@@ -178,7 +178,11 @@ class Registry:
 
     def bind_to_topic(self, generation: int, topic_id: str) -> str:
         """The id of the topic the generation reads: recorded the first time, returned ever after
-        (a topic deleted and made again under the same name has another id)."""
+        (a topic deleted and made again under the same name has another id). Once recorded, it
+        is read without the registry's lock: a running worker compares it every few seconds."""
+        recorded = self.read()["generations"][str(generation)].get("topic_id")
+        if recorded is not None:
+            return str(recorded)
         with self._locked() as state:
             return state["generations"][str(generation)].setdefault("topic_id", topic_id)
 

@@ -121,14 +121,16 @@ class EmptyResult(KappaError):
 
 
 class LogChanged(KappaError):
-    """The log under a generation is not the one it was built from (see `check_same_log`)."""
+    """The log under a generation is not the one it was built from (see `check_same_log`).
 
+    `fact` says what changed; the message adds what to do about it."""
 
-def _rebuild_advice(pipeline: str) -> str:
-    return (
-        f"run `kappa replay` with the pipeline's definition (`kappa status --pipeline {pipeline}` shows it) to build "
-        "a generation from the log as it is now"
-    )
+    def __init__(self, fact: str, pipeline: str) -> None:
+        self.fact = fact
+        super().__init__(
+            f"{fact}: run `kappa replay` with the pipeline's definition (`kappa status --pipeline {pipeline}` shows "
+            "it) to build a generation from the log as it is now"
+        )
 
 
 def check_same_partitions(settings: Settings, pipeline: str, generation: int, topic: str, partitions: int) -> None:
@@ -140,8 +142,8 @@ def check_same_partitions(settings: Settings, pipeline: str, generation: int, to
     if built_on is not None and built_on != partitions:
         raise LogChanged(
             f"topic {topic!r} has {partitions} partitions, but generation {generation} of {pipeline!r} was built on "
-            f"{built_on}: its state is kept per partition, so it cannot follow a log whose partitions changed; "
-            + _rebuild_advice(pipeline)
+            f"{built_on}; its state is kept per partition, so it cannot follow a log whose partitions changed",
+            pipeline,
         )
 
 
@@ -157,7 +159,8 @@ def check_same_topic(settings: Settings, pipeline: str, generation: int, topic: 
     if recorded != found:
         raise LogChanged(
             f"topic {topic!r} was deleted and made again since generation {generation} of {pipeline!r} began reading "
-            f"it (topic id {recorded}, now {found}): its counts are the deleted topic's; " + _rebuild_advice(pipeline)
+            f"it (topic id {recorded}, now {found}), so its counts are the deleted topic's",
+            pipeline,
         )
 
 

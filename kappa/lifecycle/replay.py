@@ -20,7 +20,14 @@ from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
 from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop, request_stop
 from kappa.errors import KappaError
 from kappa.kafka import admin
-from kappa.lifecycle.cleanup import abandoned, clear_leftovers, collect_garbage, delete_generation_state, report
+from kappa.lifecycle.cleanup import (
+    abandoned,
+    clear_leftovers,
+    collect_garbage,
+    delete_generation_state,
+    discard_built_on_another_log,
+    report,
+)
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
 from kappa.lifecycle.guards import Checked, EmptyResult, check_same_topic, refuse_empty_result
 from kappa.ops.progress import ProgressLine
@@ -95,6 +102,7 @@ def run_batch(
     partitions, end_offsets = checked.result()
     registry = Registry(settings.snapshot_dir, pipeline)
     definition_record = definition.to_record()
+    report(discard_built_on_another_log(settings, pipeline, definition.topic, partitions), pipeline)
     resumable = resumable_batch(registry, definition)
     report(collect_garbage(settings, pipeline, keep=resumable), pipeline)
     if resumable is not None:

@@ -29,7 +29,13 @@ from kappa.lifecycle.children import (
     stop_children,
     worker_arguments,
 )
-from kappa.lifecycle.cleanup import clear_leftovers, collect_garbage, delete_generation_state, report
+from kappa.lifecycle.cleanup import (
+    clear_leftovers,
+    collect_garbage,
+    delete_generation_state,
+    discard_built_on_another_log,
+    report,
+)
 from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
 from kappa.lifecycle.guards import EmptyResult, check_same_topic, preflight
 from kappa.ops.progress import ProgressLine
@@ -118,6 +124,7 @@ def run_beside(
     """`standby`: processes started early (see Standby); the replay starts its own without."""
     partitions, ends = preflight(settings, definition, allow_truncated, force)
     registry = Registry(settings.snapshot_dir, pipeline)
+    report(discard_built_on_another_log(settings, pipeline, definition.topic, partitions), pipeline)
     generation, resumed = claim_generation(registry, definition)
     report(collect_garbage(settings, pipeline, keep=generation), pipeline)
     if not resumed:

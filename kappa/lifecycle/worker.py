@@ -26,13 +26,7 @@ from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageR
 from kappa.lifecycle.children import Child, spawn_process, stop_children, worker_arguments
 from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.lifecycle.generations import Registry
-from kappa.lifecycle.guards import (
-    LogChanged,
-    check_definition,
-    check_same_log,
-    check_same_partitions,
-    check_same_topic,
-)
+from kappa.lifecycle.guards import LogChanged, check_definition, check_same_log, check_same_topic
 from kappa.pipeline import Definition
 from kappa.processes import keep_pandas_out
 from kappa.snapshots import snapshot
@@ -40,6 +34,7 @@ from kappa.snapshots.publisher import Publisher
 
 log = logging.getLogger("kappa.lifecycle.worker")
 RESTART_DELAY_S = 2.0
+LOG_CHECK_INTERVAL_S = 5.0  # how often a running worker checks that its log is the one its generation was built on
 
 
 def claim_data_dir(settings: Settings, pipeline: str) -> IO:
@@ -158,10 +153,14 @@ class Supervisor:
         self._watch_leaders(generation)
         next_publish = time.monotonic() + self.interval
         next_check = time.monotonic() + 1.0
+        next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
         try:
             while not self.stopping:
                 time.sleep(0.1)
                 self._restart_dead(generation)
+                if time.monotonic() >= next_log_check:
+                    self._stop_if_log_changed(generation)
+                    next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 1.0
                     followed = self._follow_switch(generation)
@@ -226,17 +225,21 @@ class Supervisor:
                     flush=True,
                 )
                 time.sleep(RESTART_DELAY_S)
-                self._stop_if_partitions_changed(generation)  # they would fail on every restart
+                self._stop_if_log_changed(generation)  # they would fail on every restart
                 self.children[position] = self._spawn(generation, child.index)
 
-    def _stop_if_partitions_changed(self, generation: int) -> None:
-        """Raise LogChanged when partitions were added to the log under the generation; a broker
-        that does not answer now (an outage, which the processes ride out) is no reason to stop."""
+    def _stop_if_log_changed(self, generation: int) -> None:
+        """Raise LogChanged when the log is no longer the one the generation was built on
+        (kappa.lifecycle.guards.check_same_log). Checked every few seconds, not only before a
+        restart: with a partition added, the processes ignored it, and the snapshots said
+        complete, until a restart; with the topic made again, they published the old counts.
+        A broker that does not answer now (an outage, which the processes ride out) is no
+        reason to stop."""
         topic = self.definition.topic
         try:
             partitions = admin.partition_count(self.settings.broker, topic, timeout=5.0)
             if partitions is not None:
-                check_same_partitions(self.settings, self.pipeline, generation, topic, partitions)
+                check_same_log(self.settings, self.pipeline, generation, topic, partitions)
         except LogChanged:
             raise
         except KappaError:

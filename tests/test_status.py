@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 from tests.live import load_round
 
 
@@ -48,3 +50,30 @@ def test_status_with_the_broker_down_shows_what_is_on_disk(kappa, live, tmp_path
     assert "latest snapshot: generation 1," in out
     assert len(text.stderr.decode().strip().splitlines()) == 1
     assert worker.stop() == 0
+
+
+def test_status_shows_a_worker_process_that_keeps_failing(kappa, live, tmp_path):
+    """Status showed only the lag of a worker whose processes were restarted every two seconds."""
+    worker = live(kappa.topic(), partitions=2, processes=1)
+    load_round(kappa, worker, tmp_path, 1_000, seed=6)
+    worker.wait_caught_up()
+    killed: list[int] = []
+    for _ in range(3):  # a process that dies soon after each start, as one failing at every start does
+        (child,) = wait_for(lambda: worker.child_pids() - set(killed), 120, "a new worker process")
+        os.kill(child, signal.SIGKILL)
+        killed.append(child)
+    wait_for(lambda: worker.child_pids() - set(killed), 120, "a new worker process")
+
+    status = json.loads(kappa.run("status", "--json", "--pipeline", worker.topic, timeout=120).stdout)
+    running = status["pipelines"][0]["worker"]
+    assert running["pid"] == worker.process.pid and running["processes"] == 1 and running["generation"] == 1
+    assert running["restart_count"] == 3
+    assert [restart["pid"] for restart in running["restarts"]] == killed
+    assert running["crash_looping"] == [{"index": 0, "restarts": 3, "last_code": -signal.SIGKILL}]
+    out = kappa.run("status", "--pipeline", worker.topic, timeout=120).stdout.decode()
+    assert f"worker: supervisor pid {worker.process.pid} on " in out and ", 3 restart(s) (the last " in out, out
+    assert "warning: worker process 0 exited 3 times in the last 60s (last exit code -9)" in out, out
+
+    assert worker.stop() == 0
+    status = json.loads(kappa.run("status", "--json", "--pipeline", worker.topic, timeout=120).stdout)
+    assert status["pipelines"][0]["worker"] is None

@@ -13,10 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from kappa.config import Settings, format_offsets
+from kappa.files import replace_text
 from kappa.processes import pid_alive
 
 if TYPE_CHECKING:  # a replay starts its processes before it imports the pipeline's modules
@@ -181,7 +183,7 @@ def stop_children(children: list[Child], grace: float = STOP_GRACE_S) -> None:
 
 
 def heartbeats(settings: Settings, pipeline: str, generation: int) -> list[dict]:
-    """Heartbeats of this host's live processes of one generation."""
+    """Heartbeats of one generation's processes: this host's live ones, and every other host's."""
     beats = []
     directory = settings.run_dir(pipeline, generation)
     for path in sorted(directory.glob("process-*.json")) if directory.is_dir() else []:
@@ -193,3 +195,45 @@ def heartbeats(settings: Settings, pipeline: str, generation: int) -> list[dict]
             continue
         beats.append(beat)
     return beats
+
+
+RESTARTS_KEPT = 20  # the newest restarts a supervisor record lists
+
+
+def supervisor_record_path(settings: Settings, pipeline: str) -> Path:
+    return settings.data_dir / "run" / pipeline / "supervisor.json"
+
+
+@dataclass
+class SupervisorRecord:
+    """What `kappa status` shows of a running `kappa worker` beyond its processes' heartbeats:
+    how many processes it keeps, and its restarts of them. A process that fails at every start
+    writes no heartbeat worth reading; without this record, status showed only the lag of a
+    worker whose processes were restarted every two seconds."""
+
+    pid: int
+    host: str
+    started_at: str
+    processes: int
+    generation: int
+    restart_count: int = 0
+    restarts: list[dict] = field(default_factory=list)  # the newest RESTARTS_KEPT: index, pid, code, at
+
+    def restarted(self, index: int, pid: int, code: int, at: str) -> None:
+        self.restart_count += 1
+        self.restarts = [*self.restarts, {"index": index, "pid": pid, "code": code, "at": at}][-RESTARTS_KEPT:]
+
+    def write(self, settings: Settings, pipeline: str) -> None:
+        replace_text(supervisor_record_path(settings, pipeline), json.dumps(asdict(self)))
+
+
+def read_supervisor_record(settings: Settings, pipeline: str) -> SupervisorRecord | None:
+    """The record of the worker running `pipeline` from this data dir; None when there is none,
+    or when its supervisor (on this host) is gone."""
+    try:
+        record = SupervisorRecord(**json.loads(supervisor_record_path(settings, pipeline).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if record.host == socket.gethostname() and not pid_alive(record.pid):
+        return None
+    return record

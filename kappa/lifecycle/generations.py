@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from kappa.errors import KappaError
+from kappa.files import replace_text
 from kappa.processes import pid_alive
 from kappa.snapshots.snapshot import utc_now
 
@@ -107,9 +108,7 @@ class Registry:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
             yield state
-            staging = self.path.with_suffix(f".{os.getpid()}.tmp")
-            staging.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-            os.replace(staging, self.path)
+            replace_text(self.path, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
     def begin(self, mode: str, definition: dict, builder: dict | None = None) -> int:
         """Allocate the next generation number and record it as running."""

@@ -18,6 +18,7 @@ from typing import IO
 from kappa.config import Settings
 from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
 from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop
+from kappa.files import replace_text
 from kappa.kafka import admin
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import parts, snapshot
@@ -138,10 +139,7 @@ class PartWriter:
             "last_applied_at": progress.last_applied_at,
             "updated_at": snapshot.utc_now(),
         }
-        self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.heartbeat.with_suffix(".tmp")
-        staging.write_text(json.dumps(state))
-        os.replace(staging, self.heartbeat)
+        replace_text(self.heartbeat, json.dumps(state))
 
 
 class FinalPartsWorker(PromptWorker):

@@ -23,7 +23,14 @@ from kappa.engine.names import app_id, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
-from kappa.lifecycle.children import Child, spawn_process, stop_children, worker_arguments
+from kappa.lifecycle.children import (
+    Child,
+    SupervisorRecord,
+    spawn_process,
+    stop_children,
+    supervisor_record_path,
+    worker_arguments,
+)
 from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.lifecycle.generations import Registry
 from kappa.lifecycle.guards import LogChanged, check_definition, check_same_log, check_same_topic
@@ -108,6 +115,7 @@ class Supervisor:
         self.children: list[Child] = []
         self._data_dir_claim: IO | None = None
         self.outages: OutageReporter | None = None
+        self.record = SupervisorRecord(os.getpid(), socket.gethostname(), snapshot.utc_now(), processes, generation=0)
 
     def _watch_leaders(self, generation: int) -> None:
         """One outage line for all processes, printed here (the processes stay quiet)."""
@@ -150,6 +158,8 @@ class Supervisor:
             flush=True,
         )
         self.children = [self._spawn(generation, i) for i in range(self.processes)]
+        self.record.generation = generation
+        self.record.write(self.settings, self.pipeline)
         self._watch_leaders(generation)
         next_publish = time.monotonic() + self.interval
         next_check = time.monotonic() + 1.0
@@ -173,6 +183,7 @@ class Supervisor:
                     self._publish(publisher)
         finally:
             stop_children(self.children)
+            supervisor_record_path(self.settings, self.pipeline).unlink(missing_ok=True)
             if self.outages is not None:
                 self._outage_thread.stop()
         self._publish(publisher)
@@ -200,6 +211,8 @@ class Supervisor:
         if recorded:
             self.definition = Definition.from_record(recorded)
         self.children = [self._spawn(current, i) for i in range(self.processes)]
+        self.record.generation = int(current)
+        self.record.write(self.settings, self.pipeline)
         return int(current)
 
     def _publish(self, publisher: Publisher) -> None:
@@ -224,6 +237,8 @@ class Supervisor:
                     file=sys.stderr,
                     flush=True,
                 )
+                self.record.restarted(child.index, child.process.pid, code, snapshot.utc_now())
+                self.record.write(self.settings, self.pipeline)
                 time.sleep(RESTART_DELAY_S)
                 self._stop_if_log_changed(generation)  # they would fail on every restart
                 self.children[position] = self._spawn(generation, child.index)

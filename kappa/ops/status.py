@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from kappa.config import Settings
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
+from kappa.lifecycle.children import heartbeats, read_supervisor_record
 from kappa.lifecycle.generations import GenerationState, Registry, pipelines_under
 from kappa.pipeline import Definition
-from kappa.processes import pid_alive
 from kappa.snapshots.snapshot import read_manifest
+
+# a process restarted this often within this window fails at every start: status says so
+CRASH_LOOP_RESTARTS = 3
+CRASH_LOOP_WINDOW_S = 60.0
 
 
 def _age_s(stamp: str) -> float:
@@ -22,19 +26,28 @@ def _age_s(stamp: str) -> float:
 
 
 def _processes(settings: Settings, pipeline: str, generation: int) -> list[dict]:
-    directory = settings.run_dir(pipeline, generation)
-    found = []
-    for path in sorted(directory.glob("process-*.json")) if directory.is_dir() else []:
-        try:
-            beat = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        local = beat.get("host") == os.uname().nodename
-        if local and not pid_alive(beat["pid"]):
-            continue
-        beat["heartbeat_age_s"] = _age_s(beat["updated_at"])
-        found.append(beat)
-    return found
+    beats = heartbeats(settings, pipeline, generation)
+    return [{**beat, "heartbeat_age_s": _age_s(beat["updated_at"])} for beat in beats]
+
+
+def _worker(settings: Settings, pipeline: str) -> dict | None:
+    """The running `kappa worker` of this data dir, with the restarts of its processes."""
+    record = read_supervisor_record(settings, pipeline)
+    if record is None:
+        return None
+    recent: dict[int, list[dict]] = {}
+    for restart in record.restarts:
+        if _age_s(restart["at"]) <= CRASH_LOOP_WINDOW_S:
+            recent.setdefault(restart["index"], []).append(restart)
+    return {
+        **asdict(record),
+        "with_heartbeat": len(heartbeats(settings, pipeline, record.generation)),
+        "crash_looping": [
+            {"index": index, "restarts": len(restarts), "last_code": restarts[-1]["code"]}
+            for index, restarts in sorted(recent.items())
+            if len(restarts) >= CRASH_LOOP_RESTARTS
+        ],
+    }
 
 
 def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = True) -> dict:
@@ -77,6 +90,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
                 "processes": _processes(settings, pipeline, int(number)),
             }
         )
+    result["worker"] = _worker(settings, pipeline)
     kept = [gen["generation"] for gen in result["generations"]]
     result["warnings"] = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
     try:
@@ -161,6 +175,7 @@ def render(status: dict) -> str:
                     f"    process pid {proc['pid']} on {proc['host']}: partitions {proc['partitions']}, "
                     f"heartbeat {proc['heartbeat_age_s']}s ago"
                 )
+        lines.extend(_worker_lines(pipe.get("worker")))
         lines.extend(f"  warning: {warning}" for warning in pipe.get("warnings", []))
         snap = pipe["latest_snapshot"]
         if snap:
@@ -174,6 +189,26 @@ def render(status: dict) -> str:
         else:
             lines.append("  latest snapshot: none yet")
     return "\n".join(lines)
+
+
+def _worker_lines(worker: dict | None) -> list[str]:
+    if worker is None:
+        return []
+    lines = [
+        f"  worker: supervisor pid {worker['pid']} on {worker['host']}, generation {worker['generation']}, "
+        f"{worker['with_heartbeat']} of {worker['processes']} process(es) with a heartbeat, "
+        f"{worker['restart_count']:,} restart(s)"
+    ]
+    if worker["restarts"]:
+        last = worker["restarts"][-1]
+        lines[0] += f" (the last {_age_s(last['at'])}s ago: process {last['index']} exited with code {last['code']})"
+    for looping in worker["crash_looping"]:
+        lines.append(
+            f"  warning: worker process {looping['index']} exited {looping['restarts']} times in the last "
+            f"{CRASH_LOOP_WINDOW_S:g}s (last exit code {looping['last_code']}): it fails soon after each start; "
+            "the worker's output says why"
+        )
+    return lines
 
 
 def dumps(status: dict) -> str:

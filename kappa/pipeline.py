@@ -169,7 +169,9 @@ class Definition:
         if record["key"] is not None:
             args += ["--key", record["key"]]
         if self.window is not None:
-            args += ["--window", self.window, "--time", str(self.time_field), "--time-unit", self.time_unit]
+            args += ["--window", self.window, "--time", str(self.time_field)]
+            if self.time_field != RECORD_TIMESTAMP or self.time_unit != "s":  # a record timestamp has no unit to give
+                args += ["--time-unit", self.time_unit]
         return args
 
 

@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from kappa.pipeline import Definition, resolve
 from tests.datagen import pandas_expectation, sample_frame
 from tests.oracle import assert_matches, latest_dir, read_latest
 
@@ -109,3 +111,26 @@ def test_a_generation_that_counted_nothing_never_replaces_the_current_one(kappa,
     kappa.replay_batch(topic, "empty", "city", "--force")
     table, _, manifest = read_latest(kappa.snapshot_dir, topic)
     assert manifest["records"]["counted"] == 0 and (table["count"] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("time", "unit", "shown"),
+    [
+        ("@timestamp", "s", "--window 1h --time @timestamp"),
+        ("@timestamp", "ms", "--window 1h --time @timestamp --time-unit ms"),
+        ("at", "s", "--window 1h --time at --time-unit s"),
+    ],
+)
+def test_a_definition_is_shown_as_the_options_that_give_it(time, unit, shown):
+    """Status showed `--time-unit s` for a window over the record timestamp, which has no unit."""
+    definition = Definition(
+        topic="t", value_fields=("fare",), key_fields=("city",), window="1h", time_field=time, time_unit=unit
+    )
+    args = definition.computation_args()
+    assert " ".join(args) == f"--value fare --key city {shown}"
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    _, again = resolve(
+        None, None, topic="t", key=options["--key"], value=options["--value"], window=options["--window"],
+        time=options["--time"], time_unit=options.get("--time-unit"),
+    )  # fmt: skip
+    assert again == definition and again.to_record() == definition.to_record()

@@ -50,6 +50,20 @@ def test_routine_rebalance_warning_is_logged_at_info(caplog):
         logger.filters.clear()
 
 
+def test_fausts_warning_of_missing_sensor_state_is_logged_at_info(caplog):
+    """Faust warns on a rebalance it has no sensor state for, which kappa's apps never have:
+    a replay by 4 processes on a slow machine printed four such warnings."""
+    from kappa.engine.app import quiet_faust_noise
+
+    quiet_faust_noise()
+    logger = logging.getLogger("faust.app.base")
+    with caplog.at_level(logging.WARNING, logger="faust.app.base"):
+        logger.warning("[^-App]: Missing sensor state for rebalance #%s", 2)
+        logger.warning("[^-App]: Missing sensor state for rebalance end #%s", 2)
+        logger.warning("[^-App]: something else %s", 2)
+    assert [record.getMessage() for record in caplog.records] == ["[^-App]: something else 2"]
+
+
 def test_client_outage_noise_is_held_back_only_during_an_outage():
     from kappa.engine.lognoise import HeldBackDuringOutage
     from kappa.kafka import availability

@@ -39,28 +39,45 @@ class RepeatFolder(logging.Filter):
         return True
 
 
-ROUTINE_WARNINGS = frozenset({"Heartbeat failed for group %s because it is rebalancing"})
+ROUTINE_WARNINGS = (
+    "Heartbeat failed for group %s because it is rebalancing",
+    # Faust, on a rebalance it has no sensor state for: it has none whenever no sensor is
+    # installed, as in kappa's apps; seen as four warnings on a replay by 4 slow processes
+    "Missing sensor state for rebalance #%s",
+    "Missing sensor state for rebalance end #%s",
+)
 
 
 class RoutineWarningDemoter(logging.Filter):
-    """Log the warnings in ROUTINE_WARNINGS at info: shown only where info is enabled."""
+    """Log the warnings in ROUTINE_WARNINGS at info: shown only where info is enabled. A
+    template may follow a prefix (mode's service loggers add the service's name)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING or record.msg not in ROUTINE_WARNINGS:
+        if record.levelno != logging.WARNING or not str(record.msg).endswith(ROUTINE_WARNINGS):
             return True
         record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
+def _client_loggers(library: str) -> list[logging.Logger]:
+    return [
+        logger
+        for name, logger in list(logging.root.manager.loggerDict.items())
+        if (name == library or name.startswith(f"{library}.")) and isinstance(logger, logging.Logger)
+    ]
+
+
 def fold_repeated_client_errors(window_s: float = REPEAT_WINDOW_S) -> None:
-    """Filter every aiokafka logger; a logger's filter only sees records logged to it."""
+    """Filter every aiokafka logger, and demote Faust's routine warnings; a logger's filter only
+    sees records logged to it."""
     import aiokafka  # noqa: F401  (creates its module loggers)
 
     folder, demoter = RepeatFolder(window_s), RoutineWarningDemoter()
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if (name == "aiokafka" or name.startswith("aiokafka.")) and isinstance(logger, logging.Logger):
-            logger.addFilter(demoter)
-            logger.addFilter(folder)
+    for logger in _client_loggers("aiokafka"):
+        logger.addFilter(demoter)
+        logger.addFilter(folder)
+    for logger in _client_loggers("faust"):
+        logger.addFilter(demoter)
 
 
 # how Faust's stall report begins its explanation (faust.transport.drivers.aiokafka)

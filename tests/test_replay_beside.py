@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 from confluent_kafka import TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import NewPartitions, NewTopic
 
 from kappa.engine.names import app_id, changelog_topic
 from kappa.kafka.admin import admin, committed_offsets, ensure_topic, partition_count
@@ -179,6 +179,40 @@ def test_killed_replay_resumes_exactly_and_a_second_replay_is_refused(kappa, tmp
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming generation 1" in resumed.stderr
     assert_first_generation_matches(kappa, topic, path)
+
+
+def test_a_replay_beside_live_does_not_switch_to_a_generation_whose_log_gained_a_partition(kappa, tmp_path):
+    """The replay read the partitions it started with and replaced the current generation with
+    counts that left out the new partition, complete by its manifest; the live worker could
+    then never run the new generation, and the old one's state was deleted."""
+    topic = kappa.topic()
+    path, later = tmp_path / "rows.csv", tmp_path / "later.csv"
+    sample_frame(40_000, 300, seed=52).to_csv(path, index=False)
+    sample_frame(2_000, 300, seed=53).to_csv(later, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    kappa.replay_batch(topic, "amount", KEY)
+    paced = kappa.paced_replay_env(app_id(topic, 2), 100_000)  # about 10 s, so "midway" exists
+    replay = subprocess.Popen(
+        replay_command(kappa, topic, "amount"), stderr=subprocess.PIPE, text=True, env=paced, start_new_session=True
+    )
+    try:
+
+        def midway():
+            committed = committed_offsets(kappa.broker, app_id(topic, 2), topic, 2)
+            return sum(offset or 0 for offset in committed.values()) or None
+
+        wait_for(midway, 120, "the replay to be midway")
+        admin(kappa.broker).create_partitions([NewPartitions(topic, 3)])[topic].result(timeout=30)
+        kappa.load(later, KEY, topic)
+        _, stderr = replay.communicate(timeout=300)
+    finally:
+        kill_tree(replay)
+    last = stderr.strip().splitlines()[-1]
+    assert replay.returncode == 2, stderr
+    assert "has 3 partitions, but generation 2" in last and "run `kappa replay`" in last, last
+    assert json.loads((kappa.snapshot_dir / topic / "generations.json").read_text())["current"] == 1
+    assert_first_generation_matches(kappa, topic, path)
+    assert partition_count(kappa.broker, changelog_topic(topic, 2)) is None
 
 
 @pytest.mark.parametrize("batch", [True, False])

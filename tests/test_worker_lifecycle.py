@@ -208,3 +208,17 @@ def test_a_topic_made_again_under_a_generation_stops_its_worker_and_is_refused(k
     assert code == 2 and "was deleted and made again since generation 1" in last, last
     last = refused_start(kappa, topic)
     assert "was deleted and made again since generation 1" in last and "run `kappa replay`" in last, last
+
+
+def test_a_topic_deleted_under_a_live_worker_stops_it(kappa, tmp_path):
+    """Its processes waited for the topic without a word, and status said lag 0."""
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 2)
+    worker = start_and_catch_up(kappa, tmp_path, topic, 2_000, 2)
+    try:
+        delete_topics(kappa.broker, [topic])
+        code = worker.process.wait(timeout=120)
+    finally:
+        kill_group(worker)
+    last = worker.log.read_text().strip().splitlines()[-1]
+    assert code == 2 and "was deleted under generation 1" in last and "run `kappa replay`" in last, last

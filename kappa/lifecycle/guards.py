@@ -25,6 +25,8 @@ from kappa.kafka.availability import wait_for_leaders
 from kappa.kafka.reader import read_ranges
 from kappa.pipeline import Definition
 
+# how often a running generation's log is compared with the one it was built on (check_log_unchanged)
+LOG_CHECK_INTERVAL_S = 5.0
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_STALL_S = 5.0
 FIELDS_SHOWN = 20
@@ -170,6 +172,36 @@ def check_same_log(settings: Settings, pipeline: str, generation: int, topic: st
     replay rebuilds from the log as it is."""
     check_same_partitions(settings, pipeline, generation, topic, partitions)
     check_same_topic(settings, pipeline, generation, topic)
+
+
+class LogGone(LogChanged):
+    """The topic a generation reads no longer exists."""
+
+
+def check_log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str) -> None:
+    """`check_same_log` against the log as it is now, for a generation that is running or about
+    to become current; a topic that is gone raises LogGone. A broker that cannot tell raises
+    KappaError, which says nothing about the log."""
+    partitions = admin.partition_count(settings.broker, topic, timeout=5.0)
+    if partitions is None:
+        raise LogGone(
+            f"topic {topic!r} was deleted under generation {generation} of {pipeline!r}, so there is no log to "
+            "follow; load it again",
+            pipeline,
+        )
+    check_same_log(settings, pipeline, generation, topic, partitions)
+
+
+def log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str) -> bool:
+    """`check_log_unchanged` before a generation becomes current: True when the log is the one
+    it was built on, False when the broker cannot tell now; LogChanged when it changed."""
+    try:
+        check_log_unchanged(settings, pipeline, generation, topic)
+    except LogChanged:
+        raise
+    except KappaError:
+        return False
+    return True
 
 
 def refuse_empty_result(records: dict[str, int], total: int, force: bool) -> None:

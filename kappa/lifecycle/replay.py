@@ -29,7 +29,14 @@ from kappa.lifecycle.cleanup import (
     report,
 )
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import Checked, EmptyResult, check_same_topic, refuse_empty_result
+from kappa.lifecycle.guards import (
+    Checked,
+    EmptyResult,
+    LogChanged,
+    check_same_topic,
+    log_unchanged,
+    refuse_empty_result,
+)
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
 from kappa.snapshots import snapshot
@@ -142,6 +149,9 @@ def run_batch(
             snapshot_started = time.monotonic()
             counts = record_counts(pipe, partitions)
             refuse_empty_result(counts, total, force)
+            # a generation on a log that changed meanwhile could never be continued live; a
+            # broker that cannot tell now does not stop a result that is exact for its cut
+            log_unchanged(settings, pipeline, generation, definition.topic)
             manifest = snapshot.build_manifest(
                 pipeline=pipeline,
                 topic=definition.topic,
@@ -216,7 +226,7 @@ def run_batch(
     if "error" in outcome:
         registry.mark(generation, GenerationState.FAILED)
         error = outcome["error"]
-        if isinstance(error, EmptyResult):  # nothing worth resuming
+        if isinstance(error, EmptyResult | LogChanged):  # nothing worth resuming
             delete_generation_state(settings, pipeline, generation)
             registry.mark(generation, GenerationState.RETIRED)
         if isinstance(error, KappaError):

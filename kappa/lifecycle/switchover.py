@@ -37,7 +37,14 @@ from kappa.lifecycle.cleanup import (
     report,
 )
 from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
-from kappa.lifecycle.guards import EmptyResult, check_same_topic, preflight
+from kappa.lifecycle.guards import (
+    LOG_CHECK_INTERVAL_S,
+    EmptyResult,
+    LogChanged,
+    check_same_topic,
+    log_unchanged,
+    preflight,
+)
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition
 from kappa.processes import keep_pandas_out
@@ -155,7 +162,7 @@ def run_beside(
         path = _catch_up_and_switch(
             settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition, span
         )
-    except EmptyResult:
+    except (EmptyResult, LogChanged):  # nothing worth resuming
         line.finish()
         stop_children(children)
         delete_generation_state(settings, pipeline, generation)
@@ -188,8 +195,12 @@ def _catch_up_and_switch(
 ) -> Path:
     total = sum(ends.values())
     directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
+    next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
     while True:
         time.sleep(POLL_S)
+        if time.monotonic() >= next_log_check:
+            log_unchanged(settings, pipeline, generation, definition.topic)
+            next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
         for position, child in enumerate(children):
             if child.process.poll() is not None:
                 print(f"replay: process {child.index} exited ({child.process.returncode}); restarting", file=sys.stderr)
@@ -208,6 +219,9 @@ def _catch_up_and_switch(
         published = {p: offset for p, (offset, _) in parts.newest_parts(directory).items()}
         if all(published.get(p, 0) >= end for p, end in ends.items()) and (total == 0 or published):
             span.add(heartbeats(settings, pipeline, generation))  # a process beats before its part at the end
+            if not log_unchanged(settings, pipeline, generation, definition.topic):
+                continue  # the broker cannot tell now: never switch unchecked (with a partition added,
+                # a replay replaced the current generation with counts that left it out)
             path = publisher.publish_if_changed(make_current=True)
             if path is None and publisher.is_current():
                 path = Path(os.path.realpath(settings.snapshot_dir / pipeline / "latest"))

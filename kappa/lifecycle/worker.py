@@ -33,7 +33,15 @@ from kappa.lifecycle.children import (
 )
 from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, report
 from kappa.lifecycle.generations import Registry
-from kappa.lifecycle.guards import LogChanged, check_definition, check_same_log, check_same_topic
+from kappa.lifecycle.guards import (
+    LOG_CHECK_INTERVAL_S,
+    LogChanged,
+    LogGone,
+    check_definition,
+    check_log_unchanged,
+    check_same_log,
+    check_same_topic,
+)
 from kappa.pipeline import Definition
 from kappa.processes import keep_pandas_out
 from kappa.snapshots import snapshot
@@ -41,7 +49,7 @@ from kappa.snapshots.publisher import Publisher
 
 log = logging.getLogger("kappa.lifecycle.worker")
 RESTART_DELAY_S = 2.0
-LOG_CHECK_INTERVAL_S = 5.0  # how often a running worker checks that its log is the one its generation was built on
+LOG_MISSING_CHECKS = 2  # checks in a row that must miss the topic before it counts as deleted
 
 
 def claim_data_dir(settings: Settings, pipeline: str) -> IO:
@@ -115,6 +123,7 @@ class Supervisor:
         self.children: list[Child] = []
         self._data_dir_claim: IO | None = None
         self.outages: OutageReporter | None = None
+        self._log_missing = 0  # checks in a row that found no topic (see _stop_if_log_changed)
         self.record = SupervisorRecord(os.getpid(), socket.gethostname(), snapshot.utc_now(), processes, generation=0)
 
     def _watch_leaders(self, generation: int) -> None:
@@ -245,17 +254,21 @@ class Supervisor:
 
     def _stop_if_log_changed(self, generation: int) -> None:
         """Raise LogChanged when the log is no longer the one the generation was built on
-        (kappa.lifecycle.guards.check_same_log). Checked every few seconds, not only before a
-        restart: with a partition added, the processes ignored it, and the snapshots said
-        complete, until a restart; with the topic made again, they published the old counts.
-        A broker that does not answer now (an outage, which the processes ride out) is no
-        reason to stop."""
-        topic = self.definition.topic
+        (kappa.lifecycle.guards.check_log_unchanged). Checked every few seconds, not only before
+        a restart: with a partition added, the processes ignored it, and the snapshots said
+        complete, until a restart; with the topic made again, they published the old counts;
+        with the topic deleted, they waited for it without a word. A topic is taken for deleted
+        when two checks in a row miss it. A broker that does not answer now (an outage, which
+        the processes ride out) is no reason to stop."""
         try:
-            partitions = admin.partition_count(self.settings.broker, topic, timeout=5.0)
-            if partitions is not None:
-                check_same_log(self.settings, self.pipeline, generation, topic, partitions)
+            check_log_unchanged(self.settings, self.pipeline, generation, self.definition.topic)
+        except LogGone:
+            self._log_missing += 1
+            if self._log_missing >= LOG_MISSING_CHECKS:
+                raise
+            return
         except LogChanged:
             raise
         except KappaError:
             pass
+        self._log_missing = 0

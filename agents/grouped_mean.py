@@ -40,11 +40,14 @@ class DeadLetters:
     pipeline: str
     generation: int
     definition_id: str
+    source_topic_id: str  # the id of the topic the rejects come from (see deadletters.written_up_to)
     written_up_to: dict[int, int] = field(default_factory=dict)
     message_limit: int = deadletters.DEFAULT_MESSAGE_BYTES  # the dead-letter topic's max.message.bytes
 
     def headers(self, error: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
-        return deadletters.headers(error, topic, partition, offset, self.pipeline, self.generation, self.definition_id)
+        return deadletters.headers(
+            error, topic, self.source_topic_id, partition, offset, self.pipeline, self.generation, self.definition_id
+        )
 
     def message(self, record: Record, error: str, topic: str, partition: int) -> tuple[bytes | None, list]:
         """The value and headers the reject is written with (kappa.engine.deadletters.fitting)."""

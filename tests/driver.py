@@ -137,7 +137,7 @@ class AgentDriver:
         self.loop = asyncio.new_event_loop()  # one loop for the agent's life, as in a worker
         self.progress = Progress(stop_at=stop_at)
         self.agent = GroupedMeanAgent(
-            self.table, definition, self.dead, self.progress, DeadLetters("driver", 1, "test", {})
+            self.table, definition, self.dead, self.progress, DeadLetters("driver", 1, "test", "driver-topic-id", {})
         )
 
     async def _record_commit(self, consumer: Any, offsets: dict[TP, int]) -> bool:

@@ -6,9 +6,11 @@ import math
 
 import orjson
 from confluent_kafka import Producer
+from confluent_kafka.admin import NewPartitions
 
-from kappa.kafka.admin import client_config, ensure_topic, partition_count, watermarks
+from kappa.kafka.admin import admin, client_config, delete_topics, ensure_topic, partition_count, watermarks
 from kappa.kafka.reader import read_ranges
+from tests.helpers import wait_until
 from tests.oracle import read_latest
 
 BIG = orjson.dumps({"v": 1, "pad": "x" * (1 << 20)})
@@ -130,3 +132,57 @@ def test_a_reject_longer_than_the_dead_letter_topic_takes_goes_without_its_value
     assert headers["kappa.value.omitted"] == str(len(too_long)).encode()
     assert "not numeric" in headers["kappa.error"].decode()
     assert "kappa.value.omitted" not in dict(dead[0].headers())
+
+
+def rows_with_rejects(count: int, every: int, seed: int) -> list:
+    """Rows for `produce`: every `every`-th value is not numeric (a reject)."""
+    return [
+        (f"k{i % 7}".encode(), orjson.dumps({"city": f"c{(i + seed) % 5}", "v": "abc" if i % every == 0 else i}), "")
+        for i in range(count)
+    ]
+
+
+def dead_letters_of(broker: str, topic: str, generation: int) -> list:
+    dead = everything_in(broker, f"{topic}.dlq")
+    return [m for m in dead if dict(m.headers())["kappa.generation"] == str(generation).encode()]
+
+
+def test_a_replay_on_a_topic_made_again_dead_letters_each_of_its_rejects(kappa):
+    """Rejects were written once per (definition, partition, offset), whatever the topic: on a
+    topic made again, those at offsets the deleted topic's rejects had reached were left out."""
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 3)
+    produce(kappa.broker, topic, rows_with_rejects(300, 3, seed=1))
+    kappa.replay_batch(topic, "v", "city")
+    delete_topics(kappa.broker, [topic])
+    assert wait_until(lambda: partition_count(kappa.broker, topic) is None, 60)
+    ensure_topic(kappa.broker, topic, 3)
+    again = rows_with_rejects(300, 4, seed=2)
+    produce(kappa.broker, topic, again)
+    kappa.replay_batch(topic, "v", "city")
+
+    _, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    rejects = sorted(value for _, value, _ in again if b'"abc"' in value)
+    assert manifest["generation"] == 2 and manifest["records"]["rejected"] == len(rejects) == 75
+    assert sorted(m.value() for m in dead_letters_of(kappa.broker, topic, 2)) == rejects
+
+
+def test_rejects_from_a_partition_added_to_the_log_reach_the_dead_letter_topic(kappa):
+    """The dead-letter topic kept the log's first partition count, so a reject from an added
+    partition failed its send: a replay failed, and a live replay's process restarted forever."""
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 2)
+    produce(kappa.broker, topic, rows_with_rejects(100, 5, seed=3))
+    kappa.replay_batch(topic, "v", "city")
+    admin(kappa.broker).create_partitions([NewPartitions(topic, 3)])[topic].result(timeout=30)
+    producer = Producer(client_config(kappa.broker))
+    for key, value, _ in rows_with_rejects(40, 2, seed=4):
+        producer.produce(topic, value, key, partition=2)
+    assert producer.flush(30) == 0
+
+    kappa.replay_batch(topic, "v", "city")
+    _, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["records"]["rejected"] == 20 + 20
+    assert partition_count(kappa.broker, f"{topic}.dlq") == 3
+    added = [m for m in dead_letters_of(kappa.broker, topic, 2) if dict(m.headers())["kappa.source.partition"] == b"2"]
+    assert len(added) == 20 and {m.partition() for m in added} == {2}

@@ -159,9 +159,10 @@ def create_pipeline(
     )
     table = define_table(app, partitions, replication.topic_config)
     identity = deadletters.definition_id(definition.to_record())
-    written = deadletters.written_up_to(broker, definition.dlq_topic, definition.topic, identity)
+    source_id = admin.topic_id(broker, definition.topic)
+    written = deadletters.written_up_to(broker, definition.dlq_topic, definition.topic, source_id, identity)
     dead_letters = DeadLetters(
-        pipeline, generation, identity, written, deadletters.message_limit(broker, definition.dlq_topic)
+        pipeline, generation, identity, source_id, written, deadletters.message_limit(broker, definition.dlq_topic)
     )
     agent = GroupedMeanAgent(table, definition, dlq, progress, dead_letters)
     # Faust subscribes to the source topic and fetches it; its batches go straight to the agent

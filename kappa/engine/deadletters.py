@@ -26,12 +26,29 @@ def definition_id(definition: Mapping[str, object]) -> str:
     return hashlib.sha256(json.dumps(dict(definition), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def ensure_dead_letter_topic(broker: str, dlq_topic: str, partitions: int, replication_factor: int | None) -> None:
+    """Make the dead-letter topic with the log's partitions, or add partitions to it up to them.
+    A reject goes to the partition of the record it copies: once the log had gained partitions
+    (or was made again with more), a reject from a new partition failed its send, and the
+    process with it, on every restart."""
+    admin.ensure_topic(broker, dlq_topic, partitions, admin.UNLIMITED_RETENTION, replication_factor)
+    admin.grow_partitions(broker, dlq_topic, partitions)
+
+
 def headers(
-    error: str, topic: str, partition: int, offset: int, pipeline: str, generation: int, definition: str
+    error: str,
+    topic: str,
+    topic_id: str,
+    partition: int,
+    offset: int,
+    pipeline: str,
+    generation: int,
+    definition: str,
 ) -> list[tuple[str, bytes]]:
     return [
         ("kappa.error", error.encode()),
         ("kappa.source.topic", topic.encode()),
+        ("kappa.source.topic_id", topic_id.encode()),
         ("kappa.source.partition", str(partition).encode()),
         ("kappa.source.offset", str(offset).encode()),
         ("kappa.pipeline", pipeline.encode()),
@@ -64,17 +81,27 @@ def fitting(
     return None, [*headers, (OMITTED_HEADER, str(len(value)).encode())]
 
 
-def written_up_to(broker: str, dlq_topic: str, source_topic: str, definition: str) -> dict[int, int]:
-    """Source partition -> highest source offset this definition has already dead-lettered."""
+def written_up_to(
+    broker: str, dlq_topic: str, source_topic: str, source_topic_id: str, definition: str
+) -> dict[int, int]:
+    """Source partition -> highest source offset this definition has already dead-lettered from
+    this very topic: a topic deleted and made again under the same name has another id, and its
+    offsets name other records (before the id was compared, a replay on a made-again topic left
+    out the rejects at offsets the old topic's had reached: 556 of 983 in the trial). Rejects
+    written before the id was recorded carry none, and do not count: written again rather than lost."""
     partitions = admin.partition_count(broker, dlq_topic)
     if not partitions:
         return {}
     done: dict[int, int] = {}
-    wanted_definition, wanted_topic = definition.encode(), source_topic.encode()
+    wanted = {
+        "kappa.definition": definition.encode(),
+        "kappa.source.topic": source_topic.encode(),
+        "kappa.source.topic_id": source_topic_id.encode(),
+    }
 
     def note(message: Message) -> None:
         found = dict(message.headers() or [])
-        if found.get("kappa.definition") == wanted_definition and found.get("kappa.source.topic") == wanted_topic:
+        if all(found.get(name) == value for name, value in wanted.items()):
             partition, offset = int(found["kappa.source.partition"]), int(found["kappa.source.offset"])
             done[partition] = max(done.get(partition, -1), offset)
 

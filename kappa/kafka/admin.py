@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic, ResourceType
 
 from kappa.errors import KappaError
 from kappa.kafka import security
@@ -232,6 +232,20 @@ def ensure_topic(
         created = False
     _wait_until_led(client, broker, topic, PROPAGATION_SETTLE_S if chosen.brokers > 1 else 0.0)
     return created
+
+
+def grow_partitions(broker: str, topic: str, at_least: int) -> None:
+    """Give an existing `topic` at least `at_least` partitions (partitions are only ever added)."""
+    found = partition_count(broker, topic)
+    if found is None or found >= at_least:
+        return
+    client = admin(broker)  # must outlive its futures
+    try:
+        client.create_partitions([NewPartitions(topic, at_least)])[topic].result(timeout=30)
+    except KafkaException as exc:
+        if exc.args[0].name() != "INVALID_PARTITIONS":  # another process added them first
+            raise KappaError(f"could not add partitions to topic {topic!r} on {broker}: {exc.args[0].str()}") from None
+    _wait_until_led(client, broker, topic, PROPAGATION_SETTLE_S if replication(broker).brokers > 1 else 0.0)
 
 
 PROPAGATION_SETTLE_S = 0.15

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from kappa.config import Settings
+from kappa.engine.deadletters import ensure_dead_letter_topic
 from kappa.engine.names import changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
@@ -260,7 +261,5 @@ def preflight(
     marks = admin.watermarks(settings.broker, definition.topic, partitions)
     warn_finite_retention(settings, definition.topic)
     check_log_starts_at_zero({p: low for p, (low, _) in marks.items()}, definition.topic, allow_truncated)
-    admin.ensure_topic(
-        settings.broker, definition.dlq_topic, partitions, admin.UNLIMITED_RETENTION, settings.replication_factor
-    )
+    ensure_dead_letter_topic(settings.broker, definition.dlq_topic, partitions, settings.replication_factor)
     return partitions, {p: high for p, (_, high) in marks.items()}

@@ -19,6 +19,7 @@ import time
 from typing import IO
 
 from kappa.config import Settings
+from kappa.engine.deadletters import ensure_dead_letter_topic
 from kappa.engine.names import app_id, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
@@ -152,12 +153,8 @@ class Supervisor:
         self._data_dir_claim = claim_data_dir(self.settings, self.pipeline)
         admin.wait_until_reachable(self.settings.broker)
         partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
-        admin.ensure_topic(
-            self.settings.broker,
-            self.definition.dlq_topic,
-            partitions,
-            admin.UNLIMITED_RETENTION,
-            self.settings.replication_factor,
+        ensure_dead_letter_topic(
+            self.settings.broker, self.definition.dlq_topic, partitions, self.settings.replication_factor
         )
         generation = current_generation(self.settings, self.pipeline, self.definition, partitions)
         publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)

@@ -208,6 +208,7 @@ class GroupedMeanAgent:
             if follows and read_to > stats.next_offset and partition not in self._rewinds:
                 stats.next_offset = read_to  # markers alone, right after what the table holds
                 self.cache.put(partition, {STATS_KEY: stats.encode()}, read_to)
+                self.progress.folded(partition, read_to)
             return
         records = await self._skip_for_rewind(partition, records, stats.next_offset)
         if not records:
@@ -237,3 +238,4 @@ class GroupedMeanAgent:
         stats.next_offset = max(stats.next_offset, folded.last_offset + 1, read_to)
         entries[STATS_KEY] = stats.encode()
         self.cache.put(partition, entries, stats.next_offset)
+        self.progress.folded(partition, stats.next_offset)

@@ -179,7 +179,11 @@ class Definition:
 class Progress:
     """What this process has applied, per source partition; read by snapshots and progress."""
 
-    next_offsets: dict[int, int] = field(default_factory=dict)
+    next_offsets: dict[int, int] = field(default_factory=dict)  # durable: in the table and its changelog
+    # folded into the table or its write-back cache: what progress lines show. A replay's cache
+    # holds its deliveries until its end offsets (tables.cache), and a progress line fed by the
+    # durable offsets stayed at 0% until then
+    folded_offsets: dict[int, int] = field(default_factory=dict)
     stop_at: Mapping[int, int] | None = None
     records_seen: int = 0
     dirty: set[int] = field(default_factory=set)
@@ -188,6 +192,9 @@ class Progress:
     last_applied_at: float | None = None
 
     on_reached: Callable[[], None] | None = field(default=None, repr=False)
+
+    def folded(self, partition: int, next_offset: int) -> None:
+        self.folded_offsets[partition] = max(next_offset, self.folded_offsets.get(partition, 0))
 
     def reached_stop(self) -> bool:
         if self.stop_at is None:

@@ -184,6 +184,8 @@ def test_a_batch_replay_writes_each_group_once_when_it_holds_every_partition_to_
     driver.feed(1, records(0, 6))
     assert driver.entries(0) == {} and driver.stats(0).next_offset == 0, "nothing durable before the flush"
     assert driver.producer.changelog == {} and driver.commits == [] and driver.progress.next_offsets == {}
+    # what the progress line shows: a batch replay's stayed at 0% until the flush at its end
+    assert driver.progress.folded_offsets == {0: 40, 1: 6}
     driver.feed(1, records(6, 6))  # every partition now reaches its stop offset
     assert table_sums(driver, 0) == expected_sums(40) and table_sums(driver, 1) == expected_sums(12)
     assert driver.stats(0).counted == 40 and driver.stats(1).counted == 12

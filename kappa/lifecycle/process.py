@@ -134,6 +134,7 @@ class PartWriter:
             "host": socket.gethostname(),
             "partitions": sorted(owned),
             "next_offsets": {str(p): o for p, o in sorted(progress.next_offsets.items()) if p in owned},
+            "folded_offsets": {str(p): o for p, o in sorted(progress.folded_offsets.items()) if p in owned},
             "records_seen": progress.records_seen,
             "first_applied_at": progress.first_applied_at,
             "last_applied_at": progress.last_applied_at,

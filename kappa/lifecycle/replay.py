@@ -182,7 +182,7 @@ def run_batch(
             request_stop()
 
     def applied() -> int:
-        return sum(min(progress.next_offsets.get(p, 0), end) for p, end in end_offsets.items())
+        return sum(min(progress.folded_offsets.get(p, 0), end) for p, end in end_offsets.items())
 
     def start_finish() -> None:
         if not outcome:

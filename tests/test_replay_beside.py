@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from confluent_kafka.admin import NewPartitions, NewTopic
 from kappa.engine.names import app_id, changelog_topic
 from kappa.kafka.admin import admin, committed_offsets, ensure_topic, partition_count
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, imported_modules, kill_tree, wait_for
+from tests.helpers import REPO, imported_modules, kappa_command, kill_tree, wait_for
 from tests.live import kill_group, start_worker
 from tests.oracle import assert_matches, latest_dir, read_latest
 
@@ -213,6 +214,39 @@ def test_a_replay_beside_live_does_not_switch_to_a_generation_whose_log_gained_a
     assert json.loads((kappa.snapshot_dir / topic / "generations.json").read_text())["current"] == 1
     assert_first_generation_matches(kappa, topic, path)
     assert partition_count(kappa.broker, changelog_topic(topic, 2)) is None
+
+
+def test_a_replay_gives_up_on_a_process_that_keeps_exiting(kappa, tmp_path):
+    """A process that failed at every start was restarted every second, with its traceback,
+    until the user stopped the replay."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(60_000, 300, seed=54).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    paced = kappa.paced_replay_env(app_id(topic, 1), 50_000)  # about 30 s: the kills come well before the end
+    command = kappa_command("replay", "--topic", topic, "--value", "amount", "--key", KEY, *kappa.args())
+    replay = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=paced, cwd=REPO, start_new_session=True)
+    try:
+        killed: set[int] = set()
+        for _ in range(5):
+
+            def fresh_child() -> set[int]:
+                found = subprocess.run(["pgrep", "-P", str(replay.pid)], capture_output=True, text=True).stdout
+                return ({int(pid) for pid in found.split()} - killed) if replay.poll() is None else {-1}
+
+            (child,) = wait_for(fresh_child, 120, "a worker process of the replay")
+            if child == -1:
+                break
+            os.kill(child, signal.SIGKILL)
+            killed.add(child)
+        _, stderr = replay.communicate(timeout=120)
+    finally:
+        kill_tree(replay)
+    last = stderr.strip().splitlines()[-1]
+    assert replay.returncode == 2 and len(killed) == 5, stderr
+    assert "process 0 of the replay exited 5 times within 60s (last exit code -9)" in last, last
+    assert "run the same replay again to resume it" in last, last
+    assert json.loads((kappa.snapshot_dir / topic / "generations.json").read_text())["current"] is None
 
 
 @pytest.mark.parametrize("batch", [True, False])

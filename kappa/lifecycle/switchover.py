@@ -53,6 +53,9 @@ from kappa.snapshots.publisher import Publisher
 
 POLL_S = 0.2
 RETIRE_WAIT_S = 120.0
+# a process that exits this often within this window fails at every start: the replay gives up
+GIVE_UP_EXITS = 5
+GIVE_UP_WINDOW_S = 60.0
 
 
 @dataclass
@@ -196,6 +199,7 @@ def _catch_up_and_switch(
     total = sum(ends.values())
     directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
     next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
+    exits: dict[int, list[float]] = {}
     while True:
         time.sleep(POLL_S)
         if time.monotonic() >= next_log_check:
@@ -203,6 +207,7 @@ def _catch_up_and_switch(
             next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
         for position, child in enumerate(children):
             if child.process.poll() is not None:
+                _give_up_if_failing(exits, child, pipeline, generation)
                 print(f"replay: process {child.index} exited ({child.process.returncode}); restarting", file=sys.stderr)
                 arguments = worker_arguments(
                     settings, pipeline, definition, generation, child.index, interval, loglevel, ends
@@ -227,6 +232,22 @@ def _catch_up_and_switch(
                 path = Path(os.path.realpath(settings.snapshot_dir / pipeline / "latest"))
             if path is not None:
                 return path
+
+
+def _give_up_if_failing(exits: dict[int, list[float]], child: Child, pipeline: str, generation: int) -> None:
+    """Raise once a process has exited GIVE_UP_EXITS times within GIVE_UP_WINDOW_S: one that
+    fails at every start (a reject its dead-letter topic could not take, for one) was restarted
+    every second, with its traceback, until the user stopped the replay."""
+    now = time.monotonic()
+    recent = [when for when in exits.get(child.index, []) if now - when < GIVE_UP_WINDOW_S] + [now]
+    exits[child.index] = recent
+    if len(recent) >= GIVE_UP_EXITS:
+        raise KappaError(
+            f"process {child.index} of the replay exited {len(recent)} times within {GIVE_UP_WINDOW_S:g}s (last exit "
+            f"code {child.process.returncode}), and is not restarted again: its error, if it printed one, is above. "
+            f"Generation {generation}'s state is kept: run the same replay again to resume it once the cause is "
+            f"fixed, or `kappa gc --pipeline {pipeline}` to delete it"
+        )
 
 
 def keep_generation(settings: Settings, pipeline: str, generation: int) -> None:

@@ -70,6 +70,7 @@ def test_status_shows_a_worker_process_that_keeps_failing(kappa, live, tmp_path)
     assert running["restart_count"] == 3
     assert [restart["pid"] for restart in running["restarts"]] == killed
     assert running["crash_looping"] == [{"index": 0, "restarts": 3, "last_code": -signal.SIGKILL}]
+    assert [w for w in status["pipelines"][0]["warnings"] if w.startswith("worker process 0 exited 3 times")]
     out = kappa.run("status", "--pipeline", worker.topic, timeout=120).stdout.decode()
     assert f"worker: supervisor pid {worker.process.pid} on " in out and ", 3 restart(s) (the last " in out, out
     assert "warning: worker process 0 exited 3 times in the last 60s (last exit code -9)" in out, out

@@ -187,6 +187,9 @@ def test_partitions_added_under_a_live_worker_stop_it_with_the_fix(kappa, tmp_pa
     assert code == 2 and "has 3 partitions, but generation 1" in last and "was built on 2" in last, last
     assert "run `kappa replay`" in last
     assert "has 3 partitions, but generation 1" in refused_start(kappa, topic)
+    # status said only the new partition's lag, beside a snapshot marked complete
+    [pipeline] = json.loads(kappa.run("status", "--json", "--pipeline", topic).stdout)["pipelines"]
+    assert any("has 3 partitions, but generation 1" in warning for warning in pipeline["warnings"]), pipeline
 
 
 def test_a_topic_made_again_under_a_generation_stops_its_worker_and_is_refused(kappa, tmp_path):

@@ -150,15 +150,19 @@ def check_same_partitions(settings: Settings, pipeline: str, generation: int, to
         )
 
 
-def check_same_topic(settings: Settings, pipeline: str, generation: int, topic: str) -> None:
+def check_same_topic(settings: Settings, pipeline: str, generation: int, topic: str, record: bool = True) -> None:
     """Refuse a generation that began reading another topic of the same name: on a topic
     deleted and made again, a worker went on from the offsets its state held, and published
     the deleted topic's counts as complete. Generations from before the topic id was recorded
-    take the topic they find."""
+    take the topic they find (unless not to `record` it: then nothing is checked)."""
     from kappa.lifecycle.generations import Registry
 
     found = admin.topic_id(settings.broker, topic)
-    recorded = Registry(settings.snapshot_dir, pipeline).bind_to_topic(generation, found)
+    registry = Registry(settings.snapshot_dir, pipeline)
+    if record:
+        recorded = registry.bind_to_topic(generation, found)
+    else:
+        recorded = registry.read()["generations"].get(str(generation), {}).get("topic_id", found)
     if recorded != found:
         raise LogChanged(
             f"topic {topic!r} was deleted and made again since generation {generation} of {pipeline!r} began reading "
@@ -167,22 +171,24 @@ def check_same_topic(settings: Settings, pipeline: str, generation: int, topic: 
         )
 
 
-def check_same_log(settings: Settings, pipeline: str, generation: int, topic: str, partitions: int) -> None:
+def check_same_log(
+    settings: Settings, pipeline: str, generation: int, topic: str, partitions: int, record: bool = True
+) -> None:
     """Refuse to continue a generation on a log it was not built from: its state is kept per
     partition of the topic it read (see `check_same_partitions` and `check_same_topic`). A
     replay rebuilds from the log as it is."""
     check_same_partitions(settings, pipeline, generation, topic, partitions)
-    check_same_topic(settings, pipeline, generation, topic)
+    check_same_topic(settings, pipeline, generation, topic, record)
 
 
 class LogGone(LogChanged):
     """The topic a generation reads no longer exists."""
 
 
-def check_log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str) -> None:
+def check_log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str, record: bool = True) -> None:
     """`check_same_log` against the log as it is now, for a generation that is running or about
     to become current; a topic that is gone raises LogGone. A broker that cannot tell raises
-    KappaError, which says nothing about the log."""
+    KappaError, which says nothing about the log. `record`: see check_same_topic."""
     partitions = admin.partition_count(settings.broker, topic, timeout=5.0)
     if partitions is None:
         raise LogGone(
@@ -190,7 +196,7 @@ def check_log_unchanged(settings: Settings, pipeline: str, generation: int, topi
             "follow; load it again",
             pipeline,
         )
-    check_same_log(settings, pipeline, generation, topic, partitions)
+    check_same_log(settings, pipeline, generation, topic, partitions, record)
 
 
 def log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str) -> bool:

@@ -12,6 +12,7 @@ from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.children import heartbeats, read_supervisor_record
 from kappa.lifecycle.generations import GenerationState, Registry, pipelines_under
+from kappa.lifecycle.guards import LogChanged, check_log_unchanged
 from kappa.pipeline import Definition
 from kappa.snapshots.snapshot import read_manifest
 
@@ -92,7 +93,10 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
         )
     result["worker"] = _worker(settings, pipeline)
     kept = [gen["generation"] for gen in result["generations"]]
-    result["warnings"] = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
+    warnings = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
+    if broker_reachable:
+        warnings += log_warnings(settings, pipeline, topic, result["generations"])
+    result["warnings"] = warnings + _crash_loop_warnings(result["worker"])
     try:
         manifest = read_manifest(settings.snapshot_dir, pipeline)
         result["latest_snapshot"] = {
@@ -122,6 +126,32 @@ def replication_warnings(settings: Settings, pipeline: str, topic: str, generati
         "broker's death takes its partitions offline; raise it with kafka-reassign-partitions"
         for found in admin.topic_replication(settings.broker, topics).values()
         if found.replicas < possible
+    ]
+
+
+def log_warnings(settings: Settings, pipeline: str, topic: str, generations: list[dict]) -> list[str]:
+    """One line per generation that is live or building on a log it was not built from
+    (kappa.lifecycle.guards.check_log_unchanged): its snapshots may say complete, but it can
+    never catch up."""
+    found = []
+    for gen in generations:
+        if gen["state"] in (GenerationState.FAILED, GenerationState.KEPT, GenerationState.RETIRING):
+            continue
+        try:
+            check_log_unchanged(settings, pipeline, gen["generation"], topic, record=False)
+        except LogChanged as changed:
+            found.append(f"{changed.fact}: run `kappa replay` to build a generation from the log as it is now")
+        except KappaError:
+            continue
+    return found
+
+
+def _crash_loop_warnings(worker: dict | None) -> list[str]:
+    return [
+        f"worker process {looping['index']} exited {looping['restarts']} times in the last "
+        f"{CRASH_LOOP_WINDOW_S:g}s (last exit code {looping['last_code']}): it fails soon after each start; "
+        "the worker's output says why"
+        for looping in (worker or {}).get("crash_looping", [])
     ]
 
 
@@ -202,12 +232,6 @@ def _worker_lines(worker: dict | None) -> list[str]:
     if worker["restarts"]:
         last = worker["restarts"][-1]
         lines[0] += f" (the last {_age_s(last['at'])}s ago: process {last['index']} exited with code {last['code']})"
-    for looping in worker["crash_looping"]:
-        lines.append(
-            f"  warning: worker process {looping['index']} exited {looping['restarts']} times in the last "
-            f"{CRASH_LOOP_WINDOW_S:g}s (last exit code {looping['last_code']}): it fails soon after each start; "
-            "the worker's output says why"
-        )
     return lines
 
 

@@ -225,3 +225,11 @@ def test_a_topic_deleted_under_a_live_worker_stops_it(kappa, tmp_path):
         kill_group(worker)
     last = worker.log.read_text().strip().splitlines()[-1]
     assert code == 2 and "was deleted under generation 1" in last and "run `kappa replay`" in last, last
+
+
+def test_a_refused_worker_leaves_nothing_in_its_data_dir(kappa):
+    """A refused `kappa worker --topic nosuch` left run/nosuch/worker.lock, which no command removed."""
+    topic = kappa.topic()  # never made
+    refused = run_kappa(["worker", "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args()], timeout=120)
+    assert refused.returncode == 2 and "does not exist" in refused.stderr.decode(), refused.stderr.decode()
+    assert not (kappa.data_dir / "run").exists(), sorted((kappa.data_dir / "run").rglob("*"))

@@ -80,6 +80,20 @@ def claim_data_dir(settings: Settings, pipeline: str) -> IO:
     return handle
 
 
+def release_refused_claim(settings: Settings, pipeline: str, claim: IO) -> None:
+    """A worker refused before it started anything leaves nothing behind: a refused
+    `kappa worker --topic nosuch` left run/nosuch/worker.lock, which no command removed
+    (`kappa drop` knows no pipeline 'nosuch')."""
+    directory = settings.data_dir / "run" / pipeline
+    (directory / "worker.lock").unlink(missing_ok=True)
+    claim.close()
+    for empty in (directory, directory.parent):
+        try:
+            empty.rmdir()
+        except OSError:  # not empty: another pipeline's, or this one's heartbeats
+            break
+
+
 def current_generation(settings: Settings, pipeline: str, definition: Definition, partitions: int) -> int:
     """The generation live workers should run: the current one, or a new generation 1."""
     registry = Registry(settings.snapshot_dir, pipeline)
@@ -151,12 +165,16 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         keep_pandas_out()  # pyarrow would import it for the first publish, only to find no pandas object
         self._data_dir_claim = claim_data_dir(self.settings, self.pipeline)
-        admin.wait_until_reachable(self.settings.broker)
-        partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
-        ensure_dead_letter_topic(
-            self.settings.broker, self.definition.dlq_topic, partitions, self.settings.replication_factor
-        )
-        generation = current_generation(self.settings, self.pipeline, self.definition, partitions)
+        try:
+            admin.wait_until_reachable(self.settings.broker)
+            partitions = admin.require_partition_count(self.settings.broker, self.definition.topic)
+            ensure_dead_letter_topic(
+                self.settings.broker, self.definition.dlq_topic, partitions, self.settings.replication_factor
+            )
+            generation = current_generation(self.settings, self.pipeline, self.definition, partitions)
+        except BaseException:
+            release_refused_claim(self.settings, self.pipeline, self._data_dir_claim)
+            raise
         publisher = Publisher(self.settings, self.pipeline, self.definition, generation, partitions)
         print(
             f"kappa worker: pipeline {self.pipeline!r} generation {generation} ({app_id(self.pipeline, generation)}), "

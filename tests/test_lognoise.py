@@ -64,6 +64,23 @@ def test_fausts_warning_of_missing_sensor_state_is_logged_at_info(caplog):
     assert [record.getMessage() for record in caplog.records] == ["[^-App]: something else 2"]
 
 
+def test_the_reports_of_a_rebalance_after_a_process_died_are_logged_at_info(caplog):
+    """After a worker process was killed, the survivor printed aiokafka's refused commit as an
+    error and mode's overlapping commit timer as a warning, which read like faults to fix."""
+    from kappa.engine.app import quiet_faust_noise
+
+    quiet_faust_noise()
+    coordinator, timers = logging.getLogger("aiokafka.consumer.group_coordinator"), logging.getLogger("mode.timers")
+    with caplog.at_level(logging.WARNING):
+        coordinator.error(
+            "OffsetCommit failed for group %s due to group error (%s), will rejoin", "kappa-p-g1", "IllegalGeneration"
+        )
+        timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.commit_pending", 1.0, 2.5)
+        coordinator.error("OffsetCommit failed for group %s - %s", "kappa-p-g1", "another error")
+    shown = [record.getMessage() for record in caplog.records]
+    assert shown == ["OffsetCommit failed for group kappa-p-g1 - another error"]
+
+
 def test_client_outage_noise_is_held_back_only_during_an_outage():
     from kappa.engine.lognoise import HeldBackDuringOutage
     from kappa.kafka import availability

@@ -409,7 +409,11 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
                 {aiokafka_TP(tp.topic, tp.partition): OffsetAndMetadata(offset, "") for tp, offset in owned.items()}
             )
         except (aiokafka_errors.CommitFailedError, aiokafka_errors.IllegalStateError) as exc:
-            COMMIT_LOG.warning("offsets not committed, the group is rebalancing (%s); the next commit catches up", exc)
+            # routine while the group rebalances, as after a process died; aiokafka's text of it
+            # (seven lines on raising max_poll_interval_ms) is advice kappa's users must not take
+            COMMIT_LOG.info(
+                "offsets not committed, the group is rebalancing (%s); the next commit catches up", type(exc).__name__
+            )
             return False
         except Exception as exc:
             self.log.exception("Got exception: %r\nCurrent assignment: %r", exc, assigned)

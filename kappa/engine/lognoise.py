@@ -45,15 +45,21 @@ ROUTINE_WARNINGS = (
     # installed, as in kappa's apps; seen as four warnings on a replay by 4 slow processes
     "Missing sensor state for rebalance #%s",
     "Missing sensor state for rebalance end #%s",
+    # the rebalance after a process of the group died: a commit from the old group generation
+    # is refused (aiokafka logs it as an error, then rejoins), and the commit timer's run that
+    # waited for it overlaps its interval; the next commit catches up
+    "OffsetCommit failed for group %s due to group error (%s), will rejoin",
+    "Timer %s is overlapping (interval=%r runtime=%r)",
 )
 
 
 class RoutineWarningDemoter(logging.Filter):
-    """Log the warnings in ROUTINE_WARNINGS at info: shown only where info is enabled. A
-    template may follow a prefix (mode's service loggers add the service's name)."""
+    """Log the warnings (and errors) in ROUTINE_WARNINGS at info: shown only where info is
+    enabled. A template may follow a prefix (mode's service loggers add the service's name)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING or not str(record.msg).endswith(ROUTINE_WARNINGS):
+        routine_level = record.levelno in (logging.WARNING, logging.ERROR)
+        if not routine_level or not str(record.msg).endswith(ROUTINE_WARNINGS):
             return True
         record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)
@@ -76,7 +82,7 @@ def fold_repeated_client_errors(window_s: float = REPEAT_WINDOW_S) -> None:
     for logger in _client_loggers("aiokafka"):
         logger.addFilter(demoter)
         logger.addFilter(folder)
-    for logger in _client_loggers("faust"):
+    for logger in [*_client_loggers("faust"), *_client_loggers("mode")]:
         logger.addFilter(demoter)
 
 

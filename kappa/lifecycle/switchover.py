@@ -236,8 +236,8 @@ def _catch_up_and_switch(
 
 def _give_up_if_failing(exits: dict[int, list[float]], child: Child, pipeline: str, generation: int) -> None:
     """Raise once a process has exited GIVE_UP_EXITS times within GIVE_UP_WINDOW_S: one that
-    fails at every start (a reject its dead-letter topic could not take, for one) was restarted
-    every second, with its traceback, until the user stopped the replay."""
+    failed at every start (in the trial, on a reject its dead-letter topic had no partition
+    for) was restarted every second, with its traceback, until the user stopped the replay."""
     now = time.monotonic()
     recent = [when for when in exits.get(child.index, []) if now - when < GIVE_UP_WINDOW_S] + [now]
     exits[child.index] = recent

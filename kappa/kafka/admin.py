@@ -107,6 +107,8 @@ def topic_id(broker: str, topic: str) -> str:
         return str(client.describe_topics(TopicCollection([topic]))[topic].result(timeout=30).topic_id)
     except KafkaException as exc:
         raise KappaError(f"cannot describe topic {topic!r} on {broker}: {exc.args[0].str()}") from None
+    except TimeoutError:  # the future's own timeout (a running worker asks every few seconds: it must not crash)
+        raise KappaError(f"cannot describe topic {topic!r} on {broker}: no answer within 30s") from None
 
 
 def require_partition_count(broker: str, topic: str) -> int:
@@ -245,6 +247,8 @@ def grow_partitions(broker: str, topic: str, at_least: int) -> None:
     except KafkaException as exc:
         if exc.args[0].name() != "INVALID_PARTITIONS":  # another process added them first
             raise KappaError(f"could not add partitions to topic {topic!r} on {broker}: {exc.args[0].str()}") from None
+    except TimeoutError:
+        raise KappaError(f"could not add partitions to topic {topic!r} on {broker}: no answer within 30s") from None
     _wait_until_led(client, broker, topic, PROPAGATION_SETTLE_S if replication(broker).brokers > 1 else 0.0)
 
 

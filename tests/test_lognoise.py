@@ -76,9 +76,13 @@ def test_the_reports_of_a_rebalance_after_a_process_died_are_logged_at_info(capl
             "OffsetCommit failed for group %s due to group error (%s), will rejoin", "kappa-p-g1", "IllegalGeneration"
         )
         timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.commit_pending", 1.0, 2.5)
+        timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.watch", 1.0, 2.5)  # a blocked loop
         coordinator.error("OffsetCommit failed for group %s - %s", "kappa-p-g1", "another error")
     shown = [record.getMessage() for record in caplog.records]
-    assert shown == ["OffsetCommit failed for group kappa-p-g1 - another error"]
+    assert shown == [
+        "Timer kappa.watch is overlapping (interval=1.0 runtime=2.5)",
+        "OffsetCommit failed for group kappa-p-g1 - another error",
+    ]
 
 
 def test_client_outage_noise_is_held_back_only_during_an_outage():

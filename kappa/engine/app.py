@@ -214,5 +214,6 @@ async def resume_from_table_offsets(pipe: Pipeline) -> None:
         # a restored partition may already be at the replay's end offsets, with nothing left to apply
         progress = pipe.progress.next_offsets
         progress[tp.partition] = max(stored, progress.get(tp.partition, 0))
+        pipe.progress.folded(tp.partition, stored)  # a resumed replay's progress line starts there
         pipe.progress.dirty.add(tp.partition)
     await commit_offsets(consumer, offsets)

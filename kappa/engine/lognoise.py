@@ -51,6 +51,9 @@ ROUTINE_WARNINGS = (
     "OffsetCommit failed for group %s due to group error (%s), will rejoin",
     "Timer %s is overlapping (interval=%r runtime=%r)",
 )
+# an overlapping timer is routine only for the commit timer, which waits on the rebalance; any
+# other (the event loop blocked) is worth a warning
+ROUTINE_ONLY_FOR = {"Timer %s is overlapping (interval=%r runtime=%r)": "kappa.commit_pending"}
 
 
 class RoutineWarningDemoter(logging.Filter):
@@ -60,6 +63,9 @@ class RoutineWarningDemoter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         routine_level = record.levelno in (logging.WARNING, logging.ERROR)
         if not routine_level or not str(record.msg).endswith(ROUTINE_WARNINGS):
+            return True
+        only_for = ROUTINE_ONLY_FOR.get(str(record.msg))
+        if only_for is not None and not (isinstance(record.args, tuple) and record.args[:1] == (only_for,)):
             return True
         record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)

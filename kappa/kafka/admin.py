@@ -62,7 +62,10 @@ def admin(broker: str) -> AdminClient:
 
 @functools.lru_cache(maxsize=16)
 def _admin_client(broker: str, credentials: tuple[tuple[str, str], ...]) -> AdminClient:
-    return AdminClient(client_config(broker, **dict(credentials)))
+    # librdkafka lets a producer-type handle (an admin client is one) ask the broker to create a
+    # topic its metadata request names; on a cluster with auto.create.topics.enable (Kafka's
+    # default), asking for a missing topic's partitions would make it
+    return AdminClient(client_config(broker, **{"allow.auto.create.topics": False}, **dict(credentials)))
 
 
 def wait_until_reachable(broker: str, timeout: float = 10.0, **overrides: object) -> None:
@@ -98,17 +101,18 @@ def partition_count(broker: str, topic: str, timeout: float = 10.0) -> int | Non
     return len(info.partitions)
 
 
-def topic_id(broker: str, topic: str) -> str:
+def topic_id(broker: str, topic: str, timeout: float = 30.0) -> str:
     """The id Kafka gave the topic when it was created: a re-created topic of the same name has another."""
     from confluent_kafka import TopicCollection
 
     client = admin(broker)  # must outlive its futures
     try:
-        return str(client.describe_topics(TopicCollection([topic]))[topic].result(timeout=30).topic_id)
+        described = client.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic]
+        return str(described.result(timeout=timeout + 1).topic_id)
     except KafkaException as exc:
         raise KappaError(f"cannot describe topic {topic!r} on {broker}: {exc.args[0].str()}") from None
     except TimeoutError:  # the future's own timeout (a running worker asks every few seconds: it must not crash)
-        raise KappaError(f"cannot describe topic {topic!r} on {broker}: no answer within 30s") from None
+        raise KappaError(f"cannot describe topic {topic!r} on {broker}: no answer within {timeout:g}s") from None
 
 
 def require_partition_count(broker: str, topic: str) -> int:
@@ -249,6 +253,11 @@ def grow_partitions(broker: str, topic: str, at_least: int) -> None:
             raise KappaError(f"could not add partitions to topic {topic!r} on {broker}: {exc.args[0].str()}") from None
     except TimeoutError:
         raise KappaError(f"could not add partitions to topic {topic!r} on {broker}: no answer within 30s") from None
+    deadline = time.monotonic() + 30.0
+    while (partition_count(broker, topic) or 0) < at_least:  # the metadata shows the new partitions
+        if time.monotonic() > deadline:
+            raise KappaError(f"topic {topic!r} on {broker} did not show {at_least} partitions within 30s")
+        time.sleep(0.1)
     _wait_until_led(client, broker, topic, PROPAGATION_SETTLE_S if replication(broker).brokers > 1 else 0.0)
 
 

@@ -136,7 +136,7 @@ def discard_built_on_another_log(settings: Settings, pipeline: str, topic: str, 
         if (entry.get("definition") or {}).get("topic") != topic:
             continue
         try:
-            check_same_log(settings, pipeline, generation, topic, partitions)
+            check_same_log(settings, pipeline, generation, topic, partitions, record=False)
         except LogChanged as changed:
             mark_failed(registry, generation, entry)
             if retire_if_stopped(settings, pipeline, generation):

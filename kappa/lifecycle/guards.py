@@ -12,6 +12,7 @@ counted nothing from a log that has records never becomes current unless forced.
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,8 +27,10 @@ from kappa.kafka.availability import wait_for_leaders
 from kappa.kafka.reader import read_ranges
 from kappa.pipeline import Definition
 
-# how often a running generation's log is compared with the one it was built on (check_log_unchanged)
+# how often a running generation's log is compared with the one it was built on (check_log_unchanged),
+# and how long each of its requests may take: the supervisor's loop waits for them
 LOG_CHECK_INTERVAL_S = 5.0
+LOG_CHECK_TIMEOUT_S = 5.0
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_STALL_S = 5.0
 FIELDS_SHOWN = 20
@@ -136,12 +139,14 @@ class LogChanged(KappaError):
         )
 
 
-def check_same_partitions(settings: Settings, pipeline: str, generation: int, topic: str, partitions: int) -> None:
+def check_same_partitions(
+    settings: Settings, pipeline: str, generation: int, topic: str, partitions: int, timeout: float = 10.0
+) -> None:
     """Refuse a generation built on another number of the log's partitions (its changelog has
     one partition per partition of the log it was built on). With a partition added, a worker
     ignored it for minutes, then its processes failed on every start ("Unrecognized
     partition" from the changelog) and were restarted forever."""
-    built_on = admin.partition_count(settings.broker, changelog_topic(pipeline, generation))
+    built_on = admin.partition_count(settings.broker, changelog_topic(pipeline, generation), timeout)
     if built_on is not None and built_on != partitions:
         raise LogChanged(
             f"topic {topic!r} has {partitions} partitions, but generation {generation} of {pipeline!r} was built on "
@@ -150,14 +155,16 @@ def check_same_partitions(settings: Settings, pipeline: str, generation: int, to
         )
 
 
-def check_same_topic(settings: Settings, pipeline: str, generation: int, topic: str, record: bool = True) -> None:
+def check_same_topic(
+    settings: Settings, pipeline: str, generation: int, topic: str, record: bool = True, timeout: float = 30.0
+) -> None:
     """Refuse a generation that began reading another topic of the same name: on a topic
     deleted and made again, a worker went on from the offsets its state held, and published
     the deleted topic's counts as complete. Generations from before the topic id was recorded
     take the topic they find (unless not to `record` it: then nothing is checked)."""
     from kappa.lifecycle.generations import Registry
 
-    found = admin.topic_id(settings.broker, topic)
+    found = admin.topic_id(settings.broker, topic, timeout)
     registry = Registry(settings.snapshot_dir, pipeline)
     if record:
         recorded = registry.bind_to_topic(generation, found)
@@ -172,43 +179,77 @@ def check_same_topic(settings: Settings, pipeline: str, generation: int, topic: 
 
 
 def check_same_log(
-    settings: Settings, pipeline: str, generation: int, topic: str, partitions: int, record: bool = True
+    settings: Settings,
+    pipeline: str,
+    generation: int,
+    topic: str,
+    partitions: int,
+    record: bool = True,
+    timeout: float | None = None,
 ) -> None:
     """Refuse to continue a generation on a log it was not built from: its state is kept per
     partition of the topic it read (see `check_same_partitions` and `check_same_topic`). A
-    replay rebuilds from the log as it is."""
-    check_same_partitions(settings, pipeline, generation, topic, partitions)
-    check_same_topic(settings, pipeline, generation, topic, record)
+    replay rebuilds from the log as it is. `timeout`: for each request, instead of theirs."""
+    check_same_partitions(settings, pipeline, generation, topic, partitions, timeout or 10.0)
+    check_same_topic(settings, pipeline, generation, topic, record, timeout or 30.0)
 
 
 class LogGone(LogChanged):
     """The topic a generation reads no longer exists."""
+
+    def __init__(self, topic: str, pipeline: str, generation: int) -> None:
+        KappaError.__init__(
+            self,
+            f"topic {topic!r} was deleted under generation {generation} of {pipeline!r}, so there is no log to follow: "
+            f"load the data into it again, then run `kappa replay` (`kappa status --pipeline {pipeline}` shows the "
+            "definition)",
+        )
+        self.fact = f"topic {topic!r} was deleted under generation {generation} of {pipeline!r}"
 
 
 def check_log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str, record: bool = True) -> None:
     """`check_same_log` against the log as it is now, for a generation that is running or about
     to become current; a topic that is gone raises LogGone. A broker that cannot tell raises
     KappaError, which says nothing about the log. `record`: see check_same_topic."""
-    partitions = admin.partition_count(settings.broker, topic, timeout=5.0)
+    partitions = admin.partition_count(settings.broker, topic, timeout=LOG_CHECK_TIMEOUT_S)
     if partitions is None:
-        raise LogGone(
-            f"topic {topic!r} was deleted under generation {generation} of {pipeline!r}, so there is no log to "
-            "follow; load it again",
-            pipeline,
-        )
-    check_same_log(settings, pipeline, generation, topic, partitions, record)
+        raise LogGone(topic, pipeline, generation)
+    check_same_log(settings, pipeline, generation, topic, partitions, record, LOG_CHECK_TIMEOUT_S)
 
 
-def log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str) -> bool:
-    """`check_log_unchanged` before a generation becomes current: True when the log is the one
-    it was built on, False when the broker cannot tell now; LogChanged when it changed."""
-    try:
-        check_log_unchanged(settings, pipeline, generation, topic)
-    except LogChanged:
-        raise
-    except KappaError:
-        return False
-    return True
+# a topic missing this long, on every check, is taken for deleted: a broker that restarts may
+# answer for a while that it has no such topic
+GONE_AFTER_S = 30.0
+
+
+class LogWatch:
+    """`check_log_unchanged`, repeated while a generation runs or waits to become current.
+
+    LogChanged at once when the log changed (partitions, topic id); LogGone only once the topic
+    has been missing for GONE_AFTER_S; anything else (the broker cannot answer, a client's
+    timeout) says nothing about the log. Before, one check that missed the topic could delete a
+    replay's work, and a timeout from the client stopped a running worker."""
+
+    def __init__(self, settings: Settings, pipeline: str, topic: str) -> None:
+        self.settings, self.pipeline, self.topic = settings, pipeline, topic
+        self._missing_since: float | None = None
+
+    def unchanged(self, generation: int) -> bool:
+        """True when the log is the one the generation was built on; False when it cannot tell now."""
+        try:
+            check_log_unchanged(self.settings, self.pipeline, generation, self.topic)
+        except LogGone:
+            now = time.monotonic()
+            self._missing_since = self._missing_since if self._missing_since is not None else now
+            if now - self._missing_since >= GONE_AFTER_S:
+                raise
+            return False
+        except LogChanged:
+            raise
+        except Exception:  # noqa: BLE001  (a KappaError, or a client's own error: nothing is known about the log)
+            return False
+        self._missing_since = None
+        return True
 
 
 def refuse_empty_result(records: dict[str, int], total: int, force: bool) -> None:

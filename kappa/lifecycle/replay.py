@@ -33,8 +33,8 @@ from kappa.lifecycle.guards import (
     Checked,
     EmptyResult,
     LogChanged,
+    LogWatch,
     check_same_topic,
-    log_unchanged,
     refuse_empty_result,
 )
 from kappa.ops.progress import ProgressLine
@@ -151,7 +151,7 @@ def run_batch(
             refuse_empty_result(counts, total, force)
             # a generation on a log that changed meanwhile could never be continued live; a
             # broker that cannot tell now does not stop a result that is exact for its cut
-            log_unchanged(settings, pipeline, generation, definition.topic)
+            LogWatch(settings, pipeline, definition.topic).unchanged(generation)
             manifest = snapshot.build_manifest(
                 pipeline=pipeline,
                 topic=definition.topic,

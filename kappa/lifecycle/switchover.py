@@ -41,8 +41,8 @@ from kappa.lifecycle.guards import (
     LOG_CHECK_INTERVAL_S,
     EmptyResult,
     LogChanged,
+    LogWatch,
     check_same_topic,
-    log_unchanged,
     preflight,
 )
 from kappa.ops.progress import ProgressLine
@@ -199,11 +199,12 @@ def _catch_up_and_switch(
     total = sum(ends.values())
     directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
     next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
+    log_watch = LogWatch(settings, pipeline, definition.topic)
     exits: dict[int, list[float]] = {}
     while True:
         time.sleep(POLL_S)
         if time.monotonic() >= next_log_check:
-            log_unchanged(settings, pipeline, generation, definition.topic)
+            log_watch.unchanged(generation)
             next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
         for position, child in enumerate(children):
             if child.process.poll() is not None:
@@ -224,7 +225,7 @@ def _catch_up_and_switch(
         published = {p: offset for p, (offset, _) in parts.newest_parts(directory).items()}
         if all(published.get(p, 0) >= end for p, end in ends.items()) and (total == 0 or published):
             span.add(heartbeats(settings, pipeline, generation))  # a process beats before its part at the end
-            if not log_unchanged(settings, pipeline, generation, definition.topic):
+            if not log_watch.unchanged(generation):
                 continue  # the broker cannot tell now: never switch unchecked (with a partition added,
                 # a replay replaced the current generation with counts that left it out)
             path = publisher.publish_if_changed(make_current=True)

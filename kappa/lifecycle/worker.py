@@ -36,10 +36,8 @@ from kappa.lifecycle.cleanup import clear_leftovers, finish_half_done_steps, rep
 from kappa.lifecycle.generations import Registry
 from kappa.lifecycle.guards import (
     LOG_CHECK_INTERVAL_S,
-    LogChanged,
-    LogGone,
+    LogWatch,
     check_definition,
-    check_log_unchanged,
     check_same_log,
     check_same_topic,
 )
@@ -50,7 +48,6 @@ from kappa.snapshots.publisher import Publisher
 
 log = logging.getLogger("kappa.lifecycle.worker")
 RESTART_DELAY_S = 2.0
-LOG_MISSING_CHECKS = 2  # checks in a row that must miss the topic before it counts as deleted
 
 
 def claim_data_dir(settings: Settings, pipeline: str) -> IO:
@@ -138,7 +135,7 @@ class Supervisor:
         self.children: list[Child] = []
         self._data_dir_claim: IO | None = None
         self.outages: OutageReporter | None = None
-        self._log_missing = 0  # checks in a row that found no topic (see _stop_if_log_changed)
+        self.log_watch = LogWatch(settings, pipeline, definition.topic)
         self.record = SupervisorRecord(os.getpid(), socket.gethostname(), snapshot.utc_now(), processes, generation=0)
 
     def _watch_leaders(self, generation: int) -> None:
@@ -269,21 +266,10 @@ class Supervisor:
 
     def _stop_if_log_changed(self, generation: int) -> None:
         """Raise LogChanged when the log is no longer the one the generation was built on
-        (kappa.lifecycle.guards.check_log_unchanged). Checked every few seconds, not only before
-        a restart: with a partition added, the processes ignored it, and the snapshots said
-        complete, until a restart; with the topic made again, they published the old counts;
-        with the topic deleted, they waited for it without a word. A topic is taken for deleted
-        when two checks in a row miss it. A broker that does not answer now (an outage, which
-        the processes ride out) is no reason to stop."""
-        try:
-            check_log_unchanged(self.settings, self.pipeline, generation, self.definition.topic)
-        except LogGone:
-            self._log_missing += 1
-            if self._log_missing >= LOG_MISSING_CHECKS:
-                raise
-            return
-        except LogChanged:
-            raise
-        except KappaError:
-            pass
-        self._log_missing = 0
+        (kappa.lifecycle.guards.LogWatch). Checked every few seconds, not only before a restart:
+        with a partition added, the processes ignored it, and the snapshots said complete, until
+        a restart; with the topic made again, they published the old counts; with the topic
+        deleted, they waited for it without a word. A broker that cannot answer now (an outage,
+        which the processes ride out) is no reason to stop."""
+        self.log_watch.topic = self.definition.topic  # a followed switch may read another topic
+        self.log_watch.unchanged(generation)

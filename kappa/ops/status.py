@@ -95,7 +95,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
     kept = [gen["generation"] for gen in result["generations"]]
     warnings = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
     if broker_reachable:
-        warnings += log_warnings(settings, pipeline, topic, result["generations"])
+        warnings += log_warnings(settings, pipeline, result["generations"])
     result["warnings"] = warnings + _crash_loop_warnings(result["worker"])
     try:
         manifest = read_manifest(settings.snapshot_dir, pipeline)
@@ -129,13 +129,14 @@ def replication_warnings(settings: Settings, pipeline: str, topic: str, generati
     ]
 
 
-def log_warnings(settings: Settings, pipeline: str, topic: str, generations: list[dict]) -> list[str]:
+def log_warnings(settings: Settings, pipeline: str, generations: list[dict]) -> list[str]:
     """One line per generation that is live or building on a log it was not built from
     (kappa.lifecycle.guards.check_log_unchanged): its snapshots may say complete, but it can
-    never catch up."""
+    never catch up. Each generation is checked against the topic its own definition reads."""
     found = []
     for gen in generations:
-        if gen["state"] in (GenerationState.FAILED, GenerationState.KEPT, GenerationState.RETIRING):
+        topic = (gen["definition"] or {}).get("topic")
+        if topic is None or gen["state"] in (GenerationState.FAILED, GenerationState.KEPT, GenerationState.RETIRING):
             continue
         try:
             check_log_unchanged(settings, pipeline, gen["generation"], topic, record=False)

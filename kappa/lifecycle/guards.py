@@ -129,13 +129,17 @@ class EmptyResult(KappaError):
 class LogChanged(KappaError):
     """The log under a generation is not the one it was built from (see `check_same_log`).
 
-    `fact` says what changed; the message adds what to do about it."""
+    `fact` says what changed; the message adds what to do about it (`advice`, or a replay)."""
 
-    def __init__(self, fact: str, pipeline: str) -> None:
+    def __init__(self, fact: str, pipeline: str, advice: str | None = None) -> None:
         self.fact = fact
         super().__init__(
-            f"{fact}: run `kappa replay` with the pipeline's definition (`kappa status --pipeline {pipeline}` shows "
-            "it) to build a generation from the log as it is now"
+            fact
+            + (
+                advice
+                or f": run `kappa replay` with the pipeline's definition (`kappa status --pipeline {pipeline}` shows "
+                "it) to build a generation from the log as it is now"
+            )
         )
 
 
@@ -198,13 +202,12 @@ class LogGone(LogChanged):
     """The topic a generation reads no longer exists."""
 
     def __init__(self, topic: str, pipeline: str, generation: int) -> None:
-        KappaError.__init__(
-            self,
-            f"topic {topic!r} was deleted under generation {generation} of {pipeline!r}, so there is no log to follow: "
-            f"load the data into it again, then run `kappa replay` (`kappa status --pipeline {pipeline}` shows the "
-            "definition)",
+        super().__init__(
+            f"topic {topic!r} was deleted under generation {generation} of {pipeline!r}",
+            pipeline,
+            ", so there is no log to follow: load the data into it again, then run `kappa replay` "
+            f"(`kappa status --pipeline {pipeline}` shows the definition)",
         )
-        self.fact = f"topic {topic!r} was deleted under generation {generation} of {pipeline!r}"
 
 
 def check_log_unchanged(settings: Settings, pipeline: str, generation: int, topic: str, record: bool = True) -> None:

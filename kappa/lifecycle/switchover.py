@@ -218,7 +218,7 @@ def _catch_up_and_switch(
         beats = heartbeats(settings, pipeline, generation)
         span.add(beats)
         for beat in beats:
-            for partition, offset in beat.get("folded_offsets", beat.get("next_offsets", {})).items():
+            for partition, offset in beat.get("folded_offsets", {}).items():
                 offsets[int(partition)] = max(offsets.get(int(partition), 0), offset)
         done = sum(min(offsets.get(p, 0), end) for p, end in ends.items())
         line.update(done, total, label=f"g{generation}", detail=_progress_detail(offsets, ends))

@@ -31,8 +31,9 @@ def _processes(settings: Settings, pipeline: str, generation: int) -> list[dict]
     return [{**beat, "heartbeat_age_s": _age_s(beat["updated_at"])} for beat in beats]
 
 
-def _worker(settings: Settings, pipeline: str) -> dict | None:
-    """The running `kappa worker` of this data dir, with the restarts of its processes."""
+def _worker(settings: Settings, pipeline: str, generations: list[dict]) -> dict | None:
+    """The running `kappa worker` of this data dir, with the restarts of its processes
+    (`generations`: the status's own, whose processes were read already)."""
     record = read_supervisor_record(settings, pipeline)
     if record is None:
         return None
@@ -42,7 +43,7 @@ def _worker(settings: Settings, pipeline: str) -> dict | None:
             recent.setdefault(restart["index"], []).append(restart)
     return {
         **asdict(record),
-        "with_heartbeat": len(heartbeats(settings, pipeline, record.generation)),
+        "with_heartbeat": sum(len(gen["processes"]) for gen in generations if gen["generation"] == record.generation),
         "crash_looping": [
             {"index": index, "restarts": len(restarts), "last_code": restarts[-1]["code"]}
             for index, restarts in sorted(recent.items())
@@ -91,7 +92,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
                 "processes": _processes(settings, pipeline, int(number)),
             }
         )
-    result["worker"] = _worker(settings, pipeline)
+    result["worker"] = _worker(settings, pipeline, result["generations"])
     kept = [gen["generation"] for gen in result["generations"]]
     warnings = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
     if broker_reachable:

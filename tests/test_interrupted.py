@@ -204,3 +204,57 @@ def test_drop_deletes_everything_kappa_made_for_a_pipeline(kappa, tmp_path):
         assert wait_until(lambda name=name: partition_count(kappa.broker, name) is None, 60), name
     again = run_kappa(["drop", topic, *kappa.args()], timeout=60)
     assert again.returncode == 2 and b"nothing to drop" in again.stderr
+
+
+def test_a_drop_is_refused_while_a_worker_runs_none_of_its_processes(kappa, tmp_path):
+    """`kappa drop` looked only for processes: between two restarts of a worker's failed
+    process, it deleted the pipeline under the worker, which then started the process again on
+    what was deleted. Here the worker is paused and its only process killed, so none runs."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(2_000, 50, seed=25).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    worker = start_worker(kappa, topic, VALUE, KEY, processes=1, interval=0.5)
+    worker.partitions = 2
+    try:
+        worker.wait_caught_up()
+        (child,) = worker.child_pids()
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        os.kill(child, signal.SIGKILL)
+        assert wait_until(lambda: not group_members(kappa.broker, app_id(topic, 1)), 120), "its member stayed"
+        refused = run_kappa(["drop", topic, *kappa.args()], timeout=120)
+        expected = f"has processes running (a kappa worker: supervisor pid {worker.process.pid} on "
+        assert refused.returncode == 2 and expected in refused.stderr.decode(), refused.stderr.decode()
+        assert (kappa.snapshot_dir / topic / "generations.json").exists()
+        os.kill(worker.process.pid, signal.SIGCONT)
+        assert worker.stop() == 0
+    finally:
+        kill_group(worker)
+
+
+def test_a_topic_a_drop_kept_is_deleted_by_a_drop_with_topic(kappa, tmp_path):
+    """After `kappa drop P`, `kappa drop P --topic` found no pipeline: the topic, its load
+    ledger and its dead-letter topic stayed, and no kappa command deleted them."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(2_000, 50, seed=26).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    kappa.replay_batch(topic, VALUE, KEY)
+    kappa.replay_batch(topic, VALUE, KEY, "--pipeline", f"{topic}-other")
+
+    dropped = kappa.run("drop", topic).stdout.decode()
+    assert f"kept topic {topic!r}, which pipeline '{topic}-other' also reads" in dropped, dropped
+    refused = run_kappa(["drop", topic, "--topic", *kappa.args()], timeout=120)
+    assert refused.returncode == 2, refused.stderr.decode()
+    assert f"pipeline '{topic}-other' also reads topic {topic!r}: drop it first" in refused.stderr.decode()
+    assert partition_count(kappa.broker, topic) == 2
+
+    dropped = kappa.run("drop", f"{topic}-other").stdout.decode()
+    advice = f"kept topic {topic!r} with {topic}.loads and {topic}.dlq: `kappa drop {topic} --topic` deletes them"
+    assert advice in dropped, dropped
+    deleted = kappa.run("drop", topic, "--topic").stdout.decode()
+    assert f"deleted topics {topic}, {topic}.loads, {topic}.dlq" in deleted, deleted
+    for name in (topic, f"{topic}.loads", f"{topic}.dlq"):
+        assert wait_until(lambda name=name: partition_count(kappa.broker, name) is None, 60), name
+    again = run_kappa(["drop", topic, "--topic", *kappa.args()], timeout=60)
+    assert again.returncode == 2 and b"nothing to drop" in again.stderr

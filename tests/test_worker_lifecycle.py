@@ -4,14 +4,18 @@ supervisor dying, and what `latest` shows meanwhile."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import signal
 import threading
 import time
 
+import pytest
 from confluent_kafka.admin import NewPartitions
 
+from kappa.config import Settings
+from kappa.errors import KappaError
 from kappa.kafka.admin import admin, delete_topics, ensure_topic, partition_count
 from tests.datagen import sample_frame
 from tests.helpers import pid_alive, run_kappa, wait_until
@@ -73,6 +77,9 @@ def test_latest_never_steps_back_when_workers_continue_a_batch_generation(kappa,
         kappa.load(more, KEY, topic)
         worker.wait_caught_up(timeout=180)
         time.sleep(2)
+        # status said [complete, batch] of the generation the worker was tailing
+        shown = kappa.run("status", "--pipeline", topic, timeout=120).stdout.decode()
+        assert "generation 1 [complete, batch, continued by a live worker] " in shown, shown
     finally:
         watcher.stopped.set()
         watcher.join()
@@ -233,3 +240,31 @@ def test_a_refused_worker_leaves_nothing_in_its_data_dir(kappa):
     refused = run_kappa(["worker", "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args()], timeout=120)
     assert refused.returncode == 2 and "does not exist" in refused.stderr.decode(), refused.stderr.decode()
     assert not (kappa.data_dir / "run").exists(), sorted((kappa.data_dir / "run").rglob("*"))
+
+
+def test_a_start_racing_a_refused_one_does_not_hold_a_lock_no_one_sees(kappa, monkeypatch):
+    """A refused start removes run/<pipeline>/worker.lock. A start that opened the file just
+    before locked the removed file, and a third start made a new one and locked it too: two
+    supervisors on one data dir. The removal is made to fall between the open and the lock."""
+    from kappa.lifecycle import worker
+
+    settings = Settings(broker=kappa.broker, data_dir=kappa.data_dir, snapshot_dir=kappa.snapshot_dir)
+    refused = worker.claim_data_dir(settings, "racing")
+    real_flock = fcntl.flock
+    removed = []
+
+    def refusal_lands_first(handle, operation):
+        if not removed:
+            removed.append(True)
+            worker.release_refused_claim(settings, "racing", refused)
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(worker.fcntl, "flock", refusal_lands_first)
+    second = worker.claim_data_dir(settings, "racing")
+    monkeypatch.setattr(worker.fcntl, "flock", real_flock)
+    try:
+        assert removed
+        with pytest.raises(KappaError, match="is already used by a kappa worker"):
+            worker.claim_data_dir(settings, "racing")
+    finally:
+        second.close()

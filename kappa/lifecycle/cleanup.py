@@ -21,7 +21,7 @@ from kappa.config import Settings
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
-from kappa.lifecycle.children import heartbeats
+from kappa.lifecycle.children import heartbeats, read_supervisor_record
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, pipelines_under
 from kappa.lifecycle.guards import LogChanged, check_same_log
 from kappa.snapshots import parts
@@ -153,15 +153,27 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
     """Delete everything kappa made for a pipeline: every generation's consumer group,
     changelog and assignor topics and local state, its snapshots and its registry; with
     `with_topic`, also the topic it reads and the topic's load ledger and dead-letter topic
-    (refused while another pipeline under the same --snapshot-dir reads that topic).
+    (refused while another pipeline under the same --snapshot-dir reads that topic). A drop
+    without `with_topic` says which topics it kept; `pipeline` may then name such a topic, which
+    `with_topic` deletes once no pipeline reads it.
 
     Refused while any of its processes runs, here or on another host (its groups' members):
-    deleting a running generation's changelog would leave its processes failing."""
+    deleting a running generation's changelog would leave its processes failing. A worker's
+    supervisor counts too, even while none of its processes runs (one failing at every start,
+    between two restarts): it would start them again on what was deleted."""
     registry = Registry(settings.snapshot_dir, pipeline)
     generations = registry.read()["generations"]
     home = settings.snapshot_dir / pipeline
     if not generations and not home.exists():
+        if with_topic and admin.partition_count(settings.broker, pipeline) is not None:
+            return _drop_topic(settings, pipeline)  # a pipeline already dropped without --topic kept it
         raise KappaError(f"no pipeline {pipeline!r} under {settings.snapshot_dir}: nothing to drop")
+    supervisor = read_supervisor_record(settings, pipeline)
+    if supervisor is not None:
+        raise KappaError(
+            f"pipeline {pipeline!r} has processes running (a kappa worker: supervisor pid {supervisor.pid} on "
+            f"{supervisor.host}, generation {supervisor.generation}): stop its workers and replays first, then drop it"
+        )
     running = [
         int(number)
         for number, entry in generations.items()
@@ -176,13 +188,8 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
         )
     topics = {entry["definition"]["topic"] for entry in generations.values() if entry.get("definition")}
     if with_topic:
-        for other in pipelines_under(settings.snapshot_dir):
-            others = Registry(settings.snapshot_dir, other).read()["generations"].values()
-            shared = topics & {entry["definition"]["topic"] for entry in others if entry.get("definition")}
-            if other != pipeline and shared:
-                raise KappaError(
-                    f"pipeline {other!r} also reads topic {sorted(shared)[0]!r}: drop it first, or leave out --topic"
-                )
+        for topic in sorted(topics):
+            _refuse_if_read_by_another(settings, topic, pipeline)
     done = []
     for number in sorted(int(n) for n in generations):
         delete_generation_state(settings, pipeline, number)
@@ -191,9 +198,47 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
         if directory.exists():
             shutil.rmtree(directory)
             done.append(f"deleted {directory}")
-    if with_topic:
-        for topic in sorted(topics):
-            named = [topic, f"{topic}.loads", f"{topic}.dlq"]
-            admin.delete_topics(settings.broker, named)
-            done.append(f"deleted topics {', '.join(named)}")
+    for topic in sorted(topics):
+        if with_topic:
+            done.extend(_drop_topic(settings, topic, dropping=pipeline))
+        else:
+            done.append(_kept_topic(settings, topic))
     return done
+
+
+def _readers(settings: Settings, topic: str) -> list[str]:
+    """The pipelines under --snapshot-dir with a generation that reads `topic`."""
+    return [
+        pipeline
+        for pipeline in pipelines_under(settings.snapshot_dir)
+        if any(
+            entry.get("definition", {}).get("topic") == topic
+            for entry in Registry(settings.snapshot_dir, pipeline).read()["generations"].values()
+        )
+    ]
+
+
+def _refuse_if_read_by_another(settings: Settings, topic: str, dropping: str | None) -> None:
+    others = [reader for reader in _readers(settings, topic) if reader != dropping]
+    if others:
+        leave_out = ", or leave out --topic" if dropping else ""
+        raise KappaError(f"pipeline {others[0]!r} also reads topic {topic!r}: drop it first{leave_out}")
+
+
+def _drop_topic(settings: Settings, topic: str, dropping: str | None = None) -> list[str]:
+    """Delete a topic with its load ledger and dead-letter topic, unless a pipeline other than
+    `dropping` reads it."""
+    _refuse_if_read_by_another(settings, topic, dropping)
+    named = [topic, f"{topic}.loads", f"{topic}.dlq"]
+    admin.delete_topics(settings.broker, named)
+    return [f"deleted topics {', '.join(named)}"]
+
+
+def _kept_topic(settings: Settings, topic: str) -> str:
+    """What a drop without --topic left, and the command that deletes it once no pipeline reads it."""
+    others = _readers(settings, topic)
+    if others:
+        return f"kept topic {topic!r}, which pipeline {others[0]!r} also reads"
+    if (settings.snapshot_dir / topic / "generations.json").exists():  # `kappa drop <topic>` names that pipeline
+        return f"kept topic {topic!r} with {topic}.loads and {topic}.dlq"
+    return f"kept topic {topic!r} with {topic}.loads and {topic}.dlq: `kappa drop {topic} --topic` deletes them"

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import IO
 
 from kappa.config import Settings
@@ -56,25 +57,44 @@ def claim_data_dir(settings: Settings, pipeline: str) -> IO:
     Two supervisors on one data directory would each spawn processes that claim the same
     state slots and publish the same parts, racing each other. The lock is an flock, so it
     disappears with the process, even after SIGKILL; there is no stale lock to clean up.
+
+    The lock counts only on the file the path names once it is held: a refused start removes
+    the file (`release_refused_claim`), and a start that opened it just before would otherwise
+    lock a file no later start can see, beside the new one that later start makes and locks.
     """
     directory = settings.data_dir / "run" / pipeline
     directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / "worker.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise KappaError(
-            f"data dir {settings.data_dir} is already used by a kappa worker for pipeline {pipeline!r} "
-            f"({holder}); give this worker its own --data-dir, or raise --processes on the running one"
-        ) from None
+    path = directory / "worker.lock"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise KappaError(
+                f"data dir {settings.data_dir} is already used by a kappa worker for pipeline {pipeline!r} "
+                f"({holder}); give this worker its own --data-dir, or raise --processes on the running one"
+            ) from None
+        if _names_the_same_file(handle, path):
+            break
+        handle.close()  # removed by a refused start while this one opened it: lock the file there now
+        directory.mkdir(parents=True, exist_ok=True)
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     return handle
+
+
+def _names_the_same_file(handle: IO, path: Path) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def release_refused_claim(settings: Settings, pipeline: str, claim: IO) -> None:

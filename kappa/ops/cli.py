@@ -431,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drop.add_argument("name", help="the pipeline")
     drop.add_argument(
-        "--topic", action="store_true", help="also delete the topic it reads, with <topic>.loads and <topic>.dlq"
+        "--topic",
+        action="store_true",
+        help="also delete the topic it reads, with <topic>.loads and <topic>.dlq; after a drop without --topic, "
+        "`kappa drop TOPIC --topic` deletes the topic it kept",
     )
     drop.set_defaults(handler=cmd_drop)
 

@@ -201,7 +201,10 @@ def render(status: dict) -> str:
             else:
                 per_partition = ", ".join(f"{p}:{lag}" for p, lag in gen["lag"].items())
                 lag = f"lag {gen['total_lag']:,} ({per_partition})"
-            lines.append(f"  generation {gen['generation']} [{gen['state']}, {gen['mode']}] {computes}, {lag}")
+            label = f"{gen['state']}, {gen['mode']}"
+            if gen["state"] == GenerationState.COMPLETE and _followed_live(gen, pipe.get("worker")):
+                label += ", continued by a live worker"  # a batch replay built it; a worker tails it now
+            lines.append(f"  generation {gen['generation']} [{label}] {computes}, {lag}")
             for proc in gen["processes"]:
                 lines.append(
                     f"    process pid {proc['pid']} on {proc['host']}: partitions {proc['partitions']}, "
@@ -221,6 +224,10 @@ def render(status: dict) -> str:
         else:
             lines.append("  latest snapshot: none yet")
     return "\n".join(lines)
+
+
+def _followed_live(gen: dict, worker: dict | None) -> bool:
+    return bool(gen["processes"]) or (worker is not None and worker["generation"] == gen["generation"])
 
 
 def _worker_lines(worker: dict | None) -> list[str]:

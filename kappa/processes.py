@@ -73,6 +73,23 @@ def pid_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks after boot (field 22 of /proc/<pid>/stat); None when
+    it is gone or there is no /proc. A pid and this together name one process: Linux reuses pids."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def still_running(pid: int, started: int | None) -> bool:
+    """Whether the process that wrote `pid` and `started` (its process_start_ticks) runs: a
+    record left by a killed process may name a pid Linux has since given another. Without
+    `started` (a record of an older kappa), whatever has the pid counts."""
+    return pid_alive(pid) and (started is None or process_start_ticks(pid) == started)
+
+
 class PandasStaysOut(importlib.abc.MetaPathFinder):
     """Refuses `import pandas` in a process that runs a Faust worker or supervises workers.
 

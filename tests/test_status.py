@@ -7,7 +7,10 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 
+from kappa.engine.names import app_id
+from kappa.kafka.admin import group_members
 from tests.helpers import free_port, wait_for
 from tests.live import load_round
 
@@ -78,3 +81,33 @@ def test_status_shows_a_worker_process_that_keeps_failing(kappa, live, tmp_path)
     assert worker.stop() == 0
     status = json.loads(kappa.run("status", "--json", "--pipeline", worker.topic, timeout=120).stdout)
     assert status["pipelines"][0]["worker"] is None
+
+
+def test_a_killed_workers_files_do_not_name_the_processes_that_got_their_pids(kappa, live, tmp_path):
+    """A worker killed with SIGKILL leaves its supervisor record and its process's heartbeat;
+    status read them as running for as long as any process had their pids, and `kappa drop`
+    was refused for them. Linux gives the pids to a `sleep` here: the files are rewritten to
+    name it, as reused pids would."""
+    worker = live(kappa.topic(), partitions=2, processes=1)
+    load_round(kappa, worker, tmp_path, 500, seed=7)
+    worker.wait_caught_up()
+    run_dir = kappa.data_dir / "run" / worker.topic
+    (child,) = worker.child_pids()
+    os.kill(worker.process.pid, signal.SIGSTOP)  # no restart of its process, nor a clean stop of it
+    os.kill(child, signal.SIGKILL)
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait(timeout=60)
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        for path in [run_dir / "supervisor.json", *run_dir.glob("g1/process-*.json")]:
+            path.write_text(json.dumps({**json.loads(path.read_text()), "pid": stranger.pid}))
+        assert len(list(run_dir.glob("g1/process-*.json"))) == 1
+        status = json.loads(kappa.run("status", "--json", "--pipeline", worker.topic, timeout=120).stdout)
+        assert status["pipelines"][0]["worker"] is None, status["pipelines"][0]["worker"]
+        assert status["pipelines"][0]["generations"][0]["processes"] == []
+        wait_for(lambda: not group_members(kappa.broker, app_id(worker.topic, 1)), 120, "its member to leave")
+        dropped = kappa.run("drop", worker.topic, timeout=120).stdout.decode()
+        assert "deleted generation 1" in dropped, dropped
+    finally:
+        stranger.kill()
+        stranger.wait()

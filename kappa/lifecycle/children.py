@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING
 
 from kappa.config import Settings, format_offsets
 from kappa.files import replace_text
-from kappa.processes import pid_alive
+from kappa.processes import still_running
 
 if TYPE_CHECKING:  # a replay starts its processes before it imports the pipeline's modules
     from kappa.pipeline import Definition
@@ -191,7 +191,7 @@ def heartbeats(settings: Settings, pipeline: str, generation: int) -> list[dict]
             beat = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if beat.get("host") == socket.gethostname() and not pid_alive(beat["pid"]):
+        if beat.get("host") == socket.gethostname() and not still_running(beat["pid"], beat.get("pid_started")):
             continue
         beats.append(beat)
     return beats
@@ -218,6 +218,9 @@ class SupervisorRecord:
     generation: int
     restart_count: int = 0
     restarts: list[dict] = field(default_factory=list)  # the newest RESTARTS_KEPT: index, pid, code, at
+    # when the supervisor started (kappa.processes.process_start_ticks): a record left by a
+    # supervisor that was killed names a pid that another process may have since
+    pid_started: int | None = None
 
     def restarted(self, index: int, pid: int, code: int, at: str) -> None:
         self.restart_count += 1
@@ -234,6 +237,6 @@ def read_supervisor_record(settings: Settings, pipeline: str) -> SupervisorRecor
         record = SupervisorRecord(**json.loads(supervisor_record_path(settings, pipeline).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if record.host == socket.gethostname() and not pid_alive(record.pid):
+    if record.host == socket.gethostname() and not still_running(record.pid, record.pid_started):
         return None
     return record

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kappa.errors import KappaError
 from kappa.files import replace_text
-from kappa.processes import pid_alive
+from kappa.processes import process_start_ticks, still_running
 from kappa.snapshots.snapshot import utc_now
 
 
@@ -50,14 +50,14 @@ CURRENT_STATES = {GenerationState.LIVE, GenerationState.COMPLETE}
 
 def this_builder() -> dict:
     """Who is computing a generation: checked before another process takes it over."""
-    return {"pid": os.getpid(), "host": socket.gethostname()}
+    return {"pid": os.getpid(), "pid_started": process_start_ticks(os.getpid()), "host": socket.gethostname()}
 
 
 def builder_alive(entry: dict) -> bool:
     builder = entry.get("builder") or {}
     if builder.get("host") != socket.gethostname():
         return bool(builder)  # cannot tell for another host: assume it is alive
-    return bool(builder.get("pid")) and pid_alive(int(builder["pid"]))
+    return bool(builder.get("pid")) and still_running(int(builder["pid"]), builder.get("pid_started"))
 
 
 def _state_of(entry: dict) -> GenerationState | None:

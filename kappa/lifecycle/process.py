@@ -21,6 +21,7 @@ from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop
 from kappa.files import replace_text
 from kappa.kafka import admin
 from kappa.pipeline import Definition, Progress
+from kappa.processes import process_start_ticks
 from kappa.snapshots import parts, snapshot
 from tables.grouped_mean import read_partition
 
@@ -68,6 +69,7 @@ class PartWriter:
         self.pipe = pipe
         self.directory = directory
         self.heartbeat = heartbeat
+        self.pid_started = process_start_ticks(os.getpid())  # with the pid, names this process (still_running)
         self.interval = interval
         self.catch_up_to = catch_up_to
         self.next_parts = time.monotonic() + interval
@@ -131,6 +133,7 @@ class PartWriter:
         progress = self.pipe.progress
         state = {
             "pid": os.getpid(),
+            "pid_started": self.pid_started,
             "host": socket.gethostname(),
             "partitions": sorted(owned),
             "next_offsets": {str(p): o for p, o in sorted(progress.next_offsets.items()) if p in owned},

@@ -43,7 +43,7 @@ from kappa.lifecycle.guards import (
     check_same_topic,
 )
 from kappa.pipeline import Definition
-from kappa.processes import keep_pandas_out
+from kappa.processes import keep_pandas_out, process_start_ticks
 from kappa.snapshots import snapshot
 from kappa.snapshots.publisher import Publisher
 
@@ -156,7 +156,14 @@ class Supervisor:
         self._data_dir_claim: IO | None = None
         self.outages: OutageReporter | None = None
         self.log_watch = LogWatch(settings, pipeline, definition.topic)
-        self.record = SupervisorRecord(os.getpid(), socket.gethostname(), snapshot.utc_now(), processes, generation=0)
+        self.record = SupervisorRecord(
+            os.getpid(),
+            socket.gethostname(),
+            snapshot.utc_now(),
+            processes,
+            generation=0,
+            pid_started=process_start_ticks(os.getpid()),
+        )
 
     def _watch_leaders(self, generation: int) -> None:
         """One outage line for all processes, printed here (the processes stay quiet)."""

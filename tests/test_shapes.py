@@ -275,3 +275,61 @@ def test_a_replay_of_a_changed_definition_in_kappa_toml_switches_without_mixed_s
         else:
             assert columns[:2] == ["key", "window_start"] and "tip_mean" in columns
     assert {m["generation"] for _, m in seen} == {1, 2}
+
+
+def test_key_fields_keep_their_text_as_written_in_the_csv(kappa, tmp_path):
+    """The load guessed each CSV column's type, chunk by chunk: an integer column with a field
+    missing in its second chunk gave keys `1` and `1.0` for one vendor, and `01` became `1`.
+    Every field is now on the log as written; the oracle reads the key fields with dtype=str."""
+    rows = 150_000  # two of the loader's chunks
+    rng = np.random.default_rng(31)
+    vendor = rng.integers(1, 4, rows).astype(str).astype(object)
+    vendor[100_000:][rng.random(rows - 100_000) < 0.05] = None  # missing only in the second chunk
+    frame = pd.DataFrame(
+        {
+            "city": np.array(["A", "B"], dtype=object)[rng.integers(0, 2, rows)],
+            "vendor": vendor,
+            "zip": np.array(["01", "02", "10", "+3", "4.50", "1e3"], dtype=object)[rng.integers(0, 6, rows)],
+            "fare": [f"{fare:.2f}" for fare in rng.normal(20, 8, rows)],  # `12.50`: text a float would not give back
+        }
+    )
+    path = tmp_path / "trips.csv"
+    frame.to_csv(path, index=False)
+    topic = kappa.topic()
+    kappa.load(path, "city", topic, partitions=4)
+
+    kappa.run("replay", "--topic", topic, "--key", "city,vendor,zip", "--value", "fare", "--batch")
+    table, manifest = latest_table(kappa, topic)
+    expected = shape_expectation(str(path), ["city", "vendor", "zip"], ["fare"])
+    assert sorted(set(table["zip"])) == ["+3", "01", "02", "10", "1e3", "4.50"]
+    assert_shape_matches(table, expected)
+    assert manifest["records"]["counted"] == int(expected["count"].sum())
+
+    kappa.run("replay", "--topic", topic, "--key", "fare", "--value", "vendor", "--batch")
+    table, _ = latest_table(kappa, topic)
+    assert_shape_matches(table.rename(columns={"key": "fare"}), shape_expectation(str(path), ["fare"], ["vendor"]))
+
+
+def test_parquet_integer_keys_with_missing_values_stay_integers(kappa, tmp_path):
+    """Parquet's integer column with a missing value was read as floats: every vendor `1` became
+    the key `1.0`. The oracle reads the same rows from their CSV with dtype=str."""
+    rows = 30_000
+    rng = np.random.default_rng(32)
+    vendor = pd.array(rng.integers(1, 4, rows), dtype="Int64")
+    vendor[rng.random(rows) < 0.05] = pd.NA
+    frame = pd.DataFrame(
+        {
+            "city": np.array(["A", "B"], dtype=object)[rng.integers(0, 2, rows)],
+            "vendor": vendor,
+            "fare": rng.normal(20, 8, rows).round(2),
+        }  # fmt: skip
+    )
+    path = tmp_path / "trips.parquet"
+    frame.to_parquet(path, index=False)
+    frame.to_csv(tmp_path / "trips.csv", index=False)
+    topic = kappa.topic()
+    kappa.load(path, "vendor", topic, partitions=2)
+    kappa.run("replay", "--topic", topic, "--key", "city,vendor", "--value", "fare", "--batch")
+    table, _ = latest_table(kappa, topic)
+    assert sorted(set(table["vendor"])) == ["1", "2", "3"]
+    assert_shape_matches(table, shape_expectation(str(tmp_path / "trips.csv"), ["city", "vendor"], ["fare"]))

@@ -18,6 +18,8 @@ tests/test_loader.py checks the bytes against orjson's on awkward columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import orjson
 import pandas as pd
@@ -36,18 +38,27 @@ SHORT_ESCAPES = (
 )
 OTHER_CONTROL = r"[\x00-\x07\x0b\x0e-\x1f]"  # orjson writes these as \u00XX: left to orjson
 COMMA, QUOTE, BACKSLASH = ord(","), ord('"'), ord("\\")
+# written_values' numbers: an integer that int64 holds, with no sign on a zero (str(int(text)) is
+# the text); or a decimal with no exponent and no zero at its end but in `1.0`, not below 0.001,
+# of at most DECIMAL_CHARACTERS besides its sign (repr(float(text)) is the text)
+NUMBER_SHAPE = r"^(0|-?[1-9][0-9]{0,17})$|^-?(0\.(0|0{0,2}[1-9]([0-9]*[1-9])?)|[1-9][0-9]*\.([0-9]*[1-9]|0))$"
+DECIMAL_CHARACTERS = 16
 
 
-def json_objects(frame: pd.DataFrame) -> pa.BinaryArray | None:
-    """Each row of `frame` as orjson writes `dict(zip(columns, row))`; None when a column is
-    not one this writes (the caller then uses orjson row by row)."""
+ColumnWriter = Callable[[pd.Series], "pa.Array | None"]
+
+
+def json_objects(frame: pd.DataFrame, values: ColumnWriter | None = None) -> pa.BinaryArray | None:
+    """Each row of `frame` as orjson writes `dict(zip(columns, row))` (or with each column's
+    JSON from `values`, such as `written_values`); None when a column is not one this writes
+    (the caller then uses orjson row by row)."""
     if not len(frame.columns) or not all(isinstance(name, str) for name in frame.columns):
         return None
     if not len(frame):
         return pa.array([], pa.binary())
     pieces: list[pa.Array | pa.Scalar] = []
     for position, name in enumerate(frame.columns):
-        texts = json_values(frame[name])
+        texts = (values or json_values)(frame[name])
         if texts is None:
             return None
         label = (b"{" if position == 0 else b",") + orjson.dumps(name) + b":"
@@ -58,7 +69,9 @@ def json_objects(frame: pd.DataFrame) -> pa.BinaryArray | None:
 
 def json_values(column: pd.Series) -> pa.Array | None:
     """Each value of the column as JSON text (Arrow binary), or None."""
-    if not isinstance(column.dtype, np.dtype):  # pandas' own dtypes (Int64, boolean, string, category)
+    if isinstance(column.dtype, pd.api.extensions.ExtensionDtype) and pd.api.types.is_integer_dtype(column.dtype):
+        return _nullable_integers(column)
+    if not isinstance(column.dtype, np.dtype):  # pandas' other dtypes (boolean, string, category)
         return None
     kind = column.dtype.kind
     if kind in "iub":
@@ -68,6 +81,51 @@ def json_values(column: pd.Series) -> pa.Array | None:
     if kind == "O":
         return _texts(column)
     return None
+
+
+def _nullable_integers(column: pd.Series) -> pa.Array:
+    """A pandas integer column with missing values (Int64, as Parquet's are read): integers and
+    null, where numpy's int64 would make every value a float (`1.0`)."""
+    numbers = _numbers(column.to_numpy(dtype=column.dtype.numpy_dtype, na_value=0))
+    return pc.if_else(pa.array(column.notna().to_numpy()), numbers, pa.scalar(b"null", pa.binary()))
+
+
+def written_values(column: pd.Series) -> pa.Array | None:
+    """A CSV column read as text (dtype=str), as JSON that keeps each field as written: a field
+    whose text is a number in the form Python gives back for it (`12`, `-3`, `12.5`, `1.0`) is
+    that number; any other (`007`, `+5`, `-0`, `1.50`, `1e3`, ` 5`, `abc`) is the text, quoted;
+    a missing one (pandas' NA strings) is null.
+
+    So a field read back as a group key is its text exactly, as pandas reads it with dtype=str
+    (kappa.codec: a number's key is `str(int)` or `repr(float)`), and read as a value it is the
+    number pandas makes of it: a JSON number, or a numeric string that the worker converts.
+    Inferring each column's type instead wrote `1.0` for the `1` of an integer column with a
+    missing field, `1` for `01`, and both `1` and `1.0` in one file, chunk by chunk.
+
+    A number is an integer under 10**18 without a sign on zero, or a decimal with digits on both
+    sides of the point, at most 16 characters besides its sign (so at most 15 significant
+    digits, which a double gives back exactly), no zero at its end unless it is `.0`, and not
+    below 0.001 (where repr writes an exponent)."""
+    if column.dtype.kind != "O":
+        return None
+    try:
+        texts = pa.array(column, from_pandas=True)  # NaN and None are null
+    except (pa.ArrowException, UnicodeError, OverflowError, TypeError):
+        return None
+    if texts.type != pa.string():
+        return None
+    numbers = pc.match_substring_regex(texts, NUMBER_SHAPE)
+    if pc.any(numbers).as_py():
+        decimal = pc.match_substring(texts, ".")
+        length = pc.subtract(pc.binary_length(texts), pc.cast(pc.starts_with(texts, "-"), pa.int32()))
+        numbers = pc.and_(numbers, pc.or_(pc.invert(decimal), pc.less_equal(length, DECIMAL_CHARACTERS)))
+    numbers = pc.fill_null(numbers, False)
+    if pc.all(pc.or_(numbers, pc.is_null(texts))).as_py():
+        return texts.cast(pa.binary()).fill_null(b"null")
+    quoted = _texts(column, texts)
+    if quoted is None:
+        return None
+    return pc.if_else(numbers, texts.cast(pa.binary()), quoted)
 
 
 def _numbers(values: np.ndarray) -> pa.Array:
@@ -82,11 +140,13 @@ def _numbers(values: np.ndarray) -> pa.Array:
     return pa.BinaryArray.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def _texts(column: pd.Series) -> pa.Array | None:
-    try:
-        texts = pa.array(column, from_pandas=True)  # NaN and None are null
-    except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not text: left to orjson
-        return None
+def _texts(column: pd.Series, texts: pa.Array | None = None) -> pa.Array | None:
+    """The column's text quoted as JSON strings (`texts`: the column already as Arrow text)."""
+    if texts is None:
+        try:
+            texts = pa.array(column, from_pandas=True)  # NaN and None are null
+        except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not text: left to orjson
+            return None
     if texts.type != pa.string():
         return None
     if _needs_escapes(texts):

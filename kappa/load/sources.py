@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kappa.errors import KappaError
-from kappa.load.json_rows import json_objects
+from kappa.load.json_rows import json_objects, written_values
 
 CHUNK_ROWS = 100_000
 ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -80,10 +80,11 @@ class Chunk:
     longest: int
 
 
-def _frame_chunk(frame: pd.DataFrame, key: str) -> Chunk:
-    """One message per row. Columns are written as JSON at once (kappa.load.json_rows); a
-    frame with a column that cannot be goes row by row, each row one dict for orjson."""
-    objects = json_objects(frame)
+def _frame_chunk(frame: pd.DataFrame, key: str, as_written: bool = False) -> Chunk:
+    """One message per row. Columns are written as JSON at once (kappa.load.json_rows; with
+    `as_written`, text columns keep each field as written, see `written_values`); a frame with
+    a column that cannot be goes row by row, each row one dict for orjson."""
+    objects = json_objects(frame, written_values if as_written else None)
     if objects is not None:
         values = objects.to_pylist()
         longest_value = _longest(objects)
@@ -137,6 +138,24 @@ def _timestamp_text(column: pa.Array) -> pa.Array:
     text = pc.replace_substring_regex(text, r"(\.\d*[1-9])0+$", r"\1")
     text = pc.replace_substring_regex(text, r"\.0+$", "")
     return pc.binary_join_element_wise(text, pa.scalar("Z"), "") if zoned else text
+
+
+NULLABLE_INTEGERS = {
+    pa.int8(): pd.Int8Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.uint8(): pd.UInt8Dtype(),
+    pa.uint16(): pd.UInt16Dtype(),
+    pa.uint32(): pd.UInt32Dtype(),
+    pa.uint64(): pd.UInt64Dtype(),
+}
+
+
+def _nullable_integer_type(arrow_type: pa.DataType) -> pd.api.extensions.ExtensionDtype | None:
+    """Parquet's integer columns as pandas' nullable integers: numpy's would make a column
+    with a missing value floats, and its `1` the key `1.0`."""
+    return NULLABLE_INTEGERS.get(arrow_type)
 
 
 def _iso_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -220,13 +239,11 @@ class Source:
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(self.path).iter_batches(batch_size=CHUNK_ROWS):
-            yield _frame_chunk(_iso_batch(batch).to_pandas(), self.key)
+            yield _frame_chunk(_iso_batch(batch).to_pandas(types_mapper=_nullable_integer_type), self.key)
 
     def _csv_frames(self, usecols: list[str] | None = None) -> Iterator[pd.DataFrame]:
         try:
-            yield from pd.read_csv(
-                self.path, sep=self.separator, dtype={self.key: str}, usecols=usecols, chunksize=CHUNK_ROWS
-            )
+            yield from pd.read_csv(self.path, sep=self.separator, dtype=str, usecols=usecols, chunksize=CHUNK_ROWS)
         except pd.errors.EmptyDataError:
             return
         except pd.errors.ParserError as exc:
@@ -235,7 +252,7 @@ class Source:
 
     def _csv_chunks(self) -> Iterator[Chunk]:
         for frame in self._csv_frames():
-            yield _frame_chunk(frame, self.key)
+            yield _frame_chunk(frame, self.key, as_written=True)
 
 
 def _require_column(columns: list, key: str, source: str) -> None:

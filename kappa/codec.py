@@ -59,8 +59,25 @@ def _json_object(value: bytes | None) -> dict | str:
     return row
 
 
+def _key_fields(row: dict, value: bytes, names: tuple[str, ...]) -> list[Any]:
+    """The row's key fields, each number as the message writes it: `12.50`, `1e3` and `-0` are
+    keys as written, as pandas reads a CSV's key column with dtype=str (kappa load writes a
+    CSV field as a number only if it is a JSON number, kappa.load.json_rows.written_values).
+    orjson gives 12.5, 1000.0 and 0, so such a row is read again, keeping the numbers' text;
+    an integer other than 0 is written as str(int) gives it back."""
+    fields = [row.get(name) for name in names]
+    if any(type(field) is float or (type(field) is int and field == 0) for field in fields):
+        written = json.loads(value, parse_float=str, parse_int=str)
+        numbers = (int, float)
+        fields = [
+            written.get(name) if type(field) in numbers else field for name, field in zip(names, fields, strict=True)
+        ]
+    return fields
+
+
 def _key_from_row(field: Any) -> str | None:
-    """A row's key field as pandas would read it from CSV with dtype=str."""
+    """A row's key field as pandas would read it from CSV with dtype=str (numbers as written:
+    see `_key_fields`)."""
     if field is None or isinstance(field, bool):
         return None if field is None else str(field)
     if isinstance(field, str):
@@ -188,7 +205,8 @@ def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, sh
         except UnicodeDecodeError:
             return RowVerdict(REJECTED, error="message key is not valid UTF-8")
     else:
-        found = [_key_from_row(row.get(name)) for name in shape.key_fields]
+        assert value is not None  # a JSON object was read from it
+        found = [_key_from_row(field) for field in _key_fields(row, value, shape.key_fields)]
         for name, text in zip(shape.key_fields, found, strict=True):
             if text is not None and not _is_valid_utf8(text):
                 return RowVerdict(REJECTED, error=f"key field {name!r} is not valid UTF-8 (a lone surrogate)")

@@ -514,3 +514,18 @@ def test_groups_come_in_the_stores_key_order_each_with_its_own_rows(distinct):
     assert (len(groups.keys) > 1 << 16) == (distinct > 1 << 16)
     for index, key in enumerate(groups.keys):
         assert groups.offsets[groups.starts[index] : groups.ends[index]].tolist() == expected[key]
+
+
+@pytest.mark.parametrize(
+    ("vendor", "key"),
+    [(b"12.50", "12.50"), (b"1e3", "1e3"), (b"-0", "-0"), (b"-0.0", "-0.0"), (b"7", "7"), (b"1.0", "1.0"),
+     (b"123456789012345678901234567890", "123456789012345678901234567890"), (b'"12.50"', "12.50")],
+)  # fmt: skip
+def test_a_number_in_a_key_field_is_the_key_as_written(vendor, key):
+    """orjson reads `12.50` as 12.5: the key was `12.5`, where pandas reads a CSV's `12.50` with
+    dtype=str as `12.50` (kappa load writes it so, as a number the worker can count)."""
+    message = b'{"city": "a", "vendor": ' + vendor + b', "fare": 2, "tip": 1, "at": "2024-03-01T10:00:00"}'
+    verdict = decode_row(None, message, None, SHAPE)
+    assert verdict.kind == COUNTED and verdict.texts == ("a", key), verdict
+    records = [ParsedRecord(i, b"k", message) for i in range(3)]
+    assert_fold_matches_rows_one_at_a_time(records, 0, None)

@@ -38,11 +38,8 @@ SHORT_ESCAPES = (
 )
 OTHER_CONTROL = r"[\x00-\x07\x0b\x0e-\x1f]"  # orjson writes these as \u00XX: left to orjson
 COMMA, QUOTE, BACKSLASH = ord(","), ord('"'), ord("\\")
-# written_values' numbers: an integer that int64 holds, with no sign on a zero (str(int(text)) is
-# the text); or a decimal with no exponent and no zero at its end but in `1.0`, not below 0.001,
-# of at most DECIMAL_CHARACTERS besides its sign (repr(float(text)) is the text)
-NUMBER_SHAPE = r"^(0|-?[1-9][0-9]{0,17})$|^-?(0\.(0|0{0,2}[1-9]([0-9]*[1-9])?)|[1-9][0-9]*\.([0-9]*[1-9]|0))$"
-DECIMAL_CHARACTERS = 16
+# written_values' numbers: a JSON number with no exponent, whose integer part int64 holds
+NUMBER_SHAPE = r"^-?(0|[1-9][0-9]{0,17})(\.[0-9]+)?$"
 
 
 ColumnWriter = Callable[[pd.Series], "pa.Array | None"]
@@ -92,20 +89,16 @@ def _nullable_integers(column: pd.Series) -> pa.Array:
 
 def written_values(column: pd.Series) -> pa.Array | None:
     """A CSV column read as text (dtype=str), as JSON that keeps each field as written: a field
-    whose text is a number in the form Python gives back for it (`12`, `-3`, `12.5`, `1.0`) is
-    that number; any other (`007`, `+5`, `-0`, `1.50`, `1e3`, ` 5`, `abc`) is the text, quoted;
-    a missing one (pandas' NA strings) is null.
+    whose text is a JSON number with no exponent (`12`, `-3`, `12.50`, `-0`) is that number,
+    as written; any other (`007`, `+5`, `.5`, `1e3`, ` 5`, `abc`) is the text, quoted; a missing
+    one (pandas' NA strings) is null.
 
     So a field read back as a group key is its text exactly, as pandas reads it with dtype=str
-    (kappa.codec: a number's key is `str(int)` or `repr(float)`), and read as a value it is the
+    (kappa.codec reads a number's key as the message writes it), and read as a value it is the
     number pandas makes of it: a JSON number, or a numeric string that the worker converts.
     Inferring each column's type instead wrote `1.0` for the `1` of an integer column with a
-    missing field, `1` for `01`, and both `1` and `1.0` in one file, chunk by chunk.
-
-    A number is an integer under 10**18 without a sign on zero, or a decimal with digits on both
-    sides of the point, at most 16 characters besides its sign (so at most 15 significant
-    digits, which a double gives back exactly), no zero at its end unless it is `.0`, and not
-    below 0.001 (where repr writes an exponent)."""
+    missing field, `1` for `01`, and both `1` and `1.0` in one file, chunk by chunk. Values
+    stay JSON numbers wherever they can, since the worker reads those column-wise."""
     if column.dtype.kind != "O":
         return None
     try:
@@ -114,12 +107,7 @@ def written_values(column: pd.Series) -> pa.Array | None:
         return None
     if texts.type != pa.string():
         return None
-    numbers = pc.match_substring_regex(texts, NUMBER_SHAPE)
-    if pc.any(numbers).as_py():
-        decimal = pc.match_substring(texts, ".")
-        length = pc.subtract(pc.binary_length(texts), pc.cast(pc.starts_with(texts, "-"), pa.int32()))
-        numbers = pc.and_(numbers, pc.or_(pc.invert(decimal), pc.less_equal(length, DECIMAL_CHARACTERS)))
-    numbers = pc.fill_null(numbers, False)
+    numbers = pc.fill_null(pc.match_substring_regex(texts, NUMBER_SHAPE), False)
     if pc.all(pc.or_(numbers, pc.is_null(texts))).as_py():
         return texts.cast(pa.binary()).fill_null(b"null")
     quoted = _texts(column, texts)

@@ -166,7 +166,8 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
     home = settings.snapshot_dir / pipeline
     if not generations and not home.exists():
         if with_topic and admin.partition_count(settings.broker, pipeline) is not None:
-            return _drop_topic(settings, pipeline)  # a pipeline already dropped without --topic kept it
+            _refuse_if_read_by_another(settings, pipeline, None)  # a pipeline dropped without --topic kept it
+            return [_drop_topic(settings, pipeline)]
         raise KappaError(f"no pipeline {pipeline!r} under {settings.snapshot_dir}: nothing to drop")
     supervisor = read_supervisor_record(settings, pipeline)
     if supervisor is not None:
@@ -200,7 +201,7 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
             done.append(f"deleted {directory}")
     for topic in sorted(topics):
         if with_topic:
-            done.extend(_drop_topic(settings, topic, dropping=pipeline))
+            done.append(_drop_topic(settings, topic))
         else:
             done.append(_kept_topic(settings, topic))
     return done
@@ -225,13 +226,12 @@ def _refuse_if_read_by_another(settings: Settings, topic: str, dropping: str | N
         raise KappaError(f"pipeline {others[0]!r} also reads topic {topic!r}: drop it first{leave_out}")
 
 
-def _drop_topic(settings: Settings, topic: str, dropping: str | None = None) -> list[str]:
-    """Delete a topic with its load ledger and dead-letter topic, unless a pipeline other than
-    `dropping` reads it."""
-    _refuse_if_read_by_another(settings, topic, dropping)
+def _drop_topic(settings: Settings, topic: str) -> str:
+    """Delete a topic with its load ledger and dead-letter topic (the caller has checked that
+    no other pipeline reads it, `_refuse_if_read_by_another`)."""
     named = [topic, f"{topic}.loads", f"{topic}.dlq"]
     admin.delete_topics(settings.broker, named)
-    return [f"deleted topics {', '.join(named)}"]
+    return f"deleted topics {', '.join(named)}"
 
 
 def _kept_topic(settings: Settings, topic: str) -> str:

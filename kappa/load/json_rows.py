@@ -105,6 +105,8 @@ def written_values(column: pd.Series) -> pa.Array | None:
         texts = pa.array(column, from_pandas=True)  # NaN and None are null
     except (pa.ArrowException, UnicodeError, OverflowError, TypeError):
         return None
+    if texts.type == pa.null():  # a column empty throughout the chunk: null, not the whole chunk row by row
+        texts = texts.cast(pa.string())
     if texts.type != pa.string():
         return None
     numbers = pc.fill_null(pc.match_substring_regex(texts, NUMBER_SHAPE), False)

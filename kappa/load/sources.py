@@ -140,6 +140,8 @@ def _timestamp_text(column: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise(text, pa.scalar("Z"), "") if zoned else text
 
 
+# Parquet's integer columns as pandas' nullable integers (a `types_mapper`): numpy's would make a
+# column with a missing value floats, and its `1` the key `1.0`
 NULLABLE_INTEGERS = {
     pa.int8(): pd.Int8Dtype(),
     pa.int16(): pd.Int16Dtype(),
@@ -150,12 +152,6 @@ NULLABLE_INTEGERS = {
     pa.uint32(): pd.UInt32Dtype(),
     pa.uint64(): pd.UInt64Dtype(),
 }
-
-
-def _nullable_integer_type(arrow_type: pa.DataType) -> pd.api.extensions.ExtensionDtype | None:
-    """Parquet's integer columns as pandas' nullable integers: numpy's would make a column
-    with a missing value floats, and its `1` the key `1.0`."""
-    return NULLABLE_INTEGERS.get(arrow_type)
 
 
 def _iso_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -239,7 +235,7 @@ class Source:
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(self.path).iter_batches(batch_size=CHUNK_ROWS):
-            yield _frame_chunk(_iso_batch(batch).to_pandas(types_mapper=_nullable_integer_type), self.key)
+            yield _frame_chunk(_iso_batch(batch).to_pandas(types_mapper=NULLABLE_INTEGERS.get), self.key)
 
     def _csv_frames(self, usecols: list[str] | None = None) -> Iterator[pd.DataFrame]:
         try:

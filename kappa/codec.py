@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -128,6 +129,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_NAIVE = datetime(1970, 1, 1)
 ONE_SECOND = timedelta(seconds=1)
 UNIT_SECONDS = {"s": 1, "ms": 1000}
+# Python reads ISO week dates (2024-W09-5); pandas refuses them, so kappa rejects them too
+ISO_WEEK_DATE = re.compile(r"\s*[+-]?\d{4}-?W", re.IGNORECASE)
 # the times Python's datetime holds, 0001-01-01T00:00:00 to 9999-12-31T23:59:59: an event time
 # outside them is rejected (nanoseconds read as seconds, say), as a snapshot could not show it
 FIRST_YEAR_SECOND, LAST_YEAR_SECOND = -62135596800, 253402300799
@@ -145,6 +148,8 @@ def event_second(field: Any, unit: str) -> int | None | str:
             return None if math.isnan(field) else f"time {field!r} is not a finite number"
         return field // UNIT_SECONDS[unit] if isinstance(field, int) else math.floor(field / UNIT_SECONDS[unit])
     if isinstance(field, str):
+        if ISO_WEEK_DATE.match(field):
+            return f"time {field[:40]!r} is an ISO week date, which pandas does not read: write the calendar date"
         try:
             moment = datetime.fromisoformat(field.strip())
         except ValueError:

@@ -21,7 +21,7 @@ from kappa.kafka.admin import (
     topic_replication,
 )
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, Cluster, Kappa, kappa_command, run_kappa, wait_until
+from tests.helpers import REPO, Cluster, Kappa, kappa_command, run_kappa, wait_for, wait_until
 from tests.live import kill_group, load_round, start_worker
 from tests.oracle import assert_matches, read_latest
 
@@ -68,6 +68,34 @@ def test_status_warns_about_an_under_replicated_pipeline_topic(cluster_kappa, tm
     status = cluster_kappa.run("status", "--pipeline", topic).stdout.decode()
     warnings = [line for line in status.splitlines() if "warning" in line]
     assert len(warnings) == 1 and f"topic '{topic}' has 1 replica(s) where the cluster could give 3" in warnings[0]
+
+
+def test_status_names_a_dead_node_and_the_partitions_it_leaves_short(cluster_kappa, cluster, tmp_path):
+    """One node of three dies: status still reaches the cluster, and says which node does not
+    answer and which of the pipeline's partitions are short of replicas (it said only
+    'reachable'). Once the node is back, the warnings go."""
+    topic, _ = load_and_replay(cluster_kappa, tmp_path, 2_000)
+    victim = cluster.busiest_leader([topic])
+    port = next(node.port for node in cluster.nodes() if node.node_id == victim)
+    cluster.kill(victim)
+
+    def status() -> str:
+        return cluster_kappa.run("status", "--pipeline", topic).stdout.decode()
+
+    def short_of_replicas() -> str | None:
+        found = status()
+        return found if "in sync" in found and "does not answer" in found else None
+
+    text = wait_for(short_of_replicas, 60, "a replica warning and a silent broker")
+    first = text.splitlines()[0]
+    assert "reachable; 2 brokers answer" in first and f"broker {victim} does not answer" in first, text
+    assert f"no answer from 127.0.0.1:{port}" in first, text
+    warnings = [line for line in text.splitlines() if "warning" in line]
+    short = [line for line in warnings if f"topic '{topic}'" in line]
+    assert len(short) == 1 and "of 3 replicas in sync" in short[0] and f"not: {victim}" in short[0], text
+    assert "where the cluster could give" not in text, "a topic made with 3 replicas is not thin"
+    cluster.restart()
+    assert wait_until(lambda: not re.search("warning|does not answer|no answer", status()), 60), status()
 
 
 def test_topics_on_a_single_node_have_one_replica(kappa, tmp_path):

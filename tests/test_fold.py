@@ -438,6 +438,8 @@ def test_a_record_the_columns_cannot_judge_is_judged_alone(monkeypatch, bad):
         ('"fare": 1, "at": 1180591620717411303424', "time 1.1805916207174113e+21 is outside the years 1 to 9999"),
         ('"fare": 1, "at": -62135596801', "time -62135596801 is outside the years 1 to 9999"),
         ('"fare": 1, "at": "9999-12-31T23:59:59-01:00"', "time '9999-12-31T23:59:59-01:00' is outside the years"),
+        ('"fare": 1, "at": "2024-W09-5"', "time '2024-W09-5' is an ISO week date, which pandas does not read"),
+        ('"fare": 1, "at": "2024W095"', "time '2024W095' is an ISO week date, which pandas does not read"),
     ],
 )
 def test_values_and_times_beyond_what_a_result_holds_never_stop_the_fold(fields, error):

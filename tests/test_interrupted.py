@@ -77,6 +77,29 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
 
 
 @pytest.mark.slow
+def test_a_batch_replay_killed_outright_shows_as_stopped_and_resumes(kappa, tmp_path):
+    """kill -9 leaves the generation `running` in the registry with its builder gone: status
+    said `[running, batch]` until `kappa gc`; it must say the replay stopped and how to go on."""
+    topic, rows = kappa.topic(), 60_000
+    path = tmp_path / "rows.csv"
+    sample_frame(rows, 500, seed=23).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=4)
+    env = kappa.paced_replay_env(app_id(topic, 1), 50_000)
+
+    interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, rows // 4, stop=signal.SIGKILL)
+    assert registry(kappa, topic)["generations"]["1"]["state"] == "running"
+    status = kappa.run("status", "--pipeline", topic).stdout.decode()
+    line = next(line for line in status.splitlines() if "generation 1 [" in line)
+    assert "[running, batch, stopped: the replay that built it is gone; run it again to resume" in line, status
+
+    finished = subprocess.run(batch_command(kappa, topic), capture_output=True, env=env, cwd=REPO, timeout=300)
+    assert finished.returncode == 0, finished.stderr.decode()
+    assert "resuming the stopped generation 1" in finished.stderr.decode()
+    csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
+
+
+@pytest.mark.slow
 def test_a_stopped_batch_replay_on_a_topic_made_again_starts_over(kappa, tmp_path):
     """Resuming went on from generation 1's offsets and state, which belong to the deleted
     topic: the result mixed its counts with the new log's."""
@@ -258,3 +281,24 @@ def test_a_topic_a_drop_kept_is_deleted_by_a_drop_with_topic(kappa, tmp_path):
         assert wait_until(lambda name=name: partition_count(kappa.broker, name) is None, 60), name
     again = run_kappa(["drop", topic, "--topic", *kappa.args()], timeout=60)
     assert again.returncode == 2 and b"nothing to drop" in again.stderr
+
+
+def test_a_drop_from_another_data_dir_says_where_the_local_store_stays(kappa, tmp_path):
+    """A drop run with another --data-dir than the replay's said it deleted each generation's
+    'local state', while the table's store stayed where the replay kept it."""
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(1_000, 50, seed=27).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    kappa.replay_batch(topic, VALUE, KEY)
+    store = kappa.data_dir / "state" / topic / "g1"
+    assert store.is_dir()
+
+    elsewhere = ["--broker", kappa.broker, "--data-dir", str(tmp_path / "other"), "--snapshot-dir"]
+    dropped = run_kappa(["drop", topic, *elsewhere, str(kappa.snapshot_dir)], timeout=120)
+    output = dropped.stdout.decode()
+    assert dropped.returncode == 0, dropped.stderr.decode()
+    assert "local state" not in output, output
+    assert f"changelog and assignor topics; no local store under {tmp_path / 'other'}" in output, output
+    assert store.is_dir(), "another data dir's files are not this drop's to delete"
+    kappa.run("drop", topic, "--topic")

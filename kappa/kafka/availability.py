@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
 
+from kappa.errors import KappaError
 from kappa.kafka import admin
 
 REPEAT_S = 30.0
@@ -216,3 +217,95 @@ def wait_for_leaders(broker: str, topics: list[str], label: str, timeout: float 
                 "restart the broker(s) and run it again"
             )
         time.sleep(min(CHECK_EVERY_S, max(deadline - time.monotonic(), 0.1)) if deadline else CHECK_EVERY_S)
+
+
+@dataclass(frozen=True)
+class ShortOfReplicas:
+    """A topic's partitions that have fewer replicas in sync than assigned."""
+
+    topic: str
+    partitions: list[int]
+    replicas: int  # assigned to each of them (the most any has)
+    in_sync: int  # the fewest in sync among them
+    out_of_sync: list[int]  # the brokers that hold a replica but are not in sync
+    min_insync: int | None
+
+    def line(self) -> str:
+        count = len(self.partitions)
+        text = (
+            f"topic {self.topic!r}: {count} partition(s) [{_ranges(self.partitions)}] have {self.in_sync} of "
+            f"{self.replicas} replicas in sync (not: {', '.join(map(str, self.out_of_sync))})"
+        )
+        if self.in_sync == 0:
+            return text + ": they have no leader; reads and writes of them wait until a replica is back"
+        if self.min_insync is not None and self.in_sync - 1 < self.min_insync:
+            return text + (
+                f"; one more broker's death stops writes to them (min.insync.replicas {self.min_insync}) until "
+                "the missing broker is back"
+            )
+        return text + "; the cluster copies them again once the missing broker is back"
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    """What one metadata read says about the cluster's brokers and some topics' replicas.
+
+    A dead broker drops out of the broker list, but the partitions it held still name it as a
+    replica: those are the brokers that do not answer. The bootstrap addresses are probed too,
+    since a user names brokers by address, not by id."""
+
+    answering: list[int]
+    silent: list[int]
+    silent_addresses: list[str]
+    short: list[ShortOfReplicas]
+
+    def broker_line(self) -> str:
+        count = len(self.answering)
+        text = f"{count} broker answers" if count == 1 else f"{count} brokers answer"
+        if len(self.silent) == 1:
+            text += f"; broker {self.silent[0]} does not answer, though partitions name it as a replica"
+        elif self.silent:
+            ids = ", ".join(map(str, self.silent))
+            text += f"; brokers {ids} do not answer, though partitions name them as replicas"
+        if self.silent_addresses:
+            text += f"; no answer from {', '.join(self.silent_addresses)}"
+        return text
+
+
+def cluster_health(broker: str, topics: Iterable[str]) -> ClusterHealth:
+    """The brokers that answer and those that do not, and which of `topics`' partitions are
+    short of in-sync replicas (missing topics are left out)."""
+    try:
+        metadata = admin.admin(broker).list_topics(timeout=10)
+    except KafkaException as exc:
+        raise KappaError(f"cannot read the cluster's metadata from {broker}: {exc.args[0].str()}") from None
+    answering = set(metadata.brokers)
+    named = {
+        replica for info in metadata.topics.values() for part in info.partitions.values() for replica in part.replicas
+    }
+    short = []
+    for topic in dict.fromkeys(topics):
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None:
+            continue
+        thin = {p: part for p, part in info.partitions.items() if len(part.isrs) < len(part.replicas)}
+        if not thin:
+            continue
+        out_of_sync = sorted({r for part in thin.values() for r in part.replicas if r not in part.isrs})
+        short.append(
+            ShortOfReplicas(
+                topic,
+                sorted(thin),
+                max(len(part.replicas) for part in thin.values()),
+                min(len(part.isrs) for part in thin.values()),
+                out_of_sync,
+                admin.topic_config_int(broker, topic, "min.insync.replicas"),
+            )
+        )
+    bootstrap = [address.strip() for address in broker.split(",") if address.strip()]
+    return ClusterHealth(
+        sorted(answering),
+        sorted(named - answering),
+        [address for address in bootstrap if not _reachable(address)],
+        short,
+    )

@@ -193,8 +193,14 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
             _refuse_if_read_by_another(settings, topic, pipeline)
     done = []
     for number in sorted(int(n) for n in generations):
+        store = settings.state_dir(pipeline, number)
+        here = store.exists()
         delete_generation_state(settings, pipeline, number)
-        done.append(f"deleted generation {number}: its consumer group, changelog and assignor topics, and local state")
+        deleted = f"deleted generation {number}: its consumer group, changelog and assignor topics"
+        if here:
+            done.append(f"{deleted}, and its local store {store}")
+        else:  # built under another --data-dir (or host), which keeps its store
+            done.append(f"{deleted}; no local store under {settings.data_dir} (the --data-dir that built it keeps one)")
     for directory in (home, settings.data_dir / "state" / pipeline, settings.data_dir / "run" / pipeline):
         if directory.exists():
             shutil.rmtree(directory)

@@ -10,12 +10,15 @@ from kappa.config import Settings
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
+from kappa.kafka.availability import cluster_health
 from kappa.lifecycle.children import heartbeats, read_supervisor_record
-from kappa.lifecycle.generations import GenerationState, Registry, pipelines_under
+from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, pipelines_under
 from kappa.lifecycle.guards import LogChanged, check_log_unchanged
 from kappa.pipeline import Definition
 from kappa.snapshots.snapshot import read_manifest
 
+# the states a replay's own process keeps a generation in while it computes it
+BUILT_BY_A_REPLAY = (GenerationState.RUNNING, GenerationState.BUILDING)
 # a process restarted this often within this window fails at every start: status says so
 CRASH_LOOP_RESTARTS = 3
 CRASH_LOOP_WINDOW_S = 60.0
@@ -90,6 +93,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
                 "lag": lag,
                 "total_lag": None if lag is None else sum(lag.values()),
                 "processes": _processes(settings, pipeline, int(number)),
+                "builder_gone": entry.get("state") in BUILT_BY_A_REPLAY and not builder_alive(entry),
             }
         )
     result["worker"] = _worker(settings, pipeline, result["generations"])
@@ -113,21 +117,30 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
 
 
 def replication_warnings(settings: Settings, pipeline: str, topic: str, generations: list[int]) -> list[str]:
-    """One line per pipeline topic with fewer replicas than the cluster could give it.
+    """One line per pipeline topic with fewer replicas than the cluster could give it, and one
+    per topic whose partitions have fewer replicas in sync than assigned (a broker is down or
+    catching up).
 
-    Such a topic (made by an older kappa, another tool, or --replication-factor) goes
-    offline, in part, when one broker dies, however well the rest is replicated.
+    A thin topic (made by an older kappa, another tool, --replication-factor, or while a broker
+    was down) survives fewer broker deaths than the rest, however well the rest is replicated.
     """
     possible = admin.replication(settings.broker).factor
     topics = [topic, f"{topic}.dlq"]
     for generation in generations:
         topics += [changelog_topic(pipeline, generation), assignor_topic(pipeline, generation)]
-    return [
-        f"topic {found.topic!r} has {found.replicas} replica(s) where the cluster could give {possible}: one "
-        "broker's death takes its partitions offline; raise it with kafka-reassign-partitions"
+    thin = [
+        f"topic {found.topic!r} has {found.replicas} replica(s) where the cluster could give {possible}: "
+        f"{_what_a_death_does(found.replicas)}; raise it with kafka-reassign-partitions"
         for found in admin.topic_replication(settings.broker, topics).values()
         if found.replicas < possible
     ]
+    return thin + [short.line() for short in cluster_health(settings.broker, topics).short]
+
+
+def _what_a_death_does(replicas: int) -> str:
+    if replicas == 1:
+        return "one broker's death takes its partitions offline"
+    return f"it outlives {replicas - 1} broker death(s) where the others outlive more"
 
 
 def log_warnings(settings: Settings, pipeline: str, generations: list[dict]) -> list[str]:
@@ -173,11 +186,25 @@ def gather(settings: Settings, pipeline: str | None = None) -> dict:
         except KappaError as exc:  # the broker went away between the check and these calls
             error = str(exc)
             pipelines.append(pipeline_status(settings, name, broker_reachable=False))
-    return {"broker": settings.broker, "broker_reachable": error is None, "broker_error": error, "pipelines": pipelines}
+    brokers: str | None = None
+    if error is None:
+        try:
+            brokers = cluster_health(settings.broker, []).broker_line()
+        except KappaError as exc:
+            error = str(exc)
+    return {
+        "broker": settings.broker,
+        "broker_reachable": error is None,
+        "broker_error": error,
+        "brokers": brokers,
+        "pipelines": pipelines,
+    }
 
 
 def render(status: dict) -> str:
     reachable = "reachable" if status["broker_reachable"] else "unreachable (end offsets and lag unknown)"
+    if status.get("brokers"):
+        reachable += f"; {status['brokers']}"
     lines = [f"broker {status['broker']}: {reachable}"]
     if not status["pipelines"]:
         lines.append("no pipelines yet: run `scripts/replay --batch` or `kappa worker`")
@@ -204,6 +231,8 @@ def render(status: dict) -> str:
             label = f"{gen['state']}, {gen['mode']}"
             if gen["state"] == GenerationState.COMPLETE and _followed_live(gen, pipe.get("worker")):
                 label += ", continued by a live worker"  # a batch replay built it; a worker tails it now
+            if gen.get("builder_gone"):  # killed outright: nothing marked it failed
+                label += ", stopped: the replay that built it is gone; run it again to resume, or `kappa gc`"
             lines.append(f"  generation {gen['generation']} [{label}] {computes}, {lag}")
             for proc in gen["processes"]:
                 lines.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -70,6 +71,8 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
     finished = subprocess.run(batch_command(kappa, topic), capture_output=True, env=env, cwd=REPO, timeout=300)
     assert finished.returncode == 0, finished.stderr.decode()
     assert "resuming the stopped generation 1" in finished.stderr.decode()
+    said = re.search(r"from the offsets it committed \(([\d,]+) of ([\d,]+) records read", finished.stderr.decode())
+    assert said and said[2] == f"{rows:,}" and rows // 4 <= int(said[1].replace(",", "")) < rows, finished.stderr
     csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
     assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
     assert manifest["generation"] == 1

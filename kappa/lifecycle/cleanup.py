@@ -101,6 +101,15 @@ def abandoned(registry: Registry) -> list[tuple[int, dict]]:
     return [(number, entry) for number, entry in registry.in_state(*states) if not builder_alive(entry)]
 
 
+def resumed_from(settings: Settings, pipeline: str, generation: int, topic: str, ends: dict[int, int]) -> str:
+    """Where a stopped generation goes on from, for the line a resumed replay prints: the
+    offsets its consumer group committed, as records of the log read before it stopped."""
+    committed = admin.committed_offsets(settings.broker, app_id(pipeline, generation), topic, len(ends))
+    done = sum(min(committed.get(partition) or 0, end) for partition, end in ends.items())
+    total = sum(ends.values())
+    return f"from the offsets it committed ({done:,} of {total:,} records read before it stopped)"
+
+
 def mark_failed(registry: Registry, generation: int, entry: dict) -> None:
     """An abandoned generation whose builder is gone is failed (if it was not marked so already)."""
     if entry.get("state") in (GenerationState.RUNNING, GenerationState.BUILDING):

@@ -27,6 +27,7 @@ from kappa.lifecycle.cleanup import (
     delete_generation_state,
     discard_built_on_another_log,
     report,
+    resumed_from,
 )
 from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, this_builder
 from kappa.lifecycle.guards import (
@@ -121,9 +122,12 @@ def run_batch(
         check_same_topic(settings, pipeline, generation, definition.topic)  # records the topic it reads
     total = sum(end_offsets.values())
     verb = "resuming the stopped generation" if resumable is not None else "generation"
+    start = "from offset 0"
+    if resumable is not None:
+        start = resumed_from(settings, pipeline, generation, definition.topic, end_offsets)
     print(
         f"replay {pipeline} {verb} {generation}: {total:,} records in {partitions} partitions "
-        f"of {definition.topic!r}, from offset 0 to the end offsets captured now",
+        f"of {definition.topic!r}, {start} to the end offsets captured now",
         file=sys.stderr,
         flush=True,
     )

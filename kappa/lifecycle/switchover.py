@@ -35,6 +35,7 @@ from kappa.lifecycle.cleanup import (
     delete_generation_state,
     discard_built_on_another_log,
     report,
+    resumed_from,
 )
 from kappa.lifecycle.generations import GenerationBusy, GenerationState, Registry, builder_alive, this_builder
 from kappa.lifecycle.guards import (
@@ -143,8 +144,9 @@ def run_beside(
     total = sum(ends.values())
     current = registry.current()
     verb = "resuming" if resumed else "building"
+    start = resumed_from(settings, pipeline, generation, definition.topic, ends) if resumed else "from offset 0"
     print(
-        f"replay {pipeline}: {verb} generation {generation} from offset 0 beside current generation {current}; "
+        f"replay {pipeline}: {verb} generation {generation} {start} beside current generation {current}; "
         f"{total:,} records to catch up in {partitions} partitions",
         file=sys.stderr,
         flush=True,

@@ -575,3 +575,65 @@ def test_nullable_integers_are_written_column_wise_as_orjson_writes_them():
         }
     )
     assert json_objects(frame).to_pylist() == _orjson_rows(frame)
+
+
+CSV_PIECES = ["a", "b", "1", "12.50", "007", "1e3", "-0", ",", ",,", "\n", "\r", "\r\n", " ", "\t", "NA", "", "nan",
+              "None", "-1.#IND", "\\", "#", "'", "\ufeff", "é", "\x0b", "x y", '"', '"q"', '""', "東京"]  # fmt: skip
+
+
+def random_csv(rng: random.Random) -> bytes:
+    """A header with the key column, then rows of awkward pieces: most with the header's field
+    count, some shorter or longer; now and then a byte that is not UTF-8."""
+    names = [KEY, *rng.sample(["fare", "city", "", " x", "n"], rng.randint(0, 3))]
+    lines = [",".join(names)]
+    for line in range(rng.randint(0, 8)):
+        # a first row longer than the header makes pandas take its first fields as an index (and
+        # then count rows in the 100,000s for 5 lines); a longer row after it is refused
+        fields = len(names) if rng.random() < 0.93 else rng.randint(1, len(names) + (line > 0))
+        choices = CSV_PIECES if line else [piece for piece in CSV_PIECES if "," not in piece]
+        pieces = [rng.choice(choices) + rng.choice(["", "", rng.choice(choices)]) for _ in range(fields)]
+        lines.append(",".join(pieces))
+    text = rng.choice(["\n", "\r\n"]).join(lines) + rng.choice(["", "\n"])
+    return text.encode() + (b"\xff" if rng.random() < 0.02 else b"")
+
+
+@pytest.mark.parametrize(("block_bytes", "chunk_rows"), [(4 << 20, 100_000), (64, 2)])
+def test_a_csv_is_read_as_pandas_reads_it_whichever_reader_reads_it(tmp_path, monkeypatch, block_bytes, chunk_rows):
+    """Arrow reads a plain CSV (kappa.load.sources._scan_text), pandas every other one and the
+    rest of one where Arrow refuses a row (with 64-byte blocks, every row longer than a block;
+    with 2-row chunks, a refusal after some chunks of a block).
+    Either way, on 1,500 random files, each message holds the fields pandas reads with
+    dtype=str, in the file's order, and a file pandas refuses is refused."""
+    from kappa.errors import KappaError
+    from kappa.load import sources
+
+    monkeypatch.setattr(sources, "ARROW_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(sources, "CHUNK_ROWS", chunk_rows)
+    rng = random.Random(block_bytes)
+    plain = compared = refused = 0
+    for index in range(1_500):
+        path = tmp_path / f"f{index}.csv"
+        path.write_bytes(random_csv(rng))
+        try:  # in chunks, as kappa's pandas reader: a whole read of some lone-CR files gives 131,075 rows for 5 lines
+            frame = pd.concat(pd.read_csv(path, dtype=str, chunksize=sources.CHUNK_ROWS))
+        except (ValueError, UnicodeError):  # pandas' ParserError and EmptyDataError are ValueErrors
+            frame = None
+        try:
+            source = sources.open_source(str(path), frame.columns[0] if frame is not None else KEY)
+            chunks = list(source.chunks())
+        except (KappaError, UnicodeError):
+            assert frame is None or KEY not in frame.columns, path.read_bytes()
+            refused += 1
+            continue
+        assert frame is not None, path.read_bytes()
+        plain += source.plain_text
+        expected = [
+            {name: None if pd.isna(text) else text for name, text in zip(frame.columns, row, strict=True)}
+            for row in zip(*[frame[name].tolist() for name in frame.columns], strict=True)
+        ]
+        got = [json.loads(value, parse_int=str, parse_float=str) for chunk in chunks for value in chunk.values]
+        assert got == expected, path.read_bytes()
+        keys = [key for chunk in chunks for key in chunk.keys]
+        assert keys == [(row[frame.columns[0]] or "").encode() or None for row in expected], path.read_bytes()
+        compared += 1
+    assert compared > 700 and plain > 250 and refused > 50, (compared, plain, refused)

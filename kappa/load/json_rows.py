@@ -51,15 +51,23 @@ def json_objects(frame: pd.DataFrame, values: ColumnWriter | None = None) -> pa.
     (the caller then uses orjson row by row)."""
     if not len(frame.columns) or not all(isinstance(name, str) for name in frame.columns):
         return None
-    if not len(frame):
+    texts = []
+    for name in frame.columns:
+        column = (values or json_values)(frame[name])
+        if column is None:
+            return None
+        texts.append(column)
+    return joined_objects(list(frame.columns), texts, len(frame))
+
+
+def joined_objects(names: list[str], texts: list[pa.Array], rows: int) -> pa.BinaryArray:
+    """`{"name":text,...}` per row, from each column's JSON text."""
+    if not rows:
         return pa.array([], pa.binary())
     pieces: list[pa.Array | pa.Scalar] = []
-    for position, name in enumerate(frame.columns):
-        texts = (values or json_values)(frame[name])
-        if texts is None:
-            return None
+    for position, (name, column) in enumerate(zip(names, texts, strict=True)):
         label = (b"{" if position == 0 else b",") + orjson.dumps(name) + b":"
-        pieces += [pa.scalar(label, pa.binary()), texts]
+        pieces += [pa.scalar(label, pa.binary()), column]
     pieces.append(pa.scalar(b"}", pa.binary()))
     return pc.binary_join_element_wise(*pieces, pa.scalar(b"", pa.binary()))
 
@@ -105,6 +113,11 @@ def written_values(column: pd.Series) -> pa.Array | None:
         texts = pa.array(column, from_pandas=True)  # NaN and None are null
     except (pa.ArrowException, UnicodeError, OverflowError, TypeError):
         return None
+    return written_texts(texts)
+
+
+def written_texts(texts: pa.Array) -> pa.Array | None:
+    """`written_values` of a column already read as Arrow text (null where missing)."""
     if texts.type == pa.null():  # a column empty throughout the chunk: null, not the whole chunk row by row
         texts = texts.cast(pa.string())
     if texts.type != pa.string():
@@ -112,7 +125,7 @@ def written_values(column: pd.Series) -> pa.Array | None:
     numbers = pc.fill_null(pc.match_substring_regex(texts, NUMBER_SHAPE), False)
     if pc.all(pc.or_(numbers, pc.is_null(texts))).as_py():
         return texts.cast(pa.binary()).fill_null(b"null")
-    quoted = _texts(column, texts)
+    quoted = _quoted(texts)
     if quoted is None:
         return None
     return pc.if_else(numbers, texts.cast(pa.binary()), quoted)
@@ -130,13 +143,18 @@ def _numbers(values: np.ndarray) -> pa.Array:
     return pa.BinaryArray.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def _texts(column: pd.Series, texts: pa.Array | None = None) -> pa.Array | None:
-    """The column's text quoted as JSON strings (`texts`: the column already as Arrow text)."""
-    if texts is None:
-        try:
-            texts = pa.array(column, from_pandas=True)  # NaN and None are null
-        except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not text: left to orjson
-            return None
+def _texts(column: pd.Series) -> pa.Array | None:
+    """The column's text quoted as JSON strings."""
+    try:
+        texts = pa.array(column, from_pandas=True)  # NaN and None are null
+    except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not text: left to orjson
+        return None
+    return _quoted(texts)
+
+
+def _quoted(texts: pa.Array) -> pa.Array | None:
+    """Arrow text quoted as JSON strings; None when it is not text or holds a control character
+    orjson writes as `\\u00XX`."""
     if texts.type != pa.string():
         return None
     if _needs_escapes(texts):

@@ -91,7 +91,9 @@ format: venv
 	$(VENV)/bin/ruff check --select I --fix --quiet $(LINT_PATHS)
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 
+# The demo's broker is stopped first: removing its data dir under it would leave a JVM no command can stop.
 clean:
+	if [ -x $(KAPPA) ] && [ -d .kappa ]; then $(KAPPA) kafka stop --data-dir .kappa; fi
 	rm -rf $(VENV) .kappa snapshots sample.csv
 
 # The bench's peer venvs and Kafka Streams build (about 2 GB) and its outputs.

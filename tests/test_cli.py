@@ -13,7 +13,7 @@ import pytest
 from kappa.errors import KappaError
 from kappa.kafka import broker as embedded
 from kappa.kafka.admin import ensure_topic
-from tests.helpers import free_port, free_port_block, run_kappa, wait_until
+from tests.helpers import REPO, free_port, free_port_block, kappa_command, run_kappa, wait_until
 
 
 def kappa_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -157,6 +157,31 @@ def test_snapshot_as_csv_is_the_published_file(tmp_path):
     assert result.stdout == (published / "table.csv").read_bytes()
     assert b'"a,b",1970-01-01T00:00:00Z,2,2.5,1.25\r\n' in result.stdout
     assert result.stdout.count(b"\r\n") == 4  # a header and three rows
+
+
+@pytest.mark.parametrize("form", ["table", "json", "csv"])
+def test_a_snapshot_read_in_part_by_a_pipe_ends_quietly(tmp_path, form):
+    """`kappa snapshot P | head -1` ended in a BrokenPipeError traceback, exit 1 (table and json)."""
+    from kappa.snapshots import snapshot
+    from tables.aggregate import MEAN, MeanState, partials_table
+    from tables.keys import KeyLayout
+
+    layout = KeyLayout(("city",), windowed=False)
+    partials = [
+        (layout.encode([f"city-{n:05}"], None), MEAN.encode([MeanState(total=n, count=1)])) for n in range(20_000)
+    ]
+    rows = snapshot.merge_partials([partials_table(sorted(partials), MEAN, layout).to_batches()], MEAN, layout)
+    assert snapshot.publish(tmp_path, "trips", 1, rows, {"generation": 1, "offsets": {}, "complete": True})
+    reader = subprocess.Popen(
+        kappa_command("snapshot", "trips", "--format", form, "--snapshot-dir", str(tmp_path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert reader.stdout is not None and reader.stdout.readline()
+    reader.stdout.close()  # as `head -1` exits
+    _, stderr = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and b"Traceback" not in stderr, stderr.decode()
 
 
 def test_load_with_several_key_fields_says_where_they_belong(tmp_path):

@@ -637,3 +637,49 @@ def test_a_csv_is_read_as_pandas_reads_it_whichever_reader_reads_it(tmp_path, mo
         assert keys == [(row[frame.columns[0]] or "").encode() or None for row in expected], path.read_bytes()
         compared += 1
     assert compared > 700 and plain > 250 and refused > 50, (compared, plain, refused)
+
+
+def _refused_load(kappa, path: Path, key: str) -> str:
+    """Load `path`; assert it exits 2 with one line and makes nothing (no topic, no ledger); its line."""
+    topic = kappa.topic()
+    result = kappa.run("load", str(path), "--key", key, "--topic", topic, check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "Traceback" not in stderr
+    assert (
+        admin.partition_count(kappa.broker, topic) is None
+        and admin.partition_count(kappa.broker, f"{topic}.loads") is None
+    )
+    return stderr
+
+
+def test_a_csv_pandas_refuses_deep_in_the_file_is_refused_before_any_row_is_sent(kappa, tmp_path):
+    """A row with one field too many at row 150,001 stopped the load there, with the rows before
+    it on the log (how many, unsaid): loaded again once fixed, they counted twice. The whole
+    file is read first, by Arrow for a plain file and by pandas for one with quotes."""
+    frame = pd.DataFrame({KEY: [f"c{row % 50}" for row in range(200_000)], VALUE: range(200_000)})
+    for quoted in (False, True):
+        path = tmp_path / f"ragged-{quoted}.csv"
+        frame.assign(city=frame[KEY] + (", x" if quoted else "")).to_csv(path, index=False)
+        lines = path.read_text().splitlines()
+        lines[150_001] += ",extra"
+        path.write_text("\n".join(lines) + "\n")
+        stderr = _refused_load(kappa, path, KEY)
+        assert "is not valid CSV" in stderr and "line 150002" in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "key", "says"),
+    [
+        ("latin.csv", b"k,v\n" + b"a,1\n" * 1999 + b"b\xe9,2\n", "k", "is not UTF-8 text (line 2,001 is not)"),
+        ("rows.json", b'[{"k": "a", "v": 1}, {"k": "b", "v": 2}]\n', "k", "holds a JSON array, not JSON Lines"),
+        ("rows.jsonl", b'{"a": 1, "v": 2}\n{"a": 2}\n', "k", "key field 'k' is in none of the first rows"),
+        ("fake.parquet", b"garbage\n", "k", "is not a Parquet file Arrow can read"),
+    ],
+)
+def test_an_input_kappa_cannot_read_is_one_line_and_makes_nothing(kappa, tmp_path, name, content, key, says):
+    """Each was a traceback, or a load that exited 0 with rows no worker would count (a JSON array
+    as one message; JSON Lines without the key field, which a CSV without its column refuses)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert says in _refused_load(kappa, path, key)

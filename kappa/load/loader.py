@@ -297,6 +297,14 @@ class DeliveryPoller:
         self._thread.join()
 
 
+class ProduceFailed(KappaError):
+    """produce() itself failed, after `produced` messages of the call were handed over."""
+
+    def __init__(self, message: str, produced: int) -> None:
+        super().__init__(message)
+        self.produced = produced
+
+
 class StopRequest:
     """A SIGINT and SIGTERM handler that only counts the signals for the send loop to act on.
     A KeyboardInterrupt raised inside librdkafka's produce() would surface as an unrelated
@@ -348,7 +356,11 @@ def _send(
             while position < len(rows):
                 # up to the next multiple of POLL_EVERY rows produced, counted across chunks
                 some = rows[position : position + POLL_EVERY - sent.produced % POLL_EVERY]
-                produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop)
+                try:
+                    produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop)
+                except ProduceFailed as failed:
+                    sent.produced += failed.produced  # handed over before the failure: delivered or failed
+                    raise
                 sent.produced += produced
                 position += len(some)
                 if produced < len(some):
@@ -393,8 +405,9 @@ def _produce_rows(
     while True:
         try:
             done += _produce_from(producer.produce, topic, values, keys, headers, done)
-        except KafkaException as exc:
-            raise KappaError(f"could not produce to {topic!r}: {exc.args[0].str()}") from None
+        except ProduceFailed as failed:
+            failed.produced += done
+            raise
         if done == len(values):
             return done
         producer.poll(QUEUE_FULL_WAIT_S)  # the queue is full until the broker acknowledges (poll is thread-safe)
@@ -426,6 +439,9 @@ def _produce_from(
         deque(starmap(produce, calls), maxlen=0)
     except BufferError:
         return len(values) - start - length_hint(values_left) - 1
+    except KafkaException as exc:
+        taken = len(values) - start - length_hint(values_left) - 1
+        raise ProduceFailed(f"could not produce to {topic!r}: {exc.args[0].str()}", taken) from None
     return len(values) - start
 
 
@@ -465,6 +481,7 @@ def load(
     with sigterm_interrupts(), opened_source(path, key) as source:
         for text in source.notes:
             note(text)
+        source.check()  # a file pandas refuses is refused before anything is made or sent
         admin.wait_until_reachable(settings.broker)
         created = _prepare_topic(settings.broker, topic, partitions, settings.replication_factor)
         writer = LedgerWriter(settings.broker, topic)
@@ -488,12 +505,16 @@ def _load(
     flush_s = DELIVERY_TIMEOUT_S + 30
     stop = StopRequest()
     with stop.handling():
+        failure: KappaError | None = None
         with DeliveryPoller(producer):
-            finished = _send(producer, topic, source, plan, errors, sent, stop)
+            try:
+                finished = _send(producer, topic, source, plan, errors, sent, stop)
+            except KappaError as exc:  # what was handed to librdkafka is still delivered, and counted
+                finished, failure = False, exc
         unsent = _drain(producer, stop, flush_s)
     if errors.count or unsent or not finished:
         timed_out = f"{unsent:,} messages unacknowledged after {flush_s}s"
-        reason = stop.reason or errors.first or timed_out
+        reason = str(failure) if failure else stop.reason or errors.first or timed_out
         on_log = plan.on_log.count + sent.produced - errors.count - unsent
         raise _interrupted(source, topic, on_log, errors.unsure + unsent, reason)
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()

@@ -484,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kappa: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kappa snapshot P | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 def bound_allocator_memory() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kappa.kafka.admin import end_offsets, partition_count
 from kappa.pipeline import Definition, resolve
 from tests.datagen import pandas_expectation, sample_frame
 from tests.oracle import assert_matches, latest_dir, read_latest
@@ -111,6 +112,29 @@ def test_a_generation_that_counted_nothing_never_replaces_the_current_one(kappa,
     kappa.replay_batch(topic, "empty", "city", "--force")
     table, _, manifest = read_latest(kappa.snapshot_dir, topic)
     assert manifest["records"]["counted"] == 0 and (table["count"] == 0).all()
+
+
+def test_a_definition_whose_rules_reject_every_sampled_record_is_refused_before_building(kappa):
+    """Epoch milliseconds read as seconds (a wrong --time-unit) are beyond the year 9999: the
+    replay copied the whole log to the dead-letter topic, then refused the empty result and
+    told the user to check --value and --key."""
+    topic = kappa.topic()
+    rows = [{"city": f"c{n % 7}", "amount": n, "at": 1_709_287_200_000 + n * 60_000} for n in range(2_000)]
+    kappa.run(
+        "load", "-", "--key", "city", "--topic", topic, stdin=b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    )
+    window = ("--window", "1d", "--time", "at")
+    refused = kappa.replay_batch(topic, "amount", "city", *window, check=False)
+    stderr = refused.stderr.decode()
+    assert refused.returncode == 2 and "would be rejected, the first with: time" in stderr, stderr
+    assert "is --time-unit right?" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    dlq = partition_count(kappa.broker, f"{topic}.dlq")
+    assert dlq is None or sum(end_offsets(kappa.broker, f"{topic}.dlq", dlq).values()) == 0, "nothing rejected"
+    assert not (kappa.snapshot_dir / topic / "generations.json").exists(), "nothing built"
+
+    kappa.replay_batch(topic, "amount", "city", *window, "--time-unit", "ms")
+    _, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["records"]["counted"] == 2_000 and manifest["records"]["rejected"] == 0
 
 
 @pytest.mark.parametrize(

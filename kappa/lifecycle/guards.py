@@ -17,7 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import orjson
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
+from kappa.codec import REJECTED, RowShape, decode_row
 from kappa.config import Settings
 from kappa.engine.deadletters import ensure_dead_letter_topic
 from kappa.engine.names import changelog_topic
@@ -38,14 +40,23 @@ FIELDS_SHOWN = 20
 
 @dataclass
 class FieldSample:
-    """The fields seen in a sample of the log's JSON objects."""
+    """The fields seen in a sample of the log's JSON objects and, with a row shape, how many of
+    the records the record rules would reject (and why, for the first)."""
 
+    shape: RowShape | None = None
     records: int = 0
     objects: int = 0
+    rejected: int = 0
+    first_rejection: str = ""
     fields: Counter[str] = field(default_factory=Counter)
 
-    def add(self, value: bytes | None) -> None:
+    def add(self, value: bytes | None, key: bytes | None = None, timestamp: int | None = None) -> None:
         self.records += 1
+        if self.shape is not None:
+            verdict = decode_row(key, value, timestamp, self.shape)
+            if verdict.kind == REJECTED:
+                self.rejected += 1
+                self.first_rejection = self.first_rejection or verdict.error
         try:
             row = orjson.loads(value or b"")
         except orjson.JSONDecodeError:
@@ -74,13 +85,15 @@ def _passes(watermarks: dict[int, tuple[int, int]]) -> list[dict[int, tuple[int,
     return [ranges for ranges in (heads, tails) if ranges]
 
 
-def sample_fields(broker: str, topic: str, partitions: int, wanted: set[str] | None = None) -> FieldSample:
+def sample_fields(
+    broker: str, topic: str, partitions: int, wanted: set[str] | None = None, shape: RowShape | None = None
+) -> FieldSample:
     """Read the head of every partition of `topic` (and its tail too, unless every `wanted`
-    field was seen already) and collect the rows' fields.
+    field was seen already) and collect the rows' fields (and, with `shape`, the rules' verdicts).
 
     It is a sample: a pass that stalls (a partition without a leader) ends with what it has
     read, and the check goes on with that."""
-    sample = FieldSample()
+    sample = FieldSample(shape)
     for ranges in _passes(admin.watermarks(broker, topic, partitions)):
         if sample.objects and wanted is not None and wanted <= set(sample.fields):
             break
@@ -89,7 +102,7 @@ def sample_fields(broker: str, topic: str, partitions: int, wanted: set[str] | N
                 broker,
                 topic,
                 ranges,
-                lambda message: sample.add(message.value()),
+                lambda message: sample.add(message.value(), message.key(), _timestamp_ms(message)),
                 group="kappa-field-sample",
                 stall_s=SAMPLE_STALL_S,
                 # small fetches: a sample needs a hundred records, not a megabyte per partition
@@ -115,11 +128,31 @@ def check_fields(sample: FieldSample, topic: str, named: dict[str, str]) -> None
             )
 
 
+def check_verdicts(sample: FieldSample, topic: str) -> None:
+    """Refuse a definition under which the rules reject every sampled record: a wrong
+    --time-unit (epoch milliseconds read as seconds lie beyond the year 9999) would copy the
+    whole log to the dead-letter topic and build nothing."""
+    if sample.records and sample.rejected == sample.records:
+        raise KappaError(
+            f"every one of the {sample.records:,} records sampled from the start and end of every partition of "
+            f"{topic!r} would be rejected, the first with: {sample.first_rejection}. Check the definition "
+            "(nothing was built or switched), or pass --force to build it anyway"
+        )
+
+
 def check_definition(settings: Settings, definition: Definition, partitions: int) -> None:
-    """Refuse a definition naming a field that no sampled row has (a typo would build empty counts)."""
+    """Refuse a definition naming a field that no sampled row has (a typo would build empty counts),
+    or one whose rules reject every sampled record."""
     named = definition.fields_read()
-    sample = sample_fields(settings.broker, definition.topic, partitions, set(named))
+    shape = definition.row_shape()
+    sample = sample_fields(settings.broker, definition.topic, partitions, set(named), shape)
     check_fields(sample, definition.topic, named)
+    check_verdicts(sample, definition.topic)
+
+
+def _timestamp_ms(message: Message) -> int | None:
+    kind, stamp = message.timestamp()
+    return None if kind == TIMESTAMP_NOT_AVAILABLE else stamp
 
 
 class EmptyResult(KappaError):

@@ -111,3 +111,20 @@ def test_a_killed_workers_files_do_not_name_the_processes_that_got_their_pids(ka
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_status_says_when_no_worker_runs_a_live_generation_and_what_its_snapshot_misses(kappa, live, tmp_path):
+    """Once its worker stopped, a live generation read `[live, live]` as if it ran, and the
+    snapshot's `complete=True` sat beside a growing lag with nothing saying they disagree."""
+    worker = live(kappa.topic(), partitions=2, processes=1)
+    load_round(kappa, worker, tmp_path, 2_000, seed=5)
+    worker.wait_caught_up()
+    running = kappa.run("status", "--pipeline", worker.topic, timeout=120).stdout.decode()
+    assert "generation 1 [live, live] " in running and "does not cover" not in running, running
+    assert worker.stop() == 0
+    load_round(kappa, worker, tmp_path, 1_500, seed=6)
+
+    stopped = kappa.run("status", "--pipeline", worker.topic, timeout=120).stdout.decode()
+    assert "generation 1 [live, live, no worker runs it: `kappa worker` continues it] " in stopped, stopped
+    assert "lag 1,500 " in stopped, stopped
+    assert "complete=True" in stopped and "the log has 1,500 records it does not cover yet" in stopped, stopped

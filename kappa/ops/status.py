@@ -80,9 +80,11 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
             continue
         committed: dict[int, int | None] | None = None
         lag: dict[str, int] | None = None
+        members: int | None = None
         if ends is not None and partitions is not None:
             committed = admin.committed_offsets(settings.broker, app_id(pipeline, int(number)), topic, partitions)
             lag = {str(p): ends[p] - (committed.get(p) or 0) for p in ends}
+            members = admin.group_members(settings.broker, app_id(pipeline, int(number)))
         result["generations"].append(
             {
                 "generation": int(number),
@@ -94,6 +96,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
                 "total_lag": None if lag is None else sum(lag.values()),
                 "processes": _processes(settings, pipeline, int(number)),
                 "builder_gone": entry.get("state") in BUILT_BY_A_REPLAY and not builder_alive(entry),
+                "group_members": members,
             }
         )
     result["worker"] = _worker(settings, pipeline, result["generations"])
@@ -110,10 +113,19 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
             "keys": manifest["keys"],
             "complete": manifest["complete"],
             "records": manifest["records"],
+            "records_after": _records_after(manifest, ends),
         }
     except KappaError:
         result["latest_snapshot"] = None
     return result
+
+
+def _records_after(manifest: dict, ends: dict[int, int] | None) -> int | None:
+    """How many records the log holds past the offsets a snapshot covers (None: unknown)."""
+    if ends is None:
+        return None
+    covered = manifest.get("offsets", {})
+    return sum(max(end - int(covered.get(str(partition), 0)), 0) for partition, end in ends.items())
 
 
 def replication_warnings(settings: Settings, pipeline: str, topic: str, generations: list[int]) -> list[str]:
@@ -233,6 +245,8 @@ def render(status: dict) -> str:
                 label += ", continued by a live worker"  # a batch replay built it; a worker tails it now
             if gen.get("builder_gone"):  # killed outright: nothing marked it failed
                 label += ", stopped: the replay that built it is gone; run it again to resume, or `kappa gc`"
+            if _untended(gen, pipe.get("worker")):
+                label += ", no worker runs it: `kappa worker` continues it"
             lines.append(f"  generation {gen['generation']} [{label}] {computes}, {lag}")
             for proc in gen["processes"]:
                 lines.append(
@@ -250,9 +264,19 @@ def render(status: dict) -> str:
                 f"complete={snap['complete']}; counted {records['counted']:,}, skipped {records['skipped']:,}, "
                 f"rejected {records['rejected']:,}"
             )
+            if snap.get("records_after"):  # complete says the snapshot was caught up when published
+                lines[-1] += f"; the log has {snap['records_after']:,} records it does not cover yet"
         else:
             lines.append("  latest snapshot: none yet")
     return "\n".join(lines)
+
+
+def _untended(gen: dict, worker: dict | None) -> bool:
+    """A live generation that no process tails: none here (heartbeats, a supervisor) and none in
+    its consumer group, wherever it runs (unknown with the broker down: not said)."""
+    if gen["state"] != GenerationState.LIVE or gen["processes"] or gen.get("group_members") != 0:
+        return False
+    return worker is None or worker["generation"] != gen["generation"]
 
 
 def _followed_live(gen: dict, worker: dict | None) -> bool:

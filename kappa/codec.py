@@ -45,8 +45,8 @@ def _loads(raw: bytes) -> Any:
         return json.loads(raw)
 
 
-def _json_object(value: bytes | None) -> dict | str:
-    """The message as a JSON object, or why it is rejected."""
+def json_object(value: bytes | None) -> dict | str:
+    """The message as a JSON object, or why it is rejected (`kappa load` counts JSON Lines by this rule too)."""
     if not value:
         return "empty message: expected a JSON object"
     try:
@@ -200,7 +200,7 @@ def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, sh
     Every reason to reject comes before any reason to skip (a row with no key and a value
     that is not numeric is rejected, as before keys were checked): not a JSON object, a key
     that is not UTF-8, a value that is not numeric, an unparseable time."""
-    row = _json_object(value)
+    row = json_object(value)
     if isinstance(row, str):
         return RowVerdict(REJECTED, error=row)
     texts: tuple[str, ...] | None

@@ -310,6 +310,20 @@ def test_key_fields_keep_their_text_as_written_in_the_csv(kappa, tmp_path):
     assert_shape_matches(table.rename(columns={"key": "fare"}), shape_expectation(str(path), ["fare"], ["vendor"]))
 
 
+def replay_parquet_as_its_csv(kappa, tmp_path, frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """Load `frame` as Parquet (message key: its last key field), replay it by `keys`, and check
+    the table against the oracle over the same rows written as CSV and read with dtype=str."""
+    path = tmp_path / "rows.parquet"
+    frame.to_parquet(path, index=False)
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    topic = kappa.topic()
+    kappa.load(path, keys[-1], topic, partitions=2)
+    kappa.run("replay", "--topic", topic, "--key", ",".join(keys), "--value", value, "--batch")
+    table, _ = latest_table(kappa, topic)
+    assert_shape_matches(table, shape_expectation(str(tmp_path / "rows.csv"), keys, [value]))
+    return table
+
+
 def test_parquet_integer_keys_with_missing_values_stay_integers(kappa, tmp_path):
     """Parquet's integer column with a missing value was read as floats: every vendor `1` became
     the key `1.0`. The oracle reads the same rows from their CSV with dtype=str."""
@@ -324,12 +338,21 @@ def test_parquet_integer_keys_with_missing_values_stay_integers(kappa, tmp_path)
             "fare": rng.normal(20, 8, rows).round(2),
         }  # fmt: skip
     )
-    path = tmp_path / "trips.parquet"
-    frame.to_parquet(path, index=False)
-    frame.to_csv(tmp_path / "trips.csv", index=False)
-    topic = kappa.topic()
-    kappa.load(path, "vendor", topic, partitions=2)
-    kappa.run("replay", "--topic", topic, "--key", "city,vendor", "--value", "fare", "--batch")
-    table, _ = latest_table(kappa, topic)
+    table = replay_parquet_as_its_csv(kappa, tmp_path, frame, ["city", "vendor"], "fare")
     assert sorted(set(table["vendor"])) == ["1", "2", "3"]
-    assert_shape_matches(table, shape_expectation(str(tmp_path / "trips.csv"), ["city", "vendor"], ["fare"]))
+
+
+def test_an_infinite_parquet_float_is_a_key_as_its_text_is_in_a_csv(kappa, tmp_path):
+    """A Parquet float column wrote ±inf as null, so a row keyed by it was skipped, where pandas
+    groups it under `inf` (and a CSV's `inf` stays a key). As a value it is still skipped."""
+    rows = 6_000
+    rng = np.random.default_rng(33)
+    frame = pd.DataFrame(
+        {
+            "city": np.array(["A", "B"], dtype=object)[rng.integers(0, 2, rows)],
+            "grade": np.array([1.5, np.inf, -np.inf, 2.0, np.nan])[rng.integers(0, 5, rows)],
+            "fare": np.where(rng.random(rows) < 0.1, np.inf, rng.normal(20, 8, rows).round(2)),
+        }
+    )
+    table = replay_parquet_as_its_csv(kappa, tmp_path, frame, ["city", "grade"], "fare")
+    assert sorted(set(table["grade"])) == ["-inf", "1.5", "2.0", "inf"]

@@ -6,8 +6,8 @@ objects are joined column-wise by Arrow, with no Python object per row until the
 themselves. The text is orjson's, byte for byte:
 
 - numbers (int, float, bool columns) are written by orjson itself, one call per column on
-  the numpy array (floats in orjson's shortest form, `1.0` stays `1.0`; NaN and infinities
-  are `null`, as orjson writes them);
+  the numpy array (floats in orjson's shortest form, `1.0` stays `1.0`; NaN is `null`, as
+  orjson writes it; ±inf, which orjson writes as `null` too, is the string `"inf"`/`"-inf"`);
 - text is quoted with `"` and `\\` escaped, and `\\n`, `\\r`, `\\t`, `\\b`, `\\f` written as
   orjson does; missing values (NaN, None) are `null`;
 - anything else (other control characters, mixed or other Python objects, dates, names that
@@ -82,10 +82,24 @@ def json_values(column: pd.Series) -> pa.Array | None:
     if kind in "iub":
         return _numbers(np.ascontiguousarray(column.to_numpy()))
     if kind == "f":  # orjson writes a float32 as its float64
-        return _numbers(np.ascontiguousarray(column.to_numpy(dtype=np.float64)))
+        return _floats(np.ascontiguousarray(column.to_numpy(dtype=np.float64)))
     if kind == "O":
         return _texts(column)
     return None
+
+
+def _floats(values: np.ndarray) -> pa.Array:
+    """orjson's numbers, but ±inf as the strings `"inf"` and `"-inf"` where orjson writes null:
+    a key field keeps the text pandas gives it (a CSV's `inf` is the same string), and a value
+    is still infinite, so skipped. NaN stays null (missing)."""
+    numbers = _numbers(values)
+    infinite = np.isinf(values)
+    if not infinite.any():
+        return numbers
+    signs = np.where(values[infinite] > 0, b'"inf"', b'"-inf"')
+    texts = np.array(numbers.to_pylist(), dtype=object)
+    texts[infinite] = signs
+    return pa.array(texts, pa.binary())
 
 
 def _nullable_integers(column: pd.Series) -> pa.Array:

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kappa.codec import json_object
 from kappa.errors import KappaError
 from kappa.load.json_rows import joined_objects, json_objects, written_texts, written_values
 
@@ -265,10 +266,7 @@ class Source:
                 line = line.strip()
                 if not line:
                     continue
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    row = None
+                row = json_object(line)  # the workers' rule: NaN, 1e400 and a BOM are objects to them too
                 if isinstance(row, dict):
                     keys.append(_key_bytes(row.get(self.key)))
                 else:
@@ -504,10 +502,7 @@ def _check_json_lines(file: Path, name: str, key: str) -> None:
                     f"{name} holds a JSON array, not JSON Lines (one object per line): convert it, for example "
                     f"with `jq -c '.[]' {name} > rows.jsonl`, and load that"
                 )
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
+            row = json_object(line)
             if isinstance(row, dict):
                 if key in row:
                     return

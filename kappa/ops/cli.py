@@ -82,7 +82,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         return 0
     if result.not_objects:
         print(
-            f"warning: {result.not_objects:,} lines were not JSON objects; workers will reject them to "
+            f"warning: {result.not_objects:,} {'line was' if result.not_objects == 1 else 'lines were'} not JSON "
+            "objects; workers will reject them to "
             f"{result.topic}.dlq",
             file=sys.stderr,
         )

@@ -233,6 +233,16 @@ def read_config(path: Path) -> dict[str, dict[str, Any]]:
     return pipelines
 
 
+def resolve_name_in(config: Path | None, name: str) -> dict[str, Any]:
+    """Pipeline `name`'s entry of the pipelines file (`config`, or ./kappa.toml)."""
+    path = config or Path(CONFIG_FILE)
+    pipelines = read_config(path)
+    if name not in pipelines:
+        known = ", ".join(sorted(pipelines)) or "none"
+        raise KappaError(f"no pipeline {name!r} in {path} (pipelines there: {known})")
+    return dict(pipelines[name])
+
+
 def resolve(
     name: str | None,
     config: Path | None,
@@ -247,16 +257,14 @@ def resolve(
     """A definition from `kappa.toml`'s pipeline `name` (if given), with options overriding it.
 
     Returns (the pipeline name from the file or None, the definition)."""
-    entry: dict[str, Any] = {}
-    if name is not None:
-        path = config or Path(CONFIG_FILE)
-        pipelines = read_config(path)
-        if name not in pipelines:
-            known = ", ".join(sorted(pipelines)) or "none"
-            raise KappaError(f"no pipeline {name!r} in {path} (pipelines there: {known})")
-        entry = dict(pipelines[name])
+    entry: dict[str, Any] = dict(resolve_name_in(config, name)) if name is not None else {}
     overrides = {"topic": topic, "key": key, "value": value, "window": window, "time": time, "time_unit": time_unit}
     entry.update({k: v for k, v in overrides.items() if v is not None})
+    if entry.get("time_unit") not in (None, "s") and not entry.get("window"):
+        raise KappaError(
+            "--time-unit applies to epoch numbers in the --time field of a --window; add --window 1h and "
+            "--time FIELD, for example, or leave --time-unit out"
+        )
     if not entry.get("topic"):
         raise KappaError("a pipeline needs a topic: pass --topic T, or name a pipeline of kappa.toml")
     if not entry.get("value"):

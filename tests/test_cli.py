@@ -135,23 +135,29 @@ def test_kafka_start_on_another_port_is_refused(tmp_path):
         kappa_cli("kafka", "stop", "--data-dir", str(tmp_path), timeout=60)
 
 
-def test_snapshot_as_csv_is_the_published_file(tmp_path):
-    """`kappa snapshot NAME --format csv` prints table.csv byte for byte: window starts in ISO 8601
-    with `Z`, keys quoted as the file has them (it once printed pandas' own rendering)."""
-
+def publish_trips(snapshot_dir: Path, groups: list[tuple[str, int, float, int]]) -> Path:
+    """Publish generation 1 of pipeline `trips`: (city, window start, sum, count) per group."""
     from kappa.snapshots import snapshot
     from tables.aggregate import MEAN, MeanState, partials_table
     from tables.keys import KeyLayout
 
     layout = KeyLayout(("city",), windowed=True)
     partials = [
-        (layout.encode([city], start), MEAN.encode([MeanState(total=2.5, count=2)]))
-        for city, start in [("a,b", 0), ("東京", 3600), ('say "hi"', 7200)]
+        (layout.encode([city], start), MEAN.encode([MeanState(total=total, count=count)]))
+        for city, start, total, count in groups
     ]
     rows = snapshot.merge_partials([partials_table(sorted(partials), MEAN, layout).to_batches()], MEAN, layout)
-    manifest = {"generation": 1, "offsets": {}, "complete": True}
-    published = snapshot.publish(tmp_path, "trips", 1, rows, manifest)
+    published = snapshot.publish(snapshot_dir, "trips", 1, rows, {"generation": 1, "offsets": {}, "complete": True})
     assert published is not None
+    return published
+
+
+def test_snapshot_as_csv_is_the_published_file(tmp_path):
+    """`kappa snapshot NAME --format csv` prints table.csv byte for byte: window starts in ISO 8601
+    with `Z`, keys quoted as the file has them (it once printed pandas' own rendering)."""
+
+    groups = [("a,b", 0, 2.5, 2), ("東京", 3600, 2.5, 2), ('say "hi"', 7200, 2.5, 2)]
+    published = publish_trips(tmp_path, groups)
     result = run_kappa(["snapshot", "trips", "--format", "csv", "--snapshot-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     assert result.stdout == (published / "table.csv").read_bytes()
@@ -162,16 +168,7 @@ def test_snapshot_as_csv_is_the_published_file(tmp_path):
 @pytest.mark.parametrize("form", ["table", "json", "csv"])
 def test_a_snapshot_read_in_part_by_a_pipe_ends_quietly(tmp_path, form):
     """`kappa snapshot P | head -1` ended in a BrokenPipeError traceback, exit 1 (table and json)."""
-    from kappa.snapshots import snapshot
-    from tables.aggregate import MEAN, MeanState, partials_table
-    from tables.keys import KeyLayout
-
-    layout = KeyLayout(("city",), windowed=False)
-    partials = [
-        (layout.encode([f"city-{n:05}"], None), MEAN.encode([MeanState(total=n, count=1)])) for n in range(20_000)
-    ]
-    rows = snapshot.merge_partials([partials_table(sorted(partials), MEAN, layout).to_batches()], MEAN, layout)
-    assert snapshot.publish(tmp_path, "trips", 1, rows, {"generation": 1, "offsets": {}, "complete": True})
+    publish_trips(tmp_path, [(f"city-{n:05}", 0, n, 1) for n in range(20_000)])
     reader = subprocess.Popen(
         kappa_command("snapshot", "trips", "--format", form, "--snapshot-dir", str(tmp_path)),
         stdout=subprocess.PIPE,
@@ -182,6 +179,18 @@ def test_a_snapshot_read_in_part_by_a_pipe_ends_quietly(tmp_path, form):
     reader.stdout.close()  # as `head -1` exits
     _, stderr = reader.communicate(timeout=60)
     assert reader.returncode == 0 and b"Traceback" not in stderr, stderr.decode()
+
+
+def test_snapshot_takes_the_pipelines_file_as_replay_and_worker_do(tmp_path):
+    """`kappa snapshot NAME --config FILE` was refused (unrecognized arguments)."""
+    publish_trips(tmp_path, [("a", 0, 2.5, 2)])
+    config = tmp_path / "pipelines.toml"
+    config.write_text('[pipelines.trips]\ntopic = "rides"\nvalue = "fare"\n')
+    args = ["--format", "csv", "--snapshot-dir", str(tmp_path), "--config", str(config)]
+    shown = run_kappa(["snapshot", "trips", *args])
+    assert shown.returncode == 0 and shown.stdout.count(b"\r\n") == 2, shown.stderr
+    unknown = run_kappa(["snapshot", "other", *args])
+    assert unknown.returncode == 2 and b"no pipeline 'other' in" in unknown.stderr, unknown.stderr
 
 
 def test_load_with_several_key_fields_says_where_they_belong(tmp_path):

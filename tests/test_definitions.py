@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kappa.errors import KappaError
 from kappa.kafka.admin import end_offsets, partition_count
 from kappa.pipeline import Definition, resolve
 from tests.datagen import pandas_expectation, sample_frame
@@ -158,3 +159,12 @@ def test_a_definition_is_shown_as_the_options_that_give_it(time, unit, shown):
         time=options["--time"], time_unit=options.get("--time-unit"),
     )  # fmt: skip
     assert again == definition and again.to_record() == definition.to_record()
+
+
+def test_a_time_unit_without_a_window_is_refused():
+    """`--time-unit ms` without --window was accepted and did nothing, while --time without
+    --window is refused."""
+    with pytest.raises(KappaError, match="--time-unit applies to epoch numbers in the --time field of a --window"):
+        resolve(None, None, topic="t", key="city", value="fare", window=None, time=None, time_unit="ms")
+    _, plain = resolve(None, None, topic="t", key="city", value="fare", window=None, time=None, time_unit="s")
+    assert plain.window is None

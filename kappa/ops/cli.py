@@ -141,7 +141,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     rate = sum(records[kind] for kind in RECORD_KINDS) / result.seconds if result.seconds else 0.0
     print(
         f"generation {result.generation} of {pipeline!r} published: {result.path} "
-        f"({result.manifest['keys']:,} keys; counted {records['counted']:,}, skipped {records['skipped']:,}, "
+        f"({result.manifest['keys']:,} table rows; counted {records['counted']:,}, skipped {records['skipped']:,}, "
         f"rejected {records['rejected']:,}) in {result.seconds:.2f}s "
         f"({rate:,.0f} rows/s; snapshot {result.snapshot_seconds:.2f}s)"
     )
@@ -286,6 +286,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if not (args.pipeline or args.name):
         raise KappaError("which pipeline? pass its name: kappa snapshot NAME (or --pipeline NAME)")
     pipeline = validate_pipeline_name(args.pipeline or args.name)
+    if args.config is not None:  # as replay and worker take it: the name must be one of the file's pipelines
+        from kappa.pipeline import resolve_name_in
+
+        resolve_name_in(args.config, pipeline)
     if args.format == "csv":  # the published table.csv itself, byte for byte (ISO 8601 window starts)
         directory = resolve_latest(settings.snapshot_dir, pipeline)
         manifest = manifest_in(directory)
@@ -444,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("--pipeline", help="pipeline name (by default its topic name)")
     snap.add_argument("--format", choices=["table", "csv", "json"], default="table")
     snap.add_argument("--rows", type=int, default=20, help="rows shown by --format table (default 20)")
+    snap.add_argument("--config", type=Path, help="the pipelines file that names NAME (default: ./kappa.toml)")
     snap.set_defaults(handler=cmd_snapshot)
     return parser
 

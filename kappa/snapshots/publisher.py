@@ -95,7 +95,7 @@ class Publisher:
         self.last_offsets = merged.offsets
         lag = sum(max(end - merged.offsets.get(p, 0), 0) for p, end in end_offsets.items())
         print(
-            f"published {path.name}: generation {self.generation}, {manifest['keys']:,} keys, lag {lag:,}, "
+            f"published {path.name}: generation {self.generation}, {manifest['keys']:,} table rows, lag {lag:,}, "
             f"{time.monotonic() - started:.2f}s",
             flush=True,
         )

@@ -707,3 +707,13 @@ def test_the_lines_a_load_counts_as_not_objects_are_those_the_workers_reject(kap
     kappa.replay_batch(topic, "v", "k")
     _, _, manifest = read_latest(kappa.snapshot_dir, topic)
     assert manifest["records"]["rejected"] == 3 and manifest["records"]["counted"] == 2, manifest["records"]
+
+
+def test_the_strings_arrow_reads_as_missing_are_pandas_own():
+    """Arrow's reader is given pandas' default NA strings; a pandas upgrade that changes them would
+    make the two readers disagree on a plain CSV."""
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from kappa.load.sources import PANDAS_NA_TEXTS
+
+    assert PANDAS_NA_TEXTS == sorted(STR_NA_VALUES)

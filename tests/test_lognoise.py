@@ -78,6 +78,7 @@ def test_the_reports_of_a_rebalance_after_a_process_died_are_logged_at_info(capl
         timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.commit_pending", 1.0, 2.5)
         timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.watch", 1.0, 2.5)  # a blocked loop
         coordinator.error("OffsetCommit failed for group %s - %s", "kappa-p-g1", "another error")
+        coordinator.warning("Marking the coordinator dead (node %s)for group %s.", 1, "kappa-p-g1")  # a clean stop
     shown = [record.getMessage() for record in caplog.records]
     assert shown == [
         "Timer kappa.watch is overlapping (interval=1.0 runtime=2.5)",

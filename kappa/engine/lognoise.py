@@ -50,6 +50,10 @@ ROUTINE_WARNINGS = (
     # waited for it overlaps its interval; the next commit catches up
     "OffsetCommit failed for group %s due to group error (%s), will rejoin",
     "Timer %s is overlapping (interval=%r runtime=%r)",
+    # a heartbeat or commit that failed against the group coordinator, seen on every clean stop
+    # (the broker answers the last heartbeat after the member left) and on a coordinator move;
+    # a broker that is really gone is said in one line by kappa.kafka.availability
+    "Marking the coordinator dead (node %s)for group %s.",
 )
 # an overlapping timer is routine only for the commit timer, which waits on the rebalance; any
 # other (the event loop blocked) is worth a warning

@@ -282,3 +282,16 @@ def test_live_worker_through_broker_outages(cluster_kappa, cluster: Cluster, tmp
     assert len(error_lines(two_down)) <= 8, two_down
     assert "has not started processing" not in worker.log.read_text()
     assert worker.log.read_text().count("restarting") <= 2
+
+
+def test_a_replica_warning_says_what_the_partitions_can_still_take():
+    """With one replica in sync of three (min.insync.replicas 2) writes are refused already; the
+    line said one more death would stop them (found by review)."""
+    from kappa.kafka.availability import ShortOfReplicas
+
+    def line(in_sync: int, leaderless: bool = False) -> str:
+        return ShortOfReplicas("t", [0, 1], 3, in_sync, [2, 3][: 3 - in_sync], 2, leaderless).line()
+
+    assert "one more broker's death stops writes to them" in line(2)
+    assert "writes to them are refused now (min.insync.replicas 2)" in line(1)
+    assert "some have no leader" in line(1, leaderless=True)

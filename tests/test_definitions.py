@@ -168,3 +168,35 @@ def test_a_time_unit_without_a_window_is_refused():
         resolve(None, None, topic="t", key="city", value="fare", window=None, time=None, time_unit="ms")
     _, plain = resolve(None, None, topic="t", key="city", value="fare", window=None, time=None, time_unit="s")
     assert plain.window is None
+
+
+def test_a_log_whose_first_records_are_rejected_is_judged_by_its_tails_too(kappa):
+    """The sample read the tails only while a named field was missing: a log whose first loads
+    wrote epoch ms (rejected under --time-unit s) and later ones seconds was refused whole."""
+    topic = kappa.topic()
+    early = [{"city": "a", "amount": n, "at": 1_709_287_200_000 + n} for n in range(150)]
+    later = [{"city": "b", "amount": n, "at": 1_709_287_200 + n} for n in range(150)]
+    for rows in (early, later):
+        lines = b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+        kappa.run("load", "-", "--key", "city", "--topic", topic, "--partitions", "1", stdin=lines)
+    kappa.replay_batch(topic, "amount", "city", "--window", "1d", "--time", "at")
+    _, _, manifest = read_latest(kappa.snapshot_dir, topic)
+    assert manifest["records"]["counted"] == 150 and manifest["records"]["rejected"] == 150
+
+
+def test_a_worker_starts_on_a_log_that_holds_only_rejected_records(kappa):
+    """A worker has no --force: a log of a few bad records (a kcat smoke test) must not keep it
+    from starting; they go to the dead-letter topic like any bad record."""
+    from tests.helpers import wait_until
+    from tests.live import kill_group, start_worker
+
+    topic = kappa.topic()
+    kappa.run("load", "-", "--key", "city", "--topic", topic, "--partitions", "1", stdin=b"hello\nworld\n")
+    worker = start_worker(kappa, topic, "amount", "city", processes=1, interval=0.5)
+    try:
+        dlq = f"{topic}.dlq"
+        assert wait_until(
+            lambda: sum(end_offsets(kappa.broker, dlq, partition_count(kappa.broker, dlq) or 1).values()) == 2, 120
+        )
+    finally:
+        kill_group(worker)

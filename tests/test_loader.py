@@ -676,7 +676,7 @@ def test_a_csv_pandas_refuses_deep_in_the_file_is_refused_before_any_row_is_sent
     [
         ("latin.csv", b"k,v\n" + b"a,1\n" * 1999 + b"b\xe9,2\n", "k", "is not UTF-8 text (line 2,001 is not)"),
         ("rows.json", b'[{"k": "a", "v": 1}, {"k": "b", "v": 2}]\n', "k", "holds a JSON array, not JSON Lines"),
-        ("rows.jsonl", b'{"a": 1, "v": 2}\n{"a": 2}\n', "k", "key field 'k' is in none of the first rows"),
+        ("rows.jsonl", b'{"a": 1, "v": 2}\n{"a": 2}\n', "k", "key field 'k' is in none of the rows"),
         ("fake.parquet", b"garbage\n", "k", "is not a Parquet file Arrow can read"),
     ],
 )
@@ -717,3 +717,60 @@ def test_the_strings_arrow_reads_as_missing_are_pandas_own():
     from kappa.load.sources import PANDAS_NA_TEXTS
 
     assert PANDAS_NA_TEXTS == sorted(STR_NA_VALUES)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xef\xbb\xbf\nk,v\n1,2\n",  # a BOM, then a blank line: pandas takes the next line as the header
+        b"\xef\xbb\xbfk,v\n1,2\n",
+        b"k,v\n" + b"a,1\n" * 6 + "é,2\n".encode() + b"b,3\n" * 10,  # é cut by the scan's 32-byte blocks
+    ],
+    ids=["bom-blank-line", "bom", "character-across-blocks"],
+)
+def test_a_csv_whose_first_bytes_or_blocks_are_awkward_is_read_as_pandas_reads_it(tmp_path, monkeypatch, content):
+    """Arrow read the header of a BOM-then-blank-line file as a row; a character cut by the scan's
+    block and followed by an ASCII block escaped the UTF-8 check (found by review)."""
+    from kappa.load import sources
+
+    monkeypatch.setattr(sources, "SCAN_BLOCK_BYTES", 32)
+    path = tmp_path / "rows.csv"
+    path.write_bytes(content)
+    source = sources.open_source(str(path), "k")
+    source.check()
+    frame = pd.read_csv(path, dtype=str)
+    got = [json.loads(value, parse_int=str, parse_float=str) for chunk in source.chunks() for value in chunk.values]
+    assert got == json.loads(frame.to_json(orient="records")) and source.checked_rows == len(frame)
+
+
+def test_a_cut_character_that_is_not_utf8_is_refused_at_the_check(tmp_path, monkeypatch):
+    from kappa.errors import KappaError
+    from kappa.load import sources
+
+    monkeypatch.setattr(sources, "SCAN_BLOCK_BYTES", 32)
+    path = tmp_path / "rows.csv"
+    first = b"k,v\n" + b"a,1\n" * 6 + b"x,y\xc3"  # a cut character ends the first 32-byte block
+    ascii_only = b"\n" + b"b,3\n" * 7 + b"b,3"  # the second is ASCII, so the scan did not decode it
+    path.write_bytes(first + ascii_only + b"\xa9\n" + b"c,4\n" * 3)  # and \xa9 would have completed the é
+    assert len(first) == len(ascii_only) == 32
+    assert sources._scan_text(path).not_utf8_line == 8  # the line the cut character starts
+    with pytest.raises(KappaError, match="is not UTF-8 text"):
+        sources.open_source(str(path), "k")
+
+
+def test_infinities_are_text_when_a_chunk_goes_row_by_row_too():
+    """A column orjson must write row by row (here a control character) made the chunk write
+    ±inf as null, so rows keyed by it were skipped in that chunk only (found by review)."""
+    from kappa.load.sources import _frame_chunk
+
+    frame = pd.DataFrame({"k": [float("inf"), 1.5, float("-inf")], "note": ["a", "bell\x07", "c"]})
+    values = [orjson.loads(value)["k"] for value in _frame_chunk(frame, "k").values]
+    assert values == ["inf", 1.5, "-inf"]
+
+
+def test_json_lines_whose_key_field_comes_later_are_loaded(tmp_path):
+    from kappa.load.sources import SAMPLE_LINES, open_source
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"a": 1}\n' * SAMPLE_LINES + b'{"a": 2, "k": "x"}\n')
+    assert open_source(str(path), "k").estimated_rows == SAMPLE_LINES + 1

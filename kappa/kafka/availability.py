@@ -229,6 +229,7 @@ class ShortOfReplicas:
     in_sync: int  # the fewest in sync among them
     out_of_sync: list[int]  # the brokers that hold a replica but are not in sync
     min_insync: int | None
+    leaderless: bool = False  # some of them have no leader
 
     def line(self) -> str:
         count = len(self.partitions)
@@ -236,8 +237,13 @@ class ShortOfReplicas:
             f"topic {self.topic!r}: {count} partition(s) [{_ranges(self.partitions)}] have {self.in_sync} of "
             f"{self.replicas} replicas in sync (not: {', '.join(map(str, self.out_of_sync))})"
         )
-        if self.in_sync == 0:
-            return text + ": they have no leader; reads and writes of them wait until a replica is back"
+        if self.leaderless:
+            return text + ": some have no leader; reads and writes of them wait until a replica is back"
+        if self.min_insync is not None and self.in_sync < self.min_insync:
+            return text + (
+                f"; writes to them are refused now (min.insync.replicas {self.min_insync}) until a missing "
+                "broker is back"
+            )
         if self.min_insync is not None and self.in_sync - 1 < self.min_insync:
             return text + (
                 f"; one more broker's death stops writes to them (min.insync.replicas {self.min_insync}) until "
@@ -300,6 +306,7 @@ def cluster_health(broker: str, topics: Iterable[str]) -> ClusterHealth:
                 min(len(part.isrs) for part in thin.values()),
                 out_of_sync,
                 admin.topic_config_int(broker, topic, "min.insync.replicas"),
+                any(part.leader < 0 for part in thin.values()),
             )
         )
     bootstrap = [address.strip() for address in broker.split(",") if address.strip()]

@@ -95,8 +95,9 @@ def sample_fields(
     read, and the check goes on with that."""
     sample = FieldSample(shape)
     for ranges in _passes(admin.watermarks(broker, topic, partitions)):
-        if sample.objects and wanted is not None and wanted <= set(sample.fields):
-            break
+        every_rejected = shape is not None and sample.rejected == sample.records
+        if sample.objects and wanted is not None and wanted <= set(sample.fields) and not every_rejected:
+            break  # the tails, too, when the heads alone would refuse the definition
         try:
             read_ranges(
                 broker,
@@ -140,11 +141,13 @@ def check_verdicts(sample: FieldSample, topic: str) -> None:
         )
 
 
-def check_definition(settings: Settings, definition: Definition, partitions: int) -> None:
+def check_definition(settings: Settings, definition: Definition, partitions: int, verdicts: bool = True) -> None:
     """Refuse a definition naming a field that no sampled row has (a typo would build empty counts),
-    or one whose rules reject every sampled record."""
+    or, with `verdicts`, one whose rules reject every sampled record. A worker leaves the verdicts
+    out: it has no --force, and a log that so far holds only bad records must not keep it from
+    starting (they go to the dead-letter topic, as every bad record does)."""
     named = definition.fields_read()
-    shape = definition.row_shape()
+    shape = definition.row_shape() if verdicts else None
     sample = sample_fields(settings.broker, definition.topic, partitions, set(named), shape)
     check_fields(sample, definition.topic, named)
     check_verdicts(sample, definition.topic)

@@ -116,7 +116,7 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
     registry = Registry(settings.snapshot_dir, pipeline)
     report(finish_half_done_steps(settings, pipeline), pipeline)
     if registry.current() is None:
-        check_definition(settings, definition, partitions)
+        check_definition(settings, definition, partitions, verdicts=False)
     current, created = registry.current_or_begin("live", definition.to_record())
     if created:
         clear_leftovers(settings, pipeline, current)
@@ -124,7 +124,7 @@ def current_generation(settings: Settings, pipeline: str, definition: Definition
         return current
     recorded = registry.read()["generations"][str(current)].get("definition", {})
     if recorded and recorded != definition.to_record():
-        check_definition(settings, definition, partitions)  # a misspelt field is a typo, not a new definition
+        check_definition(settings, definition, partitions, verdicts=False)  # a misspelt field is a typo
         running = " ".join(Definition.from_record(recorded).to_args())
         raise KappaError(
             f"the current generation {current} of {pipeline!r} computes `{running}`, not "

@@ -52,6 +52,8 @@ FORMATS = {
     ".json": "jsonl",
 }
 WHITESPACE = b" \t\x0b\x0c"
+UTF8_BOM = b"\xef\xbb\xbf"
+SCAN_BLOCK_BYTES = 4 << 20  # `_scan_text` reads the file in blocks this long
 WHITESPACE_BYTES, NEWLINE = np.frombuffer(WHITESPACE, dtype=np.uint8), ord("\n")
 COMPRESSED_TEXT = (".gz", ".bz2", ".xz", ".zst", ".zip")  # pandas reads these for CSV and TSV
 
@@ -103,7 +105,7 @@ def _frame_chunk(frame: pd.DataFrame, key: str, as_written: bool = False) -> Chu
         longest_value = _longest(objects)
     else:
         names = list(frame.columns)
-        columns = [frame[name].tolist() for name in names]
+        columns = [_infinities_as_text(frame[name].tolist()) for name in names]
         dumps, options = orjson.dumps, ORJSON_OPTIONS
         values = [
             dumps(dict(zip(names, row, strict=True)), default=_json_default, option=options)
@@ -124,6 +126,13 @@ def _batch_chunk(batch: pa.RecordBatch, key: str) -> Chunk:
     present = pc.fill_null(pc.greater(pc.binary_length(column), 0), False)
     keys = pc.if_else(present, column, pa.scalar(None, pa.string())).cast(pa.binary())
     return Chunk(keys.to_pylist(), objects.to_pylist(), _longest(objects) + _longest(keys))
+
+
+def _infinities_as_text(values: list) -> list:
+    """±inf as the text json_rows writes for it column-wise (`"inf"`), where orjson writes null."""
+    if not any(type(value) is float and math.isinf(value) for value in values):
+        return values
+    return [str(value) if type(value) is float and math.isinf(value) else value for value in values]
 
 
 def _listed_chunk(keys: list[bytes | None], values: list[bytes]) -> Chunk:
@@ -436,9 +445,9 @@ def _scan_text(path: Path) -> TextScan:
     lines, plain, tail = 0, True, b""
     decoder = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            if not block.isascii():
-                pending = len(decoder.getstate()[0])
+        while block := handle.read(SCAN_BLOCK_BYTES):
+            pending = len(decoder.getstate()[0])  # a character cut by the previous block
+            if pending or not block.isascii():
                 try:
                     decoder.decode(block)
                 except UnicodeDecodeError as exc:
@@ -447,7 +456,9 @@ def _scan_text(path: Path) -> TextScan:
             if plain:
                 seen = tail + block  # a line start or `\r\n` may straddle two blocks
                 plain = not (
-                    (not tail and not block.split(b"\n", 1)[0].strip(WHITESPACE + b"\r"))  # no header on the first line
+                    (
+                        not tail and not block.removeprefix(UTF8_BOM).split(b"\n", 1)[0].strip(WHITESPACE + b"\r")
+                    )  # no header on the first line
                     or b'"' in block
                     or b"\x00" in block
                     or _lone_returns(seen, block)
@@ -497,7 +508,7 @@ def _check_json_lines(file: Path, name: str, key: str) -> None:
     fields: dict[str, None] = {}
     with open(file, "rb") as handle:
         for line in islice(filter(None, map(bytes.strip, handle)), SAMPLE_LINES):
-            if not fields and line.lstrip(b"\xef\xbb\xbf").startswith(b"["):
+            if not fields and line.removeprefix(UTF8_BOM).startswith(b"["):
                 raise KappaError(
                     f"{name} holds a JSON array, not JSON Lines (one object per line): convert it, for example "
                     f"with `jq -c '.[]' {name} > rows.jsonl`, and load that"
@@ -507,9 +518,20 @@ def _check_json_lines(file: Path, name: str, key: str) -> None:
                 if key in row:
                     return
                 fields.update(dict.fromkeys(map(str, row)))
-    if fields:
+    if fields and not _holds_text(file, orjson.dumps(key)):  # a later row may hold it (or a value: let it be)
         shown = ", ".join(list(fields)[:20])
-        raise KappaError(f"key field {key!r} is in none of the first rows of {name}; their fields are: {shown}")
+        raise KappaError(f"key field {key!r} is in none of the rows of {name}; their fields are: {shown}")
+
+
+def _holds_text(file: Path, text: bytes) -> bool:
+    """Whether the file's bytes hold `text` anywhere (blocks overlap by its length)."""
+    tail = b""
+    with open(file, "rb") as handle:
+        while block := handle.read(1 << 22):
+            if text in tail + block:
+                return True
+            tail = block[-len(text) :]
+    return False
 
 
 def open_source(path: str, key: str) -> Source:

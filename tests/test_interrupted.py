@@ -83,7 +83,7 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
 def test_a_batch_replay_killed_outright_shows_as_stopped_and_resumes(kappa, tmp_path):
     """kill -9 leaves the generation `running` in the registry with its builder gone: status
     said `[running, batch]` until `kappa gc`; it must say the replay stopped and how to go on."""
-    topic, rows = kappa.topic(), 60_000
+    topic, rows = kappa.topic(), 24_000
     path = tmp_path / "rows.csv"
     sample_frame(rows, 500, seed=23).to_csv(path, index=False)
     kappa.load(path, KEY, topic, partitions=4)

@@ -257,7 +257,7 @@ def resolve(
     """A definition from `kappa.toml`'s pipeline `name` (if given), with options overriding it.
 
     Returns (the pipeline name from the file or None, the definition)."""
-    entry: dict[str, Any] = dict(resolve_name_in(config, name)) if name is not None else {}
+    entry: dict[str, Any] = resolve_name_in(config, name) if name is not None else {}
     overrides = {"topic": topic, "key": key, "value": value, "window": window, "time": time, "time_unit": time_unit}
     entry.update({k: v for k, v in overrides.items() if v is not None})
     if entry.get("time_unit") not in (None, "s") and not entry.get("window"):

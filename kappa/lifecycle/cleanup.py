@@ -22,7 +22,7 @@ from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.lifecycle.children import heartbeats, read_supervisor_record
-from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, pipelines_under
+from kappa.lifecycle.generations import BUILDER_STATES, GenerationState, Registry, builder_alive, pipelines_under
 from kappa.lifecycle.guards import LogChanged, check_same_log
 from kappa.snapshots import parts
 
@@ -97,7 +97,7 @@ def finish_half_done_steps(settings: Settings, pipeline: str) -> list[str]:
 def abandoned(registry: Registry) -> list[tuple[int, dict]]:
     """Generations that stopped before becoming current and that nobody is computing (a
     replay killed outright leaves its generation running or building, with its builder gone)."""
-    states = (GenerationState.FAILED, GenerationState.RUNNING, GenerationState.BUILDING)
+    states = (GenerationState.FAILED, *BUILDER_STATES)
     return [(number, entry) for number, entry in registry.in_state(*states) if not builder_alive(entry)]
 
 
@@ -112,7 +112,7 @@ def resumed_from(settings: Settings, pipeline: str, generation: int, topic: str,
 
 def mark_failed(registry: Registry, generation: int, entry: dict) -> None:
     """An abandoned generation whose builder is gone is failed (if it was not marked so already)."""
-    if entry.get("state") in (GenerationState.RUNNING, GenerationState.BUILDING):
+    if entry.get("state") in BUILDER_STATES:
         registry.mark(generation, GenerationState.FAILED)
 
 
@@ -189,7 +189,7 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
         for number, entry in generations.items()
         if heartbeats(settings, pipeline, int(number))
         or admin.group_members(settings.broker, app_id(pipeline, int(number)))
-        or (entry.get("state") in (GenerationState.RUNNING, GenerationState.BUILDING) and builder_alive(entry))
+        or (entry.get("state") in BUILDER_STATES and builder_alive(entry))
     ]
     if running:
         raise KappaError(

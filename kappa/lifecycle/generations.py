@@ -46,6 +46,8 @@ ALLOWED: dict[GenerationState | None, set[GenerationState]] = {
     GenerationState.RETIRED: set(),
 }
 CURRENT_STATES = {GenerationState.LIVE, GenerationState.COMPLETE}
+# a replay's own process keeps its generation in these while it computes it (its `builder`)
+BUILDER_STATES = (GenerationState.RUNNING, GenerationState.BUILDING)
 
 
 def this_builder() -> dict:

@@ -96,10 +96,8 @@ def _floats(values: np.ndarray) -> pa.Array:
     infinite = np.isinf(values)
     if not infinite.any():
         return numbers
-    signs = np.where(values[infinite] > 0, b'"inf"', b'"-inf"')
-    texts = np.array(numbers.to_pylist(), dtype=object)
-    texts[infinite] = signs
-    return pa.array(texts, pa.binary())
+    signs = pa.array(np.where(values > 0, b'"inf"', b'"-inf"'), pa.binary())
+    return pc.if_else(pa.array(infinite), signs, numbers)
 
 
 def _nullable_integers(column: pd.Series) -> pa.Array:
@@ -121,21 +119,12 @@ def written_values(column: pd.Series) -> pa.Array | None:
     Inferring each column's type instead wrote `1.0` for the `1` of an integer column with a
     missing field, `1` for `01`, and both `1` and `1.0` in one file, chunk by chunk. Values
     stay JSON numbers wherever they can, since the worker reads those column-wise."""
-    if column.dtype.kind != "O":
-        return None
-    try:
-        texts = pa.array(column, from_pandas=True)  # NaN and None are null
-    except (pa.ArrowException, UnicodeError, OverflowError, TypeError):
-        return None
-    return written_texts(texts)
+    texts = arrow_text(column)
+    return None if texts is None else written_texts(texts)
 
 
 def written_texts(texts: pa.Array) -> pa.Array | None:
     """`written_values` of a column already read as Arrow text (null where missing)."""
-    if texts.type == pa.null():  # a column empty throughout the chunk: null, not the whole chunk row by row
-        texts = texts.cast(pa.string())
-    if texts.type != pa.string():
-        return None
     numbers = pc.fill_null(pc.match_substring_regex(texts, NUMBER_SHAPE), False)
     if pc.all(pc.or_(numbers, pc.is_null(texts))).as_py():
         return texts.cast(pa.binary()).fill_null(b"null")
@@ -157,20 +146,28 @@ def _numbers(values: np.ndarray) -> pa.Array:
     return pa.BinaryArray.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def _texts(column: pd.Series) -> pa.Array | None:
-    """The column's text quoted as JSON strings."""
-    try:
-        texts = pa.array(column, from_pandas=True)  # NaN and None are null
-    except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not text: left to orjson
+def arrow_text(column: pd.Series) -> pa.Array | None:
+    """An object column as Arrow text, NaN and None as null; None when it is not all text."""
+    if column.dtype.kind != "O":
         return None
-    return _quoted(texts)
+    try:
+        texts = pa.array(column, from_pandas=True)
+    except (pa.ArrowException, UnicodeError, OverflowError, TypeError):
+        return None
+    if texts.type == pa.null():  # nothing but missing values: null, not the whole chunk row by row
+        return texts.cast(pa.string())
+    return texts if texts.type == pa.string() else None
+
+
+def _texts(column: pd.Series) -> pa.Array | None:
+    """The column's text quoted as JSON strings; None when it is not text (left to orjson)."""
+    texts = arrow_text(column)
+    return None if texts is None else _quoted(texts)
 
 
 def _quoted(texts: pa.Array) -> pa.Array | None:
-    """Arrow text quoted as JSON strings; None when it is not text or holds a control character
-    orjson writes as `\\u00XX`."""
-    if texts.type != pa.string():
-        return None
+    """Arrow text quoted as JSON strings; None when it holds a control character orjson writes
+    as `\\u00XX`."""
     if _needs_escapes(texts):
         if pc.any(pc.match_substring_regex(texts, OTHER_CONTROL)).as_py():
             return None

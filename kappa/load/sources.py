@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from kappa.codec import json_object
 from kappa.errors import KappaError
-from kappa.load.json_rows import joined_objects, json_objects, written_texts, written_values
+from kappa.load.json_rows import arrow_text, joined_objects, json_objects, written_texts, written_values
 
 CHUNK_ROWS = 100_000
 SAMPLE_LINES = 1_000  # the JSON Lines read to check that rows hold the key field
@@ -122,10 +122,8 @@ def _batch_chunk(batch: pa.RecordBatch, key: str) -> Chunk:
     if any(column is None for column in texts):
         return _frame_chunk(batch.to_pandas(), key, as_written=True)
     objects = joined_objects(batch.schema.names, texts, batch.num_rows)
-    column = batch.column(batch.schema.get_field_index(key))
-    present = pc.fill_null(pc.greater(pc.binary_length(column), 0), False)
-    keys = pc.if_else(present, column, pa.scalar(None, pa.string())).cast(pa.binary())
-    return Chunk(keys.to_pylist(), objects.to_pylist(), _longest(objects) + _longest(keys))
+    keys, longest_key = _text_keys(batch.column(batch.schema.get_field_index(key)))
+    return Chunk(keys, objects.to_pylist(), _longest(objects) + longest_key)
 
 
 def _infinities_as_text(values: list) -> list:
@@ -150,17 +148,18 @@ def _longest_key(keys: list[bytes | None]) -> int:
 def _message_keys(column: pd.Series) -> tuple[list[bytes | None], int]:
     """Each row's key field as UTF-8 (None when missing or empty), text columns at once; and
     the longest one's bytes."""
-    if column.dtype.kind == "O":
-        try:
-            texts = pa.array(column, from_pandas=True)
-        except (pa.ArrowException, UnicodeError, OverflowError, TypeError):  # not all text: value by value
-            texts = None
-        if texts is not None and texts.type == pa.string():
-            present = pc.greater(pc.binary_length(texts), 0)
-            keys = pc.if_else(present, texts, pa.scalar(None, pa.string())).cast(pa.binary())
-            return keys.to_pylist(), _longest(keys)
-    keys = [_key_bytes(value) for value in column.tolist()]
+    texts = arrow_text(column)
+    if texts is not None:
+        return _text_keys(texts)
+    keys = [_key_bytes(value) for value in column.tolist()]  # not all text: value by value
     return keys, _longest_key(keys)
+
+
+def _text_keys(texts: pa.Array) -> tuple[list[bytes | None], int]:
+    """Arrow text as message keys, None where missing or empty; and the longest one's bytes."""
+    present = pc.fill_null(pc.greater(pc.binary_length(texts), 0), False)
+    keys = pc.if_else(present, texts, pa.scalar(None, pa.string())).cast(pa.binary())
+    return keys.to_pylist(), _longest(keys)
 
 
 def _timestamp_text(column: pa.Array) -> pa.Array:
@@ -410,6 +409,11 @@ def _count_lines(path: Path) -> int:
     return lines
 
 
+def _header_on_first_line(block: bytes) -> bool:
+    """Whether the file's first block starts with a line that is not blank (after a BOM)."""
+    return bool(block.removeprefix(UTF8_BOM).split(b"\n", 1)[0].strip(WHITESPACE + b"\r"))
+
+
 def _lone_returns(seen: bytes, block: bytes) -> bool:
     """A `\r` not followed by `\n` (one that ends `block` is judged with the next block)."""
     if b"\r" not in seen:
@@ -456,9 +460,7 @@ def _scan_text(path: Path) -> TextScan:
             if plain:
                 seen = tail + block  # a line start or `\r\n` may straddle two blocks
                 plain = not (
-                    (
-                        not tail and not block.removeprefix(UTF8_BOM).split(b"\n", 1)[0].strip(WHITESPACE + b"\r")
-                    )  # no header on the first line
+                    (not tail and not _header_on_first_line(block))
                     or b'"' in block
                     or b"\x00" in block
                     or _lone_returns(seen, block)
@@ -470,7 +472,6 @@ def _scan_text(path: Path) -> TextScan:
     except UnicodeDecodeError:
         return TextScan(lines, False, lines + 1)
     return TextScan(lines, plain and tail != b"\r")
-    return lines, plain
 
 
 def spool_stdin(directory: Path) -> Path:
@@ -527,7 +528,7 @@ def _holds_text(file: Path, text: bytes) -> bool:
     """Whether the file's bytes hold `text` anywhere (blocks overlap by its length)."""
     tail = b""
     with open(file, "rb") as handle:
-        while block := handle.read(1 << 22):
+        while block := handle.read(SCAN_BLOCK_BYTES):
             if text in tail + block:
                 return True
             tail = block[-len(text) :]

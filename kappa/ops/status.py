@@ -12,13 +12,11 @@ from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.kafka.availability import cluster_health
 from kappa.lifecycle.children import heartbeats, read_supervisor_record
-from kappa.lifecycle.generations import GenerationState, Registry, builder_alive, pipelines_under
+from kappa.lifecycle.generations import BUILDER_STATES, GenerationState, Registry, builder_alive, pipelines_under
 from kappa.lifecycle.guards import LogChanged, check_log_unchanged
 from kappa.pipeline import Definition
 from kappa.snapshots.snapshot import read_manifest
 
-# the states a replay's own process keeps a generation in while it computes it
-BUILT_BY_A_REPLAY = (GenerationState.RUNNING, GenerationState.BUILDING)
 # a process restarted this often within this window fails at every start: status says so
 CRASH_LOOP_RESTARTS = 3
 CRASH_LOOP_WINDOW_S = 60.0
@@ -95,7 +93,7 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
                 "lag": lag,
                 "total_lag": None if lag is None else sum(lag.values()),
                 "processes": _processes(settings, pipeline, int(number)),
-                "builder_gone": entry.get("state") in BUILT_BY_A_REPLAY and not builder_alive(entry),
+                "builder_gone": entry.get("state") in BUILDER_STATES and not builder_alive(entry),
                 "group_members": members,
             }
         )

@@ -131,6 +131,9 @@ ONE_SECOND = timedelta(seconds=1)
 UNIT_SECONDS = {"s": 1, "ms": 1000}
 # Python reads ISO week dates (2024-W09-5); pandas refuses them, so kappa rejects them too
 ISO_WEEK_DATE = re.compile(r"\s*[+-]?\d{4}-?W", re.IGNORECASE)
+# ISO 8601's reduced precisions, a year (`2024`) or a month (`2024-03`): pandas reads them as the
+# first moment of that year or month, and Python's fromisoformat refuses them
+YEAR_OR_MONTH = re.compile(r"(\d{4})(?:-(\d{2}))?")
 # the times Python's datetime holds, 0001-01-01T00:00:00 to 9999-12-31T23:59:59: an event time
 # outside them is rejected (nanoseconds read as seconds, say), as a snapshot could not show it
 FIRST_YEAR_SECOND, LAST_YEAR_SECOND = -62135596800, 253402300799
@@ -151,12 +154,21 @@ def event_second(field: Any, unit: str) -> int | None | str:
         if ISO_WEEK_DATE.match(field):
             return f"time {field[:40]!r} is an ISO week date, which pandas does not read: write the calendar date"
         try:
-            moment = datetime.fromisoformat(field.strip())
+            moment = _iso_moment(field.strip())
         except ValueError:
             return f"time {field[:40]!r} is not ISO 8601"
         # no offset means UTC: a naive time is measured from the naive epoch (no conversion)
         return (moment - (EPOCH_NAIVE if moment.tzinfo is None else EPOCH)) // ONE_SECOND
     return f"time is a JSON {type(field).__name__}, expected ISO 8601 text or epoch {unit}"
+
+
+def _iso_moment(text: str) -> datetime:
+    """ISO 8601 text as a datetime, read as pandas reads it: a reduced precision is the start of
+    its year or month, and a lowercase `z` (RFC 3339 allows it) is UTC as `Z` is."""
+    reduced = YEAR_OR_MONTH.fullmatch(text)
+    if reduced:
+        return datetime(int(reduced.group(1)), int(reduced.group(2) or 1), 1)
+    return datetime.fromisoformat(text[:-1] + "Z" if text[-2:-1].isdigit() and text.endswith("z") else text)
 
 
 def _time_out_of_range(row: dict, timestamp: int | None, shape: RowShape) -> str:

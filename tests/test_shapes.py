@@ -133,6 +133,24 @@ def test_event_time_parsing_rules():
     assert isinstance(event_second("03/01/2024", "s"), str) and isinstance(event_second(True, "s"), str)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["2024", "2024-03", " 2024-03 ", "2024-03-01", "20240301", "2024-03-01T10", "2024-03-01T10:00Z",
+     "2024-03-01t10:00:00", "2024-03-01T10:00:00z", "2024-03-01T10:00:00.5z", "2024-03-01 10:00:00+01",
+     "2024-03-01T10:00:00-05:30", "1969-12-31T23:59:59.999999", "2024-12-31T23:59:59.123456789"],
+)  # fmt: skip
+def test_every_iso_8601_text_pandas_reads_falls_in_the_second_pandas_gives(text):
+    """A reduced precision (`2024`, `2024-03`) or a lowercase `z` was rejected, where pandas reads
+    both: a window over such a column lost every row to the dead-letter topic."""
+    expected = pd.to_datetime(pd.Series([text]), utc=True)[0].floor("s")
+    assert event_second(text, "s") == int(expected.timestamp())
+
+
+@pytest.mark.parametrize("text", ["2024-13", "2024-00", "202", "20241", "2024-03-01T10:00:00zz", "2024-03-01z"])
+def test_a_text_that_only_looks_like_a_reduced_iso_date_is_rejected(text):
+    assert "is not ISO 8601" in event_second(text, "s")
+
+
 @pytest.mark.slow
 def test_live_equals_batch_with_late_records_from_an_outside_producer(kappa, tmp_path):
     topic = kappa.topic()

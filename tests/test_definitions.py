@@ -200,3 +200,27 @@ def test_a_worker_starts_on_a_log_that_holds_only_rejected_records(kappa):
         )
     finally:
         kill_group(worker)
+
+
+def test_a_generation_kept_with_keep_old_says_it_is_no_longer_read_until_gc_kept_deletes_it(kappa, tmp_path):
+    """A kept generation showed a lag that grew with every load, as if a worker were behind."""
+    topic = kappa.topic()
+    first, more = tmp_path / "first.csv", tmp_path / "more.csv"
+    sample_frame(2_000, 50, seed=5).to_csv(first, index=False)
+    sample_frame(500, 50, seed=6).to_csv(more, index=False)
+    kappa.load(first, "city", topic, partitions=2)
+    kappa.replay_batch(topic, "amount", "city")
+    kappa.replay_batch(topic, "amount", "city", "--keep-old")  # generation 2 replaces 1, which is kept
+    kappa.load(more, "city", topic, partitions=2)
+    status = kappa.run("status", "--pipeline", topic).stdout.decode()
+    kept = next(line for line in status.splitlines() if "generation 1 [" in line)
+    assert kept.startswith("  generation 1 [kept, batch, replaced: no longer read;"), status
+    assert "`kappa gc --kept` deletes it" in kept and "lag" not in kept, kept
+    assert "generation 2 [complete, batch] --value amount --key city, lag 500 " in status, status
+    assert (kappa.data_dir / "state" / topic / "g1").exists()
+    assert "nothing to clean" in kappa.run("gc", "--pipeline", topic).stdout.decode()
+    gc = kappa.run("gc", "--pipeline", topic, "--kept").stdout.decode()
+    assert "deleted generation 1 (replaced earlier and kept with --keep-old)" in gc, gc
+    assert not (kappa.data_dir / "state" / topic / "g1").exists()
+    assert registry(kappa, topic)["generations"]["1"]["state"] == "retired"
+    assert "generation 1 [" not in kappa.run("status", "--pipeline", topic).stdout.decode()

@@ -233,19 +233,23 @@ def render(status: dict) -> str:
             computes = "definition unknown"
             if recorded:
                 computes = " ".join(Definition.from_record(recorded).computation_args())
-            if gen["lag"] is None:
-                lag = "lag unknown"
+            if gen["state"] == GenerationState.KEPT:  # nothing reads it: its lag only grows, and means nothing
+                lag = ""
+            elif gen["lag"] is None:
+                lag = ", lag unknown"
             else:
                 per_partition = ", ".join(f"{p}:{lag}" for p, lag in gen["lag"].items())
-                lag = f"lag {gen['total_lag']:,} ({per_partition})"
+                lag = f", lag {gen['total_lag']:,} ({per_partition})"
             label = f"{gen['state']}, {gen['mode']}"
             if gen["state"] == GenerationState.COMPLETE and _followed_live(gen, pipe.get("worker")):
                 label += ", continued by a live worker"  # a batch replay built it; a worker tails it now
+            if gen["state"] == GenerationState.KEPT:
+                label += ", replaced: no longer read; `kappa gc --kept` deletes it"
             if gen.get("builder_gone"):  # killed outright: nothing marked it failed
                 label += ", stopped: the replay that built it is gone; run it again to resume, or `kappa gc`"
             if _untended(gen, pipe.get("worker")):
                 label += ", no worker runs it: `kappa worker` continues it"
-            lines.append(f"  generation {gen['generation']} [{label}] {computes}, {lag}")
+            lines.append(f"  generation {gen['generation']} [{label}] {computes}{lag}")
             for proc in gen["processes"]:
                 lines.append(
                     f"    process pid {proc['pid']} on {proc['host']}: partitions {proc['partitions']}, "

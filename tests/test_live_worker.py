@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -24,6 +25,8 @@ def test_rounds_while_running_match_pandas_each_time(kappa, live, tmp_path):
     kcat_round(kappa, worker, 3_000, seed=4)
     worker.assert_exact(tmp_path, KEY, VALUE)
     assert {len(beat["partitions"]) for beat in worker.heartbeats()} == {3}
+    said = worker.log.read_text()
+    assert re.search(r"kappa worker: tailing: all 6 partitions held by 2 process\(es\), [\d,]+ records behind", said)
     status = wait_for_status(kappa, worker.topic, lambda s: s["generations"][0]["total_lag"] == 0)
     generation = status["generations"][0]
     assert status["current_generation"] == 1 and status["partitions"] == 6

@@ -28,6 +28,7 @@ from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageR
 from kappa.lifecycle.children import (
     Child,
     SupervisorRecord,
+    heartbeats,
     spawn_process,
     stop_children,
     supervisor_record_path,
@@ -156,6 +157,7 @@ class Supervisor:
         self._data_dir_claim: IO | None = None
         self.outages: OutageReporter | None = None
         self.log_watch = LogWatch(settings, pipeline, definition.topic)
+        self._ready_said_for: int | None = None  # the generation whose processes were said to hold every partition
         self.record = SupervisorRecord(
             os.getpid(),
             socket.gethostname(),
@@ -221,6 +223,7 @@ class Supervisor:
                     next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 1.0
+                    self._say_when_ready(generation, partitions)
                     followed = self._follow_switch(generation)
                     if followed is not None:
                         generation = followed
@@ -243,6 +246,30 @@ class Supervisor:
         )
         print(f"kappa worker: stopped; {where}")
         return 0
+
+    def _say_when_ready(self, generation: int, partitions: int) -> None:
+        """Once per generation, when its processes' heartbeats cover every partition: how many
+        processes hold them and how far the generation is behind the log. Without it a worker
+        said nothing between its first line and the first snapshot, which on a big table, or a
+        log with no new records, could be minutes."""
+        if self._ready_said_for == generation:
+            return
+        beats = heartbeats(self.settings, self.pipeline, generation)
+        if len({partition for beat in beats for partition in beat.get("partitions", ())}) < partitions:
+            return
+        self._ready_said_for = generation
+        try:
+            ends = admin.end_offsets(self.settings.broker, self.definition.topic, partitions)
+            group = app_id(self.pipeline, generation)
+            committed = admin.committed_offsets(self.settings.broker, group, self.definition.topic, partitions)
+            behind = f"{sum(max(end - (committed.get(p) or 0), 0) for p, end in ends.items()):,} records behind the log"
+        except KappaError:
+            behind = "how far behind the log unknown (the broker did not answer)"
+        print(
+            f"kappa worker: tailing: all {partitions} partitions held by {len(beats)} process(es), {behind}; "
+            f"a snapshot is published every {self.interval:g}s while records arrive",
+            flush=True,
+        )
 
     def _follow_switch(self, generation: int) -> int | None:
         """When a replay has made another generation current, move this worker's processes to it."""

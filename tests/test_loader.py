@@ -3,8 +3,11 @@ interrupted; topic names, partition counts, dates and tab-separated files are ha
 
 from __future__ import annotations
 
+import bz2
 import datetime as dt
+import gzip
 import json
+import lzma
 import math
 import os
 import random
@@ -12,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import orjson
@@ -236,6 +240,15 @@ def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):
     copy = tmp_path / "same-bytes-other-name.csv"
     copy.write_bytes(path.read_bytes())
     kappa.load(copy, KEY, topic, partitions=2)
+    assert messages_on(kappa.broker, topic) == 2 * rows
+    # the same file compressed is the same content: its rows were sent a second time
+    for compressed, opener in (("rows.csv.gz", gzip.open), ("rows.csv.bz2", bz2.open), ("rows.csv.xz", lzma.open)):
+        with opener(tmp_path / compressed, "wb") as handle:
+            handle.write(path.read_bytes())
+        assert "already loaded" in kappa.load(tmp_path / compressed, KEY, topic, partitions=2).stdout.decode()
+    with zipfile.ZipFile(tmp_path / "rows.csv.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("rows.csv", path.read_bytes())
+    assert "already loaded" in kappa.load(tmp_path / "rows.csv.zip", KEY, topic, partitions=2).stdout.decode()
     assert messages_on(kappa.broker, topic) == 2 * rows
 
 

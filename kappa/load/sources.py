@@ -9,17 +9,22 @@ in the message key and in the JSON row alike; CSV and JSON Lines text stays as w
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import hashlib
+import lzma
 import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import orjson
@@ -56,6 +61,25 @@ UTF8_BOM = b"\xef\xbb\xbf"
 SCAN_BLOCK_BYTES = 4 << 20  # `_scan_text` reads the file in blocks this long
 WHITESPACE_BYTES, NEWLINE = np.frombuffer(WHITESPACE, dtype=np.uint8), ord("\n")
 COMPRESSED_TEXT = (".gz", ".bz2", ".xz", ".zst", ".zip")  # pandas reads these for CSV and TSV
+
+
+@contextmanager
+def _decompressed(path: Path) -> Iterator[IO[bytes]]:
+    """The bytes pandas reads from `path`: decompressed by its suffix as pandas infers it (a
+    `.zip` of one member), else as they are (`.zst` too: pandas reads it only with zstandard)."""
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+            if len(members) == 1:
+                with archive.open(members[0]) as member:
+                    yield member
+                return
+    opener: Callable[[Path], IO[bytes]] = {".gz": gzip.GzipFile, ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}.get(
+        suffix, lambda name: open(name, "rb")
+    )
+    with opener(path) as handle:
+        yield handle
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -214,9 +238,10 @@ class Source:
     checked_rows: int | None = None  # the rows `check` read
 
     def fingerprint(self) -> str:
-        """sha256 of the file's bytes: the same content is the same load, whatever its name."""
+        """sha256 of the file's content: the same content is the same load, whatever its name,
+        and whether or not it is compressed (a CSV loaded again as `.csv.gz` sent every row twice)."""
         digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
+        with _decompressed(self.path) as handle:
             while block := handle.read(1 << 22):
                 digest.update(block)
         return digest.hexdigest()

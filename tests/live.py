@@ -50,7 +50,7 @@ class LiveWorker:
             time.sleep(0.3)
         raise AssertionError(f"snapshot never caught up to {ends}; last manifest {manifest}\n{self.log.read_text()}")
 
-    def assert_exact(self, tmp_path: Path, key: str, value: str, running: bool = True) -> None:
+    def assert_exact(self, tmp_path: Path, key: str, value: str, running: bool = True, generation: int = 1) -> None:
         manifest = self.wait_caught_up(timeout=180 if running else 5, running=running)
         everything = tmp_path / "so-far.csv"
         pd.concat(self.rows, ignore_index=True).to_csv(everything, index=False)
@@ -60,7 +60,7 @@ class LiveWorker:
         assert_matches(csv_table, expected)
         assert_matches(parquet_table, expected)
         assert latest["records"]["counted"] == int(expected["count"].sum())
-        assert manifest["generation"] == 1
+        assert manifest["generation"] == generation
 
     def stop(self, timeout: float = 90) -> int:
         """SIGTERM, as an operator would; returns the exit code and checks no child is left."""

@@ -18,7 +18,7 @@ import pytest
 
 from kappa.engine.names import app_id
 from kappa.kafka import broker as embedded
-from kappa.kafka.admin import ensure_topic
+from kappa.kafka.admin import committed_offsets, ensure_topic
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, free_port, read_heartbeats, wait_until
 from tests.live import kill_group, load_round, start_worker
@@ -187,11 +187,13 @@ def test_unwritable_snapshot_dir_keeps_latest_and_recovers(kappa, live, tmp_path
     assert worker.stop() == 0
 
 
-def test_broker_stopped_for_30s_during_live_tailing(kappa, tmp_path):
-    """A private broker, so stopping it cannot disturb other tests; same port on restart."""
+def test_broker_stopped_for_30s_during_live_tailing_and_a_replay_beside_it(kappa, tmp_path):
+    """A private broker, so stopping it cannot disturb other tests; same port on restart. A replay
+    beside live, paced to be midway when the broker goes, says why it waits and then switches."""
     broker_dir = tmp_path / "private-broker"
     port = free_port()
     private = dataclasses.replace(kappa, broker=embedded.start(broker_dir, port))
+    replay: subprocess.Popen | None = None
     try:
         topic = private.topic()
         ensure_topic(private.broker, topic, 4)
@@ -201,17 +203,36 @@ def test_broker_stopped_for_30s_during_live_tailing(kappa, tmp_path):
             load_round(private, worker, tmp_path, 3_000, seed=150)
             worker.wait_caught_up()
             load_round(private, worker, tmp_path, 3_000, seed=151)  # still in flight when the broker goes
+            paced = private.paced_replay_env(app_id(topic, 2), 40_000)  # about 10 s for the log's 6,000 rows
+            replay_log = tmp_path / "replay.log"
+            with open(replay_log, "wb") as output:
+                command = ["scripts/replay", "--topic", topic, "--value", VALUE, "--key", KEY, "--processes", "1"]
+                replay = subprocess.Popen([*command, *private.args()], stdout=output, stderr=subprocess.STDOUT,
+                                          env=paced, cwd=REPO, start_new_session=True)  # fmt: skip
+
+            def midway() -> bool:
+                committed = committed_offsets(private.broker, app_id(topic, 2), topic, 4)
+                return replay.poll() is not None or sum(offset or 0 for offset in committed.values()) >= 500
+
+            assert wait_until(midway, 120, interval=0.1) and replay.poll() is None, replay_log.read_text()
             embedded.stop(broker_dir)
             time.sleep(30)
             assert worker.process.poll() is None, f"the worker gave up:\n{worker.log.read_text()}"
+            assert replay.poll() is None, f"the replay gave up:\n{replay_log.read_text()}"
             embedded.start(broker_dir, port)
+            assert replay.wait(timeout=240) == 0, replay_log.read_text()
+            said = replay_log.read_text()
+            assert "replay: no Kafka broker answers" in said and "generation 2 of" in said, said
             load_round(private, worker, tmp_path, 2_000, seed=152)
-            worker.assert_exact(tmp_path, KEY, VALUE)
+            worker.assert_exact(tmp_path, KEY, VALUE, generation=2)  # the worker followed the replay's switch
             restarts = worker.log.read_text().count("restarting")
             assert restarts <= 2, f"{restarts} process restarts: a crash loop\n{worker.log.read_text()}"
             assert worker.log.read_text().count("Unable connect") < 100, "client errors are folded, not spammed"
             assert worker.stop() == 0
         finally:
             kill_group(worker)
+            if replay is not None and replay.poll() is None:
+                os.killpg(replay.pid, signal.SIGKILL)
+                replay.wait()
     finally:
         embedded.stop(broker_dir)

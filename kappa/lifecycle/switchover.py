@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kappa.config import Settings
+from kappa.engine.names import changelog_topic
 from kappa.errors import KappaError
+from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
 from kappa.lifecycle.children import (
     Child,
     Standby,
@@ -163,6 +165,9 @@ def run_beside(
     publisher = Publisher(settings, pipeline, definition, generation, partitions, force=force)
     line = ProgressLine(plain_every=5.0)
     span = AppliedSpan()
+    topics = [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)]
+    outages = ReporterThread(OutageReporter(LeaderWatch(settings.broker, topics), "replay"))
+    outages.start()  # its processes ride an outage out quietly: the line that says why is printed here
     try:
         path = _catch_up_and_switch(
             settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition, span
@@ -174,6 +179,7 @@ def run_beside(
         registry.mark(generation, GenerationState.FAILED)
         raise
     finally:
+        outages.stop()
         line.finish()
         stop_children(children)
     previous = current if current != generation else None
@@ -241,6 +247,8 @@ def _give_up_if_failing(exits: dict[int, list[float]], child: Child, pipeline: s
     """Raise once a process has exited GIVE_UP_EXITS times within GIVE_UP_WINDOW_S: one that
     failed at every start (in the trial, on a reject its dead-letter topic had no partition
     for) was restarted every second, with its traceback, until the user stopped the replay."""
+    if outage_recent(CLIENT_ERRORS_AFTER_S):
+        return  # a process that cannot reach the cluster is no sign that it fails at every start
     now = time.monotonic()
     recent = [when for when in exits.get(child.index, []) if now - when < GIVE_UP_WINDOW_S] + [now]
     exits[child.index] = recent

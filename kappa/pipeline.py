@@ -50,6 +50,12 @@ def split_fields(text: str | Sequence[str] | None, option: str) -> tuple[str, ..
         raise KappaError(f"{option} {text!r} names an empty field; separate field names with commas, as a,b")
     if len(set(names)) != len(names):
         raise KappaError(f"{option} {text!r} names a field twice")
+    for name in names:
+        if "," in name:  # definitions are recorded, and passed to worker processes, as `a,b`
+            raise KappaError(
+                f"{option} field {name!r} holds a comma, which kappa puts between field names: rename the "
+                "field (for a CSV, its header) before loading it"
+            )
     return tuple(names)
 
 

@@ -161,6 +161,15 @@ def test_a_definition_is_shown_as_the_options_that_give_it(time, unit, shown):
     assert again == definition and again.to_record() == definition.to_record()
 
 
+def test_a_field_name_with_a_comma_from_kappa_toml_is_refused(tmp_path):
+    """Definitions are recorded and passed to worker processes as `a,b`: a field named `a,b` in
+    kappa.toml's key list became two fields, `a` and `b`, in every process it was passed to."""
+    config = tmp_path / "kappa.toml"
+    config.write_text('[pipelines.trips]\ntopic = "t"\nkey = ["city", "zone,area"]\nvalue = ["fare"]\n')
+    with pytest.raises(KappaError, match=r"--key field 'zone,area' holds a comma, which kappa puts between field"):
+        resolve("trips", config, topic=None, key=None, value=None, window=None, time=None, time_unit=None)
+
+
 def test_a_time_unit_without_a_window_is_refused():
     """`--time-unit ms` without --window was accepted and did nothing, while --time without
     --window is refused."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import datetime as dt
 import gzip
+import hashlib
 import json
 import lzma
 import math
@@ -24,6 +25,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from kappa.kafka import admin
+from kappa.load.ledger import COMPLETE, LedgerEntry, LedgerWriter, load_id
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, kappa_command, wait_until
 from tests.oracle import assert_matches, read_latest
@@ -250,6 +252,16 @@ def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):
         archive.writestr("rows.csv", path.read_bytes())
     assert "already loaded" in kappa.load(tmp_path / "rows.csv.zip", KEY, topic, partitions=2).stdout.decode()
     assert messages_on(kappa.broker, topic) == 2 * rows
+
+    # a load before 2026-12-07 recorded a compressed file by the hash of its bytes as they are
+    other = kappa.topic()
+    admin.ensure_topic(kappa.broker, other, 2)
+    recorded = hashlib.sha256((tmp_path / "rows.csv.gz").read_bytes()).hexdigest()
+    topic_id = admin.topic_id(kappa.broker, other)
+    earlier = LedgerEntry(load_id(recorded, 1), recorded, 1, "rows.csv.gz", KEY, topic_id, COMPLETE, {0: 0, 1: 0})
+    LedgerWriter(kappa.broker, other).write(earlier)
+    assert "already loaded" in kappa.load(tmp_path / "rows.csv.gz", KEY, other, partitions=2).stdout.decode()
+    assert messages_on(kappa.broker, other) == 0
 
 
 def test_the_same_lines_on_stdin_are_loaded_once(kappa):

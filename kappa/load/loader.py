@@ -230,11 +230,12 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
     """Resume this file's unfinished load if there is one; else report it as loaded (the
     complete entry is returned) unless `again`; else record the start of a new occurrence."""
     fingerprint = source.fingerprint()
+    known_as = {fingerprint, source.earlier_fingerprint()}
     topic_id = admin.topic_id(settings.broker, topic)
     entries = [
         entry
         for entry in read_ledger(settings.broker, topic)
-        if entry.fingerprint == fingerprint and entry.topic_id == topic_id
+        if entry.fingerprint in known_as and entry.topic_id == topic_id
     ]
     unfinished = [entry for entry in entries if entry.state == STARTED]
     if unfinished:

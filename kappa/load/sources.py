@@ -63,6 +63,13 @@ WHITESPACE_BYTES, NEWLINE = np.frombuffer(WHITESPACE, dtype=np.uint8), ord("\n")
 COMPRESSED_TEXT = (".gz", ".bz2", ".xz", ".zst", ".zip")  # pandas reads these for CSV and TSV
 
 
+def _sha256(handle: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while block := handle.read(1 << 22):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 @contextmanager
 def _decompressed(path: Path) -> Iterator[IO[bytes]]:
     """The bytes pandas reads from `path`: decompressed by its suffix as pandas infers it (a
@@ -240,11 +247,16 @@ class Source:
     def fingerprint(self) -> str:
         """sha256 of the file's content: the same content is the same load, whatever its name,
         and whether or not it is compressed (a CSV loaded again as `.csv.gz` sent every row twice)."""
-        digest = hashlib.sha256()
         with _decompressed(self.path) as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
-        return digest.hexdigest()
+            return _sha256(handle)
+
+    def earlier_fingerprint(self) -> str | None:
+        """What a load before 2026-12-07 recorded for a compressed file (sha256 of its bytes as
+        they are), so that one is still known as loaded; None for a file that is not compressed."""
+        if not self.path.name.lower().endswith(COMPRESSED_TEXT):
+            return None
+        with open(self.path, "rb") as handle:
+            return _sha256(handle)
 
     def chunks(self) -> Iterator[Chunk]:
         """Every row in file order, in chunks; the n-th row is row n on every read."""

@@ -3,8 +3,9 @@
 The durability order of the hot path, in one place (the idea of Quix Streams'
 `PartitionTransaction` and Kafka Streams' change-logging store):
 
-1. `write`, per source partition: the changed entries are queued on the changelog, then
-   stored in that partition's RocksDB database (tables.writer explains that order);
+1. `write`, per source partition: the changed entries are queued on the changelog, the
+   partition's stats entry last, then stored in that partition's RocksDB database
+   (tables.writer explains that order, `_stats_last` why the stats entry comes last);
 2. `make_durable`: the dead letters this batch produced and every queued changelog record
    are on the broker, and each changelog partition's last offset is stored for recovery;
 3. `committable`: only now the source offsets this batch reached may be committed, so a
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 
+from tables.grouped_mean import STATS_KEY
 from tables.writer import TableWriter
 
 
@@ -50,7 +52,7 @@ class BatchTransaction:
         """Store a partition's changed entries; `next_offset` is where its source stands after them."""
         self._require(TransactionState.OPEN, "write to")
         try:
-            await self.writer.write(partition, entries)
+            await self.writer.write(partition, _stats_last(entries))
         except BaseException:
             self.state = TransactionState.FAILED
             raise
@@ -72,3 +74,21 @@ class BatchTransaction:
         """Source partition -> next offset, safe to commit now that the batch is durable."""
         self._require(TransactionState.DURABLE, "commit")
         return dict(self.next_offsets)
+
+
+def _stats_last(entries: Mapping[bytes, bytes]) -> Mapping[bytes, bytes]:
+    """The entries with the partition's stats entry, whose next offset says which records the
+    others include, queued after all of them.
+
+    A stop can cut the queueing short between two changelog record batches, and the changelog
+    then holds a prefix of the entries. A prefix without the stats entry is harmless: the
+    records come again and each group skips those its own offsets say it holds. A prefix with
+    it lost records: the write-back cache (tables.cache) keeps the stats entry where its first
+    delivery put it, before the groups of later deliveries, and a batch replay stopped with
+    Ctrl-C and run again resumed past records whose groups the changelog never got (about 5%
+    of a 1M-record replay, with exit 0 and every record said counted)."""
+    if STATS_KEY not in entries or (isinstance(entries, dict) and next(reversed(entries)) == STATS_KEY):
+        return entries
+    ordered = dict(entries)
+    ordered[STATS_KEY] = ordered.pop(STATS_KEY)
+    return ordered

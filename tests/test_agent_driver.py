@@ -275,3 +275,22 @@ def test_a_delivery_that_starts_with_a_marker_follows_on_and_is_applied_not_rewo
         count, total = expected.get(key, (0, 0.0))
         expected[key] = (count + 1, total + value)
     assert table_sums(driver, 0) == expected
+
+
+def test_a_stop_while_the_cache_is_written_never_leaves_the_changelog_with_stats_ahead_of_groups(make_driver):
+    """The cache kept the stats entry where the first delivery put it, before the groups later
+    deliveries added. A stop between two changelog record batches then left a changelog whose
+    stats said every record was applied while groups were missing: a batch replay stopped with
+    Ctrl-C and run again lost about 5% of 1M records, with exit 0 and all said counted."""
+    driver = make_driver(partitions=1, batch_capacity=3, stop_at={0: 20})
+    driver.feed(0, records(0, 2))  # c0 and c1, then the stats entry
+    driver.producer.cancel_at = driver.producer.sends + 2  # the flush's second record batch
+    with pytest.raises(asyncio.CancelledError):
+        driver.feed(0, records(2, 18))  # c2..c5 are new, and the partition reaches its stop: the flush
+    # the replay runs again: each partition restored from its changelog, read from what its stats say
+    driver.restore_from_changelog(0)
+    driver.producer.cancel_at = None
+    resumed_from = driver.stats(0).next_offset
+    driver.feed(0, records(resumed_from, 20 - resumed_from))
+    assert table_sums(driver, 0) == expected_sums(20) and driver.stats(0).counted == 20
+    assert changelog_keys(driver, 0)[-1] == STATS_KEY

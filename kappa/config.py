@@ -41,6 +41,17 @@ class Settings:
             replication_factor=_replication_factor(replication_factor),
         )
 
+    def require_usable_dirs(self) -> None:
+        """Refuse, before anything is built, a --data-dir or --snapshot-dir that cannot be made or
+        written: a replay given a file as its snapshot dir failed with a traceback, and recorded a
+        generation as running that never ran."""
+        for option, directory in (("--data-dir", self.data_dir), ("--snapshot-dir", self.snapshot_dir)):
+            existing = next(path for path in (directory, *directory.parents) if path.exists())
+            if not existing.is_dir():
+                raise KappaError(f"{option} {directory} cannot be made: {existing} is a file, not a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise KappaError(f"{option} {directory} cannot be written: {existing} does not let this user write")
+
     def state_dir(self, pipeline: str, generation: int) -> Path:
         """One RocksDB home per (pipeline, generation): generations never share state."""
         return self.data_dir / "state" / pipeline / f"g{generation}"

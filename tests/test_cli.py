@@ -29,6 +29,30 @@ def test_unreachable_broker_is_one_clear_line(tmp_path):
     assert len(lines) == 1 and "cannot reach the Kafka broker" in lines[0] and "kappa kafka start" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["replay", "--batch"], ["replay", "--processes", "1"], ["worker"]],
+    ids=["batch replay", "replay beside live", "worker"],
+)
+@pytest.mark.parametrize("unusable", ["--data-dir", "--snapshot-dir"])
+def test_a_data_or_snapshot_dir_under_a_file_is_one_clear_line_and_nothing_is_recorded(kappa, tmp_path, command,
+                                                                                        unusable):  # fmt: skip
+    """It was a NotADirectoryError traceback, and a replay recorded a generation as running that never ran."""
+    topic = kappa.topic()
+    ensure_topic(kappa.broker, topic, 1)
+    (tmp_path / "afile").write_text("")
+    dirs = {"--data-dir": tmp_path / "data", "--snapshot-dir": tmp_path / "snapshots"}
+    dirs[unusable] = tmp_path / "afile" / "dir"
+    where = [item for option, path in dirs.items() for item in (option, str(path))]
+    definition = ["--topic", topic, "--value", "v", "--key", "k"]
+    result = kappa_cli(*command, *definition, "--broker", kappa.broker, *where)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"kappa: error: {unusable} {dirs[unusable]} cannot be made: {tmp_path / 'afile'} is a file, not a directory"
+    ]
+    assert not (tmp_path / "snapshots").exists() and not (tmp_path / "data").exists()
+
+
 def test_missing_key_column_names_the_columns(kappa, tmp_path):
     data = tmp_path / "rows.csv"
     data.write_text("city,amount\nx,1\n")

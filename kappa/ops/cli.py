@@ -32,14 +32,19 @@ def _common() -> argparse.ArgumentParser:
     return parent
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_args(args.broker, args.data_dir, args.snapshot_dir, args.replication_factor)
+def _settings(args: argparse.Namespace, writes: bool = False) -> Settings:
+    """The settings; `writes`: a command that writes under --data-dir or --snapshot-dir, refused
+    at once when either cannot be made or written."""
+    settings = Settings.from_args(args.broker, args.data_dir, args.snapshot_dir, args.replication_factor)
+    if writes:
+        settings.require_usable_dirs()
+    return settings
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
     from kappa.kafka import broker
 
-    settings = _settings(args)
+    settings = _settings(args, writes=args.action == "start")
     if args.action == "start":
         address = broker.start(settings.data_dir, args.port, sasl=args.sasl, nodes=args.nodes)
         count = broker.recorded_nodes(settings.data_dir)
@@ -116,12 +121,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
             # its processes import their libraries while this one imports its own and checks the log
             standby = start_standby(args.processes)
             try:
+                _settings(args, writes=True)
                 pipeline, definition = _definition(args)
                 return _replay_beside(args, pipeline, definition, standby)
             finally:
                 stop_standby(standby)  # those that got work are the replay's to stop, and are gone by now
     pipeline, definition = _definition(args)
-    settings = _settings(args)
+    settings = _settings(args, writes=True)
     if args.timeout is not None and args.timeout <= 0:
         raise KappaError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
     from kappa.lifecycle.guards import preflight
@@ -177,7 +183,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _require_processes(args)
     pipeline, definition = _definition(args)
     supervisor = Supervisor(
-        _settings(args), pipeline, definition, args.processes, args.snapshot_interval, args.loglevel
+        _settings(args, writes=True), pipeline, definition, args.processes, args.snapshot_interval, args.loglevel
     )
     return supervisor.run()
 

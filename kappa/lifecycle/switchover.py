@@ -178,6 +178,15 @@ def run_beside(
         delete_generation_state(settings, pipeline, generation)
         registry.mark(generation, GenerationState.FAILED)
         raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kappa.processes.sigterm_interrupts)
+        line.finish()
+        print(
+            f"replay: stopped; generation {generation}'s state is kept: run the same replay again to resume it, "
+            f"or `kappa gc --pipeline {pipeline}` to delete it",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
     finally:
         outages.stop()
         line.finish()

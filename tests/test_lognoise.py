@@ -76,6 +76,7 @@ def test_the_reports_of_a_rebalance_after_a_process_died_are_logged_at_info(capl
             "OffsetCommit failed for group %s due to group error (%s), will rejoin", "kappa-p-g1", "IllegalGeneration"
         )
         timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.commit_pending", 1.0, 2.5)
+        timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.trips.parts", 0.1, 0.18)
         timers.warning("Timer %s is overlapping (interval=%r runtime=%r)", "kappa.watch", 1.0, 2.5)  # a blocked loop
         coordinator.error("OffsetCommit failed for group %s - %s", "kappa-p-g1", "another error")
         coordinator.warning("Marking the coordinator dead (node %s)for group %s.", 1, "kappa-p-g1")  # a clean stop

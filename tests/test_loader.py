@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, TopicPartition
 from kappa.kafka import admin
 from kappa.load.ledger import COMPLETE, LedgerEntry, LedgerWriter, load_id
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, kappa_command, wait_until
+from tests.helpers import REPO, free_port, kappa_command, wait_until
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -799,3 +799,18 @@ def test_json_lines_whose_key_field_comes_later_are_loaded(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"a": 1}\n' * SAMPLE_LINES + b'{"a": 2, "k": "x"}\n')
     assert open_source(str(path), "k").estimated_rows == SAMPLE_LINES + 1
+
+
+def test_the_progress_line_counts_rows_the_broker_acknowledged_not_rows_queued():
+    """With the broker gone the line reached 100% while every row waited in librdkafka's queue."""
+    from confluent_kafka import Producer
+
+    from kappa.load.loader import acknowledged
+
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "message.timeout.ms": 60_000})
+    for number in range(5):
+        producer.produce("nowhere", value=b"{}", key=str(number).encode())
+    assert acknowledged(producer, 5, 0) == 0
+    producer.purge()  # each purged message is reported as failed: acknowledged stays 0
+    producer.flush(5)
+    assert len(producer) == 0 and acknowledged(producer, 5, 5) == 0

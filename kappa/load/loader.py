@@ -339,40 +339,40 @@ class Sent:
 
 
 def _send(
-    producer: Producer, topic: str, source: Source, plan: Plan, errors: DeliveryErrors, sent: Sent, stop: StopRequest
+    producer: Producer,
+    topic: str,
+    source: Source,
+    plan: Plan,
+    errors: DeliveryErrors,
+    sent: Sent,
+    stop: StopRequest,
+    show: Callable[[], None] = lambda: None,
 ) -> bool:
     """Produce every row the log lacks, in file order, counting into `sent`; True when every row
     was read. Stops early on the first delivery error or when `stop` is requested (checked
-    every `POLL_EVERY` rows, and while librdkafka's queue is full)."""
-    line = ProgressLine()
-    total = plan.total if plan.total is not None else source.estimated_rows
-    to_send = total - plan.on_log.count if total is not None else None
+    every `POLL_EVERY` rows, and while librdkafka's queue is full); `show` updates the progress."""
     prefix = header_prefix(plan.entry.load_id)
-    try:
-        for chunk in source.chunks():
-            first = sent.rows
-            sent.rows += len(chunk.values)
-            rows = sent.too_large.keep_fitting(chunk, first, _rows_to_send(plan.on_log, first, len(chunk.values)))
-            position = 0
-            while position < len(rows):
-                # up to the next multiple of POLL_EVERY rows produced, counted across chunks
-                some = rows[position : position + POLL_EVERY - sent.produced % POLL_EVERY]
-                try:
-                    produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop)
-                except ProduceFailed as failed:
-                    sent.produced += failed.produced  # handed over before the failure: delivered or failed
-                    raise
-                sent.produced += produced
-                position += len(some)
-                if produced < len(some):
+    for chunk in source.chunks():
+        first = sent.rows
+        sent.rows += len(chunk.values)
+        rows = sent.too_large.keep_fitting(chunk, first, _rows_to_send(plan.on_log, first, len(chunk.values)))
+        position = 0
+        while position < len(rows):
+            # up to the next multiple of POLL_EVERY rows produced, counted across chunks
+            some = rows[position : position + POLL_EVERY - sent.produced % POLL_EVERY]
+            try:
+                produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop)
+            except ProduceFailed as failed:
+                sent.produced += failed.produced  # handed over before the failure: delivered or failed
+                raise
+            sent.produced += produced
+            position += len(some)
+            if produced < len(some):
+                return False
+            if sent.produced % POLL_EVERY == 0:
+                show()
+                if errors.count or stop.requested:
                     return False
-                if sent.produced % POLL_EVERY == 0:
-                    line.update(sent.produced, to_send, label=f"load {topic}")
-                    if errors.count or stop.requested:
-                        return False
-        line.update(sent.produced, sent.produced, label=f"load {topic}")  # the exact count, not the estimate
-    finally:
-        line.finish()
     return True
 
 
@@ -446,7 +446,15 @@ def _produce_from(
     return len(values) - start
 
 
-def _drain(producer: Producer, stop: StopRequest, seconds: float) -> int:
+def acknowledged(producer: Producer, produced: int, failed: int) -> int:
+    """Of `produced` messages handed to librdkafka, those the broker has acknowledged: what the
+    progress line counts. It counted those handed over, and with the broker gone it reached
+    100% while the rows waited in librdkafka's queue until they timed out. librdkafka's length
+    also counts reports not yet served (an error event, say), so it can pass `produced`."""
+    return max(produced - len(producer) - failed, 0)
+
+
+def _drain(producer: Producer, stop: StopRequest, seconds: float, show: Callable[[], None]) -> int:
     """Wait up to `seconds` for every message to be acknowledged or failed; returns how many are
     neither. A Ctrl-C (or SIGTERM) drops the messages still queued; a second stops waiting for those in flight."""
     deadline = time.monotonic() + seconds
@@ -458,6 +466,7 @@ def _drain(producer: Producer, stop: StopRequest, seconds: float) -> int:
         unsent = producer.flush(0.5)
         if unsent == 0 or time.monotonic() >= deadline:
             return unsent
+        show()
 
 
 def _interrupted(source: Source, topic: str, on_log: int, unsure: int, reason: str) -> KappaError:
@@ -505,14 +514,26 @@ def _load(
     sent = Sent(too_large)
     flush_s = DELIVERY_TIMEOUT_S + 30
     stop = StopRequest()
+    total = plan.total if plan.total is not None else source.estimated_rows
+    to_send = total - plan.on_log.count if total is not None else None
+    line = ProgressLine()
+
+    def show() -> None:
+        line.update(acknowledged(producer, sent.produced, errors.count), to_send, label=f"load {topic}")
+
     with stop.handling():
         failure: KappaError | None = None
-        with DeliveryPoller(producer):
-            try:
-                finished = _send(producer, topic, source, plan, errors, sent, stop)
-            except KappaError as exc:  # what was handed to librdkafka is still delivered, and counted
-                finished, failure = False, exc
-        unsent = _drain(producer, stop, flush_s)
+        try:
+            with DeliveryPoller(producer):
+                try:
+                    finished = _send(producer, topic, source, plan, errors, sent, stop, show)
+                except KappaError as exc:  # what was handed to librdkafka is still delivered, and counted
+                    finished, failure = False, exc
+            unsent = _drain(producer, stop, flush_s, show)
+            if finished and not unsent and not errors.count:
+                line.update(sent.produced, sent.produced, label=f"load {topic}")  # the exact count, not the estimate
+        finally:
+            line.finish()
     if errors.count or unsent or not finished:
         timed_out = f"{unsent:,} messages unacknowledged after {flush_s}s"
         reason = str(failure) if failure else stop.reason or errors.first or timed_out

@@ -111,8 +111,21 @@ def test_client_outage_noise_is_held_back_only_during_an_outage():
         availability.mark_outage(False)
         availability._Recent.ended_at = None
     assert held_back.filter(stall) and held_back.filter(connect)
+    # what aiokafka said in the first second of an outage, before the watch's first check
+    first_second = [
+        record("aiokafka", logging.ERROR, "Unable to update metadata from [1]"),
+        record("aiokafka.consumer.group_coordinator", logging.WARNING,
+               "Heartbeat failed for group kappa-p-g1: coordinator (node 1) is either not started or not valid"),
+        record("aiokafka.consumer.group_coordinator", logging.ERROR,
+               "Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailableError"),
+        record("aiokafka.producer.sender", logging.WARNING,
+               "Got error produce response on topic-partition TopicPartition(topic='c', partition=1), retrying. "
+               "Error: <class 'aiokafka.errors.NotLeaderForPartitionError'>"),
+    ]  # fmt: skip
+    assert all(held_back.filter(r) for r in first_second), "where no watch runs, they are the only word"
     availability._Recent.watching = True  # a watch reports dead brokers; aiokafka need not
     try:
+        assert not any(held_back.filter(r) for r in first_second)
         assert not held_back.filter(connect) and held_back.filter(stall)
     finally:
         availability._Recent.watching = False

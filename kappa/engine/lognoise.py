@@ -121,8 +121,19 @@ def _is_client_error(record: logging.LogRecord) -> bool:
     return False
 
 
-# what aiokafka says when it cannot talk to one broker (aiokafka/conn.py, client.py, consumer/)
-CONNECTION_ERRORS = ("KafkaConnectionError", "NodeNotReadyError", "Unable connect", "Connect call failed")
+# what aiokafka says when it cannot talk to one broker (aiokafka/conn.py, client.py, consumer/),
+# and, in the first second of an outage, when the broker it asked is gone: its metadata, group
+# coordinator and a produce it retries (seen before the watch's first check in a worker and a replay)
+CONNECTION_ERRORS = (
+    "KafkaConnectionError",
+    "NodeNotReadyError",
+    "Unable connect",
+    "Connect call failed",
+    "Unable to update metadata from",
+    "is either not started or not valid",
+    "GroupCoordinatorNotAvailableError",
+    "NotLeaderForPartitionError",
+)
 
 
 def _is_connection_error(record: logging.LogRecord) -> bool:

@@ -225,6 +225,7 @@ def test_drop_deletes_everything_kappa_made_for_a_pipeline(kappa, tmp_path):
 
     dropped = kappa.run("drop", topic, "--topic").stdout.decode()
     assert "deleted generation 2" in dropped and f"deleted topics {topic}, {topic}.loads, {topic}.dlq" in dropped
+    assert "generation 1" not in dropped, "generation 1 was deleted when it was retired: the drop deleted nothing of it"
     for directory in (kappa.snapshot_dir / topic, kappa.data_dir / "state" / topic, kappa.data_dir / "run" / topic):
         assert not directory.exists(), directory
     for generation in (1, 2):
@@ -234,6 +235,18 @@ def test_drop_deletes_everything_kappa_made_for_a_pipeline(kappa, tmp_path):
         assert wait_until(lambda name=name: partition_count(kappa.broker, name) is None, 60), name
     again = run_kappa(["drop", topic, *kappa.args()], timeout=60)
     assert again.returncode == 2 and b"nothing to drop" in again.stderr
+
+
+def test_a_drop_does_not_say_it_kept_a_topic_that_is_gone(kappa, tmp_path):
+    topic = kappa.topic()
+    path = tmp_path / "rows.csv"
+    sample_frame(1_000, 50, seed=28).to_csv(path, index=False)
+    kappa.load(path, KEY, topic, partitions=2)
+    kappa.replay_batch(topic, VALUE, KEY)
+    delete_topics(kappa.broker, [topic, f"{topic}.loads", f"{topic}.dlq"])
+    assert wait_until(lambda: partition_count(kappa.broker, topic) is None, 60)
+    dropped = kappa.run("drop", topic).stdout.decode()
+    assert "deleted generation 1" in dropped and "kept topic" not in dropped, dropped
 
 
 def test_a_drop_is_refused_while_a_worker_runs_none_of_its_processes(kappa, tmp_path):

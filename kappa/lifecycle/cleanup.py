@@ -201,10 +201,14 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
         for topic in sorted(topics):
             _refuse_if_read_by_another(settings, topic, pipeline)
     done = []
-    for number in sorted(int(n) for n in generations):
+    for number, entry in sorted((int(n), entry) for n, entry in generations.items()):
         store = settings.state_dir(pipeline, number)
         here = store.exists()
         delete_generation_state(settings, pipeline, number)
+        if entry.get("state") == GenerationState.RETIRED:  # deleted when it was retired: only a leftover is news
+            if here:
+                done.append(f"deleted the local store {store} of generation {number}, retired earlier")
+            continue
         deleted = f"deleted generation {number}: its consumer group, changelog and assignor topics"
         if here:
             done.append(f"{deleted}, and its local store {store}")
@@ -217,7 +221,7 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
     for topic in sorted(topics):
         if with_topic:
             done.append(_drop_topic(settings, topic))
-        else:
+        elif admin.partition_count(settings.broker, topic) is not None:  # a topic deleted meanwhile is not kept
             done.append(_kept_topic(settings, topic))
     return done
 

@@ -176,7 +176,7 @@ class Definition:
             args += ["--key", record["key"]]
         if self.window is not None:
             args += ["--window", self.window, "--time", str(self.time_field)]
-            if self.time_field != RECORD_TIMESTAMP or self.time_unit != "s":  # a record timestamp has no unit to give
+            if self.time_unit != "s":  # the default: a record timestamp or ISO text has no unit to give
                 args += ["--time-unit", self.time_unit]
         return args
 

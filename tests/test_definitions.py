@@ -143,11 +143,13 @@ def test_a_definition_whose_rules_reject_every_sampled_record_is_refused_before_
     [
         ("@timestamp", "s", "--window 1h --time @timestamp"),
         ("@timestamp", "ms", "--window 1h --time @timestamp --time-unit ms"),
-        ("at", "s", "--window 1h --time at --time-unit s"),
+        ("at", "s", "--window 1h --time at"),
+        ("at", "ms", "--window 1h --time at --time-unit ms"),
     ],
 )
 def test_a_definition_is_shown_as_the_options_that_give_it(time, unit, shown):
-    """Status showed `--time-unit s` for a window over the record timestamp, which has no unit."""
+    """Status showed `--time-unit s` for a window over the record timestamp, which has no unit,
+    and for an ISO text time field, where the default unit means nothing."""
     definition = Definition(
         topic="t", value_fields=("fare",), key_fields=("city",), window="1h", time_field=time, time_unit=unit
     )

@@ -67,6 +67,8 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
     assert "run the same replay again to resume it" in message, message
     assert registry(kappa, topic)["generations"]["1"]["state"] == "failed"
     assert (kappa.data_dir / "state" / topic / "g1").exists()
+    status = kappa.run("status", "--pipeline", topic).stdout.decode()
+    assert "  current generation: none yet (no replay has finished)\n" in status, status
 
     finished = subprocess.run(batch_command(kappa, topic), capture_output=True, env=env, cwd=REPO, timeout=300)
     assert finished.returncode == 0, finished.stderr.decode()

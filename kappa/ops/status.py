@@ -227,7 +227,8 @@ def render(status: dict) -> str:
                 f"pipeline {pipe['pipeline']}: topic {pipe['topic']!r}, {pipe['partitions']} partitions, "
                 f"end offsets {ends}"
             )
-        lines.append(f"  current generation: {pipe['current_generation']}")
+        current = pipe["current_generation"]
+        lines.append(f"  current generation: {current if current is not None else 'none yet (no replay has finished)'}")
         for gen in pipe["generations"]:
             recorded = gen["definition"]
             computes = "definition unknown"

@@ -230,6 +230,7 @@ def test_drop_deletes_everything_kappa_made_for_a_pipeline(kappa, tmp_path):
     assert "generation 1" not in dropped, "generation 1 was deleted when it was retired: the drop deleted nothing of it"
     for directory in (kappa.snapshot_dir / topic, kappa.data_dir / "state" / topic, kappa.data_dir / "run" / topic):
         assert not directory.exists(), directory
+    assert not (kappa.data_dir / "state").exists() and not (kappa.data_dir / "run").exists(), "no empty dirs left"
     for generation in (1, 2):
         assert group_members(kappa.broker, app_id(topic, generation)) is None
     gone = [topic, f"{topic}.loads", f"{topic}.dlq", changelog_topic(topic, 2), assignor_topic(topic, 2)]

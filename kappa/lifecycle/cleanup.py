@@ -218,6 +218,9 @@ def drop_pipeline(settings: Settings, pipeline: str, *, with_topic: bool = False
         if directory.exists():
             shutil.rmtree(directory)
             done.append(f"deleted {directory}")
+    for parent in (settings.data_dir / "state", settings.data_dir / "run"):  # the last pipeline's leave nothing
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
     for topic in sorted(topics):
         if with_topic:
             done.append(_drop_topic(settings, topic))

@@ -109,17 +109,14 @@ class GroupedMeanAgent:
 
     async def _flush_cache(self, generation: int) -> None:
         transaction = BatchTransaction(self.writer, self._flush_dead_letters)
-        taken = self.cache.take()
-        while taken:  # each partition's entries freed once written: they are in RocksDB and queued now
-            partition, cached = taken.popitem()
+        for partition, cached in self.cache.take().items():
             await transaction.write(partition, cached.entries, cached.next_offset)
-            self.progress.next_offsets[partition] = max(
-                cached.next_offset, self.progress.next_offsets.get(partition, 0)
-            )
-            self.progress.dirty.add(partition)
-        # before the await: a part written while the batch is made durable already holds it
-        self.progress.last_applied_at = time.time()
+        self.progress.last_applied_at = time.time()  # the last records applied (AppliedSpan), as they go out
         await transaction.make_durable()
+        # only now: a part is read from RocksDB, which holds the batch once it is durable
+        for partition, next_offset in transaction.next_offsets.items():
+            self.progress.next_offsets[partition] = max(next_offset, self.progress.next_offsets.get(partition, 0))
+            self.progress.dirty.add(partition)
         if self.table.app.consumer_generation_id != generation:
             # A rebalance completed while this batch was applied: the new assignment has already
             # committed what its tables hold, and a commit from here could run ahead of that.

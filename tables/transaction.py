@@ -3,13 +3,28 @@
 The durability order of the hot path, in one place (the idea of Quix Streams'
 `PartitionTransaction` and Kafka Streams' change-logging store):
 
-1. `write`, per source partition: the changed entries are queued on the changelog, the
-   partition's stats entry last, then stored in that partition's RocksDB database
-   (tables.writer explains that order, `_stats_last` why the stats entry comes last);
-2. `make_durable`: the dead letters this batch produced and every queued changelog record
-   are on the broker, and each changelog partition's last offset is stored for recovery;
+1. `write`, per source partition: the changed group entries are queued on the changelog;
+   the partition's stats entry, whose next offset says which records they include, is held;
+2. `make_durable`: the dead letters this batch produced and the group entries are on the
+   broker; only then the stats entries are sent, and once they are on the broker too,
+   every entry is stored in its partition's RocksDB database and each changelog
+   partition's last offset is stored for recovery;
 3. `committable`: only now the source offsets this batch reached may be committed, so a
    committed offset is never ahead of what a restore from the changelog would give back.
+
+Why this order. A stop (Ctrl-C, a rebalance's cancel, kill -9, a broker that never
+acknowledges) can cut it anywhere, and afterwards the records come again from where the
+table's stats say, each group skipping those its own offsets say it holds:
+
+- the changelog never holds a stats entry ahead of the groups it covers: a batch replay's
+  write-back cache kept the stats entry before the groups of later deliveries, and a stop
+  between two record batches left the changelog with stats that said records were applied
+  whose groups it never got (lost with exit 0). Sending the stats entry only once the
+  groups are acknowledged also covers a record batch that fails while a later one lands;
+- the local database is never ahead of the changelog: stored before the broker had the
+  entries, a stop left RocksDB with entries the changelog never got, lost once a process
+  restores the partition from the changelog (another worker process, or a wiped store).
+  Behind is safe: Faust's recovery applies the changelog's tail to it.
 
 The states are checked: a write after step 2 began, or a commit of a batch that is not
 durable, raises instead of silently breaking the order. Any error or cancel marks the
@@ -29,7 +44,7 @@ from tables.writer import TableWriter
 class TransactionState(Enum):
     OPEN = "open"  # entries may be written
     FLUSHING = "flushing"  # waiting for the broker to acknowledge everything written
-    DURABLE = "durable"  # everything written is on the broker: its offsets may be committed
+    DURABLE = "durable"  # everything written is on the broker and stored: its offsets may be committed
     FAILED = "failed"  # interrupted by an error or a cancel; the batch will be re-delivered
 
 
@@ -43,28 +58,41 @@ class BatchTransaction:
         self.flush_dead_letters = flush_dead_letters
         self.state = TransactionState.OPEN
         self.next_offsets: dict[int, int] = {}
+        self._written: dict[int, Mapping[bytes, bytes]] = {}  # partition -> its entries, stored once durable
 
     def _require(self, state: TransactionState, step: str) -> None:
         if self.state is not state:
             raise TransactionError(f"cannot {step} a batch transaction that is {self.state.value}")
 
     async def write(self, partition: int, entries: Mapping[bytes, bytes], next_offset: int) -> None:
-        """Store a partition's changed entries; `next_offset` is where its source stands after them."""
+        """Queue a partition's changed group entries; `next_offset` is where its source stands
+        after them. The stats entry among `entries` waits for `make_durable`."""
         self._require(TransactionState.OPEN, "write to")
+        if partition in self._written:
+            raise TransactionError(f"partition {partition} is written twice in one batch transaction")
+        self._written[partition] = entries
         try:
-            await self.writer.write(partition, _stats_last(entries))
+            await self.writer.send(partition, ((key, value) for key, value in entries.items() if key != STATS_KEY))
         except BaseException:
             self.state = TransactionState.FAILED
             raise
         self.next_offsets[partition] = max(next_offset, self.next_offsets.get(partition, 0))
 
     async def make_durable(self) -> None:
-        """Wait until the dead letters and changelog records of this batch are on the broker."""
+        """Put the dead letters and group entries on the broker, then the stats entries, then
+        store everything locally (the module's note says why in this order)."""
         self._require(TransactionState.OPEN, "flush")
         self.state = TransactionState.FLUSHING
         try:
             await self.flush_dead_letters()
-            await self.writer.flush()
+            await self.writer.acknowledged()
+            for partition, entries in self._written.items():
+                if STATS_KEY in entries:
+                    await self.writer.send(partition, [(STATS_KEY, entries[STATS_KEY])])
+            await self.writer.acknowledged()
+            for partition, entries in self._written.items():
+                self.writer.store(partition, entries)
+            self.writer.persist_offsets()
         except BaseException:
             self.state = TransactionState.FAILED
             raise
@@ -74,21 +102,3 @@ class BatchTransaction:
         """Source partition -> next offset, safe to commit now that the batch is durable."""
         self._require(TransactionState.DURABLE, "commit")
         return dict(self.next_offsets)
-
-
-def _stats_last(entries: Mapping[bytes, bytes]) -> Mapping[bytes, bytes]:
-    """The entries with the partition's stats entry, whose next offset says which records the
-    others include, queued after all of them.
-
-    A stop can cut the queueing short between two changelog record batches, and the changelog
-    then holds a prefix of the entries. A prefix without the stats entry is harmless: the
-    records come again and each group skips those its own offsets say it holds. A prefix with
-    it lost records: the write-back cache (tables.cache) keeps the stats entry where its first
-    delivery put it, before the groups of later deliveries, and a batch replay stopped with
-    Ctrl-C and run again resumed past records whose groups the changelog never got (about 5%
-    of a 1M-record replay, with exit 0 and every record said counted)."""
-    if STATS_KEY not in entries or (isinstance(entries, dict) and next(reversed(entries)) == STATS_KEY):
-        return entries
-    ordered = dict(entries)
-    ordered[STATS_KEY] = ordered.pop(STATS_KEY)
-    return ordered

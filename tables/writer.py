@@ -13,7 +13,7 @@ Faust's, so Faust's recovery, standbys and `kappa.lifecycle.cleanup` treat the c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ class TableWriter:
         self.table = table
         self.changelog = table.changelog_topic.get_topic_name()
         self._pending: list[PendingBatch] = []
+        self._acknowledged_to: dict[int, int] = {}  # partition -> last changelog offset acknowledged, not persisted
 
     def _db(self, partition: int) -> Any:
         return partition_db(self.table, partition)
@@ -53,50 +54,50 @@ class TableWriter:
         get = self._db(partition).get
         return [get(key) for key in keys]
 
-    async def write(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
-        """Queue the entries for the changelog (see `flush`), then store them locally.
-
-        The order matters. Queueing a second record batch waits for the first to be taken,
-        and a rebalance can cancel the task right there. Stored first, the local database
-        would then hold entries the changelog never gets, lost for good once the partition
-        moves. Queued first, a cancel can only leave the changelog ahead: Faust's recovery
-        applies its tail, and the re-delivered records are skipped per key (by offset).
-        """
-        if not entries:
-            return
-        await self._send(partition, entries)
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        for key, value in entries.items():
-            batch.put(key, value)
-        self._db(partition).write(batch)
-
-    async def _send(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
+    async def send(self, partition: int, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Queue the (key, value) entries, in their order, for the partition's changelog
+        (`acknowledged` waits until the broker has them; tables.transaction says when to
+        `store` them)."""
         producer = raw_producer(self.table.app)  # Faust's aiokafka producer
         builder, count = producer.create_batch(), 0
-        for key, value in entries.items():
+        for key, value in entries:
             if builder.append(timestamp=None, key=key, value=value) is None:  # full
                 await self._submit(producer, builder, partition, count)
                 builder, count = producer.create_batch(), 0
                 builder.append(timestamp=None, key=key, value=value)  # an empty batch takes any record
             count += 1
-        await self._submit(producer, builder, partition, count)
+        if count:  # no entries, no record batch
+            await self._submit(producer, builder, partition, count)
 
     async def _submit(self, producer: Any, builder: Any, partition: int, count: int) -> None:
         builder.close()  # nothing else may join it: `count` must stay its record count
         acked = await producer.send_batch(builder, self.changelog, partition=partition)
         self._pending.append(PendingBatch(partition, count, acked))
 
-    async def flush(self) -> None:
-        """Wait until every queued changelog record is on the broker, then store each
-        partition's last changelog offset, which is where Faust's recovery resumes."""
+    async def acknowledged(self) -> None:
+        """Wait until every queued changelog record is on the broker; raise the first failure."""
         pending, self._pending = self._pending, []
         outcomes = await asyncio.gather(*(batch.acked for batch in pending), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        last: dict[int, int] = {}
         for batch, metadata in zip(pending, outcomes, strict=True):
             assert not isinstance(metadata, BaseException)  # raised above
-            last[batch.partition] = max(last.get(batch.partition, -1), metadata.offset + batch.count - 1)
-        for partition, offset in last.items():
+            last = metadata.offset + batch.count - 1
+            self._acknowledged_to[batch.partition] = max(self._acknowledged_to.get(batch.partition, -1), last)
+
+    def store(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
+        """Write the entries to the partition's local database, in one write batch."""
+        if not entries:
+            return
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        for key, value in entries.items():
+            batch.put(key, value)
+        self._db(partition).write(batch)
+
+    def persist_offsets(self) -> None:
+        """Store each partition's last acknowledged changelog offset, where Faust's recovery
+        resumes: only once the entries up to it are stored locally too."""
+        acknowledged, self._acknowledged_to = self._acknowledged_to, {}
+        for partition, offset in acknowledged.items():
             persist_changelog_offset(self.table, self.changelog, partition, offset)  # not if closed meanwhile

@@ -66,6 +66,8 @@ class RecordingProducer:
         self.sends = 0
         self.cancel_at: int | None = None
         self.rebalance_at: int | None = None  # the n-th send_batch happens during a rebalance
+        self.unacknowledged = False  # a broker that never acknowledges: records queued are never on it
+        self.fail_at: int | None = None  # the n-th send_batch fails on the broker (it expired, say); later ones land
         self.app: Any = None
 
     def create_batch(self) -> RecordBatch:
@@ -77,6 +79,12 @@ class RecordingProducer:
             raise asyncio.CancelledError()
         if self.rebalance_at == self.sends:
             self.app.consumer_generation_id += 1
+        if self.unacknowledged:
+            return asyncio.get_running_loop().create_future()  # never done: a stop comes first
+        if self.fail_at == self.sends:
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(RuntimeError("the record batch expired"))
+            return failed
         records = self.changelog.setdefault(partition, [])
         base = len(records)
         records.extend(batch.records)
@@ -146,6 +154,12 @@ class AgentDriver:
 
     def feed(self, partition: int, records: list[ParsedRecord]) -> None:
         self.loop.run_until_complete(self.agent.on_batch({TP(self.definition.topic, partition): records}))
+
+    def feed_then_stop(self, partition: int, records: list[ParsedRecord], after_s: float = 0.2) -> None:
+        """Feed a batch and stop the agent's task if it has not finished within `after_s` (as a
+        stop cancels it while it waits on the broker)."""
+        batch = self.agent.on_batch({TP(self.definition.topic, partition): records})
+        self.loop.run_until_complete(asyncio.wait_for(batch, after_s))
 
     def close(self) -> None:
         self.loop.close()

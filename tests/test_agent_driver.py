@@ -294,3 +294,36 @@ def test_a_stop_while_the_cache_is_written_never_leaves_the_changelog_with_stats
     driver.feed(0, records(resumed_from, 20 - resumed_from))
     assert table_sums(driver, 0) == expected_sums(20) and driver.stats(0).counted == 20
     assert changelog_keys(driver, 0)[-1] == STATS_KEY
+
+
+def test_a_stop_while_the_broker_has_not_acknowledged_leaves_the_local_table_behind_never_ahead(make_driver):
+    """RocksDB was written once the changelog records were queued, before the broker had them.
+    A stop then (kill -9, Ctrl-C in an outage) left local entries the changelog never got: the
+    process went on from its local stats, so those groups never reached the changelog, and a
+    process that restored the partition from it lost their records (found by review)."""
+    driver = make_driver()
+    driver.feed(0, records(0, 12))
+    driver.producer.unacknowledged = True
+    with pytest.raises(asyncio.TimeoutError):
+        driver.feed_then_stop(0, records(12, 3))  # c0..c2 once more: queued, never on the broker
+    assert driver.stats(0).next_offset == 12, "the local table stays where the changelog is"
+    driver.producer.unacknowledged = False
+    resumed_from = driver.stats(0).next_offset
+    driver.feed(0, records(resumed_from, 18 - resumed_from))
+    driver.restore_from_changelog(0)  # another process takes the partition over
+    assert table_sums(driver, 0) == expected_sums(18) and driver.stats(0).counted == 18
+
+
+def test_a_record_batch_that_fails_while_a_later_one_lands_never_leaves_stats_ahead(make_driver):
+    """The producer is not idempotent: a record batch can fail (expire) while the next one,
+    queued already, lands. The stats entry is therefore sent only once the groups are on the broker."""
+    driver = make_driver(batch_capacity=3)
+    driver.feed(0, records(0, 12))
+    driver.producer.fail_at = driver.producer.sends + 1  # the next write's first record batch
+    with pytest.raises(RuntimeError, match="expired"):
+        driver.feed(0, records(12, 12))
+    driver.producer.fail_at = None
+    driver.restore_from_changelog(0)  # the process failed; another restores the partition
+    resumed_from = driver.stats(0).next_offset
+    driver.feed(0, records(resumed_from, 24 - resumed_from))
+    assert table_sums(driver, 0) == expected_sums(24) and driver.stats(0).counted == 24

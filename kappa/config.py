@@ -41,11 +41,14 @@ class Settings:
             replication_factor=_replication_factor(replication_factor),
         )
 
-    def require_usable_dirs(self) -> None:
-        """Refuse, before anything is built, a --data-dir or --snapshot-dir that cannot be made or
-        written: a replay given a file as its snapshot dir failed with a traceback, and recorded a
-        generation as running that never ran."""
-        for option, directory in (("--data-dir", self.data_dir), ("--snapshot-dir", self.snapshot_dir)):
+    def require_usable_dirs(self, snapshots: bool = True) -> None:
+        """Refuse, before anything is built, a --data-dir or (with `snapshots`) --snapshot-dir that
+        cannot be made or written: a replay given a file as its snapshot dir failed with a
+        traceback, and recorded a generation as running that never ran."""
+        dirs = [("--data-dir", self.data_dir)] + ([("--snapshot-dir", self.snapshot_dir)] if snapshots else [])
+        for option, directory in dirs:
+            if directory.is_symlink() and not directory.exists():
+                raise KappaError(f"{option} {directory} is a symlink to {os.readlink(directory)}, which does not exist")
             existing = next(path for path in (directory, *directory.parents) if path.exists())
             if not existing.is_dir():
                 raise KappaError(f"{option} {directory} cannot be made: {existing} is a file, not a directory")

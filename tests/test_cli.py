@@ -53,6 +53,22 @@ def test_a_data_or_snapshot_dir_under_a_file_is_one_clear_line_and_nothing_is_re
     assert not (tmp_path / "snapshots").exists() and not (tmp_path / "data").exists()
 
 
+def test_usable_dirs_are_accepted_and_a_dangling_symlink_is_named(tmp_path, monkeypatch):
+    from kappa.config import Settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    for data_dir, snapshot_dir in [("rel/data", "rel/snaps"), ("linked/data", "linked"), ("a/b/c/d", "e/f")]:
+        Settings.from_args(None, data_dir, snapshot_dir).require_usable_dirs()
+    # a broker writes no snapshot: its --snapshot-dir is not checked
+    Settings.from_args(None, "data", "afile/snaps").require_usable_dirs(snapshots=False)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(KappaError, match=r"--data-dir .*dangling is a symlink to .*gone, which does not exist"):
+        Settings.from_args(None, "dangling", "snaps").require_usable_dirs()
+
+
 def test_missing_key_column_names_the_columns(kappa, tmp_path):
     data = tmp_path / "rows.csv"
     data.write_text("city,amount\nx,1\n")

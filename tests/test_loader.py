@@ -801,16 +801,22 @@ def test_json_lines_whose_key_field_comes_later_are_loaded(tmp_path):
     assert open_source(str(path), "k").estimated_rows == SAMPLE_LINES + 1
 
 
-def test_the_progress_line_counts_rows_the_broker_acknowledged_not_rows_queued():
+def test_the_progress_line_counts_rows_the_broker_acknowledged_not_rows_queued(kappa):
     """With the broker gone the line reached 100% while every row waited in librdkafka's queue."""
     from confluent_kafka import Producer
 
     from kappa.load.loader import acknowledged
 
-    producer = Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "message.timeout.ms": 60_000})
+    nowhere = Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "message.timeout.ms": 60_000})
     for number in range(5):
-        producer.produce("nowhere", value=b"{}", key=str(number).encode())
-    assert acknowledged(producer, 5, 0) == 0
-    producer.purge()  # each purged message is reported as failed: acknowledged stays 0
-    producer.flush(5)
-    assert len(producer) == 0 and acknowledged(producer, 5, 5) == 0
+        nowhere.produce("nowhere", value=b"{}", key=str(number).encode())
+    assert acknowledged(nowhere, 5, 0) == 0
+    nowhere.purge()  # each purged message is reported as failed: acknowledged stays 0
+    nowhere.flush(5)
+    assert len(nowhere) == 0 and acknowledged(nowhere, 5, 5) == 0
+    topic = kappa.topic()
+    admin.ensure_topic(kappa.broker, topic, 1)
+    broker = Producer({"bootstrap.servers": kappa.broker})
+    for number in range(5):
+        broker.produce(topic, value=b"{}", key=str(number).encode())
+    assert broker.flush(30) == 0 and acknowledged(broker, 5, 0) == 5

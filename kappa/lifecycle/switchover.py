@@ -20,7 +20,14 @@ from pathlib import Path
 from kappa.config import Settings
 from kappa.engine.names import changelog_topic
 from kappa.errors import KappaError
-from kappa.kafka.availability import CLIENT_ERRORS_AFTER_S, LeaderWatch, OutageReporter, ReporterThread, outage_recent
+from kappa.kafka.availability import (
+    CHECK_EVERY_S,
+    CLIENT_ERRORS_AFTER_S,
+    LeaderWatch,
+    OutageReporter,
+    ReporterThread,
+    outage_recent,
+)
 from kappa.lifecycle.children import (
     Child,
     Standby,
@@ -166,12 +173,14 @@ def run_beside(
     line = ProgressLine(plain_every=5.0)
     span = AppliedSpan()
     topics = [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)]
-    outages = ReporterThread(OutageReporter(LeaderWatch(settings.broker, topics), "replay"))
-    outages.start()  # its processes ride an outage out quietly: the line that says why is printed here
+    outages = OutageReporter(LeaderWatch(settings.broker, topics), "replay")
+    watching = ReporterThread(outages)
+    watching.start()  # its processes ride an outage out quietly: the line that says why is printed here
     try:
         path = _catch_up_and_switch(
-            settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition, span
-        )
+            settings, pipeline, generation, ends, children, publisher, line, interval, loglevel, definition, span,
+            outages,
+        )  # fmt: skip
     except (EmptyResult, LogChanged):  # nothing worth resuming
         line.finish()
         stop_children(children)
@@ -188,7 +197,8 @@ def run_beside(
         )
         raise
     finally:
-        outages.stop()
+        watching.stop()
+        watching.join(timeout=2 * CHECK_EVERY_S)  # its last line comes before the replay's own
         line.finish()
         stop_children(children)
     previous = current if current != generation else None
@@ -212,7 +222,10 @@ def _catch_up_and_switch(
     loglevel: str,
     definition: Definition,
     span: AppliedSpan,
+    outages: OutageReporter,
 ) -> Path:
+    """Restart the processes that exit (unless one fails at every start) and show progress,
+    until every partition's part reaches its end offset; then make the generation current."""
     total = sum(ends.values())
     directory = parts.parts_dir(settings.snapshot_dir, pipeline, generation)
     next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
@@ -225,7 +238,8 @@ def _catch_up_and_switch(
             next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
         for position, child in enumerate(children):
             if child.process.poll() is not None:
-                _give_up_if_failing(exits, child, pipeline, generation)
+                if not (outage_recent(CLIENT_ERRORS_AFTER_S) or outages.poll() is not None):
+                    _give_up_if_failing(exits, child, pipeline, generation)  # an exit in an outage is no sign
                 print(f"replay: process {child.index} exited ({child.process.returncode}); restarting", file=sys.stderr)
                 arguments = worker_arguments(
                     settings, pipeline, definition, generation, child.index, interval, loglevel, ends
@@ -256,8 +270,6 @@ def _give_up_if_failing(exits: dict[int, list[float]], child: Child, pipeline: s
     """Raise once a process has exited GIVE_UP_EXITS times within GIVE_UP_WINDOW_S: one that
     failed at every start (in the trial, on a reject its dead-letter topic had no partition
     for) was restarted every second, with its traceback, until the user stopped the replay."""
-    if outage_recent(CLIENT_ERRORS_AFTER_S):
-        return  # a process that cannot reach the cluster is no sign that it fails at every start
     now = time.monotonic()
     recent = [when for when in exits.get(child.index, []) if now - when < GIVE_UP_WINDOW_S] + [now]
     exits[child.index] = recent

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -258,6 +259,12 @@ class Supervisor:
         if len({partition for beat in beats for partition in beat.get("partitions", ())}) < partitions:
             return
         self._ready_said_for = generation
+        # on a thread: the broker's answer may take a minute in an outage, and the loop restarts and stops processes
+        threading.Thread(
+            target=self._say_ready, args=(generation, partitions, len(beats)), name="kappa-ready", daemon=True
+        ).start()
+
+    def _say_ready(self, generation: int, partitions: int, processes: int) -> None:
         try:
             ends = admin.end_offsets(self.settings.broker, self.definition.topic, partitions)
             group = app_id(self.pipeline, generation)
@@ -266,7 +273,7 @@ class Supervisor:
         except KappaError:
             behind = "how far behind the log unknown (the broker did not answer)"
         print(
-            f"kappa worker: tailing: all {partitions} partitions held by {len(beats)} process(es), {behind}; "
+            f"kappa worker: tailing: all {partitions} partitions held by {processes} process(es), {behind}; "
             f"a snapshot is published every {self.interval:g}s while records arrive",
             flush=True,
         )

@@ -230,13 +230,12 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
     """Resume this file's unfinished load if there is one; else report it as loaded (the
     complete entry is returned) unless `again`; else record the start of a new occurrence."""
     fingerprint = source.fingerprint()
-    known_as = {fingerprint, source.earlier_fingerprint()}
     topic_id = admin.topic_id(settings.broker, topic)
-    entries = [
-        entry
-        for entry in read_ledger(settings.broker, topic)
-        if entry.fingerprint in known_as and entry.topic_id == topic_id
-    ]
+    ledger = [entry for entry in read_ledger(settings.broker, topic) if entry.topic_id == topic_id]
+    entries = [entry for entry in ledger if entry.fingerprint == fingerprint]
+    if not entries and ledger:  # recorded before 2026-12-07 under the bytes' hash, if it is compressed
+        earlier = source.earlier_fingerprint()
+        entries = [entry for entry in ledger if earlier is not None and entry.fingerprint == earlier]
     unfinished = [entry for entry in entries if entry.state == STARTED]
     if unfinished:
         entry = unfinished[-1]

@@ -32,19 +32,19 @@ def _common() -> argparse.ArgumentParser:
     return parent
 
 
-def _settings(args: argparse.Namespace, writes: bool = False) -> Settings:
-    """The settings; `writes`: a command that writes under --data-dir or --snapshot-dir, refused
-    at once when either cannot be made or written."""
+def _settings(args: argparse.Namespace, writes: bool = False, snapshots: bool = True) -> Settings:
+    """The settings; `writes`: a command that writes under --data-dir (and, with `snapshots`,
+    --snapshot-dir), refused at once when one cannot be made or written."""
     settings = Settings.from_args(args.broker, args.data_dir, args.snapshot_dir, args.replication_factor)
     if writes:
-        settings.require_usable_dirs()
+        settings.require_usable_dirs(snapshots=snapshots)
     return settings
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
     from kappa.kafka import broker
 
-    settings = _settings(args, writes=args.action == "start")
+    settings = _settings(args, writes=args.action == "start", snapshots=False)  # a broker writes no snapshot
     if args.action == "start":
         address = broker.start(settings.data_dir, args.port, sasl=args.sasl, nodes=args.nodes)
         count = broker.recorded_nodes(settings.data_dir)

@@ -19,7 +19,7 @@ from typing import Any
 
 import rocksdict
 
-from kappa.engine.faust_internals import partition_db, persist_changelog_offset, raw_producer
+from kappa.engine.faust_internals import is_open, partition_db, persist_changelog_offset, raw_producer
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +87,10 @@ class TableWriter:
             self._acknowledged_to[batch.partition] = max(self._acknowledged_to.get(batch.partition, -1), last)
 
     def store(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
-        """Write the entries to the partition's local database, in one write batch."""
-        if not entries:
+        """Write the entries to the partition's local database, in one write batch; not if a
+        rebalance closed it while the broker acknowledged them (it must never be reopened here:
+        its next owner restores it from the changelog, which has them)."""
+        if not entries or not is_open(self.table, partition):
             return
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in entries.items():

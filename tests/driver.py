@@ -12,6 +12,7 @@ durability order step by step, which timing-based tests cannot.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -68,6 +69,7 @@ class RecordingProducer:
         self.rebalance_at: int | None = None  # the n-th send_batch happens during a rebalance
         self.unacknowledged = False  # a broker that never acknowledges: records queued are never on it
         self.fail_at: int | None = None  # the n-th send_batch fails on the broker (it expired, say); later ones land
+        self.on_send: Callable[[int], None] | None = None  # called with each send_batch's number (a rebalance, say)
         self.app: Any = None
 
     def create_batch(self) -> RecordBatch:
@@ -75,6 +77,8 @@ class RecordingProducer:
 
     async def send_batch(self, batch: RecordBatch, topic: str, *, partition: int) -> asyncio.Future:
         self.sends += 1
+        if self.on_send is not None:
+            self.on_send(self.sends)
         if self.cancel_at == self.sends:
             raise asyncio.CancelledError()
         if self.rebalance_at == self.sends:

@@ -9,6 +9,7 @@ import pytest
 from faust.types import TP
 
 import agents.grouped_mean as agent_module
+from kappa.engine.faust_internals import is_open
 from kappa.pipeline import Definition, Delivered
 from tables.aggregate import Mean
 from tables.grouped_mean import STATS_KEY
@@ -327,3 +328,16 @@ def test_a_record_batch_that_fails_while_a_later_one_lands_never_leaves_stats_ah
     resumed_from = driver.stats(0).next_offset
     driver.feed(0, records(resumed_from, 24 - resumed_from))
     assert table_sums(driver, 0) == expected_sums(24) and driver.stats(0).counted == 24
+
+
+def test_a_partition_revoked_while_the_broker_acknowledges_is_not_reopened_to_store_the_batch(make_driver):
+    """The batch is stored locally once the broker has it; a rebalance may have closed the
+    partition's database meanwhile, and reopening it here would hold a database Faust closed
+    (its next owner restores the batch from the changelog)."""
+    driver = make_driver()
+    driver.feed(0, records(0, 6))
+    changelog = TP(driver.table.changelog_topic.get_topic_name(), 0)
+    driver.producer.on_send = lambda _: driver.table.data.revoke_partitions(driver.table, {changelog})
+    driver.feed(0, records(6, 6))
+    assert not is_open(driver.table, 0), "a revoked partition's database stays closed"
+    assert changelog_keys(driver, 0)[-1] == STATS_KEY, "the broker has the whole batch"

@@ -270,7 +270,7 @@ class Supervisor:
             group = app_id(self.pipeline, generation)
             committed = admin.committed_offsets(self.settings.broker, group, self.definition.topic, partitions)
             behind = f"{sum(max(end - (committed.get(p) or 0), 0) for p, end in ends.items()):,} records behind the log"
-        except KappaError:
+        except Exception:  # a line of news never ends in a traceback: any client error means no answer
             behind = "how far behind the log unknown (the broker did not answer)"
         print(
             f"kappa worker: tailing: all {partitions} partitions held by {processes} process(es), {behind}; "

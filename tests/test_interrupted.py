@@ -57,11 +57,11 @@ def interrupt_when(
 
 @pytest.mark.slow
 def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path):
-    topic, rows = kappa.topic(), 60_000
+    topic, rows = kappa.topic(), 24_000
     path = tmp_path / "rows.csv"
     sample_frame(rows, 500, seed=21).to_csv(path, index=False)
     kappa.load(path, KEY, topic, partitions=4)
-    env = kappa.paced_replay_env(app_id(topic, 1), 50_000)  # bursts, but about 30 s in all
+    env = kappa.paced_replay_env(app_id(topic, 1), 50_000)  # bursts, but about 12 s in all
 
     message = interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, rows // 4)
     assert "run the same replay again to resume it" in message, message
@@ -133,7 +133,7 @@ def test_a_stopped_batch_replay_on_a_topic_made_again_starts_over(kappa, tmp_pat
 def test_a_replay_beside_live_stopped_by_sigterm_stops_its_workers_and_gc_deletes_it(kappa, tmp_path):
     """SIGTERM's default ended the replay at once: its generation stayed building with no
     builder, and `kappa gc` said nothing to clean, leaving its state, changelog and group."""
-    topic, rows = kappa.topic(), 60_000
+    topic, rows = kappa.topic(), 24_000
     path = tmp_path / "rows.csv"
     sample_frame(rows, 500, seed=23).to_csv(path, index=False)
     kappa.load(path, KEY, topic, partitions=4)
@@ -161,14 +161,14 @@ def test_a_replay_beside_live_stopped_by_sigterm_stops_its_workers_and_gc_delete
 
 @pytest.mark.slow
 def test_abandoned_and_half_retired_generations_are_cleaned_up(kappa, tmp_path):
-    topic, rows = kappa.topic(), 60_000
+    topic, rows = kappa.topic(), 24_000
     path = tmp_path / "rows.csv"
     sample_frame(rows, 500, seed=22).to_csv(path, index=False)
     kappa.load(path, KEY, topic, partitions=4)
     kappa.replay_batch(topic, VALUE, KEY)  # generation 1
 
     # an abandoned generation: a batch replay interrupted midway, never rerun
-    env = kappa.paced_replay_env(app_id(topic, 2), 50_000)  # bursts, but about 30 s in all
+    env = kappa.paced_replay_env(app_id(topic, 2), 50_000)  # bursts, but about 12 s in all
     interrupt_when(kappa, batch_command(kappa, topic), env, topic, 2, rows // 4)
     status = json.loads(kappa.run("status", "--json", "--pipeline", topic).stdout)
     assert {g["generation"]: g["state"] for g in status["pipelines"][0]["generations"]}[2] == "failed"

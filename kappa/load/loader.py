@@ -233,9 +233,9 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
     topic_id = admin.topic_id(settings.broker, topic)
     ledger = [entry for entry in read_ledger(settings.broker, topic) if entry.topic_id == topic_id]
     entries = [entry for entry in ledger if entry.fingerprint == fingerprint]
-    if not entries and ledger:  # recorded before 2026-12-07 under the bytes' hash, if it is compressed
-        earlier = source.earlier_fingerprint()
-        entries = [entry for entry in ledger if earlier is not None and entry.fingerprint == earlier]
+    earlier = source.earlier_fingerprint() if ledger and not entries else None
+    if earlier is not None:  # recorded before 2026-12-07 under the hash of a compressed file's bytes
+        entries = [entry for entry in ledger if entry.fingerprint == earlier]
     unfinished = [entry for entry in entries if entry.state == STARTED]
     if unfinished:
         entry = unfinished[-1]

@@ -121,9 +121,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             # its processes import their libraries while this one imports its own and checks the log
             standby = start_standby(args.processes)
             try:
-                _settings(args, writes=True)
+                settings = _settings(args, writes=True)
                 pipeline, definition = _definition(args)
-                return _replay_beside(args, pipeline, definition, standby)
+                return _replay_beside(args, settings, pipeline, definition, standby)
             finally:
                 stop_standby(standby)  # those that got work are the replay's to stop, and are gone by now
     pipeline, definition = _definition(args)
@@ -256,11 +256,11 @@ def cmd_drop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_beside(args: argparse.Namespace, pipeline: str, definition, standby: list) -> int:
+def _replay_beside(args: argparse.Namespace, settings: Settings, pipeline: str, definition, standby: list) -> int:
     from kappa.lifecycle.switchover import run_beside
 
     result = run_beside(
-        _settings(args),
+        settings,
         pipeline,
         definition,
         processes=args.processes,

@@ -280,7 +280,7 @@ def _fold_columns(
         key_texts = [table.column(name).combine_chunks() for name in shape.key_fields]
         keys_ok = np.ones(count, dtype=bool)
         for text in key_texts:
-            keys_ok &= pc.fill_null(pc.greater(pc.binary_length(text), 0), False).to_numpy(zero_copy_only=False)
+            keys_ok &= text.is_valid().to_numpy(zero_copy_only=False)  # "" is a key: only null has none
     values = np.column_stack(
         [table.column(name).to_numpy().astype(np.float64, copy=False) for name in shape.value_fields]
     )
@@ -351,7 +351,7 @@ def _two_sum_rest(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 def _message_keys(records: Sequence[Record]) -> tuple[np.ndarray, pa.Array | None]:
     """Which records have a message key, and the keys as text (None if one is not UTF-8)."""
     raw = pa.array([record.key for record in records], type=pa.binary())
-    keys_ok = pc.fill_null(pc.greater(pc.binary_length(raw), 0), False).to_numpy(zero_copy_only=False)
+    keys_ok = raw.is_valid().to_numpy(zero_copy_only=False)  # an empty message key is the key ""
     try:
         return keys_ok, raw.cast(pa.string())
     except pa.ArrowInvalid:

@@ -82,7 +82,7 @@ def _key_from_row(field: Any) -> str | None:
     if field is None or isinstance(field, bool):
         return None if field is None else str(field)
     if isinstance(field, str):
-        return field or None
+        return field  # "" is a key, as pandas groups it; only a missing field has none
     if isinstance(field, int):
         return str(field)
     if isinstance(field, float):
@@ -218,7 +218,7 @@ def decode_row(key: bytes | None, value: bytes | None, timestamp: int | None, sh
     texts: tuple[str, ...] | None
     if shape.key_fields is None:
         try:
-            texts = (key.decode("utf-8"),) if key else None
+            texts = (key.decode("utf-8"),) if key is not None else None  # b"" is the key ""
         except UnicodeDecodeError:
             return RowVerdict(REJECTED, error="message key is not valid UTF-8")
     else:

@@ -57,8 +57,9 @@ def shape_expectation(
     path: str, keys: list[str], values: list[str], window: str | None = None, time: str | None = None, unit=None
 ) -> pd.DataFrame:
     """The pandas oracle for any pipeline shape, over the input file:
-    `df.groupby([*keys, floor(time, window)])[values].agg(["count", "sum", "mean"])`."""
-    df = pd.read_csv(path, dtype={key: str for key in keys}).dropna(subset=keys)
+    `df.groupby([*keys, floor(time, window)])[values].agg(["count", "sum", "mean"])`. A CSV's key
+    fields are read as text (dtype=str); a Parquet or JSON Lines file is read as pandas reads it."""
+    df = read_input(path, keys).dropna(subset=keys)
     groups: list = list(keys)
     for value in values:
         df[value] = pd.to_numeric(df[value]).replace([np.inf, -np.inf], np.nan)
@@ -72,6 +73,14 @@ def shape_expectation(
     else:
         expected.columns = [f"{value}_{agg}" for value, agg in expected.columns]
     return expected
+
+
+def read_input(path: str, keys: list[str]) -> pd.DataFrame:
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    if path.endswith(".jsonl"):
+        return pd.read_json(path, lines=True, dtype=False)  # dtype=str would make null the text "None"
+    return pd.read_csv(path, dtype={key: str for key in keys})
 
 
 def assert_shape_matches(table: pd.DataFrame, expected: pd.DataFrame) -> None:

@@ -107,7 +107,7 @@ def _key_bytes(value: object) -> bytes | None:
     if value is None or value is pd.NaT or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return None
     text = value if isinstance(value, str) else str(value)
-    return text.encode("utf-8") if text else None
+    return text.encode("utf-8")
 
 
 def _json_default(value: object) -> object:
@@ -177,7 +177,7 @@ def _longest_key(keys: list[bytes | None]) -> int:
 
 
 def _message_keys(column: pd.Series) -> tuple[list[bytes | None], int]:
-    """Each row's key field as UTF-8 (None when missing or empty), text columns at once; and
+    """Each row's key field as UTF-8 (None when missing; "" is a key), text columns at once; and
     the longest one's bytes."""
     texts = arrow_text(column)
     if texts is not None:
@@ -187,9 +187,8 @@ def _message_keys(column: pd.Series) -> tuple[list[bytes | None], int]:
 
 
 def _text_keys(texts: pa.Array) -> tuple[list[bytes | None], int]:
-    """Arrow text as message keys, None where missing or empty; and the longest one's bytes."""
-    present = pc.fill_null(pc.greater(pc.binary_length(texts), 0), False)
-    keys = pc.if_else(present, texts, pa.scalar(None, pa.string())).cast(pa.binary())
+    """Arrow text as message keys, None where missing; and the longest one's bytes."""
+    keys = texts.cast(pa.binary())
     return keys.to_pylist(), _longest(keys)
 
 

@@ -109,12 +109,16 @@ class RecordingConsumer:
     def __init__(self) -> None:
         self.seeks: list[tuple[TP, int]] = []
         self.log_starts: dict[TP, int] = {}  # where retention has cut each partition (0 if absent)
+        self.assigned: set[TP] = set()
 
     async def seek(self, tp: TP, offset: int) -> None:
         self.seeks.append((tp, offset))
 
     async def earliest_offsets(self, *partitions: TP) -> dict[TP, int]:
         return {tp: self.log_starts.get(tp, 0) for tp in partitions}
+
+    def assignment(self) -> set[TP]:
+        return set(self.assigned)
 
 
 class AgentDriver:
@@ -147,6 +151,7 @@ class AgentDriver:
         monkeypatch.setattr(agent_module, "commit_offsets", self._record_commit)
         monkeypatch.setattr(agent_module, "COMMIT_EVERY_S", 0.0)
         self.loop = asyncio.new_event_loop()  # one loop for the agent's life, as in a worker
+        self._restored: dict[int, int] = {}  # changelog records restored so far, during a recovery
         self.progress = Progress(stop_at=stop_at)
         self.agent = GroupedMeanAgent(
             self.table, definition, self.dead, self.progress, DeadLetters("driver", 1, "test", "driver-topic-id", {})
@@ -174,16 +179,25 @@ class AgentDriver:
     def stats(self, partition: int) -> PartitionStats:
         return read_stats(self.table, partition)
 
-    def restore_from_changelog(self, partition: int) -> None:
+    def restore_from_changelog(self, partition: int, records: int | None = None) -> None:
         """What Faust's recovery does for a partition that moved: its changelog, replayed in
-        order into an empty database (the last record per key wins)."""
+        order into an empty database (the last record per key wins). With `records`, only that
+        many, and the app stays in recovery, as Faust's is between two reads of the changelog
+        (`app.in_recovery`, which Faust's Recovery sets while it applies them)."""
         from kappa.engine.faust_internals import partition_db
 
         db = partition_db(self.table, partition)
-        for key, _ in list(db.items()):
-            del db[key]
-        for key, value in self.producer.changelog.get(partition, []):
+        if not self.app.in_recovery:  # a recovery starts
+            for key, _ in list(db.items()):
+                del db[key]
+            self._restored[partition] = 0
+        changelog = self.producer.changelog.get(partition, [])
+        done = self._restored[partition]
+        upto = len(changelog) if records is None else min(done + records, len(changelog))
+        for key, value in changelog[done:upto]:
             db[key] = value
+        self._restored[partition] = upto
+        self.app.in_recovery = upto < len(changelog)
 
 
 async def _nothing(app: Any) -> None:

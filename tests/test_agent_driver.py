@@ -341,3 +341,32 @@ def test_a_partition_revoked_while_the_broker_acknowledges_is_not_reopened_to_st
     driver.feed(0, records(6, 6))
     assert not is_open(driver.table, 0), "a revoked partition's database stays closed"
     assert changelog_keys(driver, 0)[-1] == STATS_KEY, "the broker has the whole batch"
+
+
+def test_no_part_is_written_from_a_partition_faust_is_still_restoring(make_driver, tmp_path):
+    """A new live pipeline's 2 processes published a first snapshot whose table held every record
+    while its manifest said none were counted (found by helper-23, 5 runs in 9). The process
+    applied a batch, a rebalance closed the partition's database before it was stored, and Faust
+    restored it from the changelog; the parts timer fired between the group entries and the stats
+    entry, so the part held the groups at offset 0. A part is an exact image or is not written."""
+    from types import SimpleNamespace
+
+    from kappa.lifecycle.process import PartWriter
+    from kappa.snapshots import parts
+
+    driver = make_driver(partitions=1)
+    driver.feed(0, records(0, 20))
+    driver.consumer.assigned = {TP("trips", 0)}
+    pipe = SimpleNamespace(definition=DEFINITION, progress=driver.progress, table=driver.table, app=driver.app)
+    writer = PartWriter(pipe, tmp_path / "parts", tmp_path / "heartbeat.json", interval=0.0)
+    assert driver.progress.dirty == {0}
+    # the partition moved back: Faust restores it from the changelog, all but its last record so far
+    driver.restore_from_changelog(0, records=len(driver.producer.changelog[0]) - 1)
+    assert driver.app.in_recovery and driver.stats(0).next_offset == 0 and driver.entries(0)
+    writer.tick()
+    assert parts.newest_parts(tmp_path / "parts") == {}, "a part was written from a half-restored partition"
+    assert driver.progress.dirty == {0}, "the partition must be written once it is restored"
+    driver.restore_from_changelog(0, records=1)  # the stats entry: recovery ends
+    writer.tick()
+    offset, path = parts.newest_parts(tmp_path / "parts")[0]
+    assert offset == 20 and driver.progress.dirty == set()

@@ -94,6 +94,14 @@ class PartWriter:
         topic = self.pipe.definition.topic
         return {tp.partition for tp in self.pipe.app.consumer.assignment() if tp.topic == topic}
 
+    def restoring(self) -> bool:
+        """Whether Faust is restoring tables from their changelogs. A partition's database then
+        holds part of the changelog: its group entries come before the stats entry that says
+        which records they include (tables.transaction), so a part read now could hold groups
+        at an older offset, or at offset 0, and a snapshot would show records its manifest does
+        not count. Its parts wait until the restore ends (`after_recovery` marks them all)."""
+        return bool(self.pipe.app.in_recovery)
+
     def write(self, partitions: set[int]) -> None:
         definition = self.pipe.definition
         for partition in sorted(partitions):
@@ -108,7 +116,9 @@ class PartWriter:
         owned, progress, now = self.assigned(), self.pipe.progress, time.monotonic()
         due: set[int] = set()
         at_end = False
-        if now >= self.next_parts:
+        if self.restoring():
+            pass  # the parts due stay marked for a tick after the restore
+        elif now >= self.next_parts:
             self.next_parts = now + self.interval
             due, progress.dirty = progress.dirty & owned, set()
         elif self.catch_up_to is not None:
@@ -158,7 +168,8 @@ class FinalPartsWorker(PromptWorker):
         if self.part_writer is None:
             return
         try:
-            self.part_writer.write(self.part_writer.assigned())
+            if not self.part_writer.restoring():  # the parts written before the restore stand
+                self.part_writer.write(self.part_writer.assigned())
         except Exception:  # the stop must go on; the next run rewrites parts
             log.exception("could not write final parts")
         try:

@@ -97,9 +97,9 @@ clean:
 	if [ -x $(KAPPA) ] && [ -d .kappa ]; then $(KAPPA) kafka stop --data-dir .kappa; fi
 	rm -rf $(VENV) .kappa snapshots sample.csv *.egg-info .ruff_cache .mypy_cache
 	find kappa agents tables tests scripts -name __pycache__ -type d -prune -exec rm -rf {} +
-	@pgrep -f 'kafka\.Kafka .*/kafka/server\.properties' | while read -r pid; do \
+	@pgrep -f 'kafka\.Kafka .*/kafka/(node-[0-9]+/)?server\.properties' | while read -r pid; do \
 	  dir=$$(tr '\0' '\n' < /proc/$$pid/cmdline | tail -1); \
-	  echo "note: a Kafka broker kappa started still runs from $${dir%/kafka/server.properties} (pid $$pid): kill $$pid stops it cleanly"; \
+	  echo "note: a Kafka broker kappa started still runs from $${dir%/kafka/*} (pid $$pid): kill $$pid stops it cleanly"; \
 	done; true
 
 # The bench's peer venvs and Kafka Streams build (about 2 GB) and its outputs.

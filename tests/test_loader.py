@@ -223,6 +223,34 @@ def test_sigterm_while_stdin_is_read_leaves_nothing_behind(kappa, tmp_path):
     assert list(temp_dir.iterdir()) == [], "the spooled copy of stdin was left behind"
 
 
+def test_ctrl_c_before_the_first_row_is_one_line_that_says_nothing_was_sent(tmp_path):
+    """Ctrl-C while the load waited for the broker printed only `kappa: interrupted`, where a
+    load stopped later says what is on the log and how to finish (found by helper-23)."""
+    path = tmp_path / "rows.csv"
+    path.write_text("city,amount\na,1\n")
+    nobody = f"127.0.0.1:{free_port()}"  # nothing answers: the load waits there
+    load = subprocess.Popen(
+        kappa_command("load", str(path), "--key", "city", "--broker", nobody, "--data-dir", str(tmp_path / "d")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    try:  # librdkafka's threads exist once the load asks for the broker, after its checks
+        threads = Path(f"/proc/{load.pid}/task")
+        assert wait_until(lambda: any("rdk:" in (t / "comm").read_text() for t in threads.iterdir()), 60, 0.05)
+        load.send_signal(signal.SIGINT)
+        _, stderr = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    assert load.returncode == 2, stderr.decode()
+    assert stderr.decode().strip().splitlines() == [
+        f"kappa: error: load of {path} into 'rows' interrupted before it sent a row: "
+        "run the same command again to load it"
+    ]
+
+
 def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):
     rows, topic = 5_000, kappa.topic()
     path = write_sample(tmp_path / "rows.csv", rows, seed=142)

@@ -187,15 +187,12 @@ def run_beside(
         delete_generation_state(settings, pipeline, generation)
         registry.mark(generation, GenerationState.FAILED)
         raise
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kappa.processes.sigterm_interrupts)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kappa.processes.sigterm_interrupts): as a batch replay says it
         line.finish()
-        print(
-            f"replay: stopped; generation {generation}'s state is kept: run the same replay again to resume it, "
-            f"or `kappa gc --pipeline {pipeline}` to delete it",
-            file=sys.stderr,
-            flush=True,
-        )
-        raise
+        raise KappaError(
+            f"replay of generation {generation} stopped before it caught up; its state is kept: run the same "
+            f"replay again to resume it where it stopped, or `kappa gc --pipeline {pipeline}` to delete it"
+        ) from None
     finally:
         watching.stop()
         watching.join(timeout=2 * CHECK_EVERY_S)  # its last line comes before the replay's own

@@ -490,11 +490,17 @@ def load(
     with sigterm_interrupts(), opened_source(path, key) as source:
         for text in source.notes:
             note(text)
-        source.check()  # a file pandas refuses is refused before anything is made or sent
-        admin.wait_until_reachable(settings.broker)
-        created = _prepare_topic(settings.broker, topic, partitions, settings.replication_factor)
-        writer = LedgerWriter(settings.broker, topic)
-        plan = _plan(settings, topic, source, again, writer)
+        try:
+            source.check()  # a file pandas refuses is refused before anything is made or sent
+            admin.wait_until_reachable(settings.broker)
+            created = _prepare_topic(settings.broker, topic, partitions, settings.replication_factor)
+            writer = LedgerWriter(settings.broker, topic)
+            plan = _plan(settings, topic, source, again, writer)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM before a row was sent: one line, as later on
+            raise KappaError(
+                f"load of {source.name} into {topic!r} interrupted before it sent a row: "
+                "run the same command again to load it"
+            ) from None
         if isinstance(plan, LedgerEntry):
             return LoadResult(topic, 0, 0.0, created, plan.rows or 0, previous=plan)
         return _load(settings, topic, source, plan, writer, created)

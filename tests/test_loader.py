@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, TopicPartition
 from kappa.kafka import admin
 from kappa.load.ledger import COMPLETE, LedgerEntry, LedgerWriter, load_id
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, free_port, kappa_command, wait_until
+from tests.helpers import REPO, free_port, kappa_command, reaped, wait_until
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -208,16 +208,12 @@ def test_sigterm_while_stdin_is_read_leaves_nothing_behind(kappa, tmp_path):
         cwd=REPO,
         env={**os.environ, "TMPDIR": str(temp_dir)},
     )
-    try:
+    with reaped(load):
         load.stdin.write(b'{"city": "a", "amount": 1}\n' * 10_000)
         load.stdin.flush()
         wait_until(lambda: any(temp_dir.rglob("stdin.jsonl")), 60, interval=0.05)
         load.send_signal(signal.SIGTERM)
         _, stderr = load.communicate(timeout=60)
-    finally:
-        if load.poll() is None:
-            load.kill()
-            load.wait()
     assert load.returncode == 130, stderr.decode()
     assert stderr.decode().strip().splitlines()[-1] == "kappa: interrupted"
     assert list(temp_dir.iterdir()) == [], "the spooled copy of stdin was left behind"
@@ -235,15 +231,11 @@ def test_ctrl_c_before_the_first_row_is_one_line_that_says_nothing_was_sent(tmp_
         stderr=subprocess.PIPE,
         cwd=REPO,
     )
-    try:  # librdkafka's threads exist once the load asks for the broker, after its checks
+    with reaped(load):  # librdkafka's threads exist once the load asks for the broker, after its checks
         threads = Path(f"/proc/{load.pid}/task")
         assert wait_until(lambda: any("rdk:" in (t / "comm").read_text() for t in threads.iterdir()), 60, 0.05)
         load.send_signal(signal.SIGINT)
         _, stderr = load.communicate(timeout=60)
-    finally:
-        if load.poll() is None:
-            load.kill()
-            load.wait()
     assert load.returncode == 2, stderr.decode()
     assert stderr.decode().strip().splitlines() == [
         f"kappa: error: load of {path} into 'rows' interrupted before it sent a row: "

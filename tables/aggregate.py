@@ -14,7 +14,8 @@ prints partials goes through an `Aggregate`:
 - `add_batches`: a batch's per-key sums added to many stored entries at once, column-wise
   (the agent's hot path: no MeanState per key);
 - `partial_fields` and `decode_many`: partials as Arrow columns (snapshot parts, merges),
-  decoded in bulk without a Python object per key;
+  decoded in bulk without a Python object per key; `next_offsets`: the offset after the last
+  record each entry includes (a part checks it is an exact image of its partition);
 - `merge_groups` and `output`: partials of equal keys added up, and the snapshot columns.
 
 To add an aggregate, implement this protocol beside `Mean` and choose it where the
@@ -56,6 +57,7 @@ class Aggregate(Protocol):
     def decode(self, raw: bytes | None) -> list[MeanState]: ...
     def encode(self, states: Sequence[MeanState]) -> bytes: ...
     def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]: ...
+    def next_offsets(self, entries: Sequence[bytes]) -> np.ndarray: ...
     def add_batches(self, stored: Sequence[bytes | None], batches: BatchSums) -> list[bytes | None]: ...
     def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]: ...
     def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -310,6 +312,12 @@ class Mean:
             columns[count] = rows[:, 3 + 3 * i].astype(np.int64)
         return columns
 
+    def next_offsets(self, entries: Sequence[bytes]) -> np.ndarray:
+        """Each entry's next offset: the offset after the last record of its partition it includes."""
+        if not entries:
+            return np.empty(0, dtype=np.int64)
+        return self._entry_rows(entries)[:, 0].astype(np.int64)
+
     def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]:
         """Add up the partials of each group of equal keys (rows `starts[i]` up to the next).
 
@@ -412,11 +420,13 @@ def partials_setting_aside(
     aggregate: Aggregate = MEAN,
     layout: KeyLayout = PLAIN,
     chunk: int = PARTIALS_CHUNK,
+    newest: list[int] | None = None,
 ) -> tuple[pa.Table, dict[bytes, bytes]]:
     """(stored key, encoded entry) pairs as an Arrow table of partials, without the keys in
-    `set_aside` (bookkeeping entries that share the store); and the set-aside entries found."""
+    `set_aside` (bookkeeping entries that share the store); and the set-aside entries found.
+    `newest`: see `partial_batches`."""
     found: dict[bytes, bytes] = {}
-    batches = list(partial_batches(pairs, set_aside, found, aggregate, layout, chunk))
+    batches = list(partial_batches(pairs, set_aside, found, aggregate, layout, chunk, newest))
     return pa.Table.from_batches(batches, schema=partial_schema(layout, aggregate)), found
 
 
@@ -427,9 +437,11 @@ def partial_batches(
     aggregate: Aggregate = MEAN,
     layout: KeyLayout = PLAIN,
     chunk: int = PARTIALS_CHUNK,
+    newest: list[int] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """(stored key, encoded entry) pairs as Arrow record batches of partials, in their order,
     read as they are asked for; the entries of keys in `set_aside` go into `found` instead.
+    With `newest`, each chunk's highest next offset is appended to it.
 
     Decoded in bulk a chunk at a time: the Python objects of a chunk are all that is held beside
     the batches. Chunks are taken and split with C-level calls (islice, itemgetter), so a store's
@@ -446,6 +458,8 @@ def partial_batches(
         if not keys:
             continue
         columns = aggregate.decode_many(entries)
+        if newest is not None:
+            newest.append(int(aggregate.next_offsets(entries).max()))
         key_column = _binary_array(keys).cast(layout.key_type())
         yield pa.record_batch({"key": key_column, **columns}, schema=schema)
 

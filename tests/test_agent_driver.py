@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from types import SimpleNamespace
 
 import orjson
+import pyarrow.parquet as pq
 import pytest
 from faust.types import TP
 
 import agents.grouped_mean as agent_module
 from kappa.engine.faust_internals import is_open
+from kappa.lifecycle.process import PartWriter
 from kappa.pipeline import Definition, Delivered
+from kappa.snapshots import parts
 from tables.aggregate import Mean
 from tables.grouped_mean import STATS_KEY
 from tables.transaction import TransactionError
@@ -349,16 +354,9 @@ def test_no_part_is_written_from_a_partition_faust_is_still_restoring(make_drive
     applied a batch, a rebalance closed the partition's database before it was stored, and Faust
     restored it from the changelog; the parts timer fired between the group entries and the stats
     entry, so the part held the groups at offset 0. A part is an exact image or is not written."""
-    from types import SimpleNamespace
-
-    from kappa.lifecycle.process import PartWriter
-    from kappa.snapshots import parts
-
     driver = make_driver(partitions=1)
     driver.feed(0, records(0, 20))
-    driver.consumer.assigned = {TP("trips", 0)}
-    pipe = SimpleNamespace(definition=DEFINITION, progress=driver.progress, table=driver.table, app=driver.app)
-    writer = PartWriter(pipe, tmp_path / "parts", tmp_path / "heartbeat.json", interval=0.0)
+    writer = part_writer(driver, tmp_path)
     assert driver.progress.dirty == {0}
     # the partition moved back: Faust restores it from the changelog, all but its last record so far
     driver.restore_from_changelog(0, records=len(driver.producer.changelog[0]) - 1)
@@ -370,3 +368,43 @@ def test_no_part_is_written_from_a_partition_faust_is_still_restoring(make_drive
     writer.tick()
     offset, path = parts.newest_parts(tmp_path / "parts")[0]
     assert offset == 20 and driver.progress.dirty == set()
+
+
+def part_writer(driver: AgentDriver, directory) -> PartWriter:
+    """The worker's parts writer over the driver's table, owning partition 0, writing at every tick."""
+    driver.consumer.assigned = {TP("trips", 0)}
+    pipe = SimpleNamespace(definition=DEFINITION, progress=driver.progress, table=driver.table, app=driver.app)
+    return PartWriter(pipe, directory / "parts", directory / "heartbeat.json", interval=0.0)
+
+
+def part_counts(path) -> tuple[dict, list[int]]:
+    """A part's metadata and its groups' counts."""
+    table = pq.read_table(path)
+    return json.loads(table.schema.metadata[b"kappa"]), sorted(table.column("count").to_pylist())
+
+
+def test_no_part_is_written_from_groups_restored_ahead_of_their_stats(make_driver, tmp_path):
+    """A stop between a batch's groups and its stats entry is allowed (the groups skip re-delivered
+    records by their own offsets), so a partition restored from its changelog can hold groups ahead
+    of its stats after the restore has ended. A part written then held 30 records' groups under
+    metadata that counted 20, and replaced the exact part of that name (found by review)."""
+    driver = make_driver(partitions=1)
+    driver.feed(0, records(0, 20))
+    writer = part_writer(driver, tmp_path)
+    writer.tick()
+    exact, _ = parts.newest_parts(tmp_path / "parts")[0]
+    before = part_counts(parts.newest_parts(tmp_path / "parts")[0][1])
+    assert before[0]["next_offset"] == 20 and sum(before[1]) == 20
+    driver.producer.cancel_at = driver.producer.sends + 3  # the groups' two record batches land, the stats never
+    with pytest.raises(asyncio.CancelledError):
+        driver.feed(0, records(20, 10))
+    driver.restore_from_changelog(0)  # the partition moved, or was restored again: the restore ends
+    assert not driver.app.in_recovery and driver.stats(0).next_offset == 20
+    driver.progress.dirty.add(0)  # a restore marks every assigned partition
+    writer.tick()
+    assert part_counts(parts.newest_parts(tmp_path / "parts")[0][1]) == before, "a part counts what it holds"
+    assert driver.progress.dirty == {0}
+    driver.feed(0, records(20, 10))  # delivered again: the stats entry catches up with its groups
+    writer.tick()
+    meta, counts = part_counts(parts.newest_parts(tmp_path / "parts")[0][1])
+    assert meta["next_offset"] == 30 and meta["records"]["counted"] == sum(counts) == 30

@@ -17,7 +17,7 @@ from typing import IO
 
 from kappa.config import Settings
 from kappa.engine.app import Pipeline, create_pipeline, prepare_for_worker
-from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop
+from kappa.engine.faust_internals import PromptWorker, every, fresh_event_loop, is_open
 from kappa.files import replace_text
 from kappa.kafka import admin
 from kappa.pipeline import Definition, Progress
@@ -102,11 +102,22 @@ class PartWriter:
         not count. Its parts wait until the restore ends (`after_recovery` marks them all)."""
         return bool(self.pipe.app.in_recovery)
 
-    def write(self, partitions: set[int]) -> None:
-        definition = self.pipe.definition
+    def write(self, partitions: set[int]) -> set[int]:
+        """Write the partitions' parts; those it cannot write yet stay marked for a later tick
+        (returned: those written). A partition's database that a rebalance closed is not
+        reopened here, and a partition that is not an exact image (groups restored from the
+        changelog ahead of its stats: tables.grouped_mean.read_partition) waits until the agent
+        has applied those records again."""
+        definition, table, written = self.pipe.definition, self.pipe.table, set()
         for partition in sorted(partitions):
-            partials, stats = read_partition(self.pipe.table, partition, definition.aggregate(), definition.layout())
-            parts.write_part(self.directory, partition, partials, stats)
+            opened = is_open(table, partition)
+            image = read_partition(table, partition, definition.aggregate(), definition.layout()) if opened else None
+            if image is not None:
+                parts.write_part(self.directory, partition, *image)
+                written.add(partition)
+            else:
+                self.pipe.progress.dirty.add(partition)
+        return written
 
     def tick(self) -> None:
         """Parts of changed partitions once per snapshot interval, and of those that reached
@@ -132,12 +143,12 @@ class PartWriter:
                 self.next_beat = now + HEARTBEAT_S - self.tick_every / 2
                 self.reported_start = progress.first_applied_at is not None
                 self.beat(owned)
-            self.write(due)
+            written = self.write(due)
         except BaseException:  # a full disk: the parts due are written at a later tick, records or not
             progress.dirty |= due
             raise
         if at_end:
-            self.written_at_end |= due
+            self.written_at_end |= written
 
     def beat(self, owned: set[int]) -> None:
         progress = self.pipe.progress

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from itertools import repeat, starmap
 from operator import length_hint
@@ -487,19 +487,20 @@ def load(
     topic = check_topic_name(topic) if topic is not None else topic_for_path(path)
     if partitions is not None and partitions < 1:
         raise KappaError(f"--partitions must be at least 1, got {partitions}")
-    with sigterm_interrupts(), opened_source(path, key) as source:
-        for text in source.notes:
-            note(text)
-        try:
+    with sigterm_interrupts(), ExitStack() as stack:
+        try:  # Ctrl-C or SIGTERM before this run sent a row: one line, as later on
+            source = stack.enter_context(opened_source(path, key))  # a copy of stdin is removed on the way out
+            for text in source.notes:
+                note(text)
             source.check()  # a file pandas refuses is refused before anything is made or sent
             admin.wait_until_reachable(settings.broker)
             created = _prepare_topic(settings.broker, topic, partitions, settings.replication_factor)
             writer = LedgerWriter(settings.broker, topic)
             plan = _plan(settings, topic, source, again, writer)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM before a row was sent: one line, as later on
+        except KeyboardInterrupt:
+            name = "stdin" if path == "-" else path
             raise KappaError(
-                f"load of {source.name} into {topic!r} interrupted before it sent a row: "
-                "run the same command again to load it"
+                f"load of {name} into {topic!r} interrupted before this run sent a row: run the same command again"
             ) from None
         if isinstance(plan, LedgerEntry):
             return LoadResult(topic, 0, 0.0, created, plan.rows or 0, previous=plan)

@@ -189,6 +189,11 @@ def run_beside(
         raise
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kappa.processes.sigterm_interrupts): as a batch replay says it
         line.finish()
+        if registry.current() == generation:  # stopped between the switch and the old generation's retirement
+            raise KappaError(
+                f"replay of generation {generation} stopped after it became current; `kappa gc --pipeline "
+                f"{pipeline}` (or the pipeline's next command) deletes the generation it replaced"
+            ) from None
         raise KappaError(
             f"replay of generation {generation} stopped before it caught up; its state is kept: run the same "
             f"replay again to resume it where it stopped, or `kappa gc --pipeline {pipeline}` to delete it"

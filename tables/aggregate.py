@@ -58,6 +58,7 @@ class Aggregate(Protocol):
     def encode(self, states: Sequence[MeanState]) -> bytes: ...
     def decode_many(self, entries: Sequence[bytes]) -> dict[str, np.ndarray]: ...
     def next_offsets(self, entries: Sequence[bytes]) -> np.ndarray: ...
+    def next_offset(self, raw: bytes) -> int: ...
     def add_batches(self, stored: Sequence[bytes | None], batches: BatchSums) -> list[bytes | None]: ...
     def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]: ...
     def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -311,6 +312,18 @@ class Mean:
             columns[compensation] = np.ascontiguousarray(rows[:, 2 + 3 * i])
             columns[count] = rows[:, 3 + 3 * i].astype(np.int64)
         return columns
+
+    def next_offset(self, raw: bytes) -> int:
+        """One entry's next offset, whatever its version and number of values (a changelog's
+        restore compares entries of one key by it)."""
+        version = raw[0]
+        if version == MEAN_V2:
+            return int.from_bytes(raw[1:9], "little", signed=True)
+        if version == MEAN_V1:
+            return int(orjson.loads(raw[1:])[0])
+        if version == LEGACY_JSON:
+            return int(orjson.loads(raw)[3])
+        raise unknown_version(self.name, version)
 
     def next_offsets(self, entries: Sequence[bytes]) -> np.ndarray:
         """Each entry's next offset: the offset after the last record of its partition it includes."""

@@ -103,12 +103,15 @@ class PartitionStats:
         )
 
 
-def define_table(app, partitions: int, changelog_config: dict[str, str] | None = None):
+def define_table(app, partitions: int, changelog_config: dict[str, str] | None = None, aggregate: Aggregate = MEAN):
     """The table as Faust sees it: raw bytes in and out (bytes types select Faust's raw
     codec), so our own compact encoding stays in charge. `changelog_config` is added to the
     changelog topic's config when Faust creates it. Each partition's RocksDB database takes
-    `WRITE_BUFFER_BYTES` of writes in memory before it flushes them to a file."""
-    return app.Table(
+    `WRITE_BUFFER_BYTES` of writes in memory before it flushes them to a file. A restore from
+    the changelog keeps each key's newest entry (`entry_next_offset`), not its last one."""
+    from kappa.engine.faust_internals import keep_newest_on_restore  # not at import: Faust is heavy
+
+    table = app.Table(
         TABLE_NAME,
         default=None,
         key_type=bytes,
@@ -118,6 +121,22 @@ def define_table(app, partitions: int, changelog_config: dict[str, str] | None =
         extra_topic_configs=dict(changelog_config or {}),
         options={"write_buffer_size": WRITE_BUFFER_BYTES},
     )
+    keep_newest_on_restore(table, lambda key, raw: entry_next_offset(aggregate, key, raw))
+    return table
+
+
+def entry_next_offset(aggregate: Aggregate, key: bytes, raw: bytes) -> int:
+    """Which of a partition's records a stored entry includes: those below this offset.
+
+    Entries of one key are the same function of the log at the same offset (sums are exact,
+    however records were batched), so the entry with the higher next offset includes more.
+    A changelog may hold an older entry after a newer one: a worker process paused past its
+    session (SIGSTOP, a long stall) resumes and writes what it computed before the pause,
+    after the process that took its partitions over wrote newer entries. Restored last-wins,
+    the older entry replaced the newer one under newer stats, and records were lost."""
+    if key == STATS_KEY:
+        return PartitionStats.decode(raw).next_offset
+    return aggregate.next_offset(raw)
 
 
 def partition_items(table, partition: int) -> Iterator[tuple[bytes, bytes]]:

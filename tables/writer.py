@@ -13,13 +13,22 @@ Faust's, so Faust's recovery, standbys and `kappa.lifecycle.cleanup` treat the c
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import rocksdict
 
-from kappa.engine.faust_internals import is_open, partition_db, persist_changelog_offset, raw_producer
+from kappa.engine.faust_internals import (
+    is_open,
+    partition_db,
+    persist_changelog_offset,
+    persisted_changelog_offset,
+    raw_producer,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +52,8 @@ class TableWriter:
         self.table = table
         self.changelog = table.changelog_topic.get_topic_name()
         self._pending: list[PendingBatch] = []
-        self._acknowledged_to: dict[int, int] = {}  # partition -> last changelog offset acknowledged, not persisted
+        # partition -> (first, last) changelog offsets of this process's acknowledged record batches, not persisted
+        self._acknowledged: dict[int, list[tuple[int, int]]] = {}
 
     def _db(self, partition: int) -> Any:
         return partition_db(self.table, partition)
@@ -83,8 +93,8 @@ class TableWriter:
                 raise outcome
         for batch, metadata in zip(pending, outcomes, strict=True):
             assert not isinstance(metadata, BaseException)  # raised above
-            last = metadata.offset + batch.count - 1
-            self._acknowledged_to[batch.partition] = max(self._acknowledged_to.get(batch.partition, -1), last)
+            span = (metadata.offset, metadata.offset + batch.count - 1)
+            self._acknowledged.setdefault(batch.partition, []).append(span)
 
     def store(self, partition: int, entries: Mapping[bytes, bytes]) -> None:
         """Write the entries to the partition's local database, in one write batch; not if a
@@ -98,8 +108,34 @@ class TableWriter:
         self._db(partition).write(batch)
 
     def persist_offsets(self) -> None:
-        """Store each partition's last acknowledged changelog offset, where Faust's recovery
-        resumes: only once the entries up to it are stored locally too."""
-        acknowledged, self._acknowledged_to = self._acknowledged_to, {}
-        for partition, offset in acknowledged.items():
-            persist_changelog_offset(self.table, self.changelog, partition, offset)  # not if closed meanwhile
+        """Store where Faust's recovery of each partition resumes: the changelog offset up to
+        which every record is in the local store. Only once this process's entries are stored
+        locally, and only as far as they follow on from the offset stored before, record after
+        record. Records between them were written by another process (one paused past its
+        session resumes writing a partition another has taken over): the local store lacks
+        them, and a restore must read them. Stored past them, a restore skipped them, and the
+        table lost records under newer stats (found by helper-25)."""
+        acknowledged, self._acknowledged = self._acknowledged, {}
+        for partition, spans in acknowledged.items():
+            if not is_open(self.table, partition):
+                continue  # a rebalance closed it: never reopened here
+            stored = persisted_changelog_offset(self.table, self.changelog, partition)
+            reached = contiguous_end(-1 if stored is None else stored, spans)
+            if reached != max(last for _, last in spans):
+                log.warning(
+                    "changelog partition %s holds records this process did not write (another process wrote it "
+                    "while this one was paused or had lost the partition); a restore reads them again",
+                    partition,
+                )
+            if reached > (-1 if stored is None else stored):
+                persist_changelog_offset(self.table, self.changelog, partition, reached)
+
+
+def contiguous_end(stored: int, spans: Iterable[tuple[int, int]]) -> int:
+    """The last offset reached from `stored` through the (first, last) spans that follow on
+    from it without a hole; `stored` when the first does not."""
+    for first, last in sorted(spans):
+        if first > stored + 1:
+            break
+        stored = max(stored, last)
+    return stored

@@ -146,7 +146,8 @@ class AgentDriver:
         self.producer.app = self.app
         self.dead = RecordingDeadLetters()
         self.commits: list[dict[TP, int]] = []
-        monkeypatch.setattr(writer_module, "raw_producer", lambda app: self.producer)
+        self.app.recording_producer = self.producer  # each driver's app writes through its own
+        monkeypatch.setattr(writer_module, "raw_producer", lambda app: app.recording_producer)
         monkeypatch.setattr(agent_module, "drain_producer_buffer", _nothing)
         monkeypatch.setattr(agent_module, "commit_offsets", self._record_commit)
         monkeypatch.setattr(agent_module, "COMMIT_EVERY_S", 0.0)
@@ -178,6 +179,25 @@ class AgentDriver:
 
     def stats(self, partition: int) -> PartitionStats:
         return read_stats(self.table, partition)
+
+    def restore_through_faust(self, partition: int) -> None:
+        """Faust's recovery of a partition this process gets (back): the changelog records after
+        the offset its local store persisted, applied by the table's store in order (kappa keeps
+        each key's newest entry: tables.grouped_mean.define_table)."""
+        changelog = self.table.changelog_topic.get_topic_name()
+        tp = TP(changelog, partition)
+        persisted = self.table.data.persisted_offset(tp)
+        start = 0 if persisted is None else persisted + 1
+        events = [
+            SimpleNamespace(message=SimpleNamespace(tp=tp, partition=partition, offset=offset, key=key, value=value))
+            for offset, (key, value) in enumerate(self.producer.changelog.get(partition, []))
+            if offset >= start
+        ]
+        if events:
+            self.table.data.apply_changelog_batch(events, None, None)
+
+    def persisted_offset(self, partition: int) -> int | None:
+        return self.table.data.persisted_offset(TP(self.table.changelog_topic.get_topic_name(), partition))
 
     def restore_from_changelog(self, partition: int, records: int | None = None) -> None:
         """What Faust's recovery does for a partition that moved: its changelog, replayed in

@@ -29,8 +29,10 @@ MEAN = Mean()
 def make_driver(tmp_path, monkeypatch):
     made: list[AgentDriver] = []
 
-    def make(partitions: int = 1, batch_capacity: int = 4, stop_at: dict[int, int] | None = None) -> AgentDriver:
-        made.append(AgentDriver(tmp_path, DEFINITION, partitions, monkeypatch, batch_capacity, stop_at))
+    def make(
+        partitions: int = 1, batch_capacity: int = 4, stop_at: dict[int, int] | None = None, directory=None
+    ) -> AgentDriver:
+        made.append(AgentDriver(directory or tmp_path, DEFINITION, partitions, monkeypatch, batch_capacity, stop_at))
         return made[-1]
 
     yield make
@@ -408,3 +410,36 @@ def test_no_part_is_written_from_groups_restored_ahead_of_their_stats(make_drive
     writer.tick()
     meta, counts = part_counts(parts.newest_parts(tmp_path / "parts")[0][1])
     assert meta["next_offset"] == 30 and meta["records"]["counted"] == sum(counts) == 30
+
+
+def sums_of(offsets: list[int], keys: int = 6) -> dict[bytes, tuple[int, float]]:
+    """The count and sum per key of the records at these offsets (see `records`)."""
+    found: dict[bytes, tuple[int, float]] = {}
+    for offset in offsets:
+        key = f"c{offset % keys}".encode()
+        n, total = found.get(key, (0, 0.0))
+        found[key] = (n + 1, total + offset)
+    return found
+
+
+def test_a_process_paused_past_its_session_never_makes_the_table_lose_records(make_driver, tmp_path):
+    """Process A is paused (SIGSTOP) past its session: B takes its partition over, restores it
+    and goes on. A resumes and writes what it computed before the pause, after B's entries, and
+    stored its changelog offset past them; B writes more. A then gets the partition back and
+    restores from its stored offset: it skipped B's entries, and A's older ones won under B's
+    newer stats. A live pipeline lost records in its final, complete snapshot (found by helper-25)."""
+    a = make_driver(partitions=1)
+    b = make_driver(partitions=1, directory=tmp_path / "b")
+    b.producer.changelog = a.producer.changelog  # one changelog topic, two writers
+    a.feed(0, records(0, 20))
+    b.restore_through_faust(0)  # A is paused: B takes the partition over
+    assert b.stats(0).next_offset == 20
+    b.feed(0, records(20, 20))
+    a.feed(0, records(20, 10))  # A resumes: its batch from before the pause lands after B's entries
+    assert a.persisted_offset(0) < len(a.producer.changelog[0]) - 1, "A stored an offset past B's entries"
+    later = [offset for offset in range(40, 60) if offset % 6 in (0, 1)]  # B goes on: keys c0 and c1 only
+    b.feed(0, Delivered([record for record in records(40, 20) if record.offset in later], 40, 60))
+    a.restore_through_faust(0)  # A gets the partition back
+    assert a.stats(0).next_offset == b.stats(0).next_offset
+    assert table_sums(a, 0) == sums_of([*range(40), *later]) == table_sums(b, 0)
+    b.close()

@@ -64,8 +64,10 @@ What is coupled, what it is for, and what an upstream change would do without th
     For: `raw_producer`; the table writer appends changelog records straight into record
     batches, in exactly Faust's changelog format.
     If changed: AttributeError.
-12. faust RocksDB `Store._db_for_partition`, `_dbs`, `offset_key`, `set_persisted_offset`.
-    For: `partition_db`, `is_open`, `store_offset_key`, `persist_changelog_offset`.
+12. faust RocksDB `Store._db_for_partition`, `_dbs`, `offset_key`, `set_persisted_offset`,
+    `persisted_offset`, `apply_changelog_batch` (replaced on the table's store instance).
+    For: `partition_db`, `is_open`, `store_offset_key`, `persist_changelog_offset`,
+    `persisted_changelog_offset`, `keep_newest_on_restore`.
     If changed: AttributeError; a moved offset key would leak into snapshots.
 13. A mode Worker stops cleanly on SIGTERM only, and closes its event loop when it stops.
     For: `request_stop` (a replay stops itself once done), `fresh_event_loop` (the process goes
@@ -277,6 +279,8 @@ def check_internals() -> None:
     store = _module(faust, "faust.stores.rocksdb").Store
     _method(faust, store, "_db_for_partition", ["partition"], coroutine=False)
     _method(faust, store, "set_persisted_offset", ["tp", "offset"], coroutine=False)
+    _method(faust, store, "persisted_offset", ["tp"], coroutine=False)
+    _method(faust, store, "apply_changelog_batch", ["batch", "to_key", "to_value"], coroutine=False)
     _member(faust, store, "_dbs")
     if not isinstance(_member(faust, store, "offset_key"), bytes):
         raise mismatch(faust, "faust.stores.rocksdb.Store.offset_key is no longer bytes")
@@ -891,6 +895,45 @@ def is_open(table: Any, partition: int) -> bool:
 def store_offset_key(table: Any) -> bytes:
     """The key under which Faust keeps a partition's changelog offset, in that partition's database."""
     return table.data.offset_key
+
+
+def persisted_changelog_offset(table: Any, changelog: str, partition: int) -> int | None:
+    """Where Faust's recovery of this partition resumes (after this changelog offset), if anywhere."""
+    return table.data.persisted_offset(TP(changelog, partition))
+
+
+def keep_newest_on_restore(table: Any, next_offset_of: Callable[[bytes, bytes], int]) -> None:
+    """Make Faust's restore of `table` from its changelog keep each key's newest entry (the
+    highest `next_offset_of(key, value)`; the later one of equals) instead of its last one.
+    Older entries are dropped before Faust applies a batch; the restore still resumes after
+    the batch's last record, dropped or not."""
+    store = table.data
+    apply = store.apply_changelog_batch
+
+    def apply_newest(batch: Iterable[Any], to_key: Any, to_value: Any) -> None:
+        events, kept = list(batch), []
+        newest: dict[tuple[int, bytes], int] = {}  # (partition, key) -> next offset of its newest entry so far
+        ends: dict[Any, int] = {}  # changelog partition -> the batch's last offset
+        for event in events:
+            message = event.message
+            ends[message.tp] = max(ends.get(message.tp, -1), message.offset)
+            slot = (message.partition, message.key)
+            if message.value is None:  # a delete is applied as it comes
+                newest.pop(slot, None)
+                kept.append(event)
+                continue
+            if slot not in newest:
+                current = store._db_for_partition(message.partition).get(message.key)
+                newest[slot] = -1 if current is None else next_offset_of(message.key, current)
+            offset = next_offset_of(message.key, message.value)
+            if offset >= newest[slot]:
+                newest[slot] = offset
+                kept.append(event)
+        apply(kept, to_key, to_value)
+        for tp, offset in ends.items():
+            store.set_persisted_offset(tp, offset)
+
+    store.apply_changelog_batch = apply_newest
 
 
 def persist_changelog_offset(table: Any, changelog: str, partition: int, offset: int) -> None:

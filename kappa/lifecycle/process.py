@@ -102,15 +102,16 @@ class PartWriter:
         not count. Its parts wait until the restore ends (`after_recovery` marks them all)."""
         return bool(self.pipe.app.in_recovery)
 
-    def write(self, partitions: set[int]) -> set[int]:
+    def write(self, partitions: set[int], reopen: bool = False) -> set[int]:
         """Write the partitions' parts; those it cannot write yet stay marked for a later tick
         (returned: those written). A partition's database that a rebalance closed is not
-        reopened here, and a partition that is not an exact image (groups restored from the
-        changelog ahead of its stats: tables.grouped_mean.read_partition) waits until the agent
-        has applied those records again."""
+        reopened here unless `reopen` (at the stop, when Faust may have closed them already),
+        and a partition that is not an exact image (groups restored from the changelog ahead of
+        its stats: tables.grouped_mean.read_partition) waits until the agent has applied those
+        records again."""
         definition, table, written = self.pipe.definition, self.pipe.table, set()
         for partition in sorted(partitions):
-            opened = is_open(table, partition)
+            opened = reopen or is_open(table, partition)
             image = read_partition(table, partition, definition.aggregate(), definition.layout()) if opened else None
             if image is not None:
                 parts.write_part(self.directory, partition, *image)
@@ -179,8 +180,9 @@ class FinalPartsWorker(PromptWorker):
         if self.part_writer is None:
             return
         try:
-            if not self.part_writer.restoring():  # the parts written before the restore stand
-                self.part_writer.write(self.part_writer.assigned())
+            # the process ends next: a database Faust closed on the way out is read once more, and
+            # one it was restoring is written only if it is an exact image (read_partition)
+            self.part_writer.write(self.part_writer.assigned(), reopen=True)
         except Exception:  # the stop must go on; the next run rewrites parts
             log.exception("could not write final parts")
         try:

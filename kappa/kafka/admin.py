@@ -68,25 +68,39 @@ def _admin_client(broker: str, credentials: tuple[tuple[str, str], ...]) -> Admi
     return AdminClient(client_config(broker, **{"allow.auto.create.topics": False}, **dict(credentials)))
 
 
+REACH_SLICE_S, REACH_PAUSE_S = 0.5, 0.05  # see wait_until_reachable
+
+
 def wait_until_reachable(broker: str, timeout: float = 10.0, **overrides: object) -> None:
-    """Fail fast, in one line, when nothing answers at `broker` or it refuses our credentials."""
+    """Fail fast, in one line, when nothing answers at `broker` or it refuses our credentials.
+
+    Asked in slices of REACH_SLICE_S: a Ctrl-C is handled only once librdkafka's call returns,
+    so one call of `timeout` held it for up to 10 s, and then the unreachable broker's error
+    could be reported instead of the interrupt."""
     _AuthErrors.last = None
     # the process's client when nothing is overridden: the commands' next admin calls then
     # reuse the connection this check has made
     client = AdminClient(client_config(broker, **overrides)) if overrides else admin(broker)
-    try:
-        client.list_topics(timeout=timeout)
-    except KafkaException as exc:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.list_topics(timeout=max(min(REACH_SLICE_S, deadline - time.monotonic()), 0.01))
+            return
+        except KafkaException as exc:
+            failure = exc
         client.poll(0)  # serves error_cb, which is how an authentication failure is reported
-        if _AuthErrors.last:
-            raise KappaError(
-                f"authentication to the Kafka broker at {broker} failed ({_AuthErrors.last}): check "
-                "KAPPA_SASL_USERNAME / KAPPA_SASL_PASSWORD and KAPPA_SECURITY_PROTOCOL"
-            ) from None
+        if _AuthErrors.last or time.monotonic() >= deadline:
+            break
+        time.sleep(REACH_PAUSE_S)  # a refused connection may fail at once: no busy loop
+    if _AuthErrors.last:
         raise KappaError(
-            f"cannot reach the Kafka broker at {broker} within {timeout:g}s ({exc.args[0].str()}): "
-            "start one with `kappa kafka start`, or pass --broker HOST:PORT / set KAPPA_BROKER"
+            f"authentication to the Kafka broker at {broker} failed ({_AuthErrors.last}): check "
+            "KAPPA_SASL_USERNAME / KAPPA_SASL_PASSWORD and KAPPA_SECURITY_PROTOCOL"
         ) from None
+    raise KappaError(
+        f"cannot reach the Kafka broker at {broker} within {timeout:g}s ({failure.args[0].str()}): "
+        "start one with `kappa kafka start`, or pass --broker HOST:PORT / set KAPPA_BROKER"
+    ) from None
 
 
 def partition_count(broker: str, topic: str, timeout: float = 10.0) -> int | None:

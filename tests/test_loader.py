@@ -232,6 +232,9 @@ def test_ctrl_c_before_the_first_row_is_one_line_that_says_nothing_was_sent(tmp_
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
+        # as a terminal runs it: a suite started in the background (`make test &`) hands its children
+        # SIGINT ignored, and Python then raises no KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     with reaped(load):  # librdkafka's threads exist once the load asks for the broker, after its checks
         assert wait_until(lambda: "rdk:" in thread_names(load.pid), 60, 0.05)

@@ -119,15 +119,16 @@ class TableWriter:
         for partition, spans in acknowledged.items():
             if not is_open(self.table, partition):
                 continue  # a rebalance closed it: never reopened here
-            stored = persisted_changelog_offset(self.table, self.changelog, partition)
-            reached = contiguous_end(-1 if stored is None else stored, spans)
+            persisted = persisted_changelog_offset(self.table, self.changelog, partition)
+            stored = -1 if persisted is None else persisted
+            reached = contiguous_end(stored, spans)
             if reached != max(last for _, last in spans):
                 log.warning(
                     "changelog partition %s holds records this process did not write (another process wrote it "
                     "while this one was paused or had lost the partition); a restore reads them again",
                     partition,
                 )
-            if reached > (-1 if stored is None else stored):
+            if reached > stored:
                 persist_changelog_offset(self.table, self.changelog, partition, reached)
 
 

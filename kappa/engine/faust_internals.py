@@ -911,10 +911,10 @@ def keep_newest_on_restore(table: Any, next_offset_of: Callable[[bytes, bytes], 
     apply = store.apply_changelog_batch
 
     def apply_newest(batch: Iterable[Any], to_key: Any, to_value: Any) -> None:
-        events, kept = list(batch), []
+        kept = []
         newest: dict[tuple[int, bytes], int] = {}  # (partition, key) -> next offset of its newest entry so far
         ends: dict[Any, int] = {}  # changelog partition -> the batch's last offset
-        for event in events:
+        for event in batch:
             message = event.message
             ends[message.tp] = max(ends.get(message.tp, -1), message.offset)
             slot = (message.partition, message.key)

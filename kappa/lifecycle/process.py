@@ -94,21 +94,13 @@ class PartWriter:
         topic = self.pipe.definition.topic
         return {tp.partition for tp in self.pipe.app.consumer.assignment() if tp.topic == topic}
 
-    def restoring(self) -> bool:
-        """Whether Faust is restoring tables from their changelogs. A partition's database then
-        holds part of the changelog: its group entries come before the stats entry that says
-        which records they include (tables.transaction), so a part read now could hold groups
-        at an older offset, or at offset 0, and a snapshot would show records its manifest does
-        not count. Its parts wait until the restore ends (`after_recovery` marks them all)."""
-        return bool(self.pipe.app.in_recovery)
-
     def write(self, partitions: set[int], reopen: bool = False) -> set[int]:
         """Write the partitions' parts; those it cannot write yet stay marked for a later tick
         (returned: those written). A partition's database that a rebalance closed is not
         reopened here unless `reopen` (at the stop, when Faust may have closed them already),
         and a partition that is not an exact image (groups restored from the changelog ahead of
-        its stats: tables.grouped_mean.read_partition) waits until the agent has applied those
-        records again."""
+        its stats, during a restore or after it: tables.grouped_mean.read_partition) waits until
+        the restore ends or the agent has applied those records again."""
         definition, table, written = self.pipe.definition, self.pipe.table, set()
         for partition in sorted(partitions):
             opened = reopen or is_open(table, partition)
@@ -128,9 +120,7 @@ class PartWriter:
         owned, progress, now = self.assigned(), self.pipe.progress, time.monotonic()
         due: set[int] = set()
         at_end = False
-        if self.restoring():
-            pass  # the parts due stay marked for a tick after the restore
-        elif now >= self.next_parts:
+        if now >= self.next_parts:
             self.next_parts = now + self.interval
             due, progress.dirty = progress.dirty & owned, set()
         elif self.catch_up_to is not None:

@@ -90,6 +90,12 @@ def _key_from_row(field: Any) -> str | None:
     return None
 
 
+def key_field_text(row: dict, value: bytes, name: str) -> str | None:
+    """The group key a replay by `--key name` reads from this message (None: the row has none).
+    `kappa load` writes it as the message key too, so a replay without --key groups alike."""
+    return _key_from_row(_key_fields(row, value, (name,))[0])
+
+
 def _number(field: Any) -> float | None | str:
     """float for a counted value, None for a skipped one, or an error message."""
     if field is None:

@@ -402,3 +402,35 @@ def test_an_empty_text_key_in_parquet_or_json_lines_is_a_group_as_pandas_has_it(
                 expected.index.name = "key"
             assert_shape_matches(table, expected)
             assert "" in set(table["key" if not keys or len(keys) == 1 else "city"]), (path.name, keys)
+
+
+JSON_NUMBER_KEYS = [b"1.50", b"1e3", b"1E+2", b"-0", b"-0.0", b"1e-7", b"12345678901234567890", b"7", b"true", b"[]"]
+JSON_NUMBER_KEYS += [b"[1, 2]", b'{"a": 1}', b'"text"', b'""', b"null"]
+
+
+def test_the_message_key_groups_as_the_key_field_does(kappa, tmp_path):
+    """Without --key the message key is the group key, so the loader must write each row's key field
+    as the replay by --key reads it: JSON Lines `1.50` was the message key `1.5` but the group `1.50`,
+    `[]` a message key where the field is no key, and a Parquet float 1e-7 the key `1e-07` where its
+    message says `1e-7`. A replay of the same topic by the message key and by the field now agree."""
+    rng = np.random.default_rng(71)
+    rows = [
+        b'{"k": %s, "fare": %d}' % (JSON_NUMBER_KEYS[i], fare)
+        for i, fare in zip(rng.integers(0, len(JSON_NUMBER_KEYS), 2_000), rng.integers(0, 100, 2_000), strict=True)
+    ]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(b"\n".join(rows) + b"\n")
+    parquet = tmp_path / "rows.parquet"
+    floats = np.array([1.5, 1e-7, 1e20, 0.1 + 0.2, -0.0, np.nan, 1e16, np.inf])[rng.integers(0, 8, 2_000)]
+    pd.DataFrame({"k": floats, "fare": rng.integers(0, 100, 2_000)}).to_parquet(parquet, index=False)
+    for path in (jsonl, parquet):
+        topic = kappa.topic(f"-{path.suffix[1:]}")
+        kappa.load(path, "k", topic, partitions=2)
+        tables = []
+        for pipeline, by in ((f"{topic}-field", ["--key", "k"]), (f"{topic}-message", [])):
+            kappa.run("replay", "--topic", topic, *by, "--value", "fare", "--batch", "--pipeline", pipeline)
+            tables.append(latest_table(kappa, pipeline))
+        (by_field, field_manifest), (by_message, message_manifest) = tables
+        pd.testing.assert_frame_equal(by_message, by_field)
+        assert message_manifest["records"] == field_manifest["records"], path.name
+        assert by_field["count"].sum() > 0

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kappa.codec import json_object
+from kappa.codec import json_object, key_field_text
 from kappa.errors import KappaError
 from kappa.load.json_rows import arrow_text, joined_objects, json_objects, written_texts, written_values
 
@@ -103,11 +103,15 @@ def split_name(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _key_bytes(value: object) -> bytes | None:
-    if value is None or value is pd.NaT or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+def _message_key(row: dict | str, value: bytes, key: str) -> bytes | None:
+    """The message key of a row as written: the key field as a replay by `--key` reads it from the
+    message (`kappa.codec.key_field_text`: JSON `1.50` is `1.50`, a list no key), so a replay
+    grouped by the message key (no --key) groups exactly as one by the field. A lone surrogate is
+    kept (as invalid UTF-8, which both replays reject)."""
+    if isinstance(row, str):  # not a JSON object: the workers reject it, it has no key
         return None
-    text = value if isinstance(value, str) else str(value)
-    return text.encode("utf-8")
+    text = key_field_text(row, value, key)
+    return None if text is None else text.encode("utf-8", "surrogatepass")
 
 
 def _json_default(value: object) -> object:
@@ -143,7 +147,7 @@ def _frame_chunk(frame: pd.DataFrame, key: str, as_written: bool = False) -> Chu
             for row in zip(*columns, strict=True)
         ]
         longest_value = max(map(len, values), default=0)
-    keys, longest_key = _message_keys(frame[key])
+    keys, longest_key = _message_keys(frame[key], values, key)
     return Chunk(keys, values, longest_value + longest_key)
 
 
@@ -176,13 +180,16 @@ def _longest_key(keys: list[bytes | None]) -> int:
     return max(map(len, filter(None, keys)), default=0)
 
 
-def _message_keys(column: pd.Series) -> tuple[list[bytes | None], int]:
-    """Each row's key field as UTF-8 (None when missing; "" is a key), text columns at once; and
-    the longest one's bytes."""
+def _message_keys(column: pd.Series, values: list[bytes], key: str) -> tuple[list[bytes | None], int]:
+    """Each row's message key (`_message_key`), and the longest one's bytes. Text and integer
+    columns at once: JSON writes their fields as `str` does and a replay reads them back so
+    (`-0` is no integer's text). Any other column message by message."""
     texts = arrow_text(column)
+    if texts is None and pd.api.types.is_integer_dtype(column.dtype):
+        texts = pa.array(column.astype("string"), pa.string())
     if texts is not None:
         return _text_keys(texts)
-    keys = [_key_bytes(value) for value in column.tolist()]  # not all text: value by value
+    keys = [_message_key(json_object(value), value, key) for value in values]
     return keys, _longest_key(keys)
 
 
@@ -311,11 +318,8 @@ class Source:
                 if not line:
                     continue
                 row = json_object(line)  # the workers' rule: NaN, 1e400 and a BOM are objects to them too
-                if isinstance(row, dict):
-                    keys.append(_key_bytes(row.get(self.key)))
-                else:
-                    self.not_objects += 1
-                    keys.append(None)
+                self.not_objects += isinstance(row, str)
+                keys.append(_message_key(row, line, self.key))
                 values.append(line)
                 if len(values) == CHUNK_ROWS:
                     yield _listed_chunk(keys, values)

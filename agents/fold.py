@@ -62,6 +62,8 @@ REFUSED_SPAN = 2  # Arrow names the refused row or, for trailing garbage, the on
 FEW_VALUES = 16  # a key's values in one batch summed column-wise up to this many, by fsum beyond
 EXACT_INTEGERS = float(1 << 43)  # epoch ms to the year 2248; below it x / 1000 floors as x // 1000
 NEWLINE, OPEN_BRACE = ord("\n"), ord("{")
+# a NaN, Inf or Infinity literal as a JSON value (Arrow reads them; orjson and json do not all)
+NON_FINITE_LITERAL = re.compile(rb"[:,\[]\s*[-+]?(?:NaN|Inf)")
 RADIX_SORTED_KEYS = 1 << 16  # a batch's distinct keys up to which its rows are grouped by a radix sort
 
 
@@ -240,13 +242,19 @@ def _holds(text: bytes, word: bytes) -> bool:
 
 
 def _unlike_orjson(messages: list[bytes], text: bytes, data: np.ndarray) -> np.ndarray | None:
-    """Rows Arrow reads but orjson (and then json) may judge otherwise: NaN and Infinity
-    literals (`-NaN` is no JSON to Python) and nesting (orjson stops at 1024 levels)."""
+    """Rows Arrow reads but orjson (and then json) may judge otherwise: NaN, Inf and Infinity
+    literals (`-NaN` is no JSON to Python, and `Inf` none to either: Arrow's parser reads all
+    three) and nesting (orjson stops at 1024 levels). Such a literal follows a `:`, `,` or `[`
+    (text such as `"Info"` does not, and keeps the columns)."""
     flat = np.count_nonzero(data == OPEN_BRACE) == len(messages) and b"[" not in text
-    if flat and not _holds(text, b"NaN") and not _holds(text, b"Infinity"):
+    literals = (_holds(text, b"NaN") or _holds(text, b"Inf")) and NON_FINITE_LITERAL.search(text) is not None
+    if flat and not literals:
         return None
     return np.fromiter(
-        (b"NaN" in m or b"Infinity" in m or m.count(b"{") > 1 or b"[" in m for m in messages),
+        (
+            (literals and NON_FINITE_LITERAL.search(m) is not None) or m.count(b"{") > 1 or b"[" in m
+            for m in messages
+        ),
         dtype=bool,
         count=len(messages),
     )

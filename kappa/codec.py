@@ -16,6 +16,8 @@ import functools
 import json
 import math
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,12 +70,32 @@ def _key_fields(row: dict, value: bytes, names: tuple[str, ...]) -> list[Any]:
     an integer other than 0 is written as str(int) gives it back."""
     fields = [row.get(name) for name in names]
     if any(type(field) is float or (type(field) is int and field == 0) for field in fields):
-        written = json.loads(value, parse_float=str, parse_int=str)
+        written = _numbers_as_written(value)
         numbers = (int, float)
         fields = [
             written.get(name) if type(field) in numbers else field for name, field in zip(names, fields, strict=True)
         ]
     return fields
+
+
+ORJSON_DEPTH = 1024  # orjson reads arrays and objects nested this deep, the standard library about 1000
+_DEEP_READ = threading.Lock()
+
+
+def _numbers_as_written(value: bytes) -> dict:
+    """The row orjson read from `value` again, each number as its text. A row nested deeper than
+    the standard library's recursion limit allows (orjson reads 1024 levels) is read under a limit
+    raised for that read alone: a RecursionError here stopped the fold for good."""
+    try:
+        return json.loads(value, parse_float=str, parse_int=str)
+    except RecursionError:
+        with _DEEP_READ:  # one raised limit at a time: the limit is the interpreter's
+            limit = sys.getrecursionlimit()
+            sys.setrecursionlimit(limit + ORJSON_DEPTH)
+            try:
+                return json.loads(value, parse_float=str, parse_int=str)
+            finally:
+                sys.setrecursionlimit(limit)
 
 
 def _key_from_row(field: Any) -> str | None:

@@ -392,6 +392,8 @@ def test_a_sum_does_not_depend_on_how_the_records_were_batched(seed):
 UNLIKE_ORJSON = [
     b'{"city": "a", "vendor": "v", "fare": "3.5", "tip": 1, "at": "2024-03-01T10:00:00"}',  # a value as text
     b'{"city": "a", "vendor": "v", "fare": -NaN, "tip": 1, "at": "2024-03-01T10:00:00"}',  # no JSON to Python
+    b'{"city": "a", "vendor": "v", "fare": 5, "tip": 1, "at": "2024-03-01T10:00:00", "x": Inf}',  # Arrow reads it
+    b'{"city": "a", "vendor": "v", "fare": -Inf, "tip": 1, "at": "2024-03-01T10:00:00"}',
     b'{"city": "a", "vendor": "v", "fare": 1, "tip": 1, "at": "2024-03-01T10:00:00", "x": "\xff"}',  # not UTF-8
     b'{"city": "a", "vendor": "v", "fare": 1, "tip": 1, "at": "2024-03-01T10:00:00"}x',  # trailing garbage
     b'\xef\xbb\xbf{"city": "a", "vendor": "v", "fare": 2, "tip": 1, "at": "2024-03-01T10:00:00"}',  # a BOM
@@ -530,4 +532,19 @@ def test_a_number_in_a_key_field_is_the_key_as_written(vendor, key):
     verdict = decode_row(None, message, None, SHAPE)
     assert verdict.kind == COUNTED and verdict.texts == ("a", key), verdict
     records = [ParsedRecord(i, b"k", message) for i in range(3)]
+    assert_fold_matches_rows_one_at_a_time(records, 0, None)
+
+
+@pytest.mark.parametrize("depth", [990, 1023])
+def test_a_number_in_a_key_field_beside_a_deeply_nested_field_never_stops_the_fold(depth):
+    """A key that is a number is read again with the standard library to keep its text, whose
+    recursion limit (1000) is below orjson's nesting limit (1024): a row orjson reads, with a
+    field nested about 1000 deep, raised RecursionError out of the rules, so the replay's
+    preflight failed with a traceback and a worker failed on each start (found by helper-27)."""
+    message = b'{"city": "a", "vendor": 7.5, "fare": 2, "tip": 1, "at": "2024-03-01T10:00:00", "n": '
+    message += b"[" * depth + b"]" * depth + b"}"
+    verdict = decode_row(None, message, None, SHAPE)
+    assert verdict.kind == COUNTED and verdict.texts == ("a", "7.5"), verdict
+    plain = json.dumps(PARSEABLE_ROWS[0]).encode()
+    records = [ParsedRecord(i, b"k", message if i % 7 == 3 else plain) for i in range(30)]
     assert_fold_matches_rows_one_at_a_time(records, 0, None)

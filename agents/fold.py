@@ -251,10 +251,7 @@ def _unlike_orjson(messages: list[bytes], text: bytes, data: np.ndarray) -> np.n
     if flat and not literals:
         return None
     return np.fromiter(
-        (
-            (literals and NON_FINITE_LITERAL.search(m) is not None) or m.count(b"{") > 1 or b"[" in m
-            for m in messages
-        ),
+        ((literals and NON_FINITE_LITERAL.search(m) is not None) or m.count(b"{") > 1 or b"[" in m for m in messages),
         dtype=bool,
         count=len(messages),
     )

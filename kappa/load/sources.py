@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import lzma
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import orjson
@@ -224,15 +225,61 @@ NULLABLE_INTEGERS = {
 }
 
 
+def _is_bytes(kind: pa.DataType) -> bool:
+    """A Parquet BYTE_ARRAY without the UTF-8 annotation (Spark and Hive write text so)."""
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+
+
+def _as_text(column: pa.Array) -> pa.Array:
+    """Bytes as the UTF-8 text they hold (checked before the load: `_check_parquet`)."""
+    if pa.types.is_large_binary(column.type):
+        return column.cast(pa.large_string())
+    return column.cast(pa.binary()).cast(pa.string())
+
+
 def _iso_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A Parquet batch with the columns JSON has no type for as text: dates and timestamps in
+    ISO 8601, bytes as their UTF-8 text (pandas would give `bytes`, whose repr is no value)."""
     columns = []
     for column in batch.columns:
         if pa.types.is_date(column.type):
             column = column.cast(pa.string())
         elif pa.types.is_timestamp(column.type):
             column = _timestamp_text(column)
+        elif _is_bytes(column.type):
+            column = _as_text(column)
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def _check_parquet(parquet: Any, name: str) -> None:
+    """Refuse, before anything is made, a Parquet file whose rows cannot be JSON objects: two
+    columns of one name (an object has one field per name), or a bytes column that is not
+    UTF-8 text (found at row 900,000 mid-load, the rows before it would be on the log)."""
+    names = parquet.schema_arrow.names
+    for column in dict.fromkeys(names):
+        if names.count(column) > 1:
+            raise KappaError(
+                f"{name} has {names.count(column)} columns named {column!r}: a row is loaded as a JSON object, "
+                "one field per name; rename them and load again"
+            )
+    binary = [field.name for field in parquet.schema_arrow if _is_bytes(field.type)]
+    row = 0
+    for batch in parquet.iter_batches(columns=binary) if binary else ():
+        for column_name, column in zip(binary, batch.columns, strict=True):
+            texts = column.cast(pa.binary()) if pa.types.is_fixed_size_binary(column.type) else column
+            try:
+                texts.view(pa.large_string() if pa.types.is_large_binary(texts.type) else pa.string()).validate(
+                    full=True
+                )
+            except pa.ArrowInvalid as exc:
+                at = re.search(r"index (\d+)", str(exc))
+                where = f" (row {row + int(at.group(1)) + 1:,} is not)" if at else ""
+                raise KappaError(
+                    f"{name}: column {column_name!r} holds bytes that are not UTF-8 text{where}; kappa loads "
+                    "each row as a JSON object, whose fields are text"
+                ) from None
+        row += batch.num_rows
 
 
 @dataclass
@@ -547,6 +594,7 @@ def _check_json_lines(file: Path, name: str, key: str) -> None:
     counted) and JSON Lines whose first rows never hold the key field (as a CSV without the
     key column is refused)."""
     fields: dict[str, None] = {}
+    lines = objects = 0
     with open(file, "rb") as handle:
         for line in islice(filter(None, map(bytes.strip, handle)), SAMPLE_LINES):
             if not fields and line.removeprefix(UTF8_BOM).startswith(b"["):
@@ -556,9 +604,16 @@ def _check_json_lines(file: Path, name: str, key: str) -> None:
                 )
             row = json_object(line)
             if isinstance(row, dict):
+                objects += 1
                 if key in row:
                     return
                 fields.update(dict.fromkeys(map(str, row)))
+            lines += 1
+    if lines and not objects:
+        raise KappaError(
+            f"{name} holds no JSON object in its first {lines:,} lines: kappa loads JSON Lines (one object per "
+            "line) from .jsonl files and stdin; load a CSV, TSV or Parquet file by its path"
+        )
     if fields and not _holds_text(file, orjson.dumps(key)):  # a later row may hold it (or a value: let it be)
         shown = ", ".join(list(fields)[:20])
         raise KappaError(f"key field {key!r} is in none of the rows of {name}; their fields are: {shown}")
@@ -595,6 +650,7 @@ def open_source(path: str, key: str) -> Source:
         except (pa.ArrowInvalid, OSError) as exc:
             raise KappaError(f"{path} is not a Parquet file Arrow can read: {exc}") from None
         _require_column(parquet.schema_arrow.names, key, path)
+        _check_parquet(parquet, path)
         source.estimated_rows = parquet.metadata.num_rows
         return source
     return _open_text_table(source)

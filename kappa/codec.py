@@ -137,7 +137,8 @@ def _number(field: Any) -> float | None | str:
             number = float(text)
         except ValueError:
             return f"value {field[:40]!r} is not numeric"
-        if "_" in text or not text.isascii():  # float() reads `1_0` and other scripts' digits; pandas does not
+        # float() reads `1_0`, other scripts' digits and spaces (`5\u00a0`); pandas none of them
+        if "_" in text or not field.isascii():
             return f"value {field[:40]!r} is not numeric"
     else:
         return f"value is a JSON {type(field).__name__}, expected a number"

@@ -27,6 +27,7 @@ from tables.keys import KeyLayout
 
 DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+LONGEST_WINDOW_S = 36_500 * 86_400  # windows start where times do, within the years 1 to 9999
 CONFIG_FILE = "kappa.toml"
 PIPELINE_KEYS = {"topic", "key", "value", "window", "time", "time_unit"}
 
@@ -38,7 +39,13 @@ def parse_duration(text: str) -> int:
         raise KappaError(
             f"--window {text!r} is not a duration: expected a positive number and a unit, as 30s, 15m, 1h, 1d"
         )
-    return int(match.group(1)) * DURATION_SECONDS[match.group(2)]
+    seconds = int(match.group(1)) * DURATION_SECONDS[match.group(2)]
+    if seconds > LONGEST_WINDOW_S:
+        raise KappaError(
+            f"--window {text!r} is longer than {LONGEST_WINDOW_S // 86_400} days (a century): a window start must "
+            "stay a time a snapshot can show; pick a shorter window"
+        )
+    return seconds
 
 
 def split_fields(text: str | Sequence[str] | None, option: str) -> tuple[str, ...] | None:

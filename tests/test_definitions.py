@@ -172,6 +172,17 @@ def test_a_field_name_with_a_comma_from_kappa_toml_is_refused(tmp_path):
         resolve("trips", config, topic=None, key=None, value=None, window=None, time=None, time_unit=None)
 
 
+@pytest.mark.parametrize("window", ["99999999999999999999d", "36501d", "3153600001s"])
+def test_a_window_longer_than_a_century_is_refused(window):
+    """`--window 99999999999999999999d` was accepted, and the fold then failed on an integer
+    beyond 64 bits with a traceback and advice to resume that failed again; a 10,000-year
+    window gave window starts before the year 1 (found by helper-27)."""
+    with pytest.raises(KappaError, match=r"--window .* is longer than 36500 days \(a century\)"):
+        resolve(None, None, topic="t", key="city", value="fare", window=window, time="at", time_unit=None)
+    _, longest = resolve(None, None, topic="t", key="city", value="fare", window="36500d", time="at", time_unit=None)
+    assert longest.window_s == 36_500 * 86_400
+
+
 def test_a_time_unit_without_a_window_is_refused():
     """`--time-unit ms` without --window was accepted and did nothing, while --time without
     --window is refused."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from kappa.errors import KappaError
-from kappa.kafka.admin import end_offsets, partition_count
+from kappa.kafka.admin import end_offsets, ensure_topic, partition_count
 from kappa.pipeline import Definition, resolve
 from tests.datagen import pandas_expectation, sample_frame
 from tests.oracle import assert_matches, latest_dir, read_latest
@@ -213,7 +214,8 @@ def test_a_worker_starts_on_a_log_that_holds_only_rejected_records(kappa):
     from tests.live import kill_group, start_worker
 
     topic = kappa.topic()
-    kappa.run("load", "-", "--key", "city", "--topic", topic, "--partitions", "1", stdin=b"hello\nworld\n")
+    ensure_topic(kappa.broker, topic, 1)
+    subprocess.run(["kcat", "-P", "-b", kappa.broker, "-t", topic], input=b"hello\nworld\n", check=True, timeout=60)
     worker = start_worker(kappa, topic, "amount", "city", processes=1, interval=0.5)
     try:
         dlq = f"{topic}.dlq"

@@ -35,7 +35,14 @@ import pyarrow.compute as pc
 
 from kappa.codec import json_object, key_field_text
 from kappa.errors import KappaError
-from kappa.load.json_rows import arrow_text, joined_objects, json_objects, written_texts, written_values
+from kappa.load.json_rows import (
+    arrow_text,
+    joined_objects,
+    json_objects,
+    json_values,
+    written_texts,
+    written_values,
+)
 
 CHUNK_ROWS = 100_000
 SAMPLE_LINES = 1_000  # the JSON Lines read to check that rows hold the key field
@@ -190,8 +197,19 @@ def _message_keys(column: pd.Series, values: list[bytes], key: str) -> tuple[lis
         texts = pa.array(column.astype("string"), pa.string())
     if texts is not None:
         return _text_keys(texts)
-    keys = [_message_key(json_object(value), value, key) for value in values]
+    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "fb":
+        keys = [SCALAR_KEYS.get(text, text) for text in json_values(column).to_pylist()]  # type: ignore[union-attr]
+    else:
+        keys = [_message_key(json_object(value), value, key) for value in values]
     return keys, _longest_key(keys)
+
+
+# A float or bool column's JSON texts (kappa.load.json_rows.json_values) as the keys a replay
+# reads from them: a number is its text as written, NaN (null) no key, ±inf the text json_values
+# writes for it, a bool Python's text (kappa.codec._key_from_row)
+SCALAR_KEYS: dict[bytes, bytes | None] = {
+    b"null": None, b'"inf"': b"inf", b'"-inf"': b"-inf", b"true": b"True", b"false": b"False"
+}  # fmt: skip
 
 
 def _text_keys(texts: pa.Array) -> tuple[list[bytes | None], int]:

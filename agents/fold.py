@@ -10,7 +10,7 @@ object is made per record. Whatever the columns cannot judge goes through
   key field that is a number, a field named twice, a lone surrogate), or whose bytes are not
   UTF-8: it is found by the row the parser names, and the records before it keep the
   columns (after `MAX_REFUSALS` in one batch, the rest of the batch goes record by record);
-- rows the parser reads where orjson and json do not, or not alike: NaN and Infinity
+- rows the parser reads where orjson and json do not, or not alike: NaN, Inf and Infinity
   literals, and nesting;
 - rows whose event time is text in any form other than `YYYY-MM-DDTHH:MM:SS` (with optional
   milliseconds or microseconds and `Z`), or an epoch that is not finite or very large;
@@ -63,7 +63,7 @@ FEW_VALUES = 16  # a key's values in one batch summed column-wise up to this man
 EXACT_INTEGERS = float(1 << 43)  # epoch ms to the year 2248; below it x / 1000 floors as x // 1000
 NEWLINE, OPEN_BRACE = ord("\n"), ord("{")
 # a NaN, Inf or Infinity literal as a JSON value (Arrow reads them; orjson and json do not all)
-NON_FINITE_LITERAL = re.compile(rb"[:,\[]\s*[-+]?(?:NaN|Inf)")
+NON_FINITE_LITERAL = re.compile(rb"[:,\[]\s*-?(?:NaN|Inf(?:inity)?)\s*[,\]}]")
 RADIX_SORTED_KEYS = 1 << 16  # a batch's distinct keys up to which its rows are grouped by a radix sort
 
 
@@ -244,8 +244,9 @@ def _holds(text: bytes, word: bytes) -> bool:
 def _unlike_orjson(messages: list[bytes], text: bytes, data: np.ndarray) -> np.ndarray | None:
     """Rows Arrow reads but orjson (and then json) may judge otherwise: NaN, Inf and Infinity
     literals (`-NaN` is no JSON to Python, and `Inf` none to either: Arrow's parser reads all
-    three) and nesting (orjson stops at 1024 levels). Such a literal follows a `:`, `,` or `[`
-    (text such as `"Info"` does not, and keeps the columns)."""
+    three) and nesting (orjson stops at 1024 levels). Such a literal stands between a `:`, `,`
+    or `[` and a `,`, `]` or `}` (Arrow refuses `+Inf`); text such as `"Severity: Info"` does
+    not, and keeps the columns."""
     flat = np.count_nonzero(data == OPEN_BRACE) == len(messages) and b"[" not in text
     literals = (_holds(text, b"NaN") or _holds(text, b"Inf")) and NON_FINITE_LITERAL.search(text) is not None
     if flat and not literals:

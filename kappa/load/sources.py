@@ -15,7 +15,6 @@ import gzip
 import hashlib
 import lzma
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -248,32 +247,36 @@ def _is_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
 
 
-def _as_text(column: pa.Array) -> pa.Array:
-    """Bytes as the UTF-8 text they hold (checked before the load: `_check_parquet`)."""
+def _as_text(column: pa.Array, as_hex: bool) -> pa.Array:
+    """Bytes as the UTF-8 text they hold, or, for a column that holds other bytes anywhere
+    (`_check_parquet`), as lowercase hex (UUIDs and hashes are shown so)."""
+    if as_hex:
+        return pa.array([None if value is None else value.hex() for value in column.to_pylist()], pa.string())
     if pa.types.is_large_binary(column.type):
         return column.cast(pa.large_string())
     return column.cast(pa.binary()).cast(pa.string())
 
 
-def _iso_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+def _iso_batch(batch: pa.RecordBatch, hex_columns: frozenset[str] = frozenset()) -> pa.RecordBatch:
     """A Parquet batch with the columns JSON has no type for as text: dates and timestamps in
-    ISO 8601, bytes as their UTF-8 text (pandas would give `bytes`, whose repr is no value)."""
+    ISO 8601, bytes as their UTF-8 text or hex (pandas would give `bytes`, whose repr is no value)."""
     columns = []
-    for column in batch.columns:
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
         if pa.types.is_date(column.type):
             column = column.cast(pa.string())
         elif pa.types.is_timestamp(column.type):
             column = _timestamp_text(column)
         elif _is_bytes(column.type):
-            column = _as_text(column)
+            column = _as_text(column, name in hex_columns)
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
-def _check_parquet(parquet: Any, name: str) -> None:
-    """Refuse, before anything is made, a Parquet file whose rows cannot be JSON objects: two
-    columns of one name (an object has one field per name), or a bytes column that is not
-    UTF-8 text (found at row 900,000 mid-load, the rows before it would be on the log)."""
+def _check_parquet(parquet: Any, name: str) -> frozenset[str]:
+    """Refuse, before anything is made, a Parquet file whose rows cannot be JSON objects (two
+    columns of one name: an object has one field per name); and return its bytes columns that
+    hold bytes other than UTF-8 text somewhere, which are loaded as hex, whole (decided before any
+    row is sent: a column that turned to hex at row 900,000 would hold two spellings of a value)."""
     names = parquet.schema_arrow.names
     for column in dict.fromkeys(names):
         if names.count(column) > 1:
@@ -282,22 +285,21 @@ def _check_parquet(parquet: Any, name: str) -> None:
                 "one field per name; rename them and load again"
             )
     binary = [field.name for field in parquet.schema_arrow if _is_bytes(field.type)]
-    row = 0
+    not_text: set[str] = set()
     for batch in parquet.iter_batches(columns=binary) if binary else ():
         for column_name, column in zip(binary, batch.columns, strict=True):
-            texts = column.cast(pa.binary()) if pa.types.is_fixed_size_binary(column.type) else column
-            try:
-                texts.view(pa.large_string() if pa.types.is_large_binary(texts.type) else pa.string()).validate(
-                    full=True
-                )
-            except pa.ArrowInvalid as exc:
-                at = re.search(r"index (\d+)", str(exc))
-                where = f" (row {row + int(at.group(1)) + 1:,} is not)" if at else ""
-                raise KappaError(
-                    f"{name}: column {column_name!r} holds bytes that are not UTF-8 text{where}; kappa loads "
-                    "each row as a JSON object, whose fields are text"
-                ) from None
-        row += batch.num_rows
+            if column_name not in not_text and not _utf8_text(column):
+                not_text.add(column_name)
+    return frozenset(not_text)
+
+
+def _utf8_text(column: pa.Array) -> bool:
+    texts = column.cast(pa.binary()) if pa.types.is_fixed_size_binary(column.type) else column
+    try:
+        texts.view(pa.large_string() if pa.types.is_large_binary(texts.type) else pa.string()).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 @dataclass
@@ -314,6 +316,7 @@ class Source:
     not_objects: int = 0
     plain_text: bool = False  # a CSV or TSV that Arrow reads as pandas does (`_scan_text`)
     checked_rows: int | None = None  # the rows `check` read
+    hex_columns: frozenset[str] = frozenset()  # Parquet bytes columns loaded as hex (`_check_parquet`)
 
     def fingerprint(self) -> str:
         """sha256 of the file's content: the same content is the same load, whatever its name,
@@ -396,7 +399,9 @@ class Source:
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(self.path).iter_batches(batch_size=CHUNK_ROWS):
-            yield _frame_chunk(_iso_batch(batch).to_pandas(types_mapper=NULLABLE_INTEGERS.get), self.key)
+            yield _frame_chunk(
+                _iso_batch(batch, self.hex_columns).to_pandas(types_mapper=NULLABLE_INTEGERS.get), self.key
+            )
 
     def _csv_frames(self, usecols: list[str] | None = None) -> Iterator[pd.DataFrame]:
         try:
@@ -668,7 +673,9 @@ def open_source(path: str, key: str) -> Source:
         except (pa.ArrowInvalid, OSError) as exc:
             raise KappaError(f"{path} is not a Parquet file Arrow can read: {exc}") from None
         _require_column(parquet.schema_arrow.names, key, path)
-        _check_parquet(parquet, path)
+        source.hex_columns = _check_parquet(parquet, path)
+        for column in sorted(source.hex_columns):
+            source.notes.append(f"column {column!r} of {path} holds bytes that are not UTF-8 text: loading it as hex")
         source.estimated_rows = parquet.metadata.num_rows
         return source
     return _open_text_table(source)

@@ -17,7 +17,6 @@ import json
 import math
 import re
 import sys
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -103,24 +102,17 @@ def _number_text(value: bytes, name: str, field: float) -> str | None:
     return found[0].decode("ascii")
 
 
-ORJSON_DEPTH = 1024  # orjson reads arrays and objects nested this deep, the standard library about 1000
-_DEEP_READ = threading.Lock()
+# orjson reads arrays and objects nested 1024 deep; the standard library's read of such a row, a
+# frame per level, must too, from however deep a stack it is called (a worker's is a few hundred
+# frames): a RecursionError there stopped the fold for good. Raised once, for every thread alike (a
+# limit raised around each read would change it under another thread's read meanwhile).
+RECURSION_LIMIT = 1024 + 2000
+sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
 def _numbers_as_written(value: bytes) -> dict:
-    """The row orjson read from `value` again, each number as its text. A row nested deeper than
-    the standard library's recursion limit allows (orjson reads 1024 levels) is read under a limit
-    raised for that read alone: a RecursionError here stopped the fold for good."""
-    try:
-        return json.loads(value, parse_float=str, parse_int=str)
-    except RecursionError:
-        with _DEEP_READ:  # one raised limit at a time: the limit is the interpreter's
-            limit = sys.getrecursionlimit()
-            sys.setrecursionlimit(limit + ORJSON_DEPTH)
-            try:
-                return json.loads(value, parse_float=str, parse_int=str)
-            finally:
-                sys.setrecursionlimit(limit)
+    """The row orjson read from `value` again, each number as its text."""
+    return json.loads(value, parse_float=str, parse_int=str)
 
 
 def _key_from_row(field: Any) -> str | None:
@@ -165,8 +157,8 @@ def _number(field: Any) -> float | None | str:
             number = float(text)
         except ValueError:
             return f"value {field[:40]!r} is not numeric"
-        # float() reads `1_0`, other scripts' digits and spaces (`5\u00a0`); pandas none of them
-        if "_" in text or not field.isascii():
+        # float() reads `1_0`, other scripts' digits and spaces (`5\u00a0`, `5\x1f`); pandas none of them
+        if "_" in text or not field.isascii() or NOT_C_SPACE.search(field):
             return f"value {field[:40]!r} is not numeric"
     else:
         return f"value is a JSON {type(field).__name__}, expected a number"
@@ -181,6 +173,7 @@ def _is_valid_utf8(text: str) -> bool:
     return True
 
 
+NOT_C_SPACE = re.compile(r"[\x1c-\x1f]")  # str.strip() and float() take them for spaces; pandas does not
 RECORD_TIMESTAMP = "@timestamp"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_NAIVE = datetime(1970, 1, 1)

@@ -177,11 +177,14 @@ def test_a_field_name_with_a_comma_from_kappa_toml_is_refused(tmp_path):
 def test_a_window_longer_than_a_century_is_refused(window):
     """`--window 99999999999999999999d` was accepted, and the fold then failed on an integer
     beyond 64 bits with a traceback and advice to resume that failed again; a 10,000-year
-    window gave window starts before the year 1 (found by helper-27)."""
+    window was accepted too (found by helper-27). A definition recorded with a longer window
+    still reads back (kappa status reads every generation's)."""
     with pytest.raises(KappaError, match=r"--window .* is longer than 36500 days \(a century\)"):
         resolve(None, None, topic="t", key="city", value="fare", window=window, time="at", time_unit=None)
     _, longest = resolve(None, None, topic="t", key="city", value="fare", window="36500d", time="at", time_unit=None)
     assert longest.window_s == 36_500 * 86_400
+    recorded = {**longest.to_record(), "window": "36501d"}
+    assert Definition.from_record(recorded).window_s == 36_501 * 86_400
 
 
 def test_a_time_unit_without_a_window_is_refused():

@@ -437,6 +437,7 @@ def test_a_record_the_columns_cannot_judge_is_judged_alone(monkeypatch, bad):
         ('"fare": "\uff11\uff12"', "fare: value '\uff11\uff12' is not numeric"),
         ('"fare": "5\u00a0"', "fare: value '5\\xa0' is not numeric"),  # a space pandas does not strip
         ('"fare": "\u20071"', "fare: value '\\u20071' is not numeric"),
+        ('"fare": "5\\u001f"', "fare: value '5\\x1f' is not numeric"),  # float() strips it
         ('"fare": 1, "at": 1e20', "time 1e+20 is outside the years 1 to 9999 as epoch seconds: is --time-unit right?"),
         ('"fare": 1, "at": 1700000000123456789', "time 1700000000123456789 is outside the years 1 to 9999"),
         ('"fare": 1, "at": 1180591620717411303424', "time 1.1805916207174113e+21 is outside the years 1 to 9999"),

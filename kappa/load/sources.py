@@ -122,7 +122,13 @@ def _message_key(row: dict | str, value: bytes, key: str) -> bytes | None:
 
 
 def _json_default(value: object) -> object:
-    """Missing values pandas keeps as objects are null; anything else orjson does not know is its text."""
+    """Missing values pandas keeps as objects are null; bytes (in a Parquet list or struct) their
+    UTF-8 text, else hex, as a bytes column's (`_as_text`); anything else orjson does not know is its text."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
     return None if value is pd.NA or value is pd.NaT else str(value)
 
 
@@ -262,6 +268,8 @@ def _iso_batch(batch: pa.RecordBatch, hex_columns: frozenset[str] = frozenset())
     ISO 8601, bytes as their UTF-8 text or hex (pandas would give `bytes`, whose repr is no value)."""
     columns = []
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if pa.types.is_dictionary(column.type) and _is_bytes(column.type.value_type):
+            column = column.dictionary_decode()
         if pa.types.is_date(column.type):
             column = column.cast(pa.string())
         elif pa.types.is_timestamp(column.type):
@@ -284,7 +292,11 @@ def _check_parquet(parquet: Any, name: str) -> frozenset[str]:
                 f"{name} has {names.count(column)} columns named {column!r}: a row is loaded as a JSON object, "
                 "one field per name; rename them and load again"
             )
-    binary = [field.name for field in parquet.schema_arrow if _is_bytes(field.type)]
+    binary = [
+        field.name
+        for field in parquet.schema_arrow
+        if _is_bytes(field.type) or (pa.types.is_dictionary(field.type) and _is_bytes(field.type.value_type))
+    ]
     not_text: set[str] = set()
     for batch in parquet.iter_batches(columns=binary) if binary else ():
         for column_name, column in zip(binary, batch.columns, strict=True):
@@ -294,6 +306,8 @@ def _check_parquet(parquet: Any, name: str) -> frozenset[str]:
 
 
 def _utf8_text(column: pa.Array) -> bool:
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
     texts = column.cast(pa.binary()) if pa.types.is_fixed_size_binary(column.type) else column
     try:
         texts.view(pa.large_string() if pa.types.is_large_binary(texts.type) else pa.string()).validate(full=True)

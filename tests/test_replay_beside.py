@@ -56,8 +56,9 @@ def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_pa
     ensure_topic(kappa.broker, topic, 4)
     worker = start_worker(kappa, topic, "amount", KEY, processes=2, interval=0.5)
     worker.partitions = 4
-    frames = [sample_frame(6_000, 200, seed=40)]
+    frames = [sample_frame(200_000, 200, seed=40)]  # a catch-up long enough for loads to land during it
     seen: list[tuple[int, int]] = []
+    covered: dict[str, int] = {}  # the highest offset any snapshot seen so far covers, per partition
     problems: list[str] = []
     done = threading.Event()
 
@@ -78,6 +79,13 @@ def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_pa
                 problems.append(f"went backwards: {seen[-1]} -> {(generation, sequence)}")
             if not seen or seen[-1] != (generation, sequence):
                 seen.append((generation, sequence))
+                # guarantee 6: across the switch too, `latest` never covers fewer records of a
+                # partition (the switch came once the new generation reached the end offsets it
+                # started at, behind what the live one had published meanwhile: found by helper-26)
+                behind = {p: (covered[p], o) for p, o in manifest["offsets"].items() if o < covered.get(p, 0)}
+                if behind:
+                    problems.append(f"{directory.name} covers fewer records than before: {behind}")
+                covered.update({p: max(o, covered.get(p, 0)) for p, o in manifest["offsets"].items()})
 
     try:
         load_frame(kappa, tmp_path, topic, frames[0], "r0")
@@ -92,11 +100,12 @@ def test_replay_during_live_traffic_switches_to_the_new_definition(kappa, tmp_pa
             env=run_env(),
             start_new_session=True,
         )
-        for seed in (41, 42, 43):
-            frame = sample_frame(3_000, 200, seed=seed)
+        for seed in range(41, 81):  # loads go on while the replay catches up and switches
+            frame = sample_frame(1_000, 200, seed=seed)
             load_frame(kappa, tmp_path, topic, frame, f"r{seed}")
             frames.append(frame)
-            time.sleep(1.0)
+            if replay.poll() is not None and seed >= 43:
+                break
         out, err = replay.communicate(timeout=300)
         assert replay.returncode == 0, err.decode()
         assert "generation 2" in out.decode() and "replacing generation 1" in out.decode()

@@ -59,8 +59,12 @@ class Publisher:
         `make_current` is set: then this publish is the switch-over to this generation."""
         started = time.monotonic()
         newest = parts.newest_parts(self.directory)
-        if not newest or parts.cut_of(newest, self.partitions) == self.last_offsets:
+        cut = parts.cut_of(newest, self.partitions) if newest else None
+        if cut is None or cut == self.last_offsets:
             return None
+        pipeline_dir = self.settings.snapshot_dir / self.pipeline
+        if make_current and snapshot.steps_back(pipeline_dir, None, {"offsets": {str(p): o for p, o in cut.items()}}):
+            return None  # behind what readers see now: wait for newer parts (checked again under the lock)
         aggregate, layout = self.definition.aggregate(), self.definition.layout()
         merged = parts.read_parts(newest, self.partitions)
         records = merged.stats.records(self.definition.value_fields)
@@ -75,8 +79,12 @@ class Publisher:
             records=records,
         )
 
-        def allowed() -> bool:
+        def allowed() -> bool:  # under the publish lock: no other publisher moves `latest` meanwhile
             if make_current:
+                # a replay beside live reaches the end offsets it started at while the live generation
+                # publishes what came since: switching then moved `latest` back (found by helper-26)
+                if snapshot.steps_back(pipeline_dir, None, manifest):
+                    return False
                 refuse_empty_result(records, sum(end_offsets.values()), self.force)
                 self.registry.switch_to(self.generation)
                 return True

@@ -219,14 +219,14 @@ def publish(
     return final
 
 
-def steps_back(pipeline_dir: Path, generation: int, manifest: Mapping) -> bool:
-    """True when `manifest`'s cut is behind the published snapshot of the same generation in
-    some partition."""
+def steps_back(pipeline_dir: Path, generation: int | None, manifest: Mapping) -> bool:
+    """True when `manifest`'s cut is behind the published snapshot in some partition: the one of
+    the same generation, or with `generation` None, whatever generation it is (a switch-over)."""
     try:
         published = manifest_in(pipeline_dir / "latest")
     except (OSError, ValueError):
         return False
-    if published.get("generation") != generation:
+    if generation is not None and published.get("generation") != generation:
         return False
     offsets = manifest["offsets"]
     return any(offsets.get(p, 0) < o for p, o in published.get("offsets", {}).items())

@@ -249,18 +249,31 @@ NULLABLE_INTEGERS = {
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
-    """A Parquet BYTE_ARRAY without the UTF-8 annotation (Spark and Hive write text so)."""
+    """A Parquet BYTE_ARRAY without the UTF-8 annotation (Spark and Hive write text so), or a
+    dictionary of them."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+
+
+def _plain_bytes(column: pa.Array) -> pa.Array:
+    """A bytes column as binary or large binary: a dictionary decoded, fixed-size widened."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column.cast(pa.binary()) if pa.types.is_fixed_size_binary(column.type) else column
+
+
+def _text_type(binary: pa.DataType) -> pa.DataType:
+    return pa.large_string() if pa.types.is_large_binary(binary) else pa.string()
 
 
 def _as_text(column: pa.Array, as_hex: bool) -> pa.Array:
     """Bytes as the UTF-8 text they hold, or, for a column that holds other bytes anywhere
     (`_check_parquet`), as lowercase hex (UUIDs and hashes are shown so)."""
+    column = _plain_bytes(column)
     if as_hex:
         return pa.array([None if value is None else value.hex() for value in column.to_pylist()], pa.string())
-    if pa.types.is_large_binary(column.type):
-        return column.cast(pa.large_string())
-    return column.cast(pa.binary()).cast(pa.string())
+    return column.cast(_text_type(column.type))
 
 
 def _iso_batch(batch: pa.RecordBatch, hex_columns: frozenset[str] = frozenset()) -> pa.RecordBatch:
@@ -268,8 +281,6 @@ def _iso_batch(batch: pa.RecordBatch, hex_columns: frozenset[str] = frozenset())
     ISO 8601, bytes as their UTF-8 text or hex (pandas would give `bytes`, whose repr is no value)."""
     columns = []
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        if pa.types.is_dictionary(column.type) and _is_bytes(column.type.value_type):
-            column = column.dictionary_decode()
         if pa.types.is_date(column.type):
             column = column.cast(pa.string())
         elif pa.types.is_timestamp(column.type):
@@ -292,11 +303,7 @@ def _check_parquet(parquet: Any, name: str) -> frozenset[str]:
                 f"{name} has {names.count(column)} columns named {column!r}: a row is loaded as a JSON object, "
                 "one field per name; rename them and load again"
             )
-    binary = [
-        field.name
-        for field in parquet.schema_arrow
-        if _is_bytes(field.type) or (pa.types.is_dictionary(field.type) and _is_bytes(field.type.value_type))
-    ]
+    binary = [field.name for field in parquet.schema_arrow if _is_bytes(field.type)]
     not_text: set[str] = set()
     for batch in parquet.iter_batches(columns=binary) if binary else ():
         for column_name, column in zip(binary, batch.columns, strict=True):
@@ -306,11 +313,9 @@ def _check_parquet(parquet: Any, name: str) -> frozenset[str]:
 
 
 def _utf8_text(column: pa.Array) -> bool:
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    texts = column.cast(pa.binary()) if pa.types.is_fixed_size_binary(column.type) else column
+    texts = _plain_bytes(column)
     try:
-        texts.view(pa.large_string() if pa.types.is_large_binary(texts.type) else pa.string()).validate(full=True)
+        texts.view(_text_type(texts.type)).validate(full=True)
     except pa.ArrowInvalid:
         return False
     return True

@@ -63,7 +63,7 @@ class Publisher:
         if cut is None or cut == self.last_offsets:
             return None
         pipeline_dir = self.settings.snapshot_dir / self.pipeline
-        if make_current and snapshot.steps_back(pipeline_dir, None, {"offsets": {str(p): o for p, o in cut.items()}}):
+        if make_current and snapshot.steps_back(pipeline_dir, None, cut):
             return None  # behind what readers see now: wait for newer parts (checked again under the lock)
         aggregate, layout = self.definition.aggregate(), self.definition.layout()
         merged = parts.read_parts(newest, self.partitions)
@@ -83,7 +83,7 @@ class Publisher:
             if make_current:
                 # a replay beside live reaches the end offsets it started at while the live generation
                 # publishes what came since: switching then moved `latest` back (found by helper-26)
-                if snapshot.steps_back(pipeline_dir, None, manifest):
+                if snapshot.steps_back(pipeline_dir, None, merged.offsets):
                     return False
                 refuse_empty_result(records, sum(end_offsets.values()), self.force)
                 self.registry.switch_to(self.generation)

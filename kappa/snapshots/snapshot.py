@@ -210,7 +210,7 @@ def publish(
     try:
         pipeline_dir.mkdir(parents=True, exist_ok=True)
         with publish_lock(pipeline_dir):
-            if steps_back(pipeline_dir, generation, manifest):
+            if steps_back(pipeline_dir, generation, manifest["offsets"]):
                 return None
             final = _write_and_link(pipeline_dir, generation, table, manifest, allowed)
     except OSError as exc:
@@ -219,17 +219,18 @@ def publish(
     return final
 
 
-def steps_back(pipeline_dir: Path, generation: int | None, manifest: Mapping) -> bool:
-    """True when `manifest`'s cut is behind the published snapshot in some partition: the one of
-    the same generation, or with `generation` None, whatever generation it is (a switch-over)."""
+def steps_back(pipeline_dir: Path, generation: int | None, offsets: Mapping[int, int] | Mapping[str, int]) -> bool:
+    """True when the cut `offsets` (partition -> next offset, as a manifest or as numbers) is
+    behind the published snapshot in some partition: the one of the same generation, or with
+    `generation` None, whatever generation it is (a switch-over)."""
     try:
         published = manifest_in(pipeline_dir / "latest")
     except (OSError, ValueError):
         return False
     if generation is not None and published.get("generation") != generation:
         return False
-    offsets = manifest["offsets"]
-    return any(offsets.get(p, 0) < o for p, o in published.get("offsets", {}).items())
+    cut = {int(p): o for p, o in offsets.items()}
+    return any(cut.get(int(p), 0) < o for p, o in published.get("offsets", {}).items())
 
 
 @contextmanager

@@ -210,3 +210,51 @@ def test_records_of_a_partition_committed_at_zero_come_again_after_faust_seeks_b
     _produce(kafka, topic, partitions=1, records=FEW)
     again = asyncio.run(redeliveries_after_seek_to_committed_zero(kafka, topic, str(tmp_path / "state")))
     assert again == list(range(FEW))
+
+
+async def redeliveries_after_a_seek_during_a_delivery(broker: str, topic: str, state_dir: str, to: int) -> list[int]:
+    """Block the per-record path (the one changelogs take) inside a delivery, seek the partition
+    to `to` meanwhile as a rebalance's recovery does (`seek_wait`, from Faust's recovery), let the
+    delivery go on, and return every offset that came after the seek."""
+    app = faust.App(
+        f"{topic}-app",
+        broker=f"kafka://{broker}",
+        autodiscover=False,
+        web_enabled=False,
+        datadir=state_dir,
+        consumer_auto_offset_reset="earliest",
+        stream_recovery_delay=0.0,
+        stream_buffer_maxsize=1,  # the second record's delivery waits until the test takes the first
+    )
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    source = app.topic(f"{topic}-source", **raw)
+    other = app.topic(topic, **raw).clone(is_iterator=True)  # what `async for` on a topic subscribes
+    app.topics.add(other)
+    deliver_batches(app, source, {source.get_topic_name(): Deliveries().handler})
+    await app.start()
+    try:
+        before = [(await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset for _ in range(2)]
+        assert before == [0, 1]
+        await app.consumer.seek_wait({TP(topic, 0): to})
+        after: list[int] = []
+        while after[-FEW + to :] != list(range(to, FEW)) or after.count(to) == 0:
+            after.append((await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset)
+        return after
+    finally:
+        await app.stop()
+
+
+@pytest.mark.parametrize("to", [0, 1])
+def test_a_seek_made_while_a_record_is_being_delivered_makes_the_records_from_there_come_again(kafka, tmp_path, to):
+    """The per-record path set the read offset to the delivered record's offset after its
+    delivery returned, over a seek made meanwhile; every record re-fetched before that offset
+    was then taken for one already read and dropped. A rebalance's recovery seeks changelog
+    partitions while a changelog record waits on a full queue, so a restore skipped most of a
+    changelog, and the live table lost records (F1)."""
+    topic = f"seek-during-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, 1)
+    ensure_topic(kafka, f"{topic}-source", 1)
+    _produce(kafka, topic, partitions=1, records=FEW)
+    after = asyncio.run(redeliveries_after_a_seek_during_a_delivery(kafka, topic, str(tmp_path / "state"), to))
+    again = after[len(after) - after[::-1].index(to) - 1 :]
+    assert again == list(range(to, FEW)), after

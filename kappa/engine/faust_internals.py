@@ -20,7 +20,9 @@ What is coupled, what it is for, and what an upstream change would do without th
    For: the batch loop keeps Faust's bookkeeping as its `getmany` would.
    If changed: AttributeError. A change in what `_read_offset` means (after a seek the next
    offset to read, after a delivery the last one delivered) would re-deliver or skip records:
-   no check can see that, hence the exact pins.
+   no check can see that, hence the exact pins. `BatchDeliveryConsumer` replaces the mapping
+   with a `ReadOffsets` (the same contract, plus a count of seeks), which the aiokafka driver's
+   `_seek_wait` and Faust's `seek`, `perform_seek` and revocation write into.
 3. faust aiokafka driver `Consumer._to_message(tp, record)`, `Consumer._commit(offsets)`,
    `Consumer._new_consumer_thread()`, and on `AIOKafkaConsumerThread`
    `_create_worker_consumer(transport)`, `_commit(offsets)`, `_ensure_consumer()` and
@@ -141,6 +143,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import types
 from collections import deque
@@ -427,13 +430,82 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         return True
 
 
+class ReadOffsets(dict):
+    """Faust's `_read_offset` (a partition's next offset to read after a seek, its last one
+    delivered after a delivery), which also counts every change made to a partition's entry
+    other than a delivery's own (`delivered`).
+
+    Invariant: a delivery moves a partition's read offset only if nobody changed it since the
+    delivery's records were fetched. A seek (the agent's rewind; a rebalance's recovery, from
+    Faust's consumer thread; the seek back to committed offsets) or a revocation made while a
+    delivery awaits its handler sets where reading starts again. A delivery that then set the
+    read offset to its own last record would make every re-fetched record before it look
+    already read, and they would be dropped: a changelog restore that skipped most of a
+    partition lost records from a live table that way (F1). The lock makes the check and the
+    set one step against the consumer thread's seeks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: dict[TP, int] = {}
+        self._lock = threading.Lock()
+
+    def __missing__(self, tp: TP) -> None:
+        return None  # Faust's `defaultdict(lambda: None)`, without storing the None
+
+    def __setitem__(self, tp: TP, offset: int | None) -> None:
+        with self._lock:
+            self.changes[tp] = self.changes.get(tp, 0) + 1
+            super().__setitem__(tp, offset)
+
+    def __delitem__(self, tp: TP) -> None:
+        with self._lock:
+            self.changes[tp] = self.changes.get(tp, 0) + 1
+            super().__delitem__(tp)
+
+    def pop(self, tp: TP, *default: Any) -> Any:
+        with self._lock:
+            self.changes[tp] = self.changes.get(tp, 0) + 1
+            return super().pop(tp, *default)
+
+    def update(self, *others: Any, **named: Any) -> None:
+        for tp, offset in dict(*others, **named).items():
+            self[tp] = offset
+
+    def clear(self) -> None:
+        for tp in list(self):
+            del self[tp]
+
+    def setdefault(self, tp: TP, offset: int | None = None) -> int | None:
+        if tp not in self:
+            self[tp] = offset
+        return self[tp]
+
+    def changes_of(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """How often each partition's entry was changed so far: what `delivered` compares with."""
+        return {tp: self.changes.get(tp, 0) for tp in tps}
+
+    def delivered(self, tp: TP, offset: int, changes: int) -> bool:
+        """Set `tp`'s read offset to a delivered record's `offset`, unless its entry changed
+        since it had `changes` changes; whether it was set."""
+        with self._lock:
+            if self.changes.get(tp, 0) != changes:
+                return False
+            super().__setitem__(tp, offset)
+            return True
+
+
 class BatchDeliveryConsumer(AIOKafkaConsumer):
     """Bind with `for_topics`; the handlers get every fetched batch of their topics."""
 
     handlers: Mapping[str, BatchHandler] = {}
     fair_share: int | None = None  # the most handler-topic partitions a process has in the full group
-    _sought_in_handler: set[TP] | None = None  # partitions sought while a fetch is delivered
     _members_wait_until: float | None = None
+    _read_offset: ReadOffsets
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_offset = ReadOffsets()
 
     @classmethod
     def for_topics(
@@ -444,12 +516,6 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return KappaConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    async def seek(self, partition: TP, offset: int) -> None:
-        """Faust's seek, remembered while a fetch is being delivered (see `_deliver_all`)."""
-        if self._sought_in_handler is not None:
-            self._sought_in_handler.add(TP(partition.topic, partition.partition))
-        await super().seek(partition, offset)
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Faust's seek back to the committed offsets, which it makes after every rebalance's
@@ -557,36 +623,39 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         consumer generation changed (the rest is dropped: Faust seeks back after a rebalance).
 
         Invariants: only the parser thread touches `pending` while a parse runs; a partition
-        sought while this runs (the agent's rewind) is dropped from every later delivery and
-        from `pending` once the running parse is done, since its records come again after the
-        seek, and its read offset is left where the seek put it."""
+        sought while this runs (the agent's rewind, a recovery's seek) is dropped from every
+        later delivery and from `pending` once the running parse is done, since its records
+        come again after the seek, and its read offset is left where the seek put it
+        (`ReadOffsets`)."""
         loop = asyncio.get_running_loop()
-        sought: set[TP] = set()
-        self._sought_in_handler = sought
+        changes = self._read_offset.changes_of(pending)
         following: asyncio.Future[dict[TP, Delivered]] | None
         following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
         try:
             while following is not None:
                 taken = await following
                 following = None
-                for tp in sought:
+                for tp in self._sought_since(changes):
                     taken.pop(tp, None)
                     pending.pop(tp, None)
                 if not self.flow_active or self.app.consumer_generation_id != generation_id:
                     return False
                 if pending:
                     following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
-                await self._deliver(topic, taken, sought)
+                await self._deliver(topic, taken, changes)
             return True
         finally:
-            self._sought_in_handler = None
             if following is not None:  # abandoned (a cancelled delivery): its outcome is nobody's
                 following.add_done_callback(_ignore_outcome)
 
-    async def _deliver(self, topic: str, taken: dict[TP, Delivered], sought: set[TP]) -> None:
+    def _sought_since(self, changes: Mapping[TP, int]) -> list[TP]:
+        """The partitions whose read offset something other than a delivery changed since `changes`."""
+        now = self._read_offset.changes_of(changes)
+        return [tp for tp, count in changes.items() if now[tp] != count]
+
+    async def _deliver(self, topic: str, taken: dict[TP, Delivered], changes: Mapping[TP, int]) -> None:
         """Hand the agent one delivery; the read offsets move past it, except for partitions
-        in `sought`: a seek set their read offset, and overwriting it with this delivery's last
-        offset would filter out the re-delivery."""
+        sought meanwhile (`ReadOffsets`)."""
         mine: dict[TP, Sequence[Record]] = {}
         for tp, delivered in taken.items():
             fresh = self._unread_delivered(tp, delivered)
@@ -596,8 +665,8 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             return
         await self.handlers[topic](mine)
         for tp, records in mine.items():
-            if tp not in sought and records:
-                self._read_offset[tp] = records[-1].offset
+            if records:
+                self._read_offset.delivered(tp, records[-1].offset, changes[tp])
 
     def _unread_delivered(self, tp: TP, delivered: Delivered) -> Delivered | None:
         """`_unread` for a delivery, which stays one while it passes offsets it has not read:
@@ -622,22 +691,29 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         return [record for record in fetched if record.offset >= read_offset]
 
     async def _deliver_one_by_one(self, tp: TP, fetched: list, generation_id: int) -> None:
-        """Faust's own per-record path, for topics without a batch handler (changelogs)."""
+        """Faust's own per-record path, for topics without a batch handler (changelogs), except
+        that it stops at a seek of the partition made meanwhile (`ReadOffsets`): the rest of
+        `fetched` comes again from where the seek points, and the read offset stays there."""
         acks_enabled = self.app.topics.acks_enabled_for(tp.topic)
+        read_offsets = self._read_offset
+        changes = read_offsets.changes_of((tp,))[tp]
         for position, record in enumerate(fetched):
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 return
             if position % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
-            read_offset = self._read_offset[tp]
+            read_offset = read_offsets[tp]
             offset = record.offset
             if read_offset and offset - read_offset > 1 and acks_enabled:
                 await self._add_gap(tp, read_offset + 1, offset)
             if self._commit_every is not None and self._n_acked >= self._commit_every:
                 self._n_acked = 0
                 await self.commit()
+            if read_offsets.changes_of((tp,))[tp] != changes:
+                return
             await self.callback(self._to_message(tp, record))
-            self._read_offset[tp] = offset
+            if not read_offsets.delivered(tp, offset, changes):
+                return
 
     async def _seek_back_while_suspended(self) -> None:
         try:

@@ -174,11 +174,9 @@ class Deliveries:
         return self.offsets
 
 
-async def redeliveries_after_seek_to_committed_zero(broker: str, topic: str, state_dir: str) -> list[int]:
-    """Read the whole partition, commit 0 for it and make Faust's seek back to the committed
-    offsets (as it does after a rebalance's recovery, and when a poll comes back while flow
-    is stopped); return what is delivered after that."""
-    app = faust.App(
+def faust_app(broker: str, topic: str, state_dir: str, **settings: object) -> faust.App:
+    """A Faust app of this test's own, reading from the start, with no recovery delay."""
+    return faust.App(
         f"{topic}-app",
         broker=f"kafka://{broker}",
         autodiscover=False,
@@ -186,7 +184,15 @@ async def redeliveries_after_seek_to_committed_zero(broker: str, topic: str, sta
         datadir=state_dir,
         consumer_auto_offset_reset="earliest",
         stream_recovery_delay=0.0,
+        **settings,
     )
+
+
+async def redeliveries_after_seek_to_committed_zero(broker: str, topic: str, state_dir: str) -> list[int]:
+    """Read the whole partition, commit 0 for it and make Faust's seek back to the committed
+    offsets (as it does after a rebalance's recovery, and when a poll comes back while flow
+    is stopped); return what is delivered after that."""
+    app = faust_app(broker, topic, state_dir)
     source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     deliveries = Deliveries()
     deliver_batches(app, source, {topic: deliveries.handler})
@@ -216,16 +222,8 @@ async def redeliveries_after_a_seek_during_a_delivery(broker: str, topic: str, s
     """Block the per-record path (the one changelogs take) inside a delivery, seek the partition
     to `to` meanwhile as a rebalance's recovery does (`seek_wait`, from Faust's recovery), let the
     delivery go on, and return every offset that came after the seek."""
-    app = faust.App(
-        f"{topic}-app",
-        broker=f"kafka://{broker}",
-        autodiscover=False,
-        web_enabled=False,
-        datadir=state_dir,
-        consumer_auto_offset_reset="earliest",
-        stream_recovery_delay=0.0,
-        stream_buffer_maxsize=1,  # the second record's delivery waits until the test takes the first
-    )
+    # with a queue of one, the second record's delivery waits until the test takes the first
+    app = faust_app(broker, topic, state_dir, stream_buffer_maxsize=1)
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(f"{topic}-source", **raw)
     other = app.topic(topic, **raw).clone(is_iterator=True)  # what `async for` on a topic subscribes

@@ -8,6 +8,7 @@ the partition's stats entry, in one bulk write (tables.writer).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -87,6 +88,7 @@ class GroupedMeanAgent:
         self.progress = progress
         self._rewinds: dict[int, tuple[int, float]] = {}
         self._next_commit = 0.0
+        self._applying = asyncio.Lock()  # a delivery, or the timer's flush (flush_stalled_cache)
         self._uncommitted: dict[TP, int] = {}
         # only a batch replay (one process, to fixed end offsets) holds state across deliveries:
         # a live worker's snapshot parts must see each delivery as soon as it is applied
@@ -97,15 +99,31 @@ class GroupedMeanAgent:
         """One fetched batch: fold each partition's records into the cache; when it is due,
         write what it holds in one transaction, make that durable, then commit what it reached
         (tables.transaction has the order, tables.cache why nothing before that counts)."""
-        if self.progress.first_applied_at is None:
-            self.progress.first_applied_at = time.time()
-        generation = self.table.app.consumer_generation_id
-        self.cache.belong_to(generation)
-        for tp, records in batches.items():
-            await self._apply_partition(tp.partition, records)
-            self.progress.records_seen += len(records)
-        if self.cache.due(self.progress.stop_at, self.progress.next_offsets):
-            await self._flush_cache(generation)
+        async with self._applying:
+            if self.progress.first_applied_at is None:
+                self.progress.first_applied_at = time.time()
+            generation = self.table.app.consumer_generation_id
+            self.cache.belong_to(generation)
+            for tp, records in batches.items():
+                await self._apply_partition(tp.partition, records)
+                self.progress.records_seen += len(records)
+            if self.cache.due(self.progress.stop_at, self.progress.next_offsets):
+                await self._flush_cache(generation)
+
+    async def flush_stalled_cache(self) -> None:
+        """Timer: write the cache once it is older than `CACHE_MAX_AGE_S`, also when no delivery
+        comes to do it. A replay's fetches can stall for seconds (a broker quota, a slow or
+        distant broker); what the cache held meanwhile was neither durable nor committed, so
+        progress looked stuck and a stop lost it. Never during a delivery (the lock: a delivery
+        reads the cache and the table as one state), nor while flow is stopped for a rebalance,
+        nor for a cache of an earlier consumer generation (`WriteBackCache.belong_to`)."""
+        if self._applying.locked() or not self.cache.aged():
+            return
+        async with self._applying:
+            generation = self.table.app.consumer_generation_id
+            stale = self.cache.generation != generation or not self.table.app.consumer.flow_active
+            if not stale and self.cache.aged():
+                await self._flush_cache(generation)
 
     async def _flush_cache(self, generation: int) -> None:
         transaction = BatchTransaction(self.writer, self._flush_dead_letters)

@@ -18,8 +18,9 @@ Invariants, and why they keep every record counted exactly once:
   what its table holds (kappa.engine.app), so the cache is dropped: the records it held
   come again and are applied to the table's state, not on top of the cache's.
 - It is bounded in bytes (`limit_bytes`), and a delivery that finds it older than `max_age_s`
-  flushes it, so a long replay shows progress; a write-through cache (`limit_bytes` 0) flushes
-  every delivery.
+  flushes it, so a long replay shows progress; so does a timer between deliveries, when
+  fetches stall (GroupedMeanAgent.flush_stalled_cache). A write-through cache (`limit_bytes` 0)
+  flushes every delivery.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class WriteBackCache:
         next offset) it holds every partition up to where the replay stops."""
         if not self._partitions:
             return False
-        if self._bytes >= self.limit_bytes or time.monotonic() - (self._since or 0.0) >= self.max_age_s:
+        if self._bytes >= self.limit_bytes or self.aged():
             return True
         if stop_at is None:
             return False
@@ -102,6 +103,10 @@ class WriteBackCache:
             for partition, end in stop_at.items()
             if end > 0
         )
+
+    def aged(self) -> bool:
+        """It holds records put more than `max_age_s` ago."""
+        return self._since is not None and time.monotonic() - self._since >= self.max_age_s
 
     def take(self) -> dict[int, CachedPartition]:
         """Everything cached, which the cache no longer holds."""

@@ -110,6 +110,7 @@ class RecordingConsumer:
         self.seeks: list[tuple[TP, int]] = []
         self.log_starts: dict[TP, int] = {}  # where retention has cut each partition (0 if absent)
         self.assigned: set[TP] = set()
+        self.flow_active = True  # False while Faust has stopped flow for a rebalance
 
     async def seek(self, tp: TP, offset: int) -> None:
         self.seeks.append((tp, offset))
@@ -164,6 +165,10 @@ class AgentDriver:
 
     def feed(self, partition: int, records: list[ParsedRecord]) -> None:
         self.loop.run_until_complete(self.agent.on_batch({TP(self.definition.topic, partition): records}))
+
+    def tick(self) -> None:
+        """One tick of the agent's timer that writes a cache no delivery came to write."""
+        self.loop.run_until_complete(self.agent.flush_stalled_cache())
 
     def feed_then_stop(self, partition: int, records: list[ParsedRecord], after_s: float = 0.2) -> None:
         """Feed a batch and stop the agent's task if it has not finished within `after_s` (as a

@@ -230,6 +230,34 @@ def test_an_old_cache_is_written_so_a_long_replay_shows_progress(make_driver, mo
     assert driver.progress.next_offsets == {0: 20} and table_sums(driver, 0) == expected_sums(20)
 
 
+def test_a_cache_that_a_stalled_fetch_left_old_is_written_and_committed_by_the_timer(make_driver):
+    """A broker quota can hold the next fetch back for 10 s: what the cache held was neither
+    durable nor committed until then, so progress looked stuck and a stop lost it."""
+    driver = make_driver(partitions=2, stop_at={0: 40, 1: 40})
+    driver.feed(0, records(0, 20))
+    driver.tick()
+    assert 0 not in driver.progress.next_offsets and table_sums(driver, 0) == {}, "not old yet"
+    driver.agent.cache.max_age_s = 0.0
+    driver.tick()
+    assert driver.progress.next_offsets == {0: 20} and table_sums(driver, 0) == expected_sums(20)
+    assert driver.commits[-1] == {TP("trips", 0): 20}
+    driver.feed(0, records(20, 20))
+    assert table_sums(driver, 0) == expected_sums(40) and driver.stats(0).counted == 40
+
+
+@pytest.mark.parametrize("moment", ["after a rebalance", "while flow is stopped"])
+def test_the_timer_never_writes_a_cache_of_an_earlier_generation_nor_while_flow_is_stopped(make_driver, moment):
+    driver = make_driver(partitions=2, stop_at={0: 40, 1: 40})
+    driver.feed(0, records(0, 20))
+    driver.agent.cache.max_age_s = 0.0
+    if moment == "after a rebalance":
+        driver.app.consumer_generation_id += 1
+    else:
+        driver.consumer.flow_active = False
+    driver.tick()
+    assert table_sums(driver, 0) == {} and driver.commits == [] and len(driver.agent.cache) > 0
+
+
 def test_a_reject_sent_before_a_rebalance_dropped_the_cache_is_not_sent_again(make_driver):
     driver = make_driver(partitions=1, stop_at={0: 40})
     batch = records(0, 20)

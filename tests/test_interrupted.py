@@ -19,6 +19,10 @@ from tests.live import kill_group, start_worker
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
+# A replay paced by `paced_replay_env(..., 50_000)` gets about a quarter of these tests' rows at
+# once, then a burst every 10 s or so, and commits what a burst brought within about 2 s
+# (GroupedMeanAgent.flush_stalled_cache): the tests interrupt it once an eighth is committed
+FIRST_BURST_PART = 8
 
 
 def registry(kappa, pipeline: str) -> dict:
@@ -61,9 +65,9 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
     path = tmp_path / "rows.csv"
     sample_frame(rows, 500, seed=21).to_csv(path, index=False)
     kappa.load(path, KEY, topic, partitions=4)
-    env = kappa.paced_replay_env(app_id(topic, 1), 50_000)  # bursts, but about 12 s in all
+    env = kappa.paced_replay_env(app_id(topic, 1), 50_000)
 
-    message = interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, rows // 4)
+    message = interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, rows // FIRST_BURST_PART)
     assert "run the same replay again to resume it" in message, message
     assert registry(kappa, topic)["generations"]["1"]["state"] == "failed"
     assert (kappa.data_dir / "state" / topic / "g1").exists()
@@ -74,7 +78,9 @@ def test_an_interrupted_batch_replay_resumes_as_its_message_says(kappa, tmp_path
     assert finished.returncode == 0, finished.stderr.decode()
     assert "resuming the stopped generation 1" in finished.stderr.decode()
     said = re.search(r"from the offsets it committed \(([\d,]+) of ([\d,]+) records read", finished.stderr.decode())
-    assert said and said[2] == f"{rows:,}" and rows // 4 <= int(said[1].replace(",", "")) < rows, finished.stderr
+    assert said and said[2] == f"{rows:,}" and rows // FIRST_BURST_PART <= int(said[1].replace(",", "")) < rows, (
+        finished.stderr
+    )
     csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
     assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
     assert manifest["generation"] == 1
@@ -91,7 +97,7 @@ def test_a_batch_replay_killed_outright_shows_as_stopped_and_resumes(kappa, tmp_
     kappa.load(path, KEY, topic, partitions=4)
     env = kappa.paced_replay_env(app_id(topic, 1), 50_000)
 
-    interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, rows // 4, stop=signal.SIGKILL)
+    interrupt_when(kappa, batch_command(kappa, topic), env, topic, 1, rows // FIRST_BURST_PART, stop=signal.SIGKILL)
     assert registry(kappa, topic)["generations"]["1"]["state"] == "running"
     status = kappa.run("status", "--pipeline", topic).stdout.decode()
     line = next(line for line in status.splitlines() if "generation 1 [" in line)
@@ -140,7 +146,7 @@ def test_a_replay_beside_live_stopped_by_sigterm_stops_its_workers_and_gc_delete
     kappa.replay_batch(topic, VALUE, KEY)  # generation 1
     env = kappa.paced_replay_env(app_id(topic, 2), 50_000)
     beside = kappa_command("replay", "--topic", topic, "--value", VALUE, "--key", KEY, *kappa.args())
-    message = interrupt_when(kappa, beside, env, topic, 2, rows // 4, stop=signal.SIGTERM)
+    message = interrupt_when(kappa, beside, env, topic, 2, rows // FIRST_BURST_PART, stop=signal.SIGTERM)
     assert message.strip().splitlines()[-1] == (
         "kappa: error: replay of generation 2 stopped before it caught up; its state is kept: run the same replay "
         f"again to resume it where it stopped, or `kappa gc --pipeline {topic}` to delete it"
@@ -167,8 +173,8 @@ def test_abandoned_and_half_retired_generations_are_cleaned_up(kappa, tmp_path):
     kappa.replay_batch(topic, VALUE, KEY)  # generation 1
 
     # an abandoned generation: a batch replay interrupted midway, never rerun
-    env = kappa.paced_replay_env(app_id(topic, 2), 50_000)  # bursts, but about 12 s in all
-    interrupt_when(kappa, batch_command(kappa, topic), env, topic, 2, rows // 4)
+    env = kappa.paced_replay_env(app_id(topic, 2), 50_000)
+    interrupt_when(kappa, batch_command(kappa, topic), env, topic, 2, rows // FIRST_BURST_PART)
     status = json.loads(kappa.run("status", "--json", "--pipeline", topic).stdout)
     assert {g["generation"]: g["state"] for g in status["pipelines"][0]["generations"]}[2] == "failed"
     gc = kappa.run("gc", "--pipeline", topic)

@@ -169,6 +169,7 @@ def create_pipeline(
     fair_share = -(-partitions // group_size) if group_size else None
     deliver_batches(app, source, {definition.topic: agent.on_batch}, fair_share)
     every(app, COMMIT_EVERY_S, "kappa.commit_pending")(agent.commit_pending)
+    every(app, COMMIT_EVERY_S, "kappa.flush_stalled_cache")(agent.flush_stalled_cache)
     watch = LeaderWatch(broker, [definition.topic, definition.dlq_topic, changelog_topic(pipeline, generation)])
     outages = OutageReporter(watch, outage_label or "", emit=stderr_line if outage_label else None)
 

@@ -61,7 +61,9 @@ ROUTINE_WARNINGS = (
 # shorter than writing a big partition's part takes; any other (the event loop blocked) is
 # worth a warning
 ROUTINE_ONLY_FOR = {
-    "Timer %s is overlapping (interval=%r runtime=%r)": re.compile(r"kappa\.(commit_pending|.+\.parts)"),
+    "Timer %s is overlapping (interval=%r runtime=%r)": re.compile(
+        r"kappa\.(commit_pending|flush_stalled_cache|.+\.parts)"
+    ),
 }
 
 

@@ -15,7 +15,8 @@ prints partials goes through an `Aggregate`:
   (the agent's hot path: no MeanState per key);
 - `partial_fields` and `decode_many`: partials as Arrow columns (snapshot parts, merges),
   decoded in bulk without a Python object per key; `next_offsets`: the offset after the last
-  record each entry includes (a part checks it is an exact image of its partition);
+  record each entry includes, and `records_held`: the records per value a table's partials
+  hold (with the stats entry's counts, a part checks it is an exact image of its partition);
 - `merge_groups` and `output`: partials of equal keys added up, and the snapshot columns.
 
 To add an aggregate, implement this protocol beside `Mean` and choose it where the
@@ -35,6 +36,7 @@ from typing import ClassVar, Protocol, cast
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tables.keys import PLAIN, KeyLayout
 
@@ -50,6 +52,7 @@ class Aggregate(Protocol):
     """What a table keeps per key and how partials become snapshot columns."""
 
     name: ClassVar[str]
+    width: int  # the value fields it aggregates
     partial_fields: tuple[tuple[str, pa.DataType], ...]
     output_fields: tuple[tuple[str, pa.DataType], ...]
 
@@ -62,6 +65,7 @@ class Aggregate(Protocol):
     def add_batches(self, stored: Sequence[bytes | None], batches: BatchSums) -> list[bytes | None]: ...
     def merge_groups(self, columns: dict[str, np.ndarray], starts: np.ndarray) -> dict[str, np.ndarray]: ...
     def output(self, merged: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def records_held(self, partials: pa.Table | pa.RecordBatch) -> list[int]: ...
 
 
 @dataclass(slots=True)
@@ -183,6 +187,11 @@ class Mean:
 
     def new(self) -> list[MeanState]:
         return [MeanState() for _ in range(self.width)]
+
+    def records_held(self, partials: pa.Table | pa.RecordBatch) -> list[int]:
+        """Per value, how many records the partials hold: each record counted adds one to one
+        key's count of each value it has, and nothing removes a key."""
+        return [int(pc.sum(partials.column(self._names(i)[2])).as_py() or 0) for i in range(self.width)]
 
     def encode(self, states: Sequence[MeanState]) -> bytes:
         """Version 2: the version byte, then next_offset and a (total, compensation, count) triple

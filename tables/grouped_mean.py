@@ -25,6 +25,7 @@ import orjson
 import pyarrow as pa
 import rocksdict
 
+from kappa.errors import KappaError
 from tables.aggregate import (
     LEGACY_JSON,
     MEAN,
@@ -73,6 +74,12 @@ class PartitionStats:
                 name: {"counted": c, "skipped": s} for name, (c, s) in zip(value_names, pairs, strict=True)
             }
         return found
+
+    def counted_per_value(self, width: int) -> list[int]:
+        """Per value field, the records counted (`counted` itself when there is one value)."""
+        if width > 1 and self.values is not None:
+            return [counted for counted, _ in self.values]
+        return [self.counted] if width == 1 else [0] * width
 
     def merge(self, other: PartitionStats) -> None:
         self.counted += other.counted
@@ -166,12 +173,20 @@ def read_partition(
     from its changelog may hold groups ahead of its stats, during the restore and after it,
     until the agent has applied those records again. A snapshot of it would show records its
     manifest does not count (found by a trial and a review: a table holding every record under
-    a manifest that counted none)."""
+    a manifest that counted none).
+
+    Groups can also hold fewer records than the stats entry counts: halfway through a restore,
+    a group whose older entries compaction removed is missing until its newer entry is read;
+    and a state that lost records (a restore that skipped part of a changelog, F1) stays so.
+    Such a part would publish a table short of records under a manifest that counts them, so
+    it is not written either, and a partition that stays so is reported (PartWriter.write)."""
     entries, bookkeeping = _scan_with_bookkeeping(table, partition)
     newest: list[int] = []
     rows, found = partials_setting_aside(entries, bookkeeping, aggregate, layout, newest=newest)
     stats = PartitionStats.decode(found.get(STATS_KEY))
     if newest and max(newest) > stats.next_offset:
+        return None
+    if aggregate.records_held(rows) != stats.counted_per_value(aggregate.width):
         return None
     return rows, stats
 
@@ -180,9 +195,28 @@ def partition_batches(
     table, partition: int, aggregate: Aggregate = MEAN, layout: KeyLayout = PLAIN, chunk: int = PARTIALS_CHUNK
 ) -> Iterator[pa.RecordBatch]:
     """One partition's partial aggregates in key order, `chunk` keys at a time, read from
-    RocksDB as they are asked for (the store must stay open until the last one is taken)."""
+    RocksDB as they are asked for (the store must stay open until the last one is taken).
+    After the last one, raises `RecordsLost` if they held fewer or more records than the
+    partition's stats entry counts (see `read_partition`): the snapshot being written from
+    them is then not published."""
     entries, bookkeeping = _scan_with_bookkeeping(table, partition)
-    yield from partial_batches(entries, bookkeeping, {}, aggregate, layout, chunk)
+    found: dict[bytes, bytes] = {}
+    held = [0] * aggregate.width
+    for batch in partial_batches(entries, bookkeeping, found, aggregate, layout, chunk):
+        held = [total + more for total, more in zip(held, aggregate.records_held(batch), strict=True)]
+        yield batch
+    counted = PartitionStats.decode(found.get(STATS_KEY)).counted_per_value(aggregate.width)
+    if held != counted:
+        raise RecordsLost(partition, held, counted)
+
+
+class RecordsLost(KappaError):
+    def __init__(self, partition: int, held: list[int], counted: list[int]) -> None:
+        super().__init__(
+            f"partition {partition}'s table holds {sum(held):,} records in its groups where its stats entry counts "
+            f"{sum(counted):,}: its state is damaged, so nothing is published from it; delete this generation "
+            "(kappa gc) and replay again"
+        )
 
 
 def _scan_with_bookkeeping(table, partition: int) -> tuple[Iterator[tuple[bytes, bytes]], frozenset[bytes]]:

@@ -29,6 +29,8 @@ log = logging.getLogger("kappa.lifecycle.process")
 HEARTBEAT_S = 1.0
 CATCH_UP_TICK_S = 0.1
 FINAL_COMMIT_S = 10.0
+NOT_EXACT_REPORT_S = 60.0
+REPORTED = -1.0  # in PartWriter.not_exact_since: said once
 
 
 def claim_state_slot(generation_dir: Path, preferred: int) -> tuple[int, IO]:
@@ -76,6 +78,7 @@ class PartWriter:
         self.next_beat = 0.0
         self.written_at_end: set[int] = set()
         self.reported_start = False
+        self.not_exact_since: dict[int, float] = {}  # partition -> when its reads outside a restore began to fail
 
     def newly_caught_up(self, changed: set[int]) -> set[int]:
         """Changed partitions at or past their end offset whose part was not yet written there:
@@ -108,9 +111,31 @@ class PartWriter:
             if image is not None:
                 parts.write_part(self.directory, partition, *image)
                 written.add(partition)
+                self.not_exact_since.pop(partition, None)
             else:
                 self.pipe.progress.dirty.add(partition)
+                if opened:
+                    self._report_not_exact(partition)
         return written
+
+    def _report_not_exact(self, partition: int) -> None:
+        """Once a partition has not been an exact image for NOT_EXACT_REPORT_S outside a restore
+        (the agent re-applies what a restore left ahead within seconds), say so: its snapshots
+        stay at its last exact part, and a state that lost records never becomes exact again."""
+        if self.pipe.app.in_recovery:
+            self.not_exact_since.pop(partition, None)
+            return
+        since = self.not_exact_since.setdefault(partition, time.monotonic())
+        if since != REPORTED and time.monotonic() - since >= NOT_EXACT_REPORT_S:
+            self.not_exact_since[partition] = REPORTED
+            log.error(
+                "partition %s: its table's groups have not agreed with its record counts for %.0fs, so no part of "
+                "it is written to %s (snapshots keep its last exact part); if this stays, its state is damaged: "
+                "rebuild the pipeline with a new replay",
+                partition,
+                NOT_EXACT_REPORT_S,
+                self.directory,
+            )
 
     def tick(self) -> None:
         """Parts of changed partitions once per snapshot interval, and of those that reached

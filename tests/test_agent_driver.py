@@ -467,6 +467,28 @@ def test_no_part_is_written_from_a_table_whose_groups_lost_records(make_driver, 
         list(partition_batches(driver.table, 0))  # a batch replay's final snapshot is not published
 
 
+def test_groups_ahead_of_their_stats_whose_records_retention_removed_are_still_published(
+    make_driver, monkeypatch, tmp_path
+):
+    """Groups restored ahead of their stats, whose records retention removed before they came
+    again: the agent accepts the hole, and the table holds more records than its stats count,
+    for good. The check for records lost must not refuse that partition forever (found by review)."""
+    driver = make_driver(partitions=1)
+    driver.feed(0, records(0, 20))
+    stats_at_20 = partition_db(driver.table, 0)[STATS_KEY]
+    driver.feed(0, records(20, 20))
+    partition_db(driver.table, 0)[STATS_KEY] = stats_at_20  # a stop between the groups and the stats
+    driver.consumer.log_starts[TP("trips", 0)] = 40  # down past the topic's retention
+    monkeypatch.setattr(agent_module, "REWIND_PATIENCE_S", 0.0)
+    driver.feed(0, records(40, 20))  # seeks back to 20: nothing is there
+    driver.feed(0, records(40, 20))  # the hole is accepted
+    assert driver.stats(0).counted == 40 and sum(count for count, _ in table_sums(driver, 0).values()) == 60
+    writer = part_writer(driver, tmp_path)
+    writer.tick()
+    assert parts.newest_parts(tmp_path / "parts")[0][0] == 60
+    assert sum(sum(batch.column("count").to_pylist()) for batch in partition_batches(driver.table, 0)) == 60
+
+
 def sums_of(offsets: list[int], keys: int = 6) -> dict[bytes, tuple[int, float]]:
     """The count and sum per key of the records at these offsets (see `records`)."""
     found: dict[bytes, tuple[int, float]] = {}

@@ -256,3 +256,53 @@ def test_a_seek_made_while_a_record_is_being_delivered_makes_the_records_from_th
     after = asyncio.run(redeliveries_after_a_seek_during_a_delivery(kafka, topic, str(tmp_path / "state"), to))
     again = after[len(after) - after[::-1].index(to) - 1 :]
     assert again == list(range(to, FEW)), after
+
+
+async def redeliveries_of_a_partition_sought_while_another_is_delivered(
+    broker: str, topic: str, state_dir: str
+) -> tuple[int, list[int]]:
+    """Two partitions fetched together, the first one's delivery blocked on a full queue; the
+    other partition is sought to 0 meanwhile. Returns it and its offsets that came after the seek."""
+    app = faust_app(broker, topic, state_dir, stream_buffer_maxsize=1)
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    source = app.topic(f"{topic}-source", **raw)
+    other = app.topic(topic, **raw).clone(is_iterator=True)
+    app.topics.add(other)
+    deliver_batches(app, source, {source.get_topic_name(): Deliveries().handler})
+    await app.start()
+
+    async def take() -> tuple[int, int]:
+        message = (await asyncio.wait_for(other.get(), TIMEOUT_S)).message
+        return message.partition, message.offset
+
+    try:
+        first = [await take() for _ in range(2 * FEW)]
+        assert sorted(first) == [(p, o) for p in (0, 1) for o in range(FEW)], first
+        both = [TP(topic, 0), TP(topic, 1)]
+        app.consumer.pause_partitions(both)  # so that the next records of both come in one fetch
+        await asyncio.get_running_loop().run_in_executor(None, _produce, broker, topic, 2, FEW)
+        await asyncio.sleep(1.5)
+        app.consumer.resume_partitions(both)
+        blocked = [await take() for _ in range(2)]
+        sought = 1 - blocked[0][0]
+        await app.consumer.seek_wait({TP(topic, sought): 0})
+        after: list[int] = []
+        while after[-2 * FEW :] != list(range(2 * FEW)):
+            partition, offset = await take()
+            if partition == sought:
+                after.append(offset)
+        return sought, after
+    finally:
+        await app.stop()
+
+
+def test_a_partition_sought_while_another_of_its_fetch_is_delivered_comes_again_from_there(kafka, tmp_path):
+    """The seek was counted from when a partition's own delivery began, not from its fetch: a
+    partition sought while another one of the same fetch waited on a full queue then had its
+    stale records delivered, and those before them never came again (found by review)."""
+    topic = f"seek-other-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, 2)
+    ensure_topic(kafka, f"{topic}-source", 1)
+    _produce(kafka, topic, partitions=2, records=FEW)
+    _, after = asyncio.run(redeliveries_of_a_partition_sought_while_another_is_delivered(kafka, topic, str(tmp_path)))
+    assert after[-2 * FEW :] == list(range(2 * FEW))

@@ -435,8 +435,8 @@ class ReadOffsets(dict):
     delivered after a delivery), which also counts every change made to a partition's entry
     other than a delivery's own (`delivered`).
 
-    Invariant: a delivery moves a partition's read offset only if nobody changed it since the
-    delivery's records were fetched. A seek (the agent's rewind; a rebalance's recovery, from
+    Invariant: a delivery moves a partition's read offset only if the partition was not sought
+    since its records were fetched. A seek (the agent's rewind; a rebalance's recovery, made on
     Faust's consumer thread; the seek back to committed offsets) or a revocation made while a
     delivery awaits its handler sets where reading starts again. A delivery that then set the
     read offset to its own last record would make every re-fetched record before it look
@@ -469,8 +469,22 @@ class ReadOffsets(dict):
             return super().pop(tp, *default)
 
     def update(self, *others: Any, **named: Any) -> None:
-        for tp, offset in dict(*others, **named).items():
-            self[tp] = offset
+        """Faust's `perform_seek` sets every assigned partition's read offset here: to the
+        committed offset it sought, or to None where nothing is committed and nothing was
+        sought. Only the first are seeks: counting the others would make a delivery in flight
+        drop the rest of its fetch, which nothing would fetch again."""
+        with self._lock:
+            for tp, offset in dict(*others, **named).items():
+                if offset is not None:
+                    self.changes[tp] = self.changes.get(tp, 0) + 1
+                super().__setitem__(tp, offset)
+
+    def mark_sought(self, tps: Iterable[TP]) -> None:
+        """Count a seek of `tps` that may leave no trace in the mapping itself (a seek to 0 of
+        a partition with no entry only deletes an entry if there is one)."""
+        with self._lock:
+            for tp in tps:
+                self.changes[tp] = self.changes.get(tp, 0) + 1
 
     def clear(self) -> None:
         for tp in list(self):
@@ -516,6 +530,11 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return KappaConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+        """Faust's seek (as its recovery makes), counted before it is made (`ReadOffsets`)."""
+        self._read_offset.mark_sought(partitions)
+        await super().seek_wait(partitions)
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Faust's seek back to the committed offsets, which it makes after every rebalance's
@@ -590,6 +609,8 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         generation changed (a rebalance), and only active partitions are delivered.
         """
         records, active = await self._wait_next_records(1.0)
+        # now, before anything awaits: a seek made from here on finds the fetched records stale
+        changes = self._read_offset.changes_of(records or ())
         await self.sleep(0)
         if records is None or self.should_stop:
             return
@@ -612,23 +633,24 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if fresh:
                 others.append((tp, fresh))
         for topic, pending in fetched_batches.items():
-            if not await self._deliver_all(topic, pending, generation_id):
+            if not await self._deliver_all(topic, pending, generation_id, changes):
                 return
         for tp, fresh in others:
-            await self._deliver_one_by_one(tp, fresh, generation_id)
+            await self._deliver_one_by_one(tp, fresh, generation_id, changes[tp])
 
-    async def _deliver_all(self, topic: str, pending: dict[TP, deque[FetchedBatch]], generation_id: int) -> bool:
+    async def _deliver_all(
+        self, topic: str, pending: dict[TP, deque[FetchedBatch]], generation_id: int, changes: Mapping[TP, int]
+    ) -> bool:
         """Hand the agent `pending`, `DELIVERY_RECORDS` or so at a time, the next delivery parsed
         on the parser thread while the agent applies this one; False once flow stopped or the
         consumer generation changed (the rest is dropped: Faust seeks back after a rebalance).
 
         Invariants: only the parser thread touches `pending` while a parse runs; a partition
-        sought while this runs (the agent's rewind, a recovery's seek) is dropped from every
-        later delivery and from `pending` once the running parse is done, since its records
-        come again after the seek, and its read offset is left where the seek put it
+        sought since the fetch (`changes`: the agent's rewind, a recovery's seek) is dropped
+        from every later delivery and from `pending` once the running parse is done, since its
+        records come again after the seek, and its read offset is left where the seek put it
         (`ReadOffsets`)."""
         loop = asyncio.get_running_loop()
-        changes = self._read_offset.changes_of(pending)
         following: asyncio.Future[dict[TP, Delivered]] | None
         following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
         try:
@@ -690,13 +712,13 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             return fetched
         return [record for record in fetched if record.offset >= read_offset]
 
-    async def _deliver_one_by_one(self, tp: TP, fetched: list, generation_id: int) -> None:
+    async def _deliver_one_by_one(self, tp: TP, fetched: list, generation_id: int, changes: int) -> None:
         """Faust's own per-record path, for topics without a batch handler (changelogs), except
-        that it stops at a seek of the partition made meanwhile (`ReadOffsets`): the rest of
-        `fetched` comes again from where the seek points, and the read offset stays there."""
+        that it stops at a seek of the partition made since the fetch (`changes`, `ReadOffsets`):
+        the rest of `fetched` comes again from where the seek points, and the read offset stays
+        there."""
         acks_enabled = self.app.topics.acks_enabled_for(tp.topic)
         read_offsets = self._read_offset
-        changes = read_offsets.changes_of((tp,))[tp]
         for position, record in enumerate(fetched):
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 return

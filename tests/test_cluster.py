@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import orjson
+import pandas as pd
 import pytest
 
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
@@ -21,7 +23,17 @@ from kappa.kafka.admin import (
     topic_replication,
 )
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, Cluster, Kappa, kappa_command, run_kappa, wait_for, wait_until
+from tests.helpers import (
+    REPO,
+    Cluster,
+    Kappa,
+    kappa_command,
+    read_log,
+    run_kappa,
+    wait_for,
+    wait_for_progress,
+    wait_until,
+)
 from tests.live import kill_group, load_round, start_worker
 from tests.oracle import assert_matches, read_latest
 
@@ -295,3 +307,53 @@ def test_a_replica_warning_says_what_the_partitions_can_still_take():
     assert "one more broker's death stops writes to them" in line(2)
     assert "writes to them are refused now (min.insync.replicas 2)" in line(1)
     assert "some have no leader" in line(1, leaderless=True)
+
+
+@pytest.mark.slow
+def test_a_load_rerun_at_once_after_a_follower_froze_lands_every_row_once(cluster_kappa, cluster, tmp_path):
+    """F2: a follower frozen (kill -STOP) while still in the ISR holds the high watermark back,
+    so the load's last batches are on the leader but not committed. The load is stopped (two
+    SIGTERMs) and run again at once: its ledger scan must not miss those batches and send them
+    again, or both copies are committed once the follower is fenced."""
+    kappa, rows, partitions = cluster_kappa, 1_000_000, 2
+    topic, path = kappa.topic(), tmp_path / "rows.csv"
+    frame = sample_frame(rows, 500, seed=23)
+    frame.to_csv(path, index=False)
+    ensure_topic(kappa.broker, topic, partitions, {"retention.ms": "-1"})
+    leading = cluster.leaders([topic])
+    follower = min(node for node, led in leading.items() if led == 0)  # in every partition's ISR, leading none
+    leaders = [node for node, led in leading.items() if led > 0]
+
+    def appended() -> int:
+        return sum(cluster.log_bytes(node, topic) for node in leaders)
+
+    first = subprocess.Popen(
+        kappa_command("load", str(path), "--key", KEY, "--topic", topic, *kappa.args()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        wait_for_progress(first)
+        with cluster.frozen(follower):
+            before = appended()
+            # appended on the leaders after the freeze: above the high watermark until the follower is fenced
+            grew = wait_until(lambda: appended() > before + 200_000, 60, interval=0.02)
+            assert grew, f"{appended() - before} bytes appended since the freeze; load exit {first.poll()}"
+            first.send_signal(signal.SIGTERM)
+            wait_until(lambda: first.poll() is not None, 0.5)
+            first.send_signal(signal.SIGTERM)
+            _, stderr = first.communicate(timeout=300)
+            assert first.returncode not in (0, None), "the first load finished before it was stopped"
+            assert "interrupted (SIGTERM)" in stderr.decode(), stderr.decode()
+            again = kappa.load(path, KEY, topic, partitions=partitions, timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    assert "resuming" in again.stderr.decode(), again.stderr.decode()
+    on_log = pd.Series([orjson.loads(message.value())["seq"] for message in read_log(kappa.broker, topic)])
+    copies = on_log.value_counts()
+    assert (copies > 1).sum() == 0, f"{(copies > 1).sum():,} rows are on the log more than once"
+    assert sorted(on_log) == sorted(frame["seq"]), "every row of the file is on the log"

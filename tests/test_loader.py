@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, TopicPartition
 from kappa.kafka import admin
 from kappa.load.ledger import COMPLETE, LedgerEntry, LedgerWriter, load_id
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, free_port, kappa_command, reaped, wait_until
+from tests.helpers import REPO, free_port, kappa_command, reaped, wait_for_progress, wait_until
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -85,17 +85,6 @@ def empty_temp_dir(tmp_path: Path) -> Path:
     temp_dir = tmp_path / "temp"
     temp_dir.mkdir()
     return temp_dir
-
-
-def wait_for_progress(load: subprocess.Popen) -> list[str]:
-    """Block until the loader's progress shows rows on their way; returns the stderr lines so far."""
-    lines = []
-    while True:
-        line = load.stderr.readline().decode()
-        assert line, f"the load ended before showing progress (exit {load.wait()}): {''.join(lines)}"
-        lines.append(line)
-        if re.search(r"load \S+ \[#*\s*\]", line):
-            return lines
 
 
 def write_sample(path: Path, rows: int, seed: int) -> Path:

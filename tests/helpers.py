@@ -255,6 +255,24 @@ class Cluster:
         finally:
             os.kill(node.pid, signal.SIGCONT)
 
+    def transaction_coordinator(self, transactional_id: str) -> int | None:
+        """The node that coordinates `transactional_id`'s transactions: the leader of its partition of
+        `__transaction_state` (Java's String.hashCode, made non-negative as Kafka's Utils.abs does,
+        modulo the partitions); None before any transaction made that topic."""
+        from kappa.kafka.admin import admin, partition_count
+
+        partitions = partition_count(self.address, "__transaction_state")
+        if partitions is None:
+            return None
+        code = 0
+        chars = transactional_id.encode("utf-16-be")  # Java's chars
+        for at in range(0, len(chars), 2):
+            code = (31 * code + int.from_bytes(chars[at : at + 2], "big")) & 0xFFFFFFFF
+        signed = code - (1 << 32) if code >= 1 << 31 else code
+        partition = 0 if signed == -(1 << 31) else abs(signed) % partitions
+        metadata = admin(self.address).list_topics("__transaction_state", timeout=10)
+        return metadata.topics["__transaction_state"].partitions[partition].leader
+
     def log_bytes(self, node_id: int, topic: str) -> int:
         """The bytes of `topic`'s log segments in one node's log dir: what that node has appended,
         committed or not (a consumer reads only below the high watermark)."""
@@ -280,15 +298,17 @@ def high_watermarks(broker: str, topic: str) -> dict[int, int]:
         probe.close()
 
 
-def read_log(broker: str, topic: str, timeout: float = 120) -> list[Message]:
+def read_log(broker: str, topic: str, timeout: float = 120, stable: bool = False) -> list[Message]:
     """Every record of `topic` as a `read_committed` consumer (kcat, kappa's workers) reads it,
     up to each partition's high watermark when called: records of aborted transactions and the
-    commit and abort markers are not records. Waits for a transaction still open below it."""
+    commit and abort markers are not records. Waits for a transaction still open below it
+    (one a load killed outright left open: until the load runs again or the broker aborts it);
+    `stable` reads only to the last stable offset, what is readable at once."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-    from kappa.kafka.admin import client_config
+    from kappa.kafka.admin import client_config, end_offsets, partition_count
 
-    ends = high_watermarks(broker, topic)
+    ends = end_offsets(broker, topic, partition_count(broker, topic) or 0) if stable else high_watermarks(broker, topic)
     todo = {p for p, end in ends.items() if end > 0}
     consumer = Consumer(
         client_config(

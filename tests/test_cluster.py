@@ -22,6 +22,7 @@ from kappa.kafka.admin import (
     partition_count,
     topic_replication,
 )
+from kappa.load.ledger import read_ledger, transactional_id
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import (
     REPO,
@@ -310,23 +311,20 @@ def test_a_replica_warning_says_what_the_partitions_can_still_take():
 
 
 @pytest.mark.slow
-def test_a_load_rerun_at_once_after_a_follower_froze_lands_every_row_once(cluster_kappa, cluster, tmp_path):
+@pytest.mark.parametrize("stop", ["two-sigterms", "sigkill"])
+def test_a_load_rerun_at_once_after_a_follower_froze_lands_every_row_once(cluster_kappa, cluster, tmp_path, stop):
     """F2: a follower frozen (kill -STOP) while still in the ISR holds the high watermark back,
     so the load's last batches are on the leader but not committed. The load is stopped (two
-    SIGTERMs) and run again at once: its ledger scan must not miss those batches and send them
-    again, or both copies are committed once the follower is fenced."""
-    kappa, rows, partitions = cluster_kappa, 1_000_000, 2
+    SIGTERMs, as the user did, or kill -9, which leaves the re-run's scan well inside the window)
+    and run again at once: its ledger scan must not miss those batches and send them again, or
+    both copies are committed once the controller fences the follower. Each row id on the log
+    (the file's `seq`, read as kcat and the workers read, read_committed) must be there once."""
+    kappa, rows = cluster_kappa, 1_000_000
     topic, path = kappa.topic(), tmp_path / "rows.csv"
     frame = sample_frame(rows, 500, seed=23)
     frame.to_csv(path, index=False)
-    ensure_topic(kappa.broker, topic, partitions, {"retention.ms": "-1"})
-    leading = cluster.leaders([topic])
-    follower = min(node for node, led in leading.items() if led == 0)  # in every partition's ISR, leading none
-    leaders = [node for node, led in leading.items() if led > 0]
-
-    def appended() -> int:
-        return sum(cluster.log_bytes(node, topic) for node in leaders)
-
+    ensure_topic(kappa.broker, topic, 1, {"retention.ms": "-1"})
+    (leader,) = [node for node, led in cluster.leaders([topic]).items() if led]
     first = subprocess.Popen(
         kappa_command("load", str(path), "--key", KEY, "--topic", topic, *kappa.args()),
         stdout=subprocess.PIPE,
@@ -336,18 +334,33 @@ def test_a_load_rerun_at_once_after_a_follower_froze_lands_every_row_once(cluste
     )
     try:
         wait_for_progress(first)
+        # a follower of the partition that coordinates none of the load's transactions (frozen, that
+        # one would stall the load for a minute before anything could be appended)
+        (entry,) = read_ledger(kappa.broker, topic)
+        coordinator = cluster.transaction_coordinator(transactional_id(entry))
+        follower = min({node.node_id for node in cluster.nodes()} - {leader, coordinator})
         with cluster.frozen(follower):
-            before = appended()
-            # appended on the leaders after the freeze: above the high watermark until the follower is fenced
-            grew = wait_until(lambda: appended() > before + 200_000, 60, interval=0.02)
-            assert grew, f"{appended() - before} bytes appended since the freeze; load exit {first.poll()}"
-            first.send_signal(signal.SIGTERM)
-            wait_until(lambda: first.poll() is not None, 0.5)
-            first.send_signal(signal.SIGTERM)
-            _, stderr = first.communicate(timeout=300)
-            assert first.returncode not in (0, None), "the first load finished before it was stopped"
-            assert "interrupted (SIGTERM)" in stderr.decode(), stderr.decode()
-            again = kappa.load(path, KEY, topic, partitions=partitions, timeout=600)
+            frozen_at, before = time.monotonic(), cluster.log_bytes(leader, topic)
+            # appended on the leader after the freeze: above the high watermark until the follower is fenced
+            grew = wait_until(lambda: cluster.log_bytes(leader, topic) > before + 200_000, 60, interval=0.02)
+            assert grew, f"{cluster.log_bytes(leader, topic) - before} bytes appended since the freeze"
+            if stop == "sigkill":  # at once: the re-run's scan comes well before the follower is fenced
+                first.send_signal(signal.SIGKILL)
+                _, stderr = first.communicate(timeout=60)
+                assert first.returncode == -signal.SIGKILL, "the first load finished before it was stopped"
+            else:  # as the user did; the first stop waits for the open transaction, the second gives up
+                first.send_signal(signal.SIGTERM)
+                wait_until(lambda: first.poll() is not None, 0.5)
+                first.send_signal(signal.SIGTERM)
+                _, stderr = first.communicate(timeout=300)
+                assert first.returncode not in (0, None), "the first load finished before it was stopped"
+                assert "interrupted (SIGTERM)" in stderr.decode(), stderr.decode()
+            stopped_after = time.monotonic() - frozen_at
+            again = kappa.load(path, KEY, topic, partitions=1, timeout=600)
+            print(
+                f"\nthe first load stopped {stopped_after:.1f}s after the freeze, the re-run ended at "
+                f"{time.monotonic() - frozen_at:.1f}s:\n{stderr.decode()}{again.stderr.decode()}"
+            )
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)

@@ -70,6 +70,7 @@ TRANSACTION_TIMEOUT_S = DELIVERY_TIMEOUT_S + 30
 TRANSACTION_ROWS = 500_000  # rows a transaction holds at most; each commit waits for its rows' acks
 TRANSACTION_S = 2.0  # ... and seconds: how long a live worker waits to see rows being loaded
 GIVE_UP_S = 2.0  # after a second Ctrl-C (or SIGTERM), how long the open transaction's abort is waited for
+READABLE_WAIT_S = 30.0  # how long a finished load waits for its last commit markers (milliseconds, as a rule)
 POLL_EVERY = 20_000  # rows between progress lines and the checks for delivery errors and Ctrl-C
 POLL_WAIT_S = 0.1  # the delivery poller's longest wait for a report
 QUEUE_FULL_WAIT_S = 0.05  # the producing thread's poll when librdkafka's queue is full
@@ -417,6 +418,22 @@ class LoadTransaction:
         return self.stop.count >= 2
 
 
+def _wait_until_readable(broker: str, topic: str) -> None:
+    """Return once readers see every row of the load's last transaction: the coordinator answers
+    a commit once it has recorded it, and writes the commit markers after that, so until they are
+    written the topic's end offsets (its last stable offset, where a replay started now stops) are
+    still below the last rows. A transaction of another producer open below them holds them back
+    longer; that is not waited for beyond READABLE_WAIT_S."""
+    partitions = admin.require_partition_count(broker, topic)
+    written = admin.high_watermarks(broker, topic, partitions)  # past every row of this load
+    deadline = time.monotonic() + READABLE_WAIT_S
+    while time.monotonic() < deadline:
+        stable = admin.end_offsets(broker, topic, partitions)
+        if all(stable[p] >= end for p, end in written.items()):
+            return
+        time.sleep(0.02)
+
+
 class DeliveryPoller:
     """Serves librdkafka's delivery reports on a thread of its own while rows are produced.
 
@@ -652,10 +669,11 @@ def load(
             raise KappaError(
                 f"load of {name} into {topic!r} interrupted before this run sent a row: run the same command again"
             ) from None
-        return _load(topic, source, plan, writer, created, producer, errors, too_large)
+        return _load(settings.broker, topic, source, plan, writer, created, producer, errors, too_large)
 
 
 def _load(
+    broker: str,
     topic: str,
     source: Source,
     plan: Plan,
@@ -708,6 +726,7 @@ def _load(
     if not (finished and settled and reason is None):
         on_log = plan.on_log.count + transaction.committed
         raise _interrupted(source, topic, on_log, unsure, reason or stop.reason or "could not commit")
+    _wait_until_readable(broker, topic)  # before the load says it is done: `kappa replay` may follow at once
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()
     writer.write(plan.entry)
     resumed = plan.on_log.count if plan.total is not None else None

@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
@@ -33,6 +34,8 @@ from kappa.pipeline import Definition
 # and how long each of its requests may take: the supervisor's loop waits for them
 LOG_CHECK_INTERVAL_S = 5.0
 LOG_CHECK_TIMEOUT_S = 5.0
+# small fetches: a sample needs a hundred records, not a megabyte per partition
+SMALL_FETCHES: dict[str, Any] = {"max.partition.fetch.bytes": 65536}
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_STALL_S = 5.0
 FIELDS_SHOWN = 20
@@ -106,8 +109,7 @@ def sample_fields(
                 lambda message: sample.add(message.value(), message.key(), _timestamp_ms(message)),
                 group="kappa-field-sample",
                 stall_s=SAMPLE_STALL_S,
-                # small fetches: a sample needs a hundred records, not a megabyte per partition
-                **{"max.partition.fetch.bytes": 65536},
+                **SMALL_FETCHES,
             )
         except KappaError:
             break

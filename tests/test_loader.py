@@ -107,6 +107,45 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
     assert_matches(parquet_table, expected)
 
 
+def test_a_load_begun_by_a_kappa_without_transactions_resumes_exactly(kappa, tmp_path):
+    """A topic an earlier kappa loaded part of, with its idempotent producer and no transactions
+    (rows with their headers, a `started` ledger entry): the transactional loader's re-run finds
+    those rows, read_committed, and sends only the others."""
+    from confluent_kafka import Producer
+
+    from kappa.load import loader
+    from kappa.load.ledger import STARTED, header_prefix, ledger_topic, row_headers
+    from kappa.load.sources import open_source
+
+    rows, topic = 30_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=142)
+    admin.ensure_topic(kappa.broker, topic, 3)
+    entry = LedgerEntry(
+        load_id(open_source(str(path), KEY).fingerprint(), 1),
+        open_source(str(path), KEY).fingerprint(),
+        1,
+        path.name,
+        KEY,
+        admin.topic_id(kappa.broker, topic),
+        STARTED,
+        admin.end_offsets(kappa.broker, topic, 3),
+    )
+    LedgerWriter(kappa.broker, topic).write(entry)
+    chunk = next(iter(open_source(str(path), KEY).chunks()))
+    sent = list(range(0, 12_000, 2))  # every other row of the first 12,000, as an interrupted old load could leave
+    old = Producer(loader.producer_config(kappa.broker))  # no transactional.id: as kappa before 2026-12-07
+    for row, headers in zip(sent, row_headers(header_prefix(entry.load_id), sent), strict=True):
+        old.produce(topic, chunk.values[row], chunk.keys[row], headers=headers)
+    assert old.flush(60) == 0
+    assert ledger_topic(topic) in admin.admin(kappa.broker).list_topics(timeout=10).topics
+
+    resumed = kappa.load(path, KEY, topic, partitions=3)
+    said = f"resuming: {len(sent):,} of {rows:,} rows already on the log, sending {rows - len(sent):,}"
+    assert said in resumed.stderr.decode(), resumed.stderr.decode()
+    on_log = pd.Series([orjson.loads(value)["seq"] for _, value in read_raw_messages(kappa.broker, topic)])
+    assert on_log.is_unique and sorted(on_log) == list(range(rows))
+
+
 @pytest.mark.parametrize(
     ("stop", "reason", "stdin"),
     [(signal.SIGINT, "Ctrl-C", False), (signal.SIGTERM, "SIGTERM", True)],

@@ -295,10 +295,12 @@ class LogWatch:
 
 def refuse_empty_result(records: dict[str, int], total: int, force: bool) -> None:
     """A generation that counted nothing from a log that has records never becomes current
-    unless forced: it would replace a real result with an empty one."""
+    unless forced: it would replace a real result with an empty one. `total` is the log's offsets
+    (transaction markers take some); the records the generation read are what the line counts."""
     if total > 0 and records.get("counted", 0) == 0 and not force:
+        read = sum(records.get(outcome, 0) for outcome in ("counted", "skipped", "rejected"))
         raise EmptyResult(
-            f"the new generation counted no value out of {total:,} records (skipped {records.get('skipped', 0):,}, "
+            f"the new generation counted no value out of {read:,} records (skipped {records.get('skipped', 0):,}, "
             f"rejected {records.get('rejected', 0):,}), so it does not replace the current one; check --value and "
             "--key, or pass --force to publish it anyway"
         )

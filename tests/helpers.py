@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from confluent_kafka import Message
 
 from kappa.kafka import broker as embedded
 from kappa.processes import pid_alive
@@ -73,6 +76,17 @@ def wait_for(produce: Callable[[], T | None], timeout: float, what: str, interva
 
 
 # --- processes -----------------------------------------------------------------------------------
+
+
+def wait_for_progress(load: subprocess.Popen) -> list[str]:
+    """Block until the loader's progress shows rows on their way; returns the stderr lines so far."""
+    lines = []
+    while True:
+        line = load.stderr.readline().decode()
+        assert line, f"the load ended before showing progress (exit {load.wait()}): {''.join(lines)}"
+        lines.append(line)
+        if re.search(r"load \S+ \[#*\s*\]", line):
+            return lines
 
 
 def descendants(pid: int) -> set[int]:
@@ -228,6 +242,100 @@ class Cluster:
     def busiest_leader(self, topics: list[str]) -> int:
         counts = self.leaders(topics)
         return max(counts, key=lambda node: (counts[node], -node))
+
+    @contextlib.contextmanager
+    def frozen(self, node_id: int) -> Iterator[None]:
+        """`kill -STOP` of one node's JVM for the block (a stalled broker that still holds its
+        connections and stays in the ISR until the controller fences it), `kill -CONT` after it."""
+        node = next(node for node in self.nodes() if node.node_id == node_id)
+        assert node.running and node.pid is not None, f"node {node_id} is not running"
+        os.kill(node.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+
+    def transaction_coordinator(self, transactional_id: str) -> int | None:
+        """The node that coordinates `transactional_id`'s transactions: the leader of its partition of
+        `__transaction_state` (Java's String.hashCode, made non-negative as Kafka's Utils.abs does,
+        modulo the partitions); None before any transaction made that topic."""
+        from kappa.kafka.admin import admin, partition_count
+
+        partitions = partition_count(self.address, "__transaction_state")
+        if partitions is None:
+            return None
+        code = 0
+        chars = transactional_id.encode("utf-16-be")  # Java's chars
+        for at in range(0, len(chars), 2):
+            code = (31 * code + int.from_bytes(chars[at : at + 2], "big")) & 0xFFFFFFFF
+        signed = code - (1 << 32) if code >= 1 << 31 else code
+        partition = 0 if signed == -(1 << 31) else abs(signed) % partitions
+        metadata = admin(self.address).list_topics("__transaction_state", timeout=10)
+        return metadata.topics["__transaction_state"].partitions[partition].leader
+
+    def log_bytes(self, node_id: int, topic: str) -> int:
+        """The bytes of `topic`'s log segments in one node's log dir: what that node has appended,
+        committed or not (a consumer reads only below the high watermark)."""
+        logs = embedded.node_paths(self.data_dir)[node_id - 1].logs
+        return sum(segment.stat().st_size for segment in logs.glob(f"{topic}-*/*.log"))
+
+
+def high_watermarks(broker: str, topic: str) -> dict[int, int]:
+    """Each partition's high watermark: every record and marker the partition has committed,
+    whether or not its transaction is. (librdkafka's watermark query answers a `read_committed`
+    consumer, its default, with the last stable offset instead.)"""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from kappa.kafka.admin import client_config, partition_count
+
+    probe = Consumer(client_config(broker, **{"group.id": "kappa-tests-hw", "isolation.level": "read_uncommitted"}))
+    try:
+        return {
+            p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30, cached=False)[1]
+            for p in range(partition_count(broker, topic) or 0)
+        }
+    finally:
+        probe.close()
+
+
+def read_log(broker: str, topic: str, timeout: float = 120, stable: bool = False) -> list[Message]:
+    """Every record of `topic` as a `read_committed` consumer (kcat, kappa's workers) reads it,
+    up to each partition's high watermark when called: records of aborted transactions and the
+    commit and abort markers are not records. Waits for a transaction still open below it
+    (one a load killed outright left open: until the load runs again or the broker aborts it);
+    `stable` reads only to the last stable offset, what is readable at once."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    from kappa.kafka.admin import client_config, end_offsets, partition_count
+
+    ends = end_offsets(broker, topic, partition_count(broker, topic) or 0) if stable else high_watermarks(broker, topic)
+    todo = {p for p, end in ends.items() if end > 0}
+    consumer = Consumer(
+        client_config(
+            broker,
+            **{"group.id": "kappa-tests-read-log", "enable.auto.commit": False, "enable.partition.eof": True},
+            **{"isolation.level": "read_committed"},
+        )
+    )
+    records: list[Message] = []
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in todo])
+        deadline = time.monotonic() + timeout
+        while todo:
+            assert time.monotonic() < deadline, f"reading {topic!r} took more than {timeout}s: {sorted(todo)} unread"
+            for message in consumer.consume(10_000, timeout=0.2):
+                error = message.error()
+                if error is not None:  # the end of what is readable now: done once it is the end we want
+                    assert error.code() == KafkaError._PARTITION_EOF, error.str()  # noqa: SLF001
+                    if message.offset() >= ends[message.partition()]:
+                        todo.discard(message.partition())
+                    continue
+                records.append(message)
+                if message.offset() >= ends[message.partition()] - 1:
+                    todo.discard(message.partition())
+    finally:
+        consumer.close()
+    return records
 
 
 # --- worker heartbeats ---------------------------------------------------------------------------

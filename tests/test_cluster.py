@@ -9,19 +9,32 @@ import signal
 import subprocess
 import time
 
+import orjson
+import pandas as pd
 import pytest
 
 from kappa.engine.names import app_id, assignor_topic, changelog_topic
 from kappa.kafka.admin import (
     committed_offsets,
     delete_topics,
-    end_offsets,
     ensure_topic,
     partition_count,
     topic_replication,
 )
+from kappa.load.ledger import read_ledger, transactional_id
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, Cluster, Kappa, kappa_command, run_kappa, wait_for, wait_until
+from tests.helpers import (
+    REPO,
+    Cluster,
+    Kappa,
+    high_watermarks,
+    kappa_command,
+    read_log,
+    run_kappa,
+    wait_for,
+    wait_for_progress,
+    wait_until,
+)
 from tests.live import kill_group, load_round, start_worker
 from tests.oracle import assert_matches, read_latest
 
@@ -212,7 +225,7 @@ def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path)
             start_new_session=True,
         )
     try:
-        wait_until(lambda: sum(end_offsets(kappa.broker, topic, 8).values()) > 0, 60, interval=0.05)
+        wait_until(lambda: sum(high_watermarks(kappa.broker, topic).values()) > 0, 60, interval=0.05)
         cluster.kill(victim)
         killed_at = time.monotonic()
         code = load.wait(timeout=300)
@@ -223,7 +236,7 @@ def test_kill_the_busiest_leader_during_a_load(cluster_kappa, cluster, tmp_path)
             load.wait(timeout=30)
     output = log.read_text()
     assert code == 0, output
-    assert sum(end_offsets(kappa.broker, topic, 8).values()) == rows, "every row once on the log"
+    assert len(read_log(kappa.broker, topic)) == rows, "every row once on the log"  # end offsets: + commit markers
     kappa.replay_batch(topic, VALUE, KEY)
     csv_table, _, manifest = read_latest(kappa.snapshot_dir, topic)
     expected = pandas_expectation(str(path), KEY, VALUE)
@@ -295,3 +308,65 @@ def test_a_replica_warning_says_what_the_partitions_can_still_take():
     assert "one more broker's death stops writes to them" in line(2)
     assert "writes to them are refused now (min.insync.replicas 2)" in line(1)
     assert "some have no leader" in line(1, leaderless=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["two-sigterms", "sigkill"])
+def test_a_load_rerun_at_once_after_a_follower_froze_lands_every_row_once(cluster_kappa, cluster, tmp_path, stop):
+    """F2: a follower frozen (kill -STOP) while still in the ISR holds the high watermark back,
+    so the load's last batches are on the leader but not committed. The load is stopped (two
+    SIGTERMs, as the user did, or kill -9, which leaves the re-run's scan well inside the window)
+    and run again at once: its ledger scan must not miss those batches and send them again, or
+    both copies are committed once the controller fences the follower. Each row id on the log
+    (the file's `seq`, read as kcat and the workers read, read_committed) must be there once."""
+    kappa, rows = cluster_kappa, 1_000_000
+    topic, path = kappa.topic(), tmp_path / "rows.csv"
+    frame = sample_frame(rows, 500, seed=23)
+    frame.to_csv(path, index=False)
+    ensure_topic(kappa.broker, topic, 1, {"retention.ms": "-1"})
+    (leader,) = [node for node, led in cluster.leaders([topic]).items() if led]
+    first = subprocess.Popen(
+        kappa_command("load", str(path), "--key", KEY, "--topic", topic, *kappa.args()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        wait_for_progress(first)
+        # a follower of the partition that coordinates none of the load's transactions (frozen, that
+        # one would stall the load for a minute before anything could be appended)
+        (entry,) = read_ledger(kappa.broker, topic)
+        coordinator = cluster.transaction_coordinator(transactional_id(entry))
+        follower = min({node.node_id for node in cluster.nodes()} - {leader, coordinator})
+        with cluster.frozen(follower):
+            frozen_at, before = time.monotonic(), cluster.log_bytes(leader, topic)
+            # appended on the leader after the freeze: above the high watermark until the follower is fenced
+            grew = wait_until(lambda: cluster.log_bytes(leader, topic) > before + 200_000, 60, interval=0.02)
+            assert grew, f"{cluster.log_bytes(leader, topic) - before} bytes appended since the freeze"
+            if stop == "sigkill":  # at once: the re-run's scan comes well before the follower is fenced
+                first.send_signal(signal.SIGKILL)
+                _, stderr = first.communicate(timeout=60)
+                assert first.returncode == -signal.SIGKILL, "the first load finished before it was stopped"
+            else:  # as the user did; the first stop waits for the open transaction, the second gives up
+                first.send_signal(signal.SIGTERM)
+                wait_until(lambda: first.poll() is not None, 0.5)
+                first.send_signal(signal.SIGTERM)
+                _, stderr = first.communicate(timeout=300)
+                assert first.returncode not in (0, None), "the first load finished before it was stopped"
+                assert "interrupted (SIGTERM)" in stderr.decode(), stderr.decode()
+            stopped_after = time.monotonic() - frozen_at
+            again = kappa.load(path, KEY, topic, partitions=1, timeout=600)
+            print(
+                f"\nthe first load stopped {stopped_after:.1f}s after the freeze, the re-run ended at "
+                f"{time.monotonic() - frozen_at:.1f}s:\n{stderr.decode()}{again.stderr.decode()}"
+            )
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    assert "resuming" in again.stderr.decode(), again.stderr.decode()
+    on_log = pd.Series([orjson.loads(message.value())["seq"] for message in read_log(kappa.broker, topic)])
+    copies = on_log.value_counts()
+    assert (copies > 1).sum() == 0, f"{(copies > 1).sum():,} rows are on the log more than once"
+    assert sorted(on_log) == sorted(frame["seq"]), "every row of the file is on the log"

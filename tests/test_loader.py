@@ -24,20 +24,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from kappa.kafka import admin
 from kappa.load.ledger import COMPLETE, LedgerEntry, LedgerWriter, load_id
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, free_port, kappa_command, reaped, wait_until
+from tests.helpers import REPO, free_port, kappa_command, read_log, reaped, wait_for_progress, wait_until
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
 
 
 def messages_on(broker: str, topic: str) -> int:
-    partitions = admin.partition_count(broker, topic) or 0
-    return sum(admin.end_offsets(broker, topic, partitions).values())
+    """The records on the topic, as a replay reads them (its end offsets also count the commit
+    markers of the loader's transactions)."""
+    return len(read_log(broker, topic))
 
 
 def read_messages(broker: str, topic: str) -> list[tuple[bytes | None, dict]]:
@@ -52,20 +52,7 @@ def read_raw_messages(broker: str, topic: str) -> list[tuple[bytes | None, bytes
 
 def read_records(broker: str, topic: str) -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]]:
     """Every (key, value, headers) on the topic, read back from the broker."""
-    partitions = admin.partition_count(broker, topic) or 0
-    ends = admin.end_offsets(broker, topic, partitions)
-    consumer = Consumer({"bootstrap.servers": broker, "group.id": "test-loader", "enable.auto.commit": False})
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    seen: list[tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
-    deadline = time.monotonic() + 60
-    try:
-        while len(seen) < sum(ends.values()) and time.monotonic() < deadline:
-            for message in consumer.consume(1000, timeout=1.0):
-                if message.error() is None:
-                    seen.append((message.key(), message.value(), message.headers()))
-    finally:
-        consumer.close()
-    return seen
+    return [(message.key(), message.value(), message.headers()) for message in read_log(broker, topic)]
 
 
 def start_load(kappa, path: Path, topic: str, *extra: str, temp_dir: Path, stdin: bool = False) -> subprocess.Popen:
@@ -85,17 +72,6 @@ def empty_temp_dir(tmp_path: Path) -> Path:
     temp_dir = tmp_path / "temp"
     temp_dir.mkdir()
     return temp_dir
-
-
-def wait_for_progress(load: subprocess.Popen) -> list[str]:
-    """Block until the loader's progress shows rows on their way; returns the stderr lines so far."""
-    lines = []
-    while True:
-        line = load.stderr.readline().decode()
-        assert line, f"the load ended before showing progress (exit {load.wait()}): {''.join(lines)}"
-        lines.append(line)
-        if re.search(r"load \S+ \[#*\s*\]", line):
-            return lines
 
 
 def write_sample(path: Path, rows: int, seed: int) -> Path:
@@ -118,7 +94,7 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
         load.wait(timeout=30)
     assert load.returncode == -signal.SIGKILL, "the load finished before it was killed"
     assert list(temp_dir.iterdir()) == [], "a load of a file left temporary files behind"
-    partial = messages_on(kappa.broker, topic)
+    partial = len(read_log(kappa.broker, topic, stable=True))  # its open transaction is not, until the re-run
     assert partial < rows
 
     again = kappa.load(path, KEY, topic, partitions=4)
@@ -129,6 +105,45 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
     expected = pandas_expectation(str(path), KEY, VALUE)
     assert_matches(csv_table, expected)
     assert_matches(parquet_table, expected)
+
+
+def test_a_load_begun_by_a_kappa_without_transactions_resumes_exactly(kappa, tmp_path):
+    """A topic an earlier kappa loaded part of, with its idempotent producer and no transactions
+    (rows with their headers, a `started` ledger entry): the transactional loader's re-run finds
+    those rows, read_committed, and sends only the others."""
+    from confluent_kafka import Producer
+
+    from kappa.load import loader
+    from kappa.load.ledger import STARTED, header_prefix, ledger_topic, row_headers
+    from kappa.load.sources import open_source
+
+    rows, topic = 30_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=142)
+    admin.ensure_topic(kappa.broker, topic, 3)
+    entry = LedgerEntry(
+        load_id(open_source(str(path), KEY).fingerprint(), 1),
+        open_source(str(path), KEY).fingerprint(),
+        1,
+        path.name,
+        KEY,
+        admin.topic_id(kappa.broker, topic),
+        STARTED,
+        admin.end_offsets(kappa.broker, topic, 3),
+    )
+    LedgerWriter(kappa.broker, topic).write(entry)
+    chunk = next(iter(open_source(str(path), KEY).chunks()))
+    sent = list(range(0, 12_000, 2))  # every other row of the first 12,000, as an interrupted old load could leave
+    old = Producer(loader.producer_config(kappa.broker))  # no transactional.id: as kappa before 2026-12-07
+    for row, headers in zip(sent, row_headers(header_prefix(entry.load_id), sent), strict=True):
+        old.produce(topic, chunk.values[row], chunk.keys[row], headers=headers)
+    assert old.flush(60) == 0
+    assert ledger_topic(topic) in admin.admin(kappa.broker).list_topics(timeout=10).topics
+
+    resumed = kappa.load(path, KEY, topic, partitions=3)
+    said = f"resuming: {len(sent):,} of {rows:,} rows already on the log, sending {rows - len(sent):,}"
+    assert said in resumed.stderr.decode(), resumed.stderr.decode()
+    on_log = pd.Series([orjson.loads(value)["seq"] for _, value in read_raw_messages(kappa.broker, topic)])
+    assert on_log.is_unique and sorted(on_log) == list(range(rows))
 
 
 @pytest.mark.parametrize(
@@ -147,8 +162,7 @@ def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_res
         pd.read_csv(path, dtype={KEY: str}).to_json(source, orient="records", lines=True)
     temp_dir = empty_temp_dir(tmp_path)
     load = start_load(kappa, source, topic, "--partitions", "3", temp_dir=temp_dir, stdin=stdin)
-    wait_for_progress(load)  # rows handed to librdkafka; the first ones on the log are a moment later
-    assert wait_until(lambda: messages_on(kappa.broker, topic) > 0, 60, interval=0.02)
+    wait_for_progress(load)  # rows handed to librdkafka: the first stop commits the open transaction's rows
     load.send_signal(stop)
     _, stderr = load.communicate(timeout=120)
     assert load.returncode not in (0, None), "the load finished before it was interrupted"

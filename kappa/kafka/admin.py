@@ -353,11 +353,12 @@ def topic_config_int(broker: str, topic: str, name: str) -> int | None:
 
 
 def _topic_config_int(client: AdminClient, topic: str, name: str) -> int | None:
-    """A topic's integer config `name`, or None when it cannot be read."""
+    """A topic's integer config `name`, or None when it cannot be read (also when the broker asked
+    does not answer within 10 s: a stalled broker, say, frozen while the cluster still counts it in)."""
     resource = ConfigResource(ResourceType.TOPIC, topic)
     try:
         entries = client.describe_configs([resource])[resource].result(timeout=10)
-    except KafkaException:
+    except (KafkaException, TimeoutError):
         return None
     entry = entries.get(name)
     return int(entry.value) if entry is not None and entry.value is not None else None
@@ -378,8 +379,13 @@ def delete_topics(broker: str, topics: list[str]) -> None:
 WATERMARK_PATIENCE_S = 60.0
 
 
-def watermarks(broker: str, topic: str, partitions: int) -> dict[int, tuple[int, int]]:
+def watermarks(broker: str, topic: str, partitions: int, *, stable: bool = True) -> dict[int, tuple[int, int]]:
     """(log start, log end) per partition: the cut a batch run stops at, and truncation.
+
+    The log end is the last stable offset (librdkafka asks for it as its consumers read,
+    `read_committed`): the first offset of a transaction still open, else the high watermark.
+    Every record below it is committed or aborted for good. `stable=False` gives the high
+    watermark itself, which counts the records of open transactions too.
 
     A partition whose leader just died answers again once the cluster has elected another
     (seconds on a replicated topic), so a failed read is retried for a while before giving
@@ -387,8 +393,13 @@ def watermarks(broker: str, topic: str, partitions: int) -> dict[int, tuple[int,
     """
     deadline = time.monotonic() + WATERMARK_PATIENCE_S
     found: dict[int, tuple[int, int]] = {}
+    isolation = "read_committed" if stable else "read_uncommitted"
     while True:
-        consumer = Consumer(client_config(broker, **{"group.id": "kappa-watermarks", "enable.auto.commit": False}))
+        consumer = Consumer(
+            client_config(
+                broker, **{"group.id": "kappa-watermarks", "enable.auto.commit": False, "isolation.level": isolation}
+            )
+        )
         try:
             for p in range(partitions):
                 if p not in found:
@@ -408,6 +419,12 @@ def watermarks(broker: str, topic: str, partitions: int) -> dict[int, tuple[int,
 
 def end_offsets(broker: str, topic: str, partitions: int) -> dict[int, int]:
     return {p: high for p, (_, high) in watermarks(broker, topic, partitions).items()}
+
+
+def high_watermarks(broker: str, topic: str, partitions: int) -> dict[int, int]:
+    """Each partition's high watermark: past every record it has committed, those of transactions
+    still open included (end_offsets stops at the first of those)."""
+    return {p: high for p, (_, high) in watermarks(broker, topic, partitions, stable=False).items()}
 
 
 def _retrying(call: Callable[[], T], failure: str, absent: str | None = None, timeout: float = 30.0) -> T | None:

@@ -26,10 +26,19 @@ def read_ranges(
     *,
     group: str,
     stall_s: float = STALL_S,
+    to_end: bool = False,
     **config: object,
 ) -> None:
     """Call `on_message` for every record of `topic` in [start, end) per partition, in offset
-    order per partition. A read that makes no progress for `stall_s` seconds fails in one line."""
+    order per partition. A read that makes no progress for `stall_s` seconds fails in one line.
+
+    The read is `read_committed` (librdkafka's default): records of aborted transactions are
+    skipped, and a partition's commit and abort markers hold no record, so a range may end
+    without one at `end - 1`; the partition's end-of-partition event says where reading got.
+    That event comes at the end of what is readable now, the first offset of a transaction
+    still open: with `to_end` a partition is done only once that is `end` or past it (a
+    transaction open below `end` is waited for until it is committed or aborted), without it
+    at the first such event (for ends taken as end_offsets are, which no transaction straddles)."""
     todo = {p: (start, end) for p, (start, end) in ranges.items() if end > start}
     if not todo:
         return
@@ -61,7 +70,9 @@ def read_ranges(
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (a documented librdkafka code)
-                        todo.pop(message.partition(), None)
+                        partition = message.partition()
+                        if partition in todo and (not to_end or message.offset() >= todo[partition][1]):
+                            todo.pop(partition)
                         continue
                     raise KappaError(f"could not read topic {topic!r}: {error.str()}")
                 partition = message.partition()

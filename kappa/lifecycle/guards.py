@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
@@ -33,6 +34,8 @@ from kappa.pipeline import Definition
 # and how long each of its requests may take: the supervisor's loop waits for them
 LOG_CHECK_INTERVAL_S = 5.0
 LOG_CHECK_TIMEOUT_S = 5.0
+# small fetches: a sample needs a hundred records, not a megabyte per partition
+SMALL_FETCHES: dict[str, Any] = {"max.partition.fetch.bytes": 65536}
 SAMPLE_PER_END = 100  # records read from the start and from the end of each partition
 SAMPLE_STALL_S = 5.0
 FIELDS_SHOWN = 20
@@ -106,8 +109,7 @@ def sample_fields(
                 lambda message: sample.add(message.value(), message.key(), _timestamp_ms(message)),
                 group="kappa-field-sample",
                 stall_s=SAMPLE_STALL_S,
-                # small fetches: a sample needs a hundred records, not a megabyte per partition
-                **{"max.partition.fetch.bytes": 65536},
+                **SMALL_FETCHES,
             )
         except KappaError:
             break
@@ -293,10 +295,12 @@ class LogWatch:
 
 def refuse_empty_result(records: dict[str, int], total: int, force: bool) -> None:
     """A generation that counted nothing from a log that has records never becomes current
-    unless forced: it would replace a real result with an empty one."""
+    unless forced: it would replace a real result with an empty one. `total` is the log's offsets
+    (transaction markers take some); the records the generation read are what the line counts."""
     if total > 0 and records.get("counted", 0) == 0 and not force:
+        read = sum(records.get(outcome, 0) for outcome in ("counted", "skipped", "rejected"))
         raise EmptyResult(
-            f"the new generation counted no value out of {total:,} records (skipped {records.get('skipped', 0):,}, "
+            f"the new generation counted no value out of {read:,} records (skipped {records.get('skipped', 0):,}, "
             f"rejected {records.get('rejected', 0):,}), so it does not replace the current one; check --value and "
             "--key, or pass --force to publish it anyway"
         )

@@ -23,7 +23,7 @@ from confluent_kafka import Message, Producer
 
 from kappa.errors import KappaError
 from kappa.kafka import admin
-from kappa.kafka.reader import read_ranges
+from kappa.kafka.reader import STALL_S, read_ranges
 
 HEADER = "kappa.load"  # value: b"<load id>:<row number>"; one header, since every replay parses it
 STARTED, COMPLETE = "started", "complete"
@@ -154,10 +154,29 @@ def _row_of(headers: Iterable[tuple[str, bytes]] | None, prefix: bytes) -> int |
     return None
 
 
-def rows_on_log(broker: str, topic: str, entry: LedgerEntry) -> RowsOnLog:
-    """Scan the topic from the load's start offsets to its end for rows carrying its id."""
+def transactional_id(entry: LedgerEntry) -> str:
+    """The transactional.id of every run of one load (of one topic, by its id): each run's
+    init_transactions fences the runs before it and has the broker resolve their open transaction."""
+    return f"kappa-load.{entry.topic_id}.{entry.load_id}"
+
+
+def rows_on_log(broker: str, topic: str, entry: LedgerEntry, wait_s: float = STALL_S) -> RowsOnLog:
+    """Scan the topic from the load's start offsets to each partition's high watermark for rows
+    carrying its id, as a `read_committed` consumer reads them: the rows a replay counts.
+
+    Run it once this run's init_transactions has returned: the broker has then resolved the
+    transaction an earlier run of the load left open (aborted it, or finished committing it) and
+    written its markers with acks from every in-sync replica, so all of the earlier runs' records
+    are below the high watermark, committed or aborted for good. (Reading only below the high
+    watermark as it was found, a re-run missed the last batches of a run stopped while a frozen
+    follower held the watermark back, sent them again, and both copies were committed.) Rows of an
+    aborted transaction are not on the log: they are sent again. A transaction of another producer
+    still open below the high watermark is waited for, up to `wait_s` without progress: rows of
+    this load committed after it began are above the last stable offset until it ends.
+
+    Rows of a load written without transactions (kappa before 2026-12-07) are read the same way."""
     partitions = admin.require_partition_count(broker, topic)
-    ends = admin.end_offsets(broker, topic, partitions)
+    ends = admin.high_watermarks(broker, topic, partitions)
     ranges = {p: (entry.start_offsets.get(p, 0), end) for p, end in ends.items()}
     prefix = header_prefix(entry.load_id)
     found = RowsOnLog.none()
@@ -167,5 +186,5 @@ def rows_on_log(broker: str, topic: str, entry: LedgerEntry) -> RowsOnLog:
         if row is not None:
             found.add(row)
 
-    read_ranges(broker, topic, ranges, collect, group=READER_GROUP)
+    read_ranges(broker, topic, ranges, collect, group=READER_GROUP, stall_s=wait_s, to_end=True)
     return found

@@ -5,6 +5,15 @@ null), and produced through librdkafka with large lz4 batches, acks from all in-
 and idempotence on, so a retried batch is never written twice. The message key is the row's key
 field as UTF-8, partitioned with murmur2 as the Java client and Faust do.
 
+Rows are sent in transactions (one transactional.id per load, `ledger.transactional_id`),
+committed every `TRANSACTION_ROWS` rows or `TRANSACTION_S` seconds, whichever comes first. A
+re-run's init_transactions fences every earlier run of the load and has the broker resolve the
+transaction one left open, so the re-run's ledger scan sees each earlier row committed or aborted
+for good: without it, rows on a leader that a frozen follower kept above the high watermark were
+missed by the scan, sent again, and later committed twice. Aborted rows are not on the log for
+any reader kappa has (its workers, replays and the ledger scan read `read_committed`, as kcat and
+librdkafka do by default), so the re-run sends them again.
+
 Across runs, exactly-once comes from the ledger (kappa/ledger.py): a file is known by the
 sha256 of its bytes, every message carries its load id and row number in a header, and a re-run
 of an interrupted load sends only the rows the log does not hold; a completed file is not sent
@@ -43,6 +52,7 @@ from kappa.load.ledger import (
     read_ledger,
     row_headers,
     rows_on_log,
+    transactional_id,
 )
 from kappa.load.sources import Chunk, Source, opened_source, split_name
 from kappa.ops.progress import ProgressLine
@@ -52,6 +62,15 @@ DEFAULT_PARTITIONS = 8
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_TOPIC_LENGTH = 249 - len(".loads")  # Kafka's limit, leaving room for the ledger beside the topic
 DELIVERY_TIMEOUT_S = 120  # librdkafka retries a batch this long: long enough to ride out a leader election
+# The broker aborts a transaction left open this long (a load killed outright): readers of the topic
+# (read_committed) wait for it until then, unless the load is run again, which aborts it at once.
+# Longer than the delivery timeout, as librdkafka requires, so a batch retried through a leader
+# election does not outlive its transaction.
+TRANSACTION_TIMEOUT_S = DELIVERY_TIMEOUT_S + 30
+TRANSACTION_ROWS = 500_000  # rows a transaction holds at most; each commit waits for its rows' acks
+TRANSACTION_S = 2.0  # ... and seconds: how long a live worker waits to see rows being loaded
+GIVE_UP_S = 2.0  # after a second Ctrl-C (or SIGTERM), how long the open transaction's abort is waited for
+READABLE_WAIT_S = 30.0  # how long a finished load waits for its last commit markers (milliseconds, as a rule)
 POLL_EVERY = 20_000  # rows between progress lines and the checks for delivery errors and Ctrl-C
 POLL_WAIT_S = 0.1  # the delivery poller's longest wait for a report
 QUEUE_FULL_WAIT_S = 0.05  # the producing thread's poll when librdkafka's queue is full
@@ -105,12 +124,21 @@ def check_topic_name(topic: str, derived_from: str | None = None) -> str:
     )
 
 
-def producer_config(broker: str, topic_limit: int = PRODUCER_MAX_MESSAGE_BYTES) -> dict:
+def producer_config(
+    broker: str, topic_limit: int = PRODUCER_MAX_MESSAGE_BYTES, transactional: str | None = None
+) -> dict:
     """The loader's producer; its batches are no longer than `topic_limit` bytes (uncompressed),
     the longest message the topic takes, or the broker would refuse every batch of a topic
-    whose max.message.bytes is below the batch size."""
+    whose max.message.bytes is below the batch size. With a `transactional` id it sends in
+    transactions (idempotence comes with them)."""
+    transactions = (
+        {"transactional.id": transactional, "transaction.timeout.ms": TRANSACTION_TIMEOUT_S * 1000}
+        if transactional is not None
+        else {}
+    )
     return admin.client_config(
         broker,
+        **transactions,
         **{
             "enable.idempotence": True,
             "acks": "all",
@@ -171,11 +199,13 @@ class DeliveryErrors:
 
 @dataclass
 class Plan:
-    """What this run does: a fresh load, or the rest of an interrupted one."""
+    """What this run does: a fresh load, or the rest of an interrupted one (`resuming`: which of
+    its rows the log holds is read once this run's transactions have begun, `_resume`)."""
 
     entry: LedgerEntry
     on_log: RowsOnLog
     total: int | None
+    resuming: bool = False
 
 
 @dataclass
@@ -244,15 +274,7 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
                 f"an interrupted load of {source.name} into {topic!r} used --key {entry.key}, not {source.key}: "
                 f"run it again with --key {entry.key} to finish it"
             )
-        on_log = rows_on_log(settings.broker, topic, entry)
-        total = source.count_rows()
-        note(
-            f"resuming: {on_log.count:,} of {total:,} rows already on the log, sending {total - on_log.count:,} "
-            f"(an interrupted load of {source.name} started {entry.started_at})"
-        )
-        if on_log.duplicates:
-            note(f"warning: {on_log.duplicates:,} rows of that load are on the log more than once")
-        return Plan(entry, on_log, total)
+        return Plan(entry, RowsOnLog.none(), None, resuming=True)
     if entries and not again:
         return entries[-1]
     occurrence = max((entry.occurrence for entry in entries), default=0) + 1
@@ -269,6 +291,147 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
     )
     writer.write(entry)
     return Plan(entry, RowsOnLog.none(), None)
+
+
+def _resume(settings: Settings, topic: str, source: Source, plan: Plan) -> None:
+    """Find which rows of the interrupted load the log holds (once init_transactions has
+    resolved what its earlier runs left open) and say how many this run sends."""
+    entry = plan.entry
+    plan.on_log = rows_on_log(settings.broker, topic, entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
+    plan.total = total = source.count_rows()
+    note(
+        f"resuming: {plan.on_log.count:,} of {total:,} rows already on the log, sending {total - plan.on_log.count:,} "
+        f"(an interrupted load of {source.name} started {entry.started_at})"
+    )
+    if plan.on_log.duplicates:
+        note(f"warning: {plan.on_log.duplicates:,} rows of that load are on the log more than once")
+
+
+def _blocking(call: Callable[[], object], give_up: Callable[[], bool] = lambda: False) -> bool:
+    """Run a blocking librdkafka call on a thread of its own and wait for it; True once it
+    returned (its exception is raised here), False when `give_up()` said to stop waiting.
+
+    Python runs signal handlers only between bytecodes of the main thread, so a Ctrl-C or
+    SIGTERM during a long call (a commit waiting for acks, init_transactions waiting for the
+    broker to resolve an earlier run) would wait for it to return. librdkafka asks that
+    transactional calls be given their whole timeout rather than retried in slices."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="kappa-load-transaction", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        if thread.is_alive() and give_up():
+            return False
+    if outcome[0] is not None:
+        raise outcome[0]
+    return True
+
+
+def _init_transactions(producer: Producer, topic: str) -> None:
+    """Fence every earlier run of this load and have the broker resolve the transaction one left
+    open: aborted (or its commit finished) and the markers written with acks from every in-sync
+    replica, so every earlier record is below the high watermark when this returns. A follower
+    that stalled while in the ISR holds that until the controller fences it (seconds)."""
+    try:
+        _blocking(lambda: producer.init_transactions(TRANSACTION_TIMEOUT_S))
+    except KafkaException as exc:
+        raise KappaError(
+            f"could not begin the load's transactions on {topic!r} ({exc.args[0].str()}): check the broker, "
+            "then run the same command again"
+        ) from None
+
+
+class TransactionFailed(KappaError):
+    """The open transaction could not be committed."""
+
+
+class LoadTransaction:
+    """The load's open transaction and the rows of this run in committed ones.
+
+    A transaction is begun before the first row is handed over and committed every
+    `TRANSACTION_ROWS` rows or `TRANSACTION_S` seconds (checked every `POLL_EVERY` rows): few
+    enough commits not to slow the load (each waits for its rows' acks), and short enough that
+    a live worker sees the rows as they load and an interrupted load loses little."""
+
+    def __init__(self, producer: Producer, stop: StopRequest) -> None:
+        self.producer = producer
+        self.stop = stop
+        self.committed = 0  # rows of this run in committed transactions
+        self.rows = 0  # rows handed to librdkafka in the open transaction
+        self.open = False
+        self.opened_at = 0.0
+
+    def begin(self) -> None:
+        if not self.open:
+            self.producer.begin_transaction()
+            self.open, self.opened_at = True, time.monotonic()
+
+    def due(self) -> bool:
+        return self.open and (self.rows >= TRANSACTION_ROWS or time.monotonic() - self.opened_at >= TRANSACTION_S)
+
+    def commit(self) -> bool:
+        """Commit the open transaction once librdkafka has delivered its rows; True once done,
+        False when a second Ctrl-C (or SIGTERM) stopped the wait (its rows may or may not be
+        committed). Raises TransactionFailed when it cannot be committed, having aborted it when
+        the broker allows that (then none of its rows is on the log)."""
+        if not self.open:
+            return True
+        try:
+            if not _blocking(lambda: self.producer.commit_transaction(TRANSACTION_TIMEOUT_S), self._give_up):
+                return False
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.txn_requires_abort():
+                self.abort()
+            raise TransactionFailed(error.str()) from None
+        self.committed, self.rows, self.open = self.committed + self.rows, 0, False
+        return True
+
+    def abort(self) -> bool:
+        """Abort the open transaction (librdkafka drops its rows still queued); True once the
+        broker has, False when it could not or a second Ctrl-C stopped the wait (the next run of
+        the load aborts it then, or the broker after TRANSACTION_TIMEOUT_S)."""
+        if not self.open:
+            return True
+        deadline = time.monotonic() + GIVE_UP_S
+
+        def give_up() -> bool:
+            return self.stop.count >= 2 and time.monotonic() >= deadline
+
+        try:
+            if not _blocking(lambda: self.producer.abort_transaction(TRANSACTION_TIMEOUT_S), give_up):
+                return False
+        except KafkaException:
+            return False
+        self.rows, self.open = 0, False
+        return True
+
+    def _give_up(self) -> bool:
+        return self.stop.count >= 2
+
+
+def _wait_until_readable(broker: str, topic: str) -> None:
+    """Return once readers see every row of the load's last transaction: the coordinator answers
+    a commit once it has recorded it, and writes the commit markers after that, so until they are
+    written the topic's end offsets (its last stable offset, where a replay started now stops) are
+    still below the last rows. A transaction of another producer open below them holds them back
+    longer; that is not waited for beyond READABLE_WAIT_S."""
+    partitions = admin.require_partition_count(broker, topic)
+    written = admin.high_watermarks(broker, topic, partitions)  # past every row of this load
+    deadline = time.monotonic() + READABLE_WAIT_S
+    while time.monotonic() < deadline:
+        stable = admin.end_offsets(broker, topic, partitions)
+        if all(stable[p] >= end for p, end in written.items()):
+            return
+        time.sleep(0.02)
 
 
 class DeliveryPoller:
@@ -346,10 +509,12 @@ def _send(
     sent: Sent,
     stop: StopRequest,
     show: Callable[[], None] = lambda: None,
+    transaction: LoadTransaction | None = None,
 ) -> bool:
     """Produce every row the log lacks, in file order, counting into `sent`; True when every row
     was read. Stops early on the first delivery error or when `stop` is requested (checked
-    every `POLL_EVERY` rows, and while librdkafka's queue is full); `show` updates the progress."""
+    every `POLL_EVERY` rows, and while librdkafka's queue is full); `show` updates the progress.
+    With a `transaction`, rows go in its transactions, committed when due (checked then too)."""
     prefix = header_prefix(plan.entry.load_id)
     for chunk in source.chunks():
         first = sent.rows
@@ -359,18 +524,26 @@ def _send(
         while position < len(rows):
             # up to the next multiple of POLL_EVERY rows produced, counted across chunks
             some = rows[position : position + POLL_EVERY - sent.produced % POLL_EVERY]
+            if transaction is not None:
+                transaction.begin()
             try:
                 produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop)
             except ProduceFailed as failed:
                 sent.produced += failed.produced  # handed over before the failure: delivered or failed
+                if transaction is not None:
+                    transaction.rows += failed.produced
                 raise
             sent.produced += produced
+            if transaction is not None:
+                transaction.rows += produced
             position += len(some)
             if produced < len(some):
                 return False
             if sent.produced % POLL_EVERY == 0:
                 show()
                 if errors.count or stop.requested:
+                    return False
+                if transaction is not None and transaction.due() and not transaction.commit():
                     return False
     return True
 
@@ -453,21 +626,6 @@ def acknowledged(producer: Producer, produced: int, failed: int) -> int:
     return max(produced - len(producer) - failed, 0)
 
 
-def _drain(producer: Producer, stop: StopRequest, seconds: float, show: Callable[[], None]) -> int:
-    """Wait up to `seconds` for every message to be acknowledged or failed; returns how many are
-    neither. A Ctrl-C (or SIGTERM) drops the messages still queued; a second stops waiting for those in flight."""
-    deadline = time.monotonic() + seconds
-    purges = 0
-    while True:
-        if stop.count > purges and purges < 2:
-            producer.purge(in_queue=True, in_flight=purges == 1)
-            purges += 1
-        unsent = producer.flush(0.5)
-        if unsent == 0 or time.monotonic() >= deadline:
-            return unsent
-        show()
-
-
 def _interrupted(source: Source, topic: str, on_log: int, unsure: int, reason: str) -> KappaError:
     maybe = f" ({unsure:,} more may be)" if unsure else ""
     return KappaError(
@@ -497,29 +655,41 @@ def load(
             created = _prepare_topic(settings.broker, topic, partitions, settings.replication_factor)
             writer = LedgerWriter(settings.broker, topic)
             plan = _plan(settings, topic, source, again, writer)
+            if isinstance(plan, LedgerEntry):
+                return LoadResult(topic, 0, 0.0, created, plan.rows or 0, previous=plan)
+            errors = DeliveryErrors()
+            too_large = TooLarge(message_limit(settings.broker, topic))
+            config = producer_config(settings.broker, too_large.limit, transactional_id(plan.entry))
+            producer = Producer(config, on_delivery=errors)
+            _init_transactions(producer, topic)  # before the resume's scan: see rows_on_log
+            if plan.resuming:
+                _resume(settings, topic, source, plan)
         except KeyboardInterrupt:
             name = "stdin" if path == "-" else path
             raise KappaError(
                 f"load of {name} into {topic!r} interrupted before this run sent a row: run the same command again"
             ) from None
-        if isinstance(plan, LedgerEntry):
-            return LoadResult(topic, 0, 0.0, created, plan.rows or 0, previous=plan)
-        return _load(settings, topic, source, plan, writer, created)
+        return _load(settings.broker, topic, source, plan, writer, created, producer, errors, too_large)
 
 
 def _load(
-    settings: Settings, topic: str, source: Source, plan: Plan, writer: LedgerWriter, created: bool
+    broker: str,
+    topic: str,
+    source: Source,
+    plan: Plan,
+    writer: LedgerWriter,
+    created: bool,
+    producer: Producer,
+    errors: DeliveryErrors,
+    too_large: TooLarge,
 ) -> LoadResult:
-    """Send the plan's rows; record the load complete once every one is acknowledged, or say
-    how many rows the log holds and how to finish."""
+    """Send the plan's rows in transactions; record the load complete once the last one is
+    committed, or say how many rows the log holds and how to finish."""
     relax_garbage_collector()  # a header list per row
-    errors = DeliveryErrors()
-    too_large = TooLarge(message_limit(settings.broker, topic))
-    producer = Producer(producer_config(settings.broker, too_large.limit), on_delivery=errors)
     started = time.monotonic()
     sent = Sent(too_large)
-    flush_s = DELIVERY_TIMEOUT_S + 30
     stop = StopRequest()
+    transaction = LoadTransaction(producer, stop)
     total = plan.total if plan.total is not None else source.estimated_rows
     to_send = total - plan.on_log.count if total is not None else None
     line = ProgressLine()
@@ -529,22 +699,34 @@ def _load(
 
     with stop.handling():
         failure: KappaError | None = None
+        unsure = 0
         try:
             with DeliveryPoller(producer):
                 try:
-                    finished = _send(producer, topic, source, plan, errors, sent, stop, show)
-                except KappaError as exc:  # what was handed to librdkafka is still delivered, and counted
+                    finished = _send(producer, topic, source, plan, errors, sent, stop, show, transaction)
+                except KappaError as exc:
                     finished, failure = False, exc
-            unsent = _drain(producer, stop, flush_s, show)
-            if finished and not unsent and not errors.count:
+                # Done, or a first Ctrl-C (or SIGTERM): the open transaction's rows, at most
+                # TRANSACTION_ROWS, are delivered and committed. A delivery error, or a second one: aborted.
+                reason = str(failure) if failure else errors.first
+                try:
+                    if reason is None and not errors.count and stop.count < 2:
+                        settled = transaction.commit()
+                    else:
+                        settled = transaction.abort()
+                except TransactionFailed as exc:
+                    settled, reason = not transaction.open, reason or str(exc)
+                if not settled:
+                    unsure = transaction.rows
+                    producer.purge(in_queue=True, in_flight=True)  # what is left is the next run's to resolve
+            if finished and settled and reason is None:
                 line.update(sent.produced, sent.produced, label=f"load {topic}")  # the exact count, not the estimate
         finally:
             line.finish()
-    if errors.count or unsent or not finished:
-        timed_out = f"{unsent:,} messages unacknowledged after {flush_s}s"
-        reason = str(failure) if failure else stop.reason or errors.first or timed_out
-        on_log = plan.on_log.count + sent.produced - errors.count - unsent
-        raise _interrupted(source, topic, on_log, errors.unsure + unsent, reason)
+    if not (finished and settled and reason is None):
+        on_log = plan.on_log.count + transaction.committed
+        raise _interrupted(source, topic, on_log, unsure, reason or stop.reason or "could not commit")
+    _wait_until_readable(broker, topic)  # before the load says it is done: `kappa replay` may follow at once
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()
     writer.write(plan.entry)
     resumed = plan.on_log.count if plan.total is not None else None

@@ -185,12 +185,16 @@ class AgentDriver:
     def stats(self, partition: int) -> PartitionStats:
         return read_stats(self.table, partition)
 
-    def restore_through_faust(self, partition: int) -> None:
+    def restore_through_faust(self, partition: int, restoring: bool = True) -> None:
         """Faust's recovery of a partition this process gets (back): the changelog records after
         the offset its local store persisted, applied by the table's store in order (kappa keeps
-        each key's newest entry: tables.grouped_mean.define_table)."""
+        each key's newest entry: tables.grouped_mean.define_table). With `restoring` False, the
+        recovery does not restore the partition (it is not among its active ones) but hands its
+        records over anyway, as Faust's does with a record fetched before a rebalance."""
         changelog = self.table.changelog_topic.get_topic_name()
         tp = TP(changelog, partition)
+        if restoring:
+            self.app.tables.recovery.active_tps.add(tp)
         persisted = self.table.data.persisted_offset(tp)
         start = 0 if persisted is None else persisted + 1
         events = [

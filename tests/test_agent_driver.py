@@ -489,6 +489,21 @@ def test_groups_ahead_of_their_stats_whose_records_retention_removed_are_still_p
     assert sum(sum(batch.column("count").to_pylist()) for batch in partition_batches(driver.table, 0)) == 60
 
 
+def test_changelog_records_of_a_partition_the_recovery_is_not_restoring_are_not_applied(make_driver, tmp_path):
+    """Faust's recovery hands a changelog record of a partition it no longer restores (fetched
+    before a rebalance) to the table anyway: applied, it wrote that partition's database and
+    saved a restore position there, and the partition's next restore started past records it
+    had never read (F1, found by helper-31's reproduction)."""
+    a = make_driver(partitions=1)
+    a.feed(0, records(0, 20))
+    b = make_driver(partitions=1, directory=tmp_path / "b")
+    b.producer.changelog = a.producer.changelog
+    b.restore_through_faust(0, restoring=False)
+    assert b.persisted_offset(0) is None and b.entries(0) == {}
+    b.restore_through_faust(0)
+    assert table_sums(b, 0) == expected_sums(20) and b.stats(0).counted == 20
+
+
 def sums_of(offsets: list[int], keys: int = 6) -> dict[bytes, tuple[int, float]]:
     """The count and sum per key of the records at these offsets (see `records`)."""
     found: dict[bytes, tuple[int, float]] = {}

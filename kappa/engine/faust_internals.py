@@ -1004,11 +1004,22 @@ def keep_newest_on_restore(table: Any, next_offset_of: Callable[[bytes, bytes], 
     """Make Faust's restore of `table` from its changelog keep each key's newest entry (the
     highest `next_offset_of(key, value)`; the later one of equals) instead of its last one.
     Older entries are dropped before Faust applies a batch; the restore still resumes after
-    the batch's last record, dropped or not."""
+    the batch's last record, dropped or not.
+
+    Records of a changelog partition that Faust's recovery is not restoring (neither active nor
+    standby) are dropped too, and do not move its restore position. Faust's `_slurp_changelogs`
+    logs "recovery unknown topic" for such a record (one fetched before a rebalance took the
+    partition away) and then buffers it for the table of the record before it: applied, it
+    wrote a partition this process no longer owned and saved a restore position there, so when
+    the partition came back its restore started past records it had never read, and the live
+    table lost them (F1, helper-31)."""
     store = table.data
     apply = store.apply_changelog_batch
+    recovery = table.app.tables.recovery
 
     def apply_newest(batch: Iterable[Any], to_key: Any, to_value: Any) -> None:
+        restoring = recovery.active_tps | recovery.standby_tps
+        batch = [event for event in batch if event.message.tp in restoring]
         kept = []
         newest: dict[tuple[int, bytes], int] = {}  # (partition, key) -> next offset of its newest entry so far
         ends: dict[Any, int] = {}  # changelog partition -> the batch's last offset

@@ -282,20 +282,11 @@ class Cluster:
 
 def high_watermarks(broker: str, topic: str) -> dict[int, int]:
     """Each partition's high watermark: every record and marker the partition has committed,
-    whether or not its transaction is. (librdkafka's watermark query answers a `read_committed`
-    consumer, its default, with the last stable offset instead.)"""
-    from confluent_kafka import Consumer, TopicPartition
+    whether or not its transaction is (kappa.kafka.admin.high_watermarks)."""
+    from kappa.kafka.admin import high_watermarks as of_partitions
+    from kappa.kafka.admin import partition_count
 
-    from kappa.kafka.admin import client_config, partition_count
-
-    probe = Consumer(client_config(broker, **{"group.id": "kappa-tests-hw", "isolation.level": "read_uncommitted"}))
-    try:
-        return {
-            p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30, cached=False)[1]
-            for p in range(partition_count(broker, topic) or 0)
-        }
-    finally:
-        probe.close()
+    return of_partitions(broker, topic, partition_count(broker, topic) or 0)
 
 
 def read_log(broker: str, topic: str, timeout: float = 120, stable: bool = False) -> list[Message]:
@@ -304,37 +295,13 @@ def read_log(broker: str, topic: str, timeout: float = 120, stable: bool = False
     commit and abort markers are not records. Waits for a transaction still open below it
     (one a load killed outright left open: until the load runs again or the broker aborts it);
     `stable` reads only to the last stable offset, what is readable at once."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    from kappa.kafka.admin import client_config, end_offsets, partition_count
+    from kappa.kafka.admin import end_offsets, partition_count
+    from kappa.kafka.reader import read_ranges
 
     ends = end_offsets(broker, topic, partition_count(broker, topic) or 0) if stable else high_watermarks(broker, topic)
-    todo = {p for p, end in ends.items() if end > 0}
-    consumer = Consumer(
-        client_config(
-            broker,
-            **{"group.id": "kappa-tests-read-log", "enable.auto.commit": False, "enable.partition.eof": True},
-            **{"isolation.level": "read_committed"},
-        )
-    )
     records: list[Message] = []
-    try:
-        consumer.assign([TopicPartition(topic, p, 0) for p in todo])
-        deadline = time.monotonic() + timeout
-        while todo:
-            assert time.monotonic() < deadline, f"reading {topic!r} took more than {timeout}s: {sorted(todo)} unread"
-            for message in consumer.consume(10_000, timeout=0.2):
-                error = message.error()
-                if error is not None:  # the end of what is readable now: done once it is the end we want
-                    assert error.code() == KafkaError._PARTITION_EOF, error.str()  # noqa: SLF001
-                    if message.offset() >= ends[message.partition()]:
-                        todo.discard(message.partition())
-                    continue
-                records.append(message)
-                if message.offset() >= ends[message.partition()] - 1:
-                    todo.discard(message.partition())
-    finally:
-        consumer.close()
+    ranges = {p: (0, end) for p, end in ends.items()}
+    read_ranges(broker, topic, ranges, records.append, group="kappa-tests-read-log", stall_s=timeout, to_end=not stable)
     return records
 
 

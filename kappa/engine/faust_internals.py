@@ -146,7 +146,7 @@ import sys
 import threading
 import time
 import types
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -432,8 +432,8 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
 
 class ReadOffsets(dict):
     """Faust's `_read_offset` (a partition's next offset to read after a seek, its last one
-    delivered after a delivery), which also counts every change made to a partition's entry
-    other than a delivery's own (`delivered`).
+    delivered after a delivery), which also counts the seeks of each partition: every change
+    of its entry other than a delivery's own (`delivered`) and perform_seek's None (`update`).
 
     Invariant: a delivery moves a partition's read offset only if the partition was not sought
     since its records were fetched. A seek (the agent's rewind; a rebalance's recovery, made on
@@ -447,7 +447,7 @@ class ReadOffsets(dict):
 
     def __init__(self) -> None:
         super().__init__()
-        self.changes: dict[TP, int] = {}
+        self.changes: Counter[TP] = Counter()
         self._lock = threading.Lock()
 
     def __missing__(self, tp: TP) -> None:
@@ -455,17 +455,17 @@ class ReadOffsets(dict):
 
     def __setitem__(self, tp: TP, offset: int | None) -> None:
         with self._lock:
-            self.changes[tp] = self.changes.get(tp, 0) + 1
+            self.changes[tp] += 1
             super().__setitem__(tp, offset)
 
     def __delitem__(self, tp: TP) -> None:
         with self._lock:
-            self.changes[tp] = self.changes.get(tp, 0) + 1
+            self.changes[tp] += 1
             super().__delitem__(tp)
 
     def pop(self, tp: TP, *default: Any) -> Any:
         with self._lock:
-            self.changes[tp] = self.changes.get(tp, 0) + 1
+            self.changes[tp] += 1
             return super().pop(tp, *default)
 
     def update(self, *others: Any, **named: Any) -> None:
@@ -476,15 +476,14 @@ class ReadOffsets(dict):
         with self._lock:
             for tp, offset in dict(*others, **named).items():
                 if offset is not None:
-                    self.changes[tp] = self.changes.get(tp, 0) + 1
+                    self.changes[tp] += 1
                 super().__setitem__(tp, offset)
 
     def mark_sought(self, tps: Iterable[TP]) -> None:
         """Count a seek of `tps` that may leave no trace in the mapping itself (a seek to 0 of
         a partition with no entry only deletes an entry if there is one)."""
         with self._lock:
-            for tp in tps:
-                self.changes[tp] = self.changes.get(tp, 0) + 1
+            self.changes.update(tps)
 
     def clear(self) -> None:
         for tp in list(self):
@@ -496,14 +495,14 @@ class ReadOffsets(dict):
         return self[tp]
 
     def changes_of(self, tps: Iterable[TP]) -> dict[TP, int]:
-        """How often each partition's entry was changed so far: what `delivered` compares with."""
-        return {tp: self.changes.get(tp, 0) for tp in tps}
+        """How often each partition was sought so far: what `delivered` compares with."""
+        return {tp: self.changes[tp] for tp in tps}
 
     def delivered(self, tp: TP, offset: int, changes: int) -> bool:
         """Set `tp`'s read offset to a delivered record's `offset`, unless its entry changed
         since it had `changes` changes; whether it was set."""
         with self._lock:
-            if self.changes.get(tp, 0) != changes:
+            if self.changes[tp] != changes:
                 return False
             super().__setitem__(tp, offset)
             return True
@@ -672,7 +671,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
 
     def _sought_since(self, changes: Mapping[TP, int]) -> list[TP]:
         """The partitions whose read offset something other than a delivery changed since `changes`."""
-        now = self._read_offset.changes_of(changes)
+        now = self._read_offset.changes
         return [tp for tp, count in changes.items() if now[tp] != count]
 
     async def _deliver(self, topic: str, taken: dict[TP, Delivered], changes: Mapping[TP, int]) -> None:
@@ -731,7 +730,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if self._commit_every is not None and self._n_acked >= self._commit_every:
                 self._n_acked = 0
                 await self.commit()
-            if read_offsets.changes_of((tp,))[tp] != changes:
+            if read_offsets.changes[tp] != changes:
                 return
             await self.callback(self._to_message(tp, record))
             if not read_offsets.delivered(tp, offset, changes):

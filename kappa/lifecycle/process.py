@@ -30,7 +30,6 @@ HEARTBEAT_S = 1.0
 CATCH_UP_TICK_S = 0.1
 FINAL_COMMIT_S = 10.0
 NOT_EXACT_REPORT_S = 60.0
-REPORTED = -1.0  # in PartWriter.not_exact_since: said once
 
 
 def claim_state_slot(generation_dir: Path, preferred: int) -> tuple[int, IO]:
@@ -79,6 +78,7 @@ class PartWriter:
         self.written_at_end: set[int] = set()
         self.reported_start = False
         self.not_exact_since: dict[int, float] = {}  # partition -> when its reads outside a restore began to fail
+        self.reported_not_exact: set[int] = set()  # partitions said to be damaged (once each)
 
     def newly_caught_up(self, changed: set[int]) -> set[int]:
         """Changed partitions at or past their end offset whose part was not yet written there:
@@ -112,6 +112,7 @@ class PartWriter:
                 parts.write_part(self.directory, partition, *image)
                 written.add(partition)
                 self.not_exact_since.pop(partition, None)
+                self.reported_not_exact.discard(partition)
             else:
                 self.pipe.progress.dirty.add(partition)
                 if opened:
@@ -124,10 +125,11 @@ class PartWriter:
         stay at its last exact part, and a state that lost records never becomes exact again."""
         if self.pipe.app.in_recovery:
             self.not_exact_since.pop(partition, None)
+            self.reported_not_exact.discard(partition)
             return
         since = self.not_exact_since.setdefault(partition, time.monotonic())
-        if since != REPORTED and time.monotonic() - since >= NOT_EXACT_REPORT_S:
-            self.not_exact_since[partition] = REPORTED
+        if partition not in self.reported_not_exact and time.monotonic() - since >= NOT_EXACT_REPORT_S:
+            self.reported_not_exact.add(partition)
             log.error(
                 "partition %s: its table's groups have not agreed with its record counts for %.0fs, so no part of "
                 "it is written to %s (snapshots keep its last exact part); if this stays, its state is damaged: "

@@ -306,3 +306,57 @@ def test_a_partition_sought_while_another_of_its_fetch_is_delivered_comes_again_
     _produce(kafka, topic, partitions=2, records=FEW)
     _, after = asyncio.run(redeliveries_of_a_partition_sought_while_another_is_delivered(kafka, topic, str(tmp_path)))
     assert after[-2 * FEW :] == list(range(2 * FEW))
+
+
+async def offsets_after_a_rebalance_during_a_blocked_delivery(broker: str, topic: str, state_dir: str) -> list[int]:
+    """A rebalance lands while a record is handed to a full queue: flow stops (which cancels the
+    delivery), the partition is sought to 0 as a recovery does, and flow resumes (which clears
+    the queues). The rebalance's first step is made to land as Faust puts a record into a full
+    queue, if it ever does. Returns the first FEW offsets taken after the rebalance."""
+    app = faust_app(broker, topic, state_dir, stream_buffer_maxsize=1)
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    source = app.topic(f"{topic}-source", **raw)
+    other = app.topic(topic, **raw).clone(is_iterator=True)
+    app.topics.add(other)
+    deliver_batches(app, source, {source.get_topic_name(): Deliveries().handler})
+    queue = other.queue
+    put = queue.put
+
+    def stop_flow() -> None:  # what a rebalance does first (Faust's on_partitions_revoked)
+        app.consumer.stop_flow()
+        app.flow_control.suspend()
+
+    async def put_as_a_rebalance_begins(event: object) -> None:
+        queue.put = put  # once
+        stop_flow()
+        await put(event)
+
+    queue.put = put_as_a_rebalance_begins
+    await app.start()
+    try:
+        while not queue.full() and app.flow_control.is_active():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # any record that is handed to the full queue has been by now
+        if app.flow_control.is_active():
+            stop_flow()
+        await app.consumer.seek_wait({TP(topic, 0): 0})
+        app.flow_control.resume()
+        app.consumer.resume_flow()
+        return [(await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset for _ in range(FEW)]
+    finally:
+        await app.stop()
+
+
+def test_a_record_whose_delivery_a_rebalance_cancelled_never_lands_after_the_recovery_seek(kafka, tmp_path):
+    """Faust hands a record to a full queue in a task of its own, which outlives the delivery a
+    rebalance cancels; started as flow stopped, it waited for flow to resume and put its record
+    in the queue after the recovery had sought the partition back and cleared the queues.
+    Faust's restore then took that record's offset for the last one read and dropped every
+    re-fetched record below it: the live table lost the groups whose newest entries were
+    there (F1's third path, found with scripts/drill_pauses.py)."""
+    topic = f"rebalance-blocked-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, 1)
+    ensure_topic(kafka, f"{topic}-source", 1)
+    _produce(kafka, topic, partitions=1, records=FEW)
+    after = asyncio.run(offsets_after_a_rebalance_during_a_blocked_delivery(kafka, topic, str(tmp_path / "state")))
+    assert after == list(range(FEW))

@@ -92,6 +92,13 @@ What is coupled, what it is for, and what an upstream change would do without th
     active, `_get_active_partitions`, `can_resume_flow`, `not_waiting_next_records`.
     For: `BatchDeliveryConsumer._wait_next_records` naps `IDLE_POLL_S` instead.
     If changed: AttributeError, or the check's mismatch if upstream stops napping there.
+17. faust `Conductor._tp_index` (each partition's channels, whose `queue` its callback fills),
+    `ProducerBuffer.max_messages`, and mode `FlowControlEvent.is_active`: what Faust's callback
+    waits on before it puts a record in a queue (flow control, the producer buffer, a full queue).
+    For: the per-record path waits for them itself, so the callback never waits
+    (`BatchDeliveryConsumer._until_taken_at_once`).
+    If changed: AttributeError; a new reason for the callback to wait would let a record land
+    after a rebalance's recovery seek again (tests/test_batch_delivery.py fails).
 
 String couplings stay where they are used: logger names (`faust.transport.producer`,
 `aiokafka.*`) and aiokafka's message texts in `kappa.engine.lognoise`; only the noise would come back.
@@ -264,6 +271,9 @@ def check_internals() -> None:
     producer = _module(faust, "faust.transport.producer")
     _sets(faust, producer.Producer, ["buffer"])
     _member(faust, producer.ProducerBuffer, "size")
+    _member(faust, producer.ProducerBuffer, "max_messages")
+    _sets(faust, _module(faust, "faust.transport.conductor").Conductor, ["_tp_index"])
+    _method(mode, _module(mode, "mode.utils.queues").FlowControlEvent, "is_active", [], coroutine=False)
     _method(faust, producer.ProducerBuffer, "flush", [], coroutine=True)
     monitor = _module(faust, "faust.sensors.monitor").Monitor
     _method(faust, monitor, "on_message_in", ["tp", "offset", "message"])
@@ -363,6 +373,7 @@ YIELD_EVERY = 100
 # (two deliveries are held, one applied and one parsed). 25k held 25-35 MB less than 50k at
 # 1k and at 1M keys and was as fast; 12.5k was about 5% slower at 1k keys.
 DELIVERY_RECORDS = 25_000
+TAKEN_AT_ONCE_POLL_S = 0.005  # how often the per-record path looks again for room in a full queue
 IDLE_POLL_S = 0.05  # a poll with no active partition, instead of Faust's 1 s (see _wait_next_records)
 MEMBERS_WAIT_S = 5.0  # see BatchDeliveryConsumer._waiting_for_members
 
@@ -730,11 +741,38 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if self._commit_every is not None and self._n_acked >= self._commit_every:
                 self._n_acked = 0
                 await self.commit()
+            await self._until_taken_at_once(tp)
+            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                return
             if read_offsets.changes[tp] != changes:
                 return
-            await self.callback(self._to_message(tp, record))
+            await self.callback(self._to_message(tp, record))  # puts it at once: nothing left to wait for
             if not read_offsets.delivered(tp, offset, changes):
                 return
+
+    def _takes_at_once(self, tp: TP) -> bool:
+        """Whether Faust's callback would put a record of `tp` in its queues without waiting: flow
+        control is on, the producer buffer is within its limit and every queue of `tp` has room."""
+        app = self.app
+        buffer = app.producer.buffer
+        if not app.flow_control.is_active() or buffer.size > buffer.max_messages:
+            return False
+        channels = cast(Any, app.topics)._tp_index.get(tp, ())  # the Conductor; its type names no index
+        return not any(channel.queue.full() for channel in channels)
+
+    async def _until_taken_at_once(self, tp: TP) -> None:
+        """Wait until a record of `tp` can be handed to Faust's callback without it waiting.
+
+        Invariant: the per-record path never lets Faust's callback wait, so a record is in its
+        queue before anything else runs, or it was never handed over. Waiting, the callback
+        outlived the delivery a rebalance cancels: it puts a record into a full queue from a task
+        of its own, and that task, started as flow stopped, waited for flow to resume and then put
+        its record after the recovery had sought the partition back and cleared the queues.
+        Faust's restore took that record's offset for the last one read and dropped every
+        re-fetched record below it; the live table lost the groups whose newest entries were
+        there (F1's third path). A wait here is cancelled with the delivery and leaves nothing."""
+        while not self._takes_at_once(tp):
+            await asyncio.sleep(TAKEN_AT_ONCE_POLL_S)
 
     async def _seek_back_while_suspended(self) -> None:
         try:

@@ -188,6 +188,19 @@ def faust_app(broker: str, topic: str, state_dir: str, **settings: object) -> fa
     )
 
 
+def app_reading_per_record(broker: str, topic: str, state_dir: str) -> tuple[faust.App, faust.topics.Topic]:
+    """An app whose batch consumer reads `topic` record by record (the path changelogs take),
+    into a queue of one (so a record's delivery waits until the test takes the one before), and
+    the channel the test takes them from. `<topic>-source` is its batch-delivered source."""
+    app = faust_app(broker, topic, state_dir, stream_buffer_maxsize=1)
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    source = app.topic(f"{topic}-source", **raw)
+    other = app.topic(topic, **raw).clone(is_iterator=True)  # what `async for` on a topic subscribes
+    app.topics.add(other)
+    deliver_batches(app, source, {source.get_topic_name(): Deliveries().handler})
+    return app, other
+
+
 async def redeliveries_after_seek_to_committed_zero(broker: str, topic: str, state_dir: str) -> list[int]:
     """Read the whole partition, commit 0 for it and make Faust's seek back to the committed
     offsets (as it does after a rebalance's recovery, and when a poll comes back while flow
@@ -222,13 +235,7 @@ async def redeliveries_after_a_seek_during_a_delivery(broker: str, topic: str, s
     """Block the per-record path (the one changelogs take) inside a delivery, seek the partition
     to `to` meanwhile as a rebalance's recovery does (`seek_wait`, from Faust's recovery), let the
     delivery go on, and return every offset that came after the seek."""
-    # with a queue of one, the second record's delivery waits until the test takes the first
-    app = faust_app(broker, topic, state_dir, stream_buffer_maxsize=1)
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    source = app.topic(f"{topic}-source", **raw)
-    other = app.topic(topic, **raw).clone(is_iterator=True)  # what `async for` on a topic subscribes
-    app.topics.add(other)
-    deliver_batches(app, source, {source.get_topic_name(): Deliveries().handler})
+    app, other = app_reading_per_record(broker, topic, state_dir)
     await app.start()
     try:
         before = [(await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset for _ in range(2)]
@@ -263,12 +270,7 @@ async def redeliveries_of_a_partition_sought_while_another_is_delivered(
 ) -> tuple[int, list[int]]:
     """Two partitions fetched together, the first one's delivery blocked on a full queue; the
     other partition is sought to 0 meanwhile. Returns it and its offsets that came after the seek."""
-    app = faust_app(broker, topic, state_dir, stream_buffer_maxsize=1)
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    source = app.topic(f"{topic}-source", **raw)
-    other = app.topic(topic, **raw).clone(is_iterator=True)
-    app.topics.add(other)
-    deliver_batches(app, source, {source.get_topic_name(): Deliveries().handler})
+    app, other = app_reading_per_record(broker, topic, state_dir)
     await app.start()
 
     async def take() -> tuple[int, int]:
@@ -313,12 +315,7 @@ async def offsets_after_a_rebalance_during_a_blocked_delivery(broker: str, topic
     delivery), the partition is sought to 0 as a recovery does, and flow resumes (which clears
     the queues). The rebalance's first step is made to land as Faust puts a record into a full
     queue, if it ever does. Returns the first FEW offsets taken after the rebalance."""
-    app = faust_app(broker, topic, state_dir, stream_buffer_maxsize=1)
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    source = app.topic(f"{topic}-source", **raw)
-    other = app.topic(topic, **raw).clone(is_iterator=True)
-    app.topics.add(other)
-    deliver_batches(app, source, {source.get_topic_name(): Deliveries().handler})
+    app, other = app_reading_per_record(broker, topic, state_dir)
     queue = other.queue
     put = queue.put
 

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 KAPPA := $(VENV)/bin/kappa
 DEMO_PORT ?= 9092
 DEMO := --broker 127.0.0.1:$(DEMO_PORT) --data-dir .kappa --snapshot-dir snapshots
-LINT_PATHS := kappa agents tables tests scripts/make_sample.py
+LINT_PATHS := kappa agents tables tests scripts/make_sample.py scripts/drill_pauses.py
 # Every runtime, dev/test and bench package, exact versions with hashes, for CPython 3.11 on Linux x86_64.
 LOCK := requirements.lock
 LOCK_ARGS ?=

@@ -64,6 +64,11 @@ EVENTS: list[str] = []
 T0 = time.monotonic()
 
 
+def git_head() -> str:
+    run = subprocess.run(["git", "-C", str(HERE), "log", "--oneline", "-1"], capture_output=True, text=True)
+    return run.stdout.strip()
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
 
@@ -90,7 +95,8 @@ def run(argv: list[str], timeout: float, input: bytes | None = None) -> subproce
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
-        raise RuntimeError(f"timed out after {timeout}s: {' '.join(argv)}\n{err.decode(errors='replace')[-2000:]}")
+        tail = err.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"timed out after {timeout}s: {' '.join(argv)}\n{tail}") from None
     with LOCK:  # finished; what it left running on purpose (the broker) is stopped by its own command
         CHILDREN.remove(proc)
     return subprocess.CompletedProcess(
@@ -395,7 +401,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=3000.0, help="rows/s the producer appends")
     ap.add_argument("--producer", choices=["load", "kafka"], default="kafka",
                     help="kafka (default): confluent-kafka, a steady stream; load: `kappa load -` of a chunk each "
-                         "--chunk-s (bursty: few, large deliveries, a small changelog; did not reproduce F1)")  # fmt: skip
+                         "--chunk-s (bursty: few, large deliveries, a small changelog; "
+                         "did not reproduce F1)")  # fmt: skip
     ap.add_argument("--chunk-s", type=float, default=1.0)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--snapshot-interval", type=float, default=2)
@@ -409,7 +416,8 @@ def main() -> int:
     ap.add_argument("--pause-max", type=float, default=23.0)
     ap.add_argument("--settle", type=float, default=12.0, help="seconds to wait after each SIGCONT")
     ap.add_argument("--stop-busy", type=float, default=0.0, metavar="S",
-                    help="wait up to S seconds for the victim to be running (state R) before SIGSTOP (default 0: any moment)")  # fmt: skip
+                    help="wait up to S seconds for the victim to be running (state R) before SIGSTOP "
+                         "(default 0: any moment)")  # fmt: skip
     ap.add_argument("--random-victim", dest="alternate", action="store_false",
                     help="pick each round's child at random; by default the same child is never paused twice in a row "
                          "(each takeover then restores a long stretch of changelog)")  # fmt: skip
@@ -431,8 +439,7 @@ def main() -> int:
     args.broker_addr = broker = args.broker or f"127.0.0.1:{args.port}"
     common = ["--broker", broker, "--data-dir", str(data_dir), "--snapshot-dir", str(snap_dir)]
     rng = random.Random(seed)
-    say(f"seed {seed}, workdir {workdir}, topic {topic}, broker {broker}, code {HERE} "
-        f"({subprocess.run(['git', '-C', str(HERE), 'log', '--oneline', '-1'], capture_output=True, text=True).stdout.strip()})")  # fmt: skip
+    say(f"seed {seed}, workdir {workdir}, topic {topic}, broker {broker}, code {HERE} ({git_head()})")
 
     def on_signal(signum, _frame):
         raise SystemExit(f"interrupted by signal {signum}")
@@ -498,7 +505,8 @@ def main() -> int:
             os.kill(victim, signal.SIGSTOP)
             STOPPED.add(victim)
             say(
-                f"round {round_no}: SIGSTOP child {victim} (of {kids}) for {pause:.1f}s (it was {state}); produced {first_rows + producer.sent}"
+                f"round {round_no}: SIGSTOP child {victim} (of {kids}) for {pause:.1f}s (it was {state}); "
+                f"produced {first_rows + producer.sent}"
             )
             if args.cont_on_restore:
                 waited = wait_for_restore(workdir / "worker.log", log_from, victim, pause, args.cont_on_restore)
@@ -522,7 +530,8 @@ def main() -> int:
         total_sent = first_rows + producer.sent
         ends = watermarks(broker, topic)
         say(
-            f"producer stopped: {total_sent} rows sent ({producer.loads} loads); end offsets sum {sum(ends.values())} {ends}"
+            f"producer stopped: {total_sent} rows sent ({producer.loads} loads); "
+            f"end offsets sum {sum(ends.values())} {ends}"
         )
 
         deadline = time.monotonic() + args.drain_timeout
@@ -536,7 +545,7 @@ def main() -> int:
             time.sleep(1)
         status = run(kappa("status", *common), 60)
         (workdir / "status.txt").write_text(status.stdout + status.stderr)
-        lag_line = next((l for l in status.stdout.splitlines() if "lag" in l.lower()), "")
+        lag_line = next((line for line in status.stdout.splitlines() if "lag" in line.lower()), "")
         offsets = {int(p): o for p, o in (manifest or {}).get("offsets", {}).items()}
         behind = {p: e - offsets.get(p, 0) for p, e in ends.items() if offsets.get(p, 0) < e}
         if behind:
@@ -733,8 +742,10 @@ def summarize_log(path: Path) -> None:
         elif pid in restoring and "Done reading from changelog" in text:
             r = restoring.pop(pid)
             if r["overtaken"] or r["remaining"]:
-                say(f"  restore by process {pid} {r['start']} -> {at}, remaining at first report {r['remaining'] or '?'}"
-                    + (f"; group membership changed at {r['overtaken']} before it was done" if r["overtaken"] else ""))  # fmt: skip
+                changed = r["overtaken"]
+                overtaken = f"; group membership changed at {changed} before it was done" if changed else ""
+                say(f"  restore by process {pid} {r['start']} -> {at}, "
+                    f"remaining at first report {r['remaining'] or '?'}{overtaken}")  # fmt: skip
 
 
 def wait_for_restore(log: Path, offset: int, victim: int, pause: float, after: float) -> str:

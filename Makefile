@@ -64,7 +64,7 @@ stop: venv
 	$(KAPPA) kafka stop --data-dir .kappa
 
 test: venv deps lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
 
 # The quick loop: everything but the slow fault, security and bench tests (CI runs `make test`, all of them).
 test-fast: venv deps

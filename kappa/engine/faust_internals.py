@@ -41,9 +41,12 @@ What is coupled, what it is for, and what an upstream change would do without th
    If changed: no longer looked up by name, the batch consumer gets ConsumerRecords instead of
    chunks and stops with a TypeError. Checked: signatures, the attributes `__init__` sets, and
    that the fetch function names the global and `getall` updates the position.
-5. faust `Monitor.on_message_in/on_stream_event_in/on_stream_event_out/on_message_out`.
-   For: `PerRecordQuietMonitor` nulls them; Faust's sensors therefore see no records.
-   If changed: new per-record hooks would run again (slower).
+5. faust `Monitor.on_message_in/on_stream_event_in/on_stream_event_out/on_message_out`, and
+   `Monitor.stream_inbound_time`, which Faust's livelock check (`verify_event_path`) reads.
+   For: `PerRecordQuietMonitor` nulls them; Faust's sensors therefore see no records. The batch
+   path sets each delivered partition's inbound time itself (`_mark_stream_inbound`).
+   If changed: new per-record hooks would run again (slower); a false "Stream has not started
+   processing" ERROR would come back (tests/test_batch_delivery.py fails).
 6. faust `TableManager.on_start` (`sleep`, `should_stop`, `_update_channels`, `recovery.start`).
    For: `PromptTableManager` is a copy of it without the 1 s sleep.
    If changed: a startup step added upstream would be skipped silently, so the names its body
@@ -276,6 +279,7 @@ def check_internals() -> None:
     _method(mode, _module(mode, "mode.utils.queues").FlowControlEvent, "is_active", [], coroutine=False)
     _method(faust, producer.ProducerBuffer, "flush", [], coroutine=True)
     monitor = _module(faust, "faust.sensors.monitor").Monitor
+    _member(faust, monitor, "stream_inbound_time")
     _method(faust, monitor, "on_message_in", ["tp", "offset", "message"])
     _method(faust, monitor, "on_stream_event_in", ["tp", "offset", "stream", "event"])
     _method(faust, monitor, "on_stream_event_out", ["tp", "offset", "stream", "event", "state"])
@@ -695,10 +699,22 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
                 mine[tp] = fresh
         if not mine:
             return
+        self._mark_stream_inbound(mine)
         await self.handlers[topic](mine)
         for tp, records in mine.items():
             if records:
                 self._read_offset.delivered(tp, records[-1].offset, changes[tp])
+
+    def _mark_stream_inbound(self, partitions: Iterable[TP]) -> None:
+        """Tell Faust's monitor that these partitions' records reached the agent now, as its
+        stream would per event. Its livelock check reads that time: without it, every partition
+        still behind its log 5 minutes after the start (`stream_processing_timeout`) was logged
+        as an ERROR, "Stream has not started processing", with a page of advice."""
+        monitor = self.app.monitor
+        if monitor is not None:
+            now = time.monotonic()
+            for tp in partitions:
+                monitor.stream_inbound_time[tp] = now
 
     def _unread_delivered(self, tp: TP, delivered: Delivered) -> Delivered | None:
         """`_unread` for a delivery, which stays one while it passes offsets it has not read:

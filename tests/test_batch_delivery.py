@@ -7,6 +7,7 @@ come again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import subprocess
@@ -267,6 +268,7 @@ def test_a_seek_made_while_a_record_is_being_delivered_makes_the_records_from_th
     after = asyncio.run(redeliveries_after_a_seek_during_a_delivery(kafka, topic, str(tmp_path / "state"), to))
     again = after[len(after) - after[::-1].index(to) - 1 :]
     assert again == list(range(to, FEW)), after
+    assert set(after[: after.index(to)]) <= {2}, f"only the record queued before the seek comes before it: {after}"
 
 
 async def redeliveries_of_a_partition_sought_while_another_is_delivered(
@@ -343,7 +345,9 @@ async def offsets_after_a_rebalance_during_a_blocked_delivery(broker: str, topic
         await app.consumer.seek_wait({TP(topic, 0): 0})
         app.flow_control.resume()
         app.consumer.resume_flow()
-        return [(await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset for _ in range(FEW)]
+        taken = [(await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset for _ in range(FEW)]
+        assert queue.put is put_as_a_rebalance_begins, "Faust's callback waited on a full queue"
+        return taken
     finally:
         await app.stop()
 
@@ -403,3 +407,35 @@ def test_a_replay_taking_batches_is_not_reported_as_a_stream_that_never_started(
     _produce(kafka, topic, partitions=1, records=SLOW_RECORDS, batch=10)
     errors = asyncio.run(livelock_errors_while_a_slow_handler_takes_batches(kafka, topic, str(tmp_path / "state")))
     assert not [error for error in errors if "processing" in error], errors
+
+
+async def offsets_after_a_pause_during_a_delivery(broker: str, topic: str, state_dir: str) -> list[int]:
+    """Pause the partition (as a recovery pauses a changelog partition once restored) while the
+    rest of its fetch waits for room in the queue; return what the test can take after that."""
+    app, other = app_reading_per_record(broker, topic, state_dir)
+    await app.start()
+    try:
+        before = [(await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset for _ in range(2)]
+        assert before == [0, 1]
+        await asyncio.sleep(0.5)  # record 2 is in the queue of one, the rest of the fetch waits
+        app.consumer.pause_partitions({TP(topic, 0)})
+        taken: list[int] = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                taken.append((await asyncio.wait_for(other.get(), 2.0)).message.offset)
+        return taken
+    finally:
+        await app.stop()
+
+
+def test_a_paused_partition_gets_no_more_of_its_fetch(kafka, tmp_path):
+    """The per-record path checked whether a partition was active once per fetch: a recovery
+    that paused a restored changelog partition and then cleared the queues (flow resumes
+    without a seek) still got the rest of its fetch, after the clear. The restore kept those
+    records and moved its restore position past the cleared ones (found by review)."""
+    topic = f"paused-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, 1)
+    ensure_topic(kafka, f"{topic}-source", 1)
+    _produce(kafka, topic, partitions=1, records=FEW)
+    taken = asyncio.run(offsets_after_a_pause_during_a_delivery(kafka, topic, str(tmp_path / "state")))
+    assert taken == [2], "only the record queued before the pause"

@@ -15,8 +15,8 @@ What is coupled, what it is for, and what an upstream change would do without th
    For: overridden by `BatchDeliveryConsumer` to hand fetched batches to the agent.
    If changed: renamed or no longer called, Faust's own loop runs, the agent never sees a
    record and a replay hangs with no error. Checked: signature, and that the caller calls it.
-2. faust `Consumer._wait_next_records`, `_buffered_partitions`, `_read_offset`, `_add_gap`,
-   `_commit_every`, `_n_acked`, `perform_seek`, mode `Service._stopped`, `CONSUMER_FETCHING`.
+2. faust `Consumer._wait_next_records`, `_buffered_partitions`, `_paused_partitions`, `_read_offset`,
+   `_add_gap`, `_commit_every`, `_n_acked`, `perform_seek`, mode `Service._stopped`, `CONSUMER_FETCHING`.
    For: the batch loop keeps Faust's bookkeeping as its `getmany` would.
    If changed: AttributeError. A change in what `_read_offset` means (after a seek the next
    offset to read, after a delivery the last one delivered) would re-deliver or skip records:
@@ -96,8 +96,9 @@ What is coupled, what it is for, and what an upstream change would do without th
     For: `BatchDeliveryConsumer._wait_next_records` naps `IDLE_POLL_S` instead.
     If changed: AttributeError, or the check's mismatch if upstream stops napping there.
 17. faust `Conductor._tp_index` (each partition's channels, whose `queue` its callback fills),
-    `ProducerBuffer.max_messages`, and mode `FlowControlEvent.is_active`: what Faust's callback
-    waits on before it puts a record in a queue (flow control, the producer buffer, a full queue).
+    `Conductor._tp_to_callback_lock`, `ProducerBuffer.max_messages`, and mode
+    `FlowControlEvent.is_active`: what Faust's callback waits on before it puts a record in a
+    queue (flow control, the producer buffer, the callback map's lock, a full queue).
     For: the per-record path waits for them itself, so the callback never waits
     (`BatchDeliveryConsumer._until_taken_at_once`).
     If changed: AttributeError; a new reason for the callback to wait would let a record land
@@ -256,6 +257,7 @@ def check_internals() -> None:
     _method(faust, consumer, "seek_to_committed", [], coroutine=True)
     _method(faust, consumer, "seek_wait", ["partitions"], coroutine=True)
     _sets(faust, consumer, ["_read_offset", "_buffered_partitions", "_commit_every"])
+    _calls(faust, consumer, "_reset_state", ["_paused_partitions"])
     _member(faust, consumer, "_n_acked")
     _member(faust, _module(mode, "mode").Service, "_stopped")
     driver = _module(faust, "faust.transport.drivers.aiokafka")
@@ -275,7 +277,7 @@ def check_internals() -> None:
     _sets(faust, producer.Producer, ["buffer"])
     _member(faust, producer.ProducerBuffer, "size")
     _member(faust, producer.ProducerBuffer, "max_messages")
-    _sets(faust, _module(faust, "faust.transport.conductor").Conductor, ["_tp_index"])
+    _sets(faust, _module(faust, "faust.transport.conductor").Conductor, ["_tp_index", "_tp_to_callback_lock"])
     _method(mode, _module(mode, "mode.utils.queues").FlowControlEvent, "is_active", [], coroutine=False)
     _method(faust, producer.ProducerBuffer, "flush", [], coroutine=True)
     monitor = _module(faust, "faust.sensors.monitor").Monitor
@@ -746,7 +748,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         acks_enabled = self.app.topics.acks_enabled_for(tp.topic)
         read_offsets = self._read_offset
         for position, record in enumerate(fetched):
-            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+            if not self._still_delivering(tp, generation_id):
                 return
             if position % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
@@ -758,7 +760,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
                 self._n_acked = 0
                 await self.commit()
             await self._until_taken_at_once(tp)
-            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+            if not self._still_delivering(tp, generation_id):
                 return
             if read_offsets.changes[tp] != changes:
                 return
@@ -766,15 +768,33 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if not read_offsets.delivered(tp, offset, changes):
                 return
 
+    def _still_delivering(self, tp: TP, generation_id: int) -> bool:
+        """Faust's own test before each record (flow on, the same consumer generation, the
+        partition active or only held back for a full buffer), and the partition not paused.
+
+        A recovery pauses a changelog partition once it is restored, then resumes flow, which
+        clears the queues without a seek: the rest of a fetch delivered after that went into the
+        queue after the clear, and the restore kept those records and moved its restore position
+        past the cleared ones. A partition held back for a full buffer stays deliverable in
+        Faust's test even when paused, hence the explicit pause check."""
+        if not self.flow_active or self.app.consumer_generation_id != generation_id:
+            return False
+        if tp in self._paused_partitions:
+            return False
+        return tp in self._get_active_partitions() or tp in self._buffered_partitions
+
     def _takes_at_once(self, tp: TP) -> bool:
         """Whether Faust's callback would put a record of `tp` in its queues without waiting: flow
-        control is on, the producer buffer is within its limit and every queue of `tp` has room."""
+        control is on, the producer buffer is within its limit, the conductor's callback map is not
+        being changed (its lock) and every queue of `tp` has room."""
         app = self.app
         buffer = app.producer.buffer
         if not app.flow_control.is_active() or buffer.size > buffer.max_messages:
             return False
-        channels = cast(Any, app.topics)._tp_index.get(tp, ())  # the Conductor; its type names no index
-        return not any(channel.queue.full() for channel in channels)
+        conductor = cast(Any, app.topics)  # its type names neither the index nor the lock
+        if conductor._tp_to_callback_lock.locked():
+            return False
+        return not any(channel.queue.full() for channel in conductor._tp_index.get(tp, ()))
 
     async def _until_taken_at_once(self, tp: TP) -> None:
         """Wait until a record of `tp` can be handed to Faust's callback without it waiting.

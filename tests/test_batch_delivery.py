@@ -439,3 +439,41 @@ def test_a_paused_partition_gets_no_more_of_its_fetch(kafka, tmp_path):
     _produce(kafka, topic, partitions=1, records=FEW)
     taken = asyncio.run(offsets_after_a_pause_during_a_delivery(kafka, topic, str(tmp_path / "state")))
     assert taken == [2], "only the record queued before the pause"
+
+
+async def fetch_attempts_while_flow_is_stopped(broker: str, topic: str, state_dir: str) -> int:
+    """Stop flow for half a second, as a rebalance does, and count the fetches begun meanwhile."""
+    app = faust_app(broker, topic, state_dir)
+    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    deliveries = Deliveries()
+    deliver_batches(app, source, {topic: deliveries.handler})
+    await app.start()
+    try:
+        await deliveries.until(FEW)
+        consumer = app.consumer
+        fetch = consumer._fetch_and_deliver  # noqa: SLF001  # counted, as the seam calls it
+        attempts = 0
+
+        async def counted() -> None:
+            nonlocal attempts
+            attempts += 1
+            await fetch()
+
+        consumer._fetch_and_deliver = counted  # noqa: SLF001
+        consumer.stop_flow()
+        await asyncio.sleep(0.5)
+        consumer.resume_flow()
+        return attempts
+    finally:
+        await app.stop()
+
+
+def test_a_stopped_flow_is_waited_for_not_polled(kafka, tmp_path):
+    """While flow was stopped (every rebalance, until its recovery resumes it), the delivery loop
+    started a fetch, had it cancelled at once by the stop it raced against, and started the next:
+    a core spent spinning for the length of each rebalance (found by review)."""
+    topic = f"stopped-flow-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, 1)
+    _produce(kafka, topic, partitions=1, records=FEW)
+    attempts = asyncio.run(fetch_attempts_while_flow_is_stopped(kafka, topic, str(tmp_path / "state")))
+    assert attempts <= 1, f"{attempts} fetches begun in half a second of stopped flow"

@@ -604,6 +604,9 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         fetcher_should_stop = fetcher._stopped.is_set
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
+                if self.suspend_flow.is_set():  # a rebalance: racing a fetch against it would spin
+                    await self.wait(self.can_resume_flow)  # type: ignore[arg-type]  # as Faust does
+                    continue
                 self.diag.set_flag(CONSUMER_FETCHING)
                 await self.wait_first(self._fetch_and_deliver(), self.suspend_flow.wait())
                 self.diag.unset_flag(CONSUMER_FETCHING)

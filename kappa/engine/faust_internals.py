@@ -752,6 +752,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         read_offsets = self._read_offset
         for position, record in enumerate(fetched):
             if not self._still_delivering(tp, generation_id):
+                await self._fetch_again_from(tp, record.offset, generation_id, changes)
                 return
             if position % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
@@ -764,6 +765,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
                 await self.commit()
             await self._until_taken_at_once(tp)
             if not self._still_delivering(tp, generation_id):
+                await self._fetch_again_from(tp, record.offset, generation_id, changes)
                 return
             if read_offsets.changes[tp] != changes:
                 return
@@ -785,6 +787,17 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         if tp in self._paused_partitions:
             return False
         return tp in self._get_active_partitions() or tp in self._buffered_partitions
+
+    async def _fetch_again_from(self, tp: TP, offset: int, generation_id: int, changes: int) -> None:
+        """Make the records of `tp` from `offset` on, fetched and not delivered, come again once
+        the partition is resumed: seek it there, unless something sought it since its fetch or a
+        rebalance stopped the delivery (Faust seeks back after a rebalance). Dropped without a
+        seek, they never came: a recovery that paused and resumed a changelog partition while its
+        fetch was being delivered waited for them forever (found by scripts/drill_pauses.py)."""
+        if not self.flow_active or self.app.consumer_generation_id != generation_id:
+            return
+        if self._read_offset.changes[tp] == changes:
+            await self.seek(tp, offset)
 
     def _takes_at_once(self, tp: TP) -> bool:
         """Whether Faust's callback would put a record of `tp` in its queues without waiting: flow

@@ -796,8 +796,12 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         fetch was being delivered waited for them forever (found by scripts/drill_pauses.py)."""
         if not self.flow_active or self.app.consumer_generation_id != generation_id:
             return
-        if self._read_offset.changes[tp] == changes:
+        if self._read_offset.changes[tp] != changes:
+            return
+        try:
             await self.seek(tp, offset)
+        except Exception as exc:  # as Faust's own seek back: a partition revoked meanwhile is sought by its next owner
+            self.log.warning(f"could not seek {tp} back to {offset}: {exc!r}")
 
     def _takes_at_once(self, tp: TP) -> bool:
         """Whether Faust's callback would put a record of `tp` in its queues without waiting: flow

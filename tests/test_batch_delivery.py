@@ -206,6 +206,15 @@ def app_reading_per_record(broker: str, topic: str, state_dir: str) -> tuple[fau
     return app, other
 
 
+async def offsets_until_quiet(channel: faust.topics.Topic, quiet_s: float = 3.0) -> list[int]:
+    """The offsets taken from `channel` until none comes for `quiet_s` seconds."""
+    taken: list[int] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            taken.append((await asyncio.wait_for(channel.get(), quiet_s)).message.offset)
+    return taken
+
+
 async def redeliveries_after_seek_to_committed_zero(broker: str, topic: str, state_dir: str) -> list[int]:
     """Read the whole partition, commit 0 for it and make Faust's seek back to the committed
     offsets (as it does after a rebalance's recovery, and when a poll comes back while flow
@@ -419,11 +428,7 @@ async def offsets_after_a_pause_during_a_delivery(broker: str, topic: str, state
         assert before == [0, 1]
         await asyncio.sleep(0.5)  # record 2 is in the queue of one, the rest of the fetch waits
         app.consumer.pause_partitions({TP(topic, 0)})
-        taken: list[int] = []
-        with contextlib.suppress(TimeoutError):
-            while True:
-                taken.append((await asyncio.wait_for(other.get(), 2.0)).message.offset)
-        return taken
+        return await offsets_until_quiet(other)
     finally:
         await app.stop()
 
@@ -492,10 +497,7 @@ async def offsets_through_a_pause_and_resume_during_a_delivery(broker: str, topi
         taken.append((await asyncio.wait_for(other.get(), TIMEOUT_S)).message.offset)
         await asyncio.sleep(0.5)
         app.consumer.resume_partitions({TP(topic, 0)})
-        with contextlib.suppress(TimeoutError):
-            while True:
-                taken.append((await asyncio.wait_for(other.get(), 3.0)).message.offset)
-        return taken
+        return taken + await offsets_until_quiet(other)
     finally:
         await app.stop()
 
@@ -509,4 +511,45 @@ def test_a_partition_paused_and_resumed_during_its_delivery_gets_every_record_on
     ensure_topic(kafka, f"{topic}-source", 1)
     _produce(kafka, topic, partitions=1, records=FEW)
     taken = asyncio.run(offsets_through_a_pause_and_resume_during_a_delivery(kafka, topic, str(tmp_path / "state")))
+    assert taken == list(range(FEW))
+
+
+async def offsets_after_a_flow_stop_overtakes_a_fetch(broker: str, topic: str, state_dir: str) -> list[int]:
+    """Hold the first fetch that brings records until flow has stopped and resumed (a rebalance
+    that overtakes a fetch on Faust's consumer thread), then let it return; every offset taken."""
+    app, other = app_reading_per_record(broker, topic, state_dir)
+    consumer = app.consumer
+    fetch = consumer._wait_next_records  # noqa: SLF001  # held, as a slow thread would
+    fetched, released = asyncio.Event(), asyncio.Event()
+
+    async def held(timeout: float) -> tuple:
+        records, active = await fetch(timeout)
+        if records and not fetched.is_set():
+            fetched.set()
+            await released.wait()
+        return records, active
+
+    consumer._wait_next_records = held  # noqa: SLF001
+    await app.start()
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, _produce, broker, topic, 1, FEW)
+        await asyncio.wait_for(fetched.wait(), TIMEOUT_S)
+        consumer.stop_flow()  # cancels the delivery waiting for the fetch
+        await asyncio.sleep(0.2)
+        consumer.resume_flow()
+        released.set()
+        return await offsets_until_quiet(other)
+    finally:
+        await app.stop()
+
+
+def test_a_fetch_a_flow_stop_overtook_is_delivered_not_lost(kafka, tmp_path):
+    """A rebalance cancelled the delivery waiting for a fetch, and the fetch with it; the fetch
+    went on on Faust's consumer thread, took the records off aiokafka's position, and its result
+    was thrown away: a changelog partition its recovery had just sought and resumed lost them,
+    so a restore skipped them, or waited forever when they were its last (helper-35's review)."""
+    topic = f"overtaken-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, 1)
+    ensure_topic(kafka, f"{topic}-source", 1)
+    taken = asyncio.run(offsets_after_a_flow_stop_overtakes_a_fetch(kafka, topic, str(tmp_path / "state")))
     assert taken == list(range(FEW))

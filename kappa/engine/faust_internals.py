@@ -525,6 +525,11 @@ class ReadOffsets(dict):
             return True
 
 
+# a fetch: records per partition (None: none), the active partitions, each fetched partition's
+# seek count and the consumer generation when it came back
+Fetch = tuple[Mapping[TP, list] | None, set[TP] | None, dict[TP, int], int]
+
+
 class BatchDeliveryConsumer(AIOKafkaConsumer):
     """Bind with `for_topics`; the handlers get every fetched batch of their topics."""
 
@@ -532,6 +537,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
     fair_share: int | None = None  # the most handler-topic partitions a process has in the full group
     _members_wait_until: float | None = None
     _read_offset: ReadOffsets
+    _pending_fetch: asyncio.Future[Fetch] | None = None  # a fetch a cancelled delivery left (see _next_fetch)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -620,6 +626,9 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+            if self._pending_fetch is not None:  # the loop is over: nothing takes it now
+                self._pending_fetch.cancel()
+                self._pending_fetch = None
 
     async def _fetch_and_deliver(self) -> None:
         """Faust's `getmany`, per fetched batch instead of per record.
@@ -627,22 +636,21 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         The same guards apply: nothing is delivered once flow is suspended or the consumer
         generation changed (a rebalance), and only active partitions are delivered.
         """
-        records, active = await self._wait_next_records(1.0)
-        # now, before anything awaits: a seek made from here on finds the fetched records stale
-        changes = self._read_offset.changes_of(records or ())
+        records, active, changes, generation_id = await self._next_fetch()
         await self.sleep(0)
         if records is None or self.should_stop:
             return
         if not self.flow_active:
             await self._seek_back_while_suspended()
             return
-        generation_id = self.app.consumer_generation_id
+        if self.app.consumer_generation_id != generation_id:
+            return  # fetched before a rebalance, whose seeks fetch the records again
         fetched_batches: dict[str, dict[TP, deque[FetchedBatch]]] = {}
         others: list[tuple[TP, list]] = []
         for tp, fetched in records.items():
-            if active is not None and tp not in active and tp not in self._buffered_partitions:
-                continue
             if tp.topic in self.handlers:
+                if active is not None and tp not in active and tp not in self._buffered_partitions:
+                    continue  # Faust's seek back after the rebalance that paused it fetches them again
                 # the deque owns the batches from here: a parsed batch holds its decompressed
                 # bytes until nothing refers to it, so the poll's list must not keep them all
                 fetched_batches.setdefault(tp.topic, {})[tp] = deque(fetched)
@@ -656,6 +664,31 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
                 return
         for tp, fresh in others:
             await self._deliver_one_by_one(tp, fresh, generation_id, changes[tp])
+
+    async def _next_fetch(self) -> Fetch:
+        """The next fetch, with each fetched partition's seek count and the consumer generation
+        when it came back.
+
+        Invariant: a fetch is never abandoned. A rebalance cancels the delivery, but the fetch
+        it was waiting for goes on, on Faust's consumer thread; abandoned, its records were
+        taken off aiokafka's position and thrown away, and a changelog partition its recovery
+        had just sought and resumed lost them: a restore skipped them, or waited forever for
+        them when they were its last (found by helper-35's review). So the fetch is kept and the
+        next delivery takes it. Its seek counts are taken as it comes back, not when it is taken,
+        so that records fetched before a rebalance's seek are found stale however late."""
+        if self._pending_fetch is None:
+            self._pending_fetch = asyncio.ensure_future(self._fetch_counting_seeks())
+        fetch = self._pending_fetch
+        try:
+            return await asyncio.shield(fetch)
+        finally:
+            if fetch.done():
+                self._pending_fetch = None
+
+    async def _fetch_counting_seeks(self) -> Fetch:
+        records, active = await self._wait_next_records(1.0)
+        # now, before anything awaits: a seek made from here on finds the fetched records stale
+        return records, active, self._read_offset.changes_of(records or ()), self.app.consumer_generation_id
 
     async def _deliver_all(
         self, topic: str, pending: dict[TP, deque[FetchedBatch]], generation_id: int, changes: Mapping[TP, int]
@@ -799,7 +832,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         if self._read_offset.changes[tp] != changes:
             return
         try:
-            await self.seek(tp, offset)
+            await self.seek_wait({tp: offset})  # on the consumer thread, in order with the recovery's seeks
         except Exception as exc:  # as Faust's own seek back: a partition revoked meanwhile is sought by its next owner
             self.log.warning(f"could not seek {tp} back to {offset}: {exc!r}")
 

@@ -206,6 +206,16 @@ def app_reading_per_record(broker: str, topic: str, state_dir: str) -> tuple[fau
     return app, other
 
 
+def per_record_topic(kafka: str, name: str, partitions: int = 1, records: int = FEW) -> str:
+    """A new topic for `app_reading_per_record` (and its `-source` topic), `records` in each partition."""
+    topic = f"{name}-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, partitions)
+    ensure_topic(kafka, f"{topic}-source", 1)
+    if records:
+        _produce(kafka, topic, partitions=partitions, records=records)
+    return topic
+
+
 async def offsets_until_quiet(channel: faust.topics.Topic, quiet_s: float = 3.0) -> list[int]:
     """The offsets taken from `channel` until none comes for `quiet_s` seconds."""
     taken: list[int] = []
@@ -270,10 +280,7 @@ def test_a_seek_made_while_a_record_is_being_delivered_makes_the_records_from_th
     was then taken for one already read and dropped. A rebalance's recovery seeks changelog
     partitions while a changelog record waits on a full queue, so a restore skipped most of a
     changelog, and the live table lost records (F1)."""
-    topic = f"seek-during-{uuid.uuid4().hex[:12]}"
-    ensure_topic(kafka, topic, 1)
-    ensure_topic(kafka, f"{topic}-source", 1)
-    _produce(kafka, topic, partitions=1, records=FEW)
+    topic = per_record_topic(kafka, "seek-during")
     after = asyncio.run(redeliveries_after_a_seek_during_a_delivery(kafka, topic, str(tmp_path / "state"), to))
     again = after[len(after) - after[::-1].index(to) - 1 :]
     assert again == list(range(to, FEW)), after
@@ -317,10 +324,7 @@ def test_a_partition_sought_while_another_of_its_fetch_is_delivered_comes_again_
     """The seek was counted from when a partition's own delivery began, not from its fetch: a
     partition sought while another one of the same fetch waited on a full queue then had its
     stale records delivered, and those before them never came again (found by review)."""
-    topic = f"seek-other-{uuid.uuid4().hex[:12]}"
-    ensure_topic(kafka, topic, 2)
-    ensure_topic(kafka, f"{topic}-source", 1)
-    _produce(kafka, topic, partitions=2, records=FEW)
+    topic = per_record_topic(kafka, "seek-other", partitions=2)
     _, after = asyncio.run(redeliveries_of_a_partition_sought_while_another_is_delivered(kafka, topic, str(tmp_path)))
     assert after[-2 * FEW :] == list(range(2 * FEW))
 
@@ -368,10 +372,7 @@ def test_a_record_whose_delivery_a_rebalance_cancelled_never_lands_after_the_rec
     Faust's restore then took that record's offset for the last one read and dropped every
     re-fetched record below it: the live table lost the groups whose newest entries were
     there (F1's third path, found with scripts/drill_pauses.py)."""
-    topic = f"rebalance-blocked-{uuid.uuid4().hex[:12]}"
-    ensure_topic(kafka, topic, 1)
-    ensure_topic(kafka, f"{topic}-source", 1)
-    _produce(kafka, topic, partitions=1, records=FEW)
+    topic = per_record_topic(kafka, "rebalance-blocked")
     after = asyncio.run(offsets_after_a_rebalance_during_a_blocked_delivery(kafka, topic, str(tmp_path / "state")))
     assert after == list(range(FEW))
 
@@ -438,10 +439,7 @@ def test_a_paused_partition_gets_no_more_of_its_fetch(kafka, tmp_path):
     that paused a restored changelog partition and then cleared the queues (flow resumes
     without a seek) still got the rest of its fetch, after the clear. The restore kept those
     records and moved its restore position past the cleared ones (found by review)."""
-    topic = f"paused-{uuid.uuid4().hex[:12]}"
-    ensure_topic(kafka, topic, 1)
-    ensure_topic(kafka, f"{topic}-source", 1)
-    _produce(kafka, topic, partitions=1, records=FEW)
+    topic = per_record_topic(kafka, "paused")
     taken = asyncio.run(offsets_after_a_pause_during_a_delivery(kafka, topic, str(tmp_path / "state")))
     assert taken == [2], "only the record queued before the pause"
 
@@ -506,10 +504,7 @@ def test_a_partition_paused_and_resumed_during_its_delivery_gets_every_record_on
     """Stopping at a paused partition dropped the rest of its fetch without a seek: once resumed,
     the partition went on after them, and a recovery waited forever for a restore's last records
     (found by scripts/drill_pauses.py on the first fix for a paused partition)."""
-    topic = f"pause-resume-{uuid.uuid4().hex[:12]}"
-    ensure_topic(kafka, topic, 1)
-    ensure_topic(kafka, f"{topic}-source", 1)
-    _produce(kafka, topic, partitions=1, records=FEW)
+    topic = per_record_topic(kafka, "pause-resume")
     taken = asyncio.run(offsets_through_a_pause_and_resume_during_a_delivery(kafka, topic, str(tmp_path / "state")))
     assert taken == list(range(FEW))
 
@@ -548,8 +543,6 @@ def test_a_fetch_a_flow_stop_overtook_is_delivered_not_lost(kafka, tmp_path):
     went on on Faust's consumer thread, took the records off aiokafka's position, and its result
     was thrown away: a changelog partition its recovery had just sought and resumed lost them,
     so a restore skipped them, or waited forever when they were its last (helper-35's review)."""
-    topic = f"overtaken-{uuid.uuid4().hex[:12]}"
-    ensure_topic(kafka, topic, 1)
-    ensure_topic(kafka, f"{topic}-source", 1)
+    topic = per_record_topic(kafka, "overtaken", records=0)
     taken = asyncio.run(offsets_after_a_flow_stop_overtakes_a_fetch(kafka, topic, str(tmp_path / "state")))
     assert taken == list(range(FEW))

@@ -712,7 +712,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
                 for tp in self._sought_since(changes):
                     taken.pop(tp, None)
                     pending.pop(tp, None)
-                if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                if not self._in_generation(generation_id):
                     return False
                 if pending:
                     following = loop.run_in_executor(_parser(), take_records, pending, DELIVERY_RECORDS)
@@ -784,8 +784,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         acks_enabled = self.app.topics.acks_enabled_for(tp.topic)
         read_offsets = self._read_offset
         for position, record in enumerate(fetched):
-            if not self._still_delivering(tp, generation_id):
-                await self._fetch_again_from(tp, record.offset, generation_id, changes)
+            if not await self._still_delivering(tp, record.offset, generation_id, changes):
                 return
             if position % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
@@ -797,8 +796,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
                 self._n_acked = 0
                 await self.commit()
             await self._until_taken_at_once(tp)
-            if not self._still_delivering(tp, generation_id):
-                await self._fetch_again_from(tp, record.offset, generation_id, changes)
+            if not await self._still_delivering(tp, record.offset, generation_id, changes):
                 return
             if read_offsets.changes[tp] != changes:
                 return
@@ -806,7 +804,19 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if not read_offsets.delivered(tp, offset, changes):
                 return
 
-    def _still_delivering(self, tp: TP, generation_id: int) -> bool:
+    def _in_generation(self, generation_id: int) -> bool:
+        """Flow is on and no rebalance came since `generation_id`."""
+        return self.flow_active and self.app.consumer_generation_id == generation_id
+
+    async def _still_delivering(self, tp: TP, offset: int, generation_id: int, changes: int) -> bool:
+        """Whether the record of `tp` at `offset` may be handed over (`_deliverable`); if not, the
+        partition is sought back there (`_fetch_again_from`)."""
+        if self._deliverable(tp, generation_id):
+            return True
+        await self._fetch_again_from(tp, offset, generation_id, changes)
+        return False
+
+    def _deliverable(self, tp: TP, generation_id: int) -> bool:
         """Faust's own test before each record (flow on, the same consumer generation, the
         partition active or only held back for a full buffer), and the partition not paused.
 
@@ -815,7 +825,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         queue after the clear, and the restore kept those records and moved its restore position
         past the cleared ones. A partition held back for a full buffer stays deliverable in
         Faust's test even when paused, hence the explicit pause check."""
-        if not self.flow_active or self.app.consumer_generation_id != generation_id:
+        if not self._in_generation(generation_id):
             return False
         if tp in self._paused_partitions:
             return False
@@ -827,9 +837,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         rebalance stopped the delivery (Faust seeks back after a rebalance). Dropped without a
         seek, they never came: a recovery that paused and resumed a changelog partition while its
         fetch was being delivered waited for them forever (found by scripts/drill_pauses.py)."""
-        if not self.flow_active or self.app.consumer_generation_id != generation_id:
-            return
-        if self._read_offset.changes[tp] != changes:
+        if not self._in_generation(generation_id) or self._read_offset.changes[tp] != changes:
             return
         try:
             await self.seek_wait({tp: offset})  # on the consumer thread, in order with the recovery's seeks

@@ -85,12 +85,14 @@ What is coupled, what it is for, and what an upstream change would do without th
     `inspect`'s module-to-file map on a process's first timer (25 ms; 60 ms under a 0.4 CPU
     quota) for the autodiscovery kappa does not use.
     If changed: AttributeError at pipeline set-up.
-15. faust `Consumer.seek_to_committed()` and `seek_wait(partitions)`, and aiokafka's seek to
-    committed leaving a partition committed at 0 where it is (`if offset and offset > 0`).
-    For: `BatchDeliveryConsumer.seek_to_committed` seeks those partitions to 0 itself.
-    If changed: renamed, Faust's seek back after a dropped poll would skip the fix again and a
-    fresh partition's dropped records would be lost (the test in tests/test_batch_delivery.py
-    fails); if aiokafka seeks 0 itself one day, the extra seek changes nothing.
+15. faust `AIOKafkaConsumerThread.seek_to_committed()` and `call_thread`, which Faust's
+    `perform_seek` reaches through `Consumer.seek_to_committed` before it sets the read offsets
+    (`_read_offset.update`); aiokafka's public `committed(tp)` and `seek(tp, offset)`.
+    For: `KappaConsumerThread.seek_to_committed` seeks each partition as aiokafka does, counts
+    each seek as it is made, and seeks a partition committed at 0 too (aiokafka skips it).
+    If changed: Faust's own seek would come back: a fetch that came back during it was dropped
+    and its records lost, and a fresh partition's dropped poll lost its records (two tests in
+    tests/test_batch_delivery.py fail).
 16. faust `Consumer._wait_next_records` napping 1 s (`self.sleep(1)`) when no partition is
     active, `_get_active_partitions`, `can_resume_flow`, `not_waiting_next_records`.
     For: `BatchDeliveryConsumer._wait_next_records` naps `IDLE_POLL_S` instead.
@@ -121,7 +123,7 @@ table recovery, changelogs and seeks. Each fetched batch is delivered inside one
 `wait_first` race against flow suspension, so a rebalance cancels the rest of a batch; its
 records were not applied and their read offsets did not move, and Faust seeks back to the
 committed offsets after the rebalance (a partition committed at 0 too: see
-`BatchDeliveryConsumer.seek_to_committed`). Records of other topics (table changelogs during
+`KappaConsumerThread.seek_to_committed`). Records of other topics (table changelogs during
 recovery) take Faust's own path. The batch is taken before Faust's `getmany` turns it into a
 stream (a highwater lookup and a Faust message per record, a quarter of what was left).
 
@@ -254,7 +256,8 @@ def check_internals() -> None:
         raise mismatch(faust, "Consumer._wait_next_records no longer naps without active partitions")
     _method(faust, consumer, "_add_gap", ["tp", "offset_from", "offset_to"], coroutine=True)
     _method(faust, consumer, "perform_seek", [], coroutine=True)
-    _method(faust, consumer, "seek_to_committed", [], coroutine=True)
+    _calls(faust, consumer, "perform_seek", ["seek_to_committed", "update"])
+    _calls(faust, consumer_module.ThreadDelegateConsumer, "seek_to_committed", ["_thread", "seek_to_committed"])
     _method(faust, consumer, "seek_wait", ["partitions"], coroutine=True)
     _sets(faust, consumer, ["_read_offset", "_buffered_partitions", "_commit_every"])
     _calls(faust, consumer, "_reset_state", ["_paused_partitions"])
@@ -268,6 +271,8 @@ def check_internals() -> None:
     _method(faust, driver.AIOKafkaConsumerThread, "_create_worker_consumer", ["transport"], coroutine=False)
     _method(faust, driver.AIOKafkaConsumerThread, "_commit", ["offsets"], coroutine=True)
     _method(faust, driver.AIOKafkaConsumerThread, "_ensure_consumer", [], coroutine=False)
+    _method(faust, driver.AIOKafkaConsumerThread, "seek_to_committed", [], coroutine=True)
+    _member(mode, driver.AIOKafkaConsumerThread, "call_thread")
     _calls(faust, driver.AIOKafkaConsumerThread, "__post_init__", ["tp_last_committed_at"])
     raw_consumer = _module(aiokafka, "aiokafka").AIOKafkaConsumer
     _sets(aiokafka, raw_consumer, ["_isolation_level"])
@@ -402,12 +407,42 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
     counted. Its changelogs, written without transactions, read the same either way.
     `_isolation_level` is what aiokafka hands its fetcher at start.
 
-    A commit that a rebalance overtook is skipped, not fatal (see `_commit`)."""
+    A commit that a rebalance overtook is skipped, not fatal (see `_commit`).
+
+    The seek to committed offsets counts each seek as it is made (see `seek_to_committed`)."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         consumer._isolation_level = "read_committed"
         return consumer
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """aiokafka's seek of every assigned partition to its committed offset, run on this
+        thread, with two changes.
+
+        Each seek is counted in the read offsets (`ReadOffsets.mark_sought`) as it is made, on
+        this thread. aiokafka seeks one partition after another, each once its committed offset
+        has come back from the broker; Faust counted them only when the whole seek had come back
+        to its own thread. A fetch that came back in between, of a partition already sought,
+        held records read after the seek, yet was taken for stale and dropped: they were past
+        aiokafka's position and never came again (a live worker restarted on wiped state stayed
+        2,003 records behind forever, one test run in 45).
+
+        A partition committed at 0 is sought too. aiokafka skips it (`if offset and offset >
+        0`), which leaves its fetch position wherever a dropped poll moved it: a partition with
+        nothing applied yet would lose those records, and if they were the rest of its log,
+        nothing later would arrive to trigger the agent's rewind (a replay then waits forever)."""
+        return await self.call_thread(self._seek_each_to_committed, self._ensure_consumer())
+
+    async def _seek_each_to_committed(self, consumer: Any) -> dict[Any, int | None]:
+        read_offsets = cast(ReadOffsets, self.consumer._read_offset)
+        committed: dict[Any, int | None] = {}
+        for tp in consumer.assignment():
+            offset = committed[tp] = await consumer.committed(tp)
+            if offset is not None and offset >= 0:
+                read_offsets.mark_sought([tp])  # in the same step as the seek: no fetch comes in between
+                consumer.seek(tp, offset)
+        return committed
 
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         """Faust's commit, run on this thread, except that a commit refused because the group is
@@ -486,14 +521,13 @@ class ReadOffsets(dict):
             return super().pop(tp, *default)
 
     def update(self, *others: Any, **named: Any) -> None:
-        """Faust's `perform_seek` sets every assigned partition's read offset here: to the
-        committed offset it sought, or to None where nothing is committed and nothing was
-        sought. Only the first are seeks: counting the others would make a delivery in flight
-        drop the rest of its fetch, which nothing would fetch again."""
+        """Faust's `perform_seek` sets every assigned partition's read offset here once its seek
+        to committed offsets has come back: to the committed offset it sought, or to None where
+        nothing is committed. Nothing is counted: the seeks were counted as they were made
+        (`KappaConsumerThread.seek_to_committed`), and counted again here, later, they would make
+        a fetch taken after them look stale, and its records were lost."""
         with self._lock:
             for tp, offset in dict(*others, **named).items():
-                if offset is not None:
-                    self.changes[tp] += 1
                 super().__setitem__(tp, offset)
 
     def mark_sought(self, tps: Iterable[TP]) -> None:
@@ -557,20 +591,6 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         """Faust's seek (as its recovery makes), counted before it is made (`ReadOffsets`)."""
         self._read_offset.mark_sought(partitions)
         await super().seek_wait(partitions)
-
-    async def seek_to_committed(self) -> Mapping[TP, int]:
-        """Faust's seek back to the committed offsets, which it makes after every rebalance's
-        recovery and whenever a poll comes back while flow is stopped, so that records fetched
-        but never delivered are fetched again. aiokafka skips a partition committed at 0
-        (`if offset and offset > 0`), leaving its fetch position wherever the dropped poll
-        moved it: a partition with nothing applied yet would lose those records, and if they
-        were the rest of its log, nothing later would arrive to trigger the agent's rewind (a
-        replay then waits forever). So those partitions are sought to 0 here."""
-        committed = await super().seek_to_committed()
-        at_start = {tp: 0 for tp, offset in committed.items() if offset == 0}
-        if at_start:
-            await self.seek_wait(at_start)
-        return committed
 
     def _waiting_for_members(self) -> bool:
         """Whether this process holds more than its `fair_share` of the handlers' partitions

@@ -26,6 +26,7 @@ from faust.types import TP
 
 from kappa.engine import faust_internals
 from kappa.engine.faust_internals import (
+    BatchHandler,
     FetchedBatch,
     PassThroughRecords,
     commit_offsets,
@@ -195,6 +196,14 @@ def faust_app(broker: str, topic: str, state_dir: str, **settings: object) -> fa
     )
 
 
+def app_delivering_to(broker: str, topic: str, state_dir: str, handler: BatchHandler) -> faust.App:
+    """An app of this test's own whose batch consumer hands `topic`'s records to `handler`."""
+    app = faust_app(broker, topic, state_dir)
+    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    deliver_batches(app, source, {topic: handler})
+    return app
+
+
 def app_reading_per_record(broker: str, topic: str, state_dir: str) -> tuple[faust.App, faust.topics.Topic]:
     """An app whose batch consumer reads `topic` record by record (the path changelogs take),
     into a queue of one (so a record's delivery waits until the test takes the one before), and
@@ -231,10 +240,8 @@ async def redeliveries_after_seek_to_committed_zero(broker: str, topic: str, sta
     """Read the whole partition, commit 0 for it and make Faust's seek back to the committed
     offsets (as it does after a rebalance's recovery, and when a poll comes back while flow
     is stopped); return what is delivered after that."""
-    app = faust_app(broker, topic, state_dir)
-    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     deliveries = Deliveries()
-    deliver_batches(app, source, {topic: deliveries.handler})
+    app = app_delivering_to(broker, topic, state_dir, deliveries.handler)
     await app.start()
     try:
         assert await deliveries.until(FEW) == list(range(FEW))
@@ -288,10 +295,8 @@ async def deliveries_across_a_slow_seek_to_committed(
     the first partition is sought, FEW more records arrive for it, and the fetch that takes them
     comes back while the next partition's committed offset is still being asked for (held here
     until the fetch is taken). Returns every offset the first partition sought delivered."""
-    app = faust_app(broker, topic, state_dir)
-    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     delivered = OffsetsByPartition()
-    deliver_batches(app, source, {topic: delivered.handler})
+    app = app_delivering_to(broker, topic, state_dir, delivered.handler)
     fetch_taken, seek_made = threading.Event(), threading.Event()
     take = faust_internals.take_records
 
@@ -353,6 +358,59 @@ def test_a_fetch_that_comes_back_while_the_seek_to_committed_goes_on_is_delivere
     state = str(tmp_path / "state")
     offsets = asyncio.run(deliveries_across_a_slow_seek_to_committed(kafka, topic, state, monkeypatch))
     assert offsets == list(range(2 * FEW))
+
+
+async def deliveries_around_a_seek_made_as_a_fetch_comes_back(broker: str, topic: str, state_dir: str) -> list[int]:
+    """Deliver the partition's first FEW records; FEW more arrive, and in the step after the fetch
+    that takes them, the partition is sought to 1 on Faust's consumer thread (as a recovery's
+    `seek_wait` does), before the main loop has seen the fetch (held until then). Every offset
+    delivered, in order."""
+    delivered = OffsetsByPartition()
+    app = app_delivering_to(broker, topic, state_dir, delivered.handler)
+    await app.start()
+    try:
+        assert await delivered.until(0, FEW) == list(range(FEW))
+        main_loop = asyncio.get_running_loop()
+        thread = app.consumer._thread  # noqa: SLF001
+        aiokafka_consumer = thread._ensure_consumer()  # noqa: SLF001
+        fetcher = aiokafka_consumer._fetcher  # noqa: SLF001
+        fetched_records = fetcher.fetched_records
+        sought, polling = threading.Event(), threading.Event()
+        tp = TopicPartition(topic, 0)
+
+        async def seek_then_release() -> None:
+            seek = asyncio.ensure_future(thread._seek_wait(aiokafka_consumer, {tp: 1}))  # noqa: SLF001
+            await asyncio.sleep(0)  # the seek's first step: the seek itself
+            sought.set()
+            await seek
+
+        async def taken_then_sought(*args: object, **kwargs: object) -> dict:
+            polling.set()
+            records = await fetched_records(*args, **kwargs)
+            if records.get(tp) and not sought.is_set():  # the new records: the first ones were delivered
+                main_loop.call_soon_threadsafe(sought.wait, TIMEOUT_S)  # the main loop sees the fetch after the seek
+                asyncio.ensure_future(seek_then_release())
+            return records
+
+        fetcher.fetched_records = taken_then_sought
+        # the poll under way when it was replaced must be over: the new records come to one that is replaced
+        assert await main_loop.run_in_executor(None, polling.wait, TIMEOUT_S)
+        await main_loop.run_in_executor(None, _produce, broker, topic, 1, FEW)
+        return await delivered.until(0, 3 * FEW - 1)
+    finally:
+        await app.stop()
+
+
+def test_a_fetch_taken_before_a_seek_is_stale_however_late_it_is_seen(kafka, tmp_path):
+    """A fetch was stamped with its partition's seek count when the main loop saw it, not when its
+    records were taken on the consumer thread: a seek made in between passed its stale records
+    for fresh, and the records from the seek's offset on were dropped as read when they came
+    again. Had the fetch started past records never applied, they were lost (helper-36's review)."""
+    topic = f"seek-after-take-{uuid.uuid4().hex[:12]}"
+    ensure_topic(kafka, topic, 1)
+    _produce(kafka, topic, partitions=1, records=FEW)
+    offsets = asyncio.run(deliveries_around_a_seek_made_as_a_fetch_comes_back(kafka, topic, str(tmp_path / "state")))
+    assert offsets[FEW:] == list(range(1, 2 * FEW)), offsets
 
 
 async def redeliveries_after_a_seek_during_a_delivery(broker: str, topic: str, state_dir: str, to: int) -> list[int]:
@@ -546,10 +604,8 @@ def test_a_paused_partition_gets_no_more_of_its_fetch(kafka, tmp_path):
 
 async def fetch_attempts_while_flow_is_stopped(broker: str, topic: str, state_dir: str) -> int:
     """Stop flow for half a second, as a rebalance does, and count the fetches begun meanwhile."""
-    app = faust_app(broker, topic, state_dir)
-    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     deliveries = Deliveries()
-    deliver_batches(app, source, {topic: deliveries.handler})
+    app = app_delivering_to(broker, topic, state_dir, deliveries.handler)
     await app.start()
     try:
         await deliveries.until(FEW)

@@ -21,8 +21,8 @@ What is coupled, what it is for, and what an upstream change would do without th
    If changed: AttributeError. A change in what `_read_offset` means (after a seek the next
    offset to read, after a delivery the last one delivered) would re-deliver or skip records:
    no check can see that, hence the exact pins. `BatchDeliveryConsumer` replaces the mapping
-   with a `ReadOffsets` (the same contract, plus a count of seeks), which the aiokafka driver's
-   `_seek_wait` and Faust's `seek`, `perform_seek` and revocation write into.
+   with a `ReadOffsets` (the same contract, plus a count of seeks), which Faust's `seek`,
+   `perform_seek` and revocation write into, and `KappaConsumerThread`'s seeks on the thread.
 3. faust aiokafka driver `Consumer._to_message(tp, record)`, `Consumer._commit(offsets)`,
    `Consumer._new_consumer_thread()`, and on `AIOKafkaConsumerThread`
    `_create_worker_consumer(transport)`, `_commit(offsets)`, `_ensure_consumer()` and
@@ -85,14 +85,17 @@ What is coupled, what it is for, and what an upstream change would do without th
     `inspect`'s module-to-file map on a process's first timer (25 ms; 60 ms under a 0.4 CPU
     quota) for the autodiscovery kappa does not use.
     If changed: AttributeError at pipeline set-up.
-15. faust `AIOKafkaConsumerThread.seek_to_committed()` and `call_thread`, which Faust's
-    `perform_seek` reaches through `Consumer.seek_to_committed` before it sets the read offsets
-    (`_read_offset.update`); aiokafka's public `committed(tp)` and `seek(tp, offset)`.
-    For: `KappaConsumerThread.seek_to_committed` seeks each partition as aiokafka does, counts
-    each seek as it is made, and seeks a partition committed at 0 too (aiokafka skips it).
-    If changed: Faust's own seek would come back: a fetch that came back during it was dropped
-    and its records lost, and a fresh partition's dropped poll lost its records (two tests in
-    tests/test_batch_delivery.py fail).
+15. faust `AIOKafkaConsumerThread.seek_to_committed()`, `_seek_wait(consumer, partitions)` and
+    `_fetch_records(consumer, active_partitions, timeout, max_records)`, called by its
+    `seek_to_committed`, `seek_wait` and `getmany` through mode's `call_thread`, and Faust's
+    `perform_seek`, which sets the read offsets (`_read_offset.update`) once its seek to committed
+    offsets has come back; aiokafka's public `committed(tp)`, `seek(tp, offset)`, `position(tp)`.
+    For: `KappaConsumerThread` counts every seek in the step that makes it and stamps every fetch
+    in the step that takes its records, both on the consumer thread (`StampedRecords`), and seeks
+    a partition committed at 0 too (aiokafka skips it).
+    If changed: Faust's own methods would come back: a fetch taken during a seek to committed
+    offsets was dropped and its records lost, and a fresh partition's dropped poll lost its
+    records (tests in tests/test_batch_delivery.py fail).
 16. faust `Consumer._wait_next_records` napping 1 s (`self.sleep(1)`) when no partition is
     active, `_get_active_partitions`, `can_resume_flow`, `not_waiting_next_records`.
     For: `BatchDeliveryConsumer._wait_next_records` naps `IDLE_POLL_S` instead.
@@ -272,7 +275,11 @@ def check_internals() -> None:
     _method(faust, driver.AIOKafkaConsumerThread, "_commit", ["offsets"], coroutine=True)
     _method(faust, driver.AIOKafkaConsumerThread, "_ensure_consumer", [], coroutine=False)
     _method(faust, driver.AIOKafkaConsumerThread, "seek_to_committed", [], coroutine=True)
-    _member(mode, driver.AIOKafkaConsumerThread, "call_thread")
+    _method(faust, driver.AIOKafkaConsumerThread, "_seek_wait", ["consumer", "partitions"], coroutine=True)
+    _calls(faust, driver.AIOKafkaConsumerThread, "seek_wait", ["call_thread", "_seek_wait"])
+    fetch_params = ["consumer", "active_partitions", "timeout", "max_records"]
+    _method(faust, driver.AIOKafkaConsumerThread, "_fetch_records", fetch_params, coroutine=True)
+    _calls(faust, driver.AIOKafkaConsumerThread, "getmany", ["call_thread", "_fetch_records"])
     _calls(faust, driver.AIOKafkaConsumerThread, "__post_init__", ["tp_last_committed_at"])
     raw_consumer = _module(aiokafka, "aiokafka").AIOKafkaConsumer
     _sets(aiokafka, raw_consumer, ["_isolation_level"])
@@ -420,7 +427,7 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         """aiokafka's seek of every assigned partition to its committed offset, run on this
         thread, with two changes.
 
-        Each seek is counted in the read offsets (`ReadOffsets.mark_sought`) as it is made, on
+        Each seek is counted in the read offsets (`ReadOffsets.sought`) as it is made, on
         this thread. aiokafka seeks one partition after another, each once its committed offset
         has come back from the broker; Faust counted them only when the whole seek had come back
         to its own thread. A fetch that came back in between, of a partition already sought,
@@ -435,14 +442,42 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         return await self.call_thread(self._seek_each_to_committed, self._ensure_consumer())
 
     async def _seek_each_to_committed(self, consumer: Any) -> dict[Any, int | None]:
-        read_offsets = cast(ReadOffsets, self.consumer._read_offset)
         committed: dict[Any, int | None] = {}
         for tp in consumer.assignment():
             offset = committed[tp] = await consumer.committed(tp)
             if offset is not None and offset >= 0:
-                read_offsets.mark_sought([tp])  # in the same step as the seek: no fetch comes in between
                 consumer.seek(tp, offset)
+                self._read_offsets.sought(tp, offset)  # in the seek's step: no fetch is taken between
         return committed
+
+    async def _seek_wait(self, consumer: Any, partitions: Mapping[TP, int]) -> None:
+        """Faust's `seek_wait` (a recovery's seeks, kappa's seek back at a pause), run on this
+        thread: each seek is counted in the step that makes it, where Faust counted only some
+        (a seek to 0 of a partition with no read offset left no trace), and kappa added a count
+        on the main loop before the seek, which a fetch taken before the seek could carry and so
+        pass for fresh."""
+        for tp, offset in partitions.items():
+            consumer.seek(tp, offset)
+            self._read_offsets.sought(tp, offset)
+        await asyncio.wait_for(
+            asyncio.gather(*[consumer.position(tp) for tp in partitions]),
+            timeout=self.app.conf.broker_request_timeout,
+        )
+
+    async def _fetch_records(
+        self, consumer: Any, active_partitions: set[TP], timeout: float | None = None, max_records: int | None = None
+    ) -> Mapping[TP, list]:
+        """Faust's fetch on this thread, stamped in the step that takes the records off aiokafka's
+        position with each fetched partition's seek count and the consumer generation
+        (`StampedRecords`). Stamped later, on the main loop, a fetch taken just before a seek
+        could carry that seek's count and its stale records pass for fresh; a fetch taken just
+        after one could miss its count and its fresh records be dropped, and both happened."""
+        records = await super()._fetch_records(consumer, active_partitions, timeout=timeout, max_records=max_records)
+        return StampedRecords(records, self._read_offsets.changes_of(records), self.app.consumer_generation_id)
+
+    @property
+    def _read_offsets(self) -> ReadOffsets:
+        return cast(ReadOffsets, self.consumer._read_offset)
 
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         """Faust's commit, run on this thread, except that a commit refused because the group is
@@ -485,7 +520,8 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
 class ReadOffsets(dict):
     """Faust's `_read_offset` (a partition's next offset to read after a seek, its last one
     delivered after a delivery), which also counts the seeks of each partition: every change
-    of its entry other than a delivery's own (`delivered`) and perform_seek's None (`update`).
+    of its entry other than a delivery's own (`delivered`) and perform_seek's (`update`), and
+    every seek made on the consumer thread (`sought`), in the step that makes it.
 
     Invariant: a delivery moves a partition's read offset only if the partition was not sought
     since its records were fetched. A seek (the agent's rewind; a rebalance's recovery, made on
@@ -530,11 +566,15 @@ class ReadOffsets(dict):
             for tp, offset in dict(*others, **named).items():
                 super().__setitem__(tp, offset)
 
-    def mark_sought(self, tps: Iterable[TP]) -> None:
-        """Count a seek of `tps` that may leave no trace in the mapping itself (a seek to 0 of
-        a partition with no entry only deletes an entry if there is one)."""
+    def sought(self, tp: TP, offset: int) -> None:
+        """A seek of `tp` to `offset`, made on the consumer thread: counted, and reading starts
+        there again (Faust's None for 0)."""
         with self._lock:
-            self.changes.update(tps)
+            self.changes[tp] += 1
+            if offset > 0:
+                super().__setitem__(tp, offset)
+            else:
+                super().pop(tp, None)
 
     def clear(self) -> None:
         for tp in list(self):
@@ -559,8 +599,22 @@ class ReadOffsets(dict):
             return True
 
 
+class StampedRecords(dict):
+    """A fetch's records per partition, with each fetched partition's seek count and the
+    consumer generation as they were taken off aiokafka's position, on the consumer thread.
+
+    Invariant: every seek is counted in the step that makes it (`ReadOffsets.sought`), and a
+    fetch is stamped in the step that takes its records, both on the consumer thread; so a
+    fetch's records are stale exactly when its partition's count has changed since."""
+
+    def __init__(self, records: Mapping[TP, list], changes: dict[TP, int], generation_id: int) -> None:
+        super().__init__(records)
+        self.changes = changes
+        self.generation_id = generation_id
+
+
 # a fetch: records per partition (None: none), the active partitions, each fetched partition's
-# seek count and the consumer generation when it came back
+# seek count and the consumer generation when its records were taken
 Fetch = tuple[Mapping[TP, list] | None, set[TP] | None, dict[TP, int], int]
 
 
@@ -586,11 +640,6 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return KappaConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
-        """Faust's seek (as its recovery makes), counted before it is made (`ReadOffsets`)."""
-        self._read_offset.mark_sought(partitions)
-        await super().seek_wait(partitions)
 
     def _waiting_for_members(self) -> bool:
         """Whether this process holds more than its `fair_share` of the handlers' partitions
@@ -687,15 +736,15 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
 
     async def _next_fetch(self) -> Fetch:
         """The next fetch, with each fetched partition's seek count and the consumer generation
-        when it came back.
+        as its records were taken (`StampedRecords`).
 
         Invariant: a fetch is never abandoned. A rebalance cancels the delivery, but the fetch
         it was waiting for goes on, on Faust's consumer thread; abandoned, its records were
         taken off aiokafka's position and thrown away, and a changelog partition its recovery
         had just sought and resumed lost them: a restore skipped them, or waited forever for
         them when they were its last (found by helper-35's review). So the fetch is kept and the
-        next delivery takes it. Its seek counts are taken as it comes back, not when it is taken,
-        so that records fetched before a rebalance's seek are found stale however late."""
+        next delivery takes it. Its seek counts were taken with its records, so records fetched
+        before a rebalance's seek are found stale however late it is delivered."""
         if self._pending_fetch is None:
             self._pending_fetch = asyncio.ensure_future(self._fetch_counting_seeks())
         fetch = self._pending_fetch
@@ -707,8 +756,9 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
 
     async def _fetch_counting_seeks(self) -> Fetch:
         records, active = await self._wait_next_records(1.0)
-        # now, before anything awaits: a seek made from here on finds the fetched records stale
-        return records, active, self._read_offset.changes_of(records or ()), self.app.consumer_generation_id
+        if isinstance(records, StampedRecords):  # stamped as they were taken (KappaConsumerThread._fetch_records)
+            return records, active, records.changes, records.generation_id
+        return records, active, {}, self.app.consumer_generation_id  # no fetch made: nothing fetched
 
     async def _deliver_all(
         self, topic: str, pending: dict[TP, deque[FetchedBatch]], generation_id: int, changes: Mapping[TP, int]

@@ -607,6 +607,47 @@ def test_a_resume_with_few_rows_left_per_chunk_still_stops_on_ctrl_c(kappa, tmp_
     assert messages_on(kappa.broker, topic) == loader.POLL_EVERY
 
 
+@pytest.mark.parametrize("marks", ["block-ends", "every-row"])
+def test_a_block_cut_short_by_a_stop_is_aborted_unless_every_row_is_marked(kappa, tmp_path, marks):
+    """A load marks only the last row of each block it sends; a stop while librdkafka's queue is
+    full cuts a block short, and its open transaction, committed, would hold rows after the last
+    marked one, which a re-run could not find: it is aborted, and a re-run sends them. A load
+    that marks every row (as kappa did before) commits them. (A real transactional producer whose
+    queue of 50 messages is full at once.)"""
+    from confluent_kafka import Producer
+
+    from kappa.load import loader
+    from kappa.load.ledger import STARTED, LedgerEntry, RowsOnLog, rows_on_log
+    from kappa.load.sources import open_source
+
+    rows, topic = 5_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=9)
+    admin.ensure_topic(kappa.broker, topic, 3)
+    start = admin.end_offsets(kappa.broker, topic, 3)
+    entry = LedgerEntry(f"cut-{marks}", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, start, row_marks=marks)
+    plan = loader.Plan(entry, RowsOnLog.none(), rows)
+    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(loader.TooLarge(10_000_000)), loader.StopRequest()
+    config = loader.producer_config(kappa.broker, transactional=f"kappa-test-{topic}")
+    producer = Producer({**config, "queue.buffering.max.messages": 50}, on_delivery=errors)
+    producer.init_transactions(30)
+    transaction = loader.LoadTransaction(producer, stop)
+    stop.count = 1  # a Ctrl-C: the first full queue ends the block
+    with loader.DeliveryPoller(producer):
+        finished = loader._send(
+            producer, topic, open_source(str(path), KEY), plan, errors, sent, stop, transaction=transaction
+        )
+        settled, reason = loader._settle(transaction, sent, errors, stop, None)
+    assert not finished and settled and reason is None
+    assert 0 < sent.produced < loader.POLL_EVERY
+    on_log = rows_on_log(kappa.broker, topic, entry)
+    if marks == "block-ends":
+        assert sent.unmarked and transaction.committed == 0
+        assert messages_on(kappa.broker, topic) == 0 and on_log.count == 0
+    else:
+        assert not sent.unmarked and transaction.committed == sent.produced
+        assert messages_on(kappa.broker, topic) == sent.produced == on_log.count
+
+
 @pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
 def test_a_full_producer_queue_neither_loses_nor_repeats_a_row(kappa, tmp_path, resume):
     """librdkafka refuses a message while its queue is full (BufferError) and the send loop

@@ -3,10 +3,12 @@
 `<topic>.loads` is a compacted one-partition topic; its key is a load id, its value a JSON entry
 (file, fingerprint, key, state `started` or `complete`, the topic's end offsets when the load
 started). The loader writes `started` before it sends a row and `complete` after every row is
-acknowledged, and puts the load id and the row number on each message in one header
-(`kappa.load: <load id>:<row>`). So the log
-itself says which rows of an interrupted load arrived: the rows carrying its id after its start
-offsets. Entries name the topic's id, so a deleted and re-created topic starts a new ledger.
+acknowledged, and puts the load id and a row number in one header (`kappa.load: <load id>:<row>`)
+on the last message of every block of rows it sends (`BLOCK_ENDS`; kappa before 2026-12-07 put it
+on every message, `EVERY_ROW`). So the log itself says which rows of an interrupted load arrived:
+rows are sent in file order in transactions that end only at a block's end, so the committed rows
+are those up to the highest row number found after the load's start offsets. Entries name the
+topic's id, so a deleted and re-created topic starts a new ledger.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from kappa.kafka.reader import STALL_S, read_ranges
 
 HEADER = "kappa.load"  # value: b"<load id>:<row number>"; one header, since every replay parses it
 STARTED, COMPLETE = "started", "complete"
+# which messages of a load carry its row header (LedgerEntry.row_marks): every one, or the last
+# of each block, which is where every transaction of the load ends (a header per message was a
+# third of a load's time: a Python list per row, and librdkafka's headers per message)
+EVERY_ROW, BLOCK_ENDS = "every-row", "block-ends"
 READER_GROUP = "kappa-load-ledger"
 
 
@@ -51,6 +57,7 @@ class LedgerEntry:
     started_at: str = field(default_factory=now_utc)
     rows: int | None = None
     completed_at: str | None = None
+    row_marks: str = EVERY_ROW  # entries written before 2026-12-07 have none: every row was marked
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_NON_STR_KEYS)
@@ -123,6 +130,12 @@ class RowsOnLog:
     def none(cls) -> RowsOnLog:
         return cls(bytearray(), 0, 0)
 
+    @classmethod
+    def through(cls, last: int | None) -> RowsOnLog:
+        """Rows 0 to `last` (none for None): a load that marks block ends (`BLOCK_ENDS`)."""
+        count = 0 if last is None else last + 1
+        return cls(bytearray(b"\x01") * count, count, 0)
+
     def add(self, row: int) -> None:
         if row >= len(self.present):
             self.present.extend(bytes(max(row + 1 - len(self.present), len(self.present))))
@@ -135,6 +148,14 @@ class RowsOnLog:
 
 def header_prefix(load: str) -> bytes:
     return load.encode() + b":"
+
+
+def block_end_headers(prefix: bytes, rows: Sequence[int]) -> list[list[tuple[str, bytes]] | None]:
+    """The header lists of a block of rows that marks its end (`BLOCK_ENDS`): the last row's only."""
+    headers: list[list[tuple[str, bytes]] | None] = [None] * len(rows)
+    if rows:
+        headers[-1] = [(HEADER, prefix + str(rows[-1]).encode())]
+    return headers
 
 
 def row_headers(prefix: bytes, rows: Sequence[int]) -> list[list[tuple[str, bytes]]]:
@@ -174,7 +195,9 @@ def rows_on_log(broker: str, topic: str, entry: LedgerEntry, wait_s: float = STA
     still open below the high watermark is waited for, up to `wait_s` without progress: rows of
     this load committed after it began are above the last stable offset until it ends.
 
-    Rows of a load written without transactions (kappa before 2026-12-07) are read the same way."""
+    Rows of a load written without transactions (kappa before 2026-12-07) are read the same way,
+    and so are those of a load that marks every row (`EVERY_ROW`); for one that marks block ends
+    (`BLOCK_ENDS`), every row up to the highest one found is on the log (see the module's doc)."""
     partitions = admin.require_partition_count(broker, topic)
     ends = admin.high_watermarks(broker, topic, partitions)
     ranges = {p: (entry.start_offsets.get(p, 0), end) for p, end in ends.items()}
@@ -187,4 +210,7 @@ def rows_on_log(broker: str, topic: str, entry: LedgerEntry, wait_s: float = STA
             found.add(row)
 
     read_ranges(broker, topic, ranges, collect, group=READER_GROUP, stall_s=wait_s, to_end=True)
+    if entry.row_marks == BLOCK_ENDS:
+        highest = found.present.rfind(1)
+        return RowsOnLog.through(highest if highest >= 0 else None)
     return found

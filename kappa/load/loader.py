@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from itertools import repeat, starmap
@@ -41,11 +41,14 @@ from kappa.config import Settings
 from kappa.errors import KappaError
 from kappa.kafka import admin
 from kappa.load.ledger import (
+    BLOCK_ENDS,
     COMPLETE,
+    EVERY_ROW,
     STARTED,
     LedgerEntry,
     LedgerWriter,
     RowsOnLog,
+    block_end_headers,
     header_prefix,
     load_id,
     now_utc,
@@ -288,6 +291,7 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
         topic_id=topic_id,
         state=STARTED,
         start_offsets=admin.end_offsets(settings.broker, topic, partitions),
+        row_marks=BLOCK_ENDS,
     )
     writer.write(entry)
     return Plan(entry, RowsOnLog.none(), None)
@@ -498,6 +502,9 @@ class Sent:
     too_large: TooLarge
     rows: int = 0
     produced: int = 0
+    # a block cut short (a stop while librdkafka's queue was full) left rows after the last
+    # marked one in the open transaction: committed, a re-run could not tell they are on the log
+    unmarked: bool = False
 
 
 def _send(
@@ -527,7 +534,7 @@ def _send(
             if transaction is not None:
                 transaction.begin()
             try:
-                produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop)
+                produced = _produce_rows(producer, topic, chunk, first, some, prefix, stop, plan.entry.row_marks)
             except ProduceFailed as failed:
                 sent.produced += failed.produced  # handed over before the failure: delivered or failed
                 if transaction is not None:
@@ -538,6 +545,7 @@ def _send(
                 transaction.rows += produced
             position += len(some)
             if produced < len(some):
+                sent.unmarked = produced > 0 and plan.entry.row_marks == BLOCK_ENDS
                 return False
             if sent.produced % POLL_EVERY == 0:
                 show()
@@ -546,6 +554,20 @@ def _send(
                 if transaction is not None and transaction.due() and not transaction.commit():
                     return False
     return True
+
+
+def _settle(
+    transaction: LoadTransaction, sent: Sent, errors: DeliveryErrors, stop: StopRequest, reason: str | None
+) -> tuple[bool, str | None]:
+    """Commit the open transaction once the send loop has stopped, or abort it after a failure,
+    a delivery error, a second Ctrl-C (or SIGTERM) or a block cut short (`Sent.unmarked`); whether
+    that is settled, and why the load stopped (None: it did not fail)."""
+    try:
+        if reason is None and not errors.count and stop.count < 2 and not sent.unmarked:
+            return transaction.commit(), reason
+        return transaction.abort(), reason
+    except TransactionFailed as exc:
+        return not transaction.open, reason or str(exc)
 
 
 def _rows_to_send(on_log: RowsOnLog, first: int, count: int) -> range | list[int]:
@@ -564,16 +586,17 @@ def _produce_rows(
     rows: range | list[int],
     prefix: bytes,
     stop: StopRequest,
+    marks: str = BLOCK_ENDS,
 ) -> int:
-    """Hand librdkafka the given rows of the chunk (whose first row is number `first`), each
-    with its row number header; returns how many it took (fewer when a stop was requested
-    while its queue was full)."""
+    """Hand librdkafka the given rows of the chunk (whose first row is number `first`), the last
+    one with its row number header (every one for an `EVERY_ROW` load); returns how many it took
+    (fewer when a stop was requested while its queue was full)."""
     if isinstance(rows, range):
         span = slice(rows.start - first, rows.stop - first)
         values, keys = chunk.values[span], chunk.keys[span]
     else:
         values, keys = [chunk.values[row - first] for row in rows], [chunk.keys[row - first] for row in rows]
-    headers = row_headers(prefix, rows)
+    headers = row_headers(prefix, rows) if marks == EVERY_ROW else block_end_headers(prefix, rows)
     done = 0
     while True:
         try:
@@ -593,7 +616,7 @@ def _produce_from(
     topic: str,
     values: list[bytes],
     keys: list[bytes | None],
-    headers: list[list[tuple[str, bytes]]],
+    headers: Sequence[list[tuple[str, bytes]] | None],
     start: int,
 ) -> int:
     """Hand produce() the messages from `start` on; returns how many it took before its queue
@@ -685,7 +708,7 @@ def _load(
 ) -> LoadResult:
     """Send the plan's rows in transactions; record the load complete once the last one is
     committed, or say how many rows the log holds and how to finish."""
-    relax_garbage_collector()  # a header list per row
+    relax_garbage_collector()  # the chunks' values and keys
     started = time.monotonic()
     sent = Sent(too_large)
     stop = StopRequest()
@@ -707,15 +730,9 @@ def _load(
                 except KappaError as exc:
                     finished, failure = False, exc
                 # Done, or a first Ctrl-C (or SIGTERM): the open transaction's rows, at most
-                # TRANSACTION_ROWS, are delivered and committed. A delivery error, or a second one: aborted.
-                reason = str(failure) if failure else errors.first
-                try:
-                    if reason is None and not errors.count and stop.count < 2:
-                        settled = transaction.commit()
-                    else:
-                        settled = transaction.abort()
-                except TransactionFailed as exc:
-                    settled, reason = not transaction.open, reason or str(exc)
+                # TRANSACTION_ROWS, are delivered and committed. A delivery error, a second one, or
+                # a block cut short (`Sent.unmarked`): aborted.
+                settled, reason = _settle(transaction, sent, errors, stop, str(failure) if failure else errors.first)
                 if not settled:
                     unsure = transaction.rows
                     producer.purge(in_queue=True, in_flight=True)  # what is left is the next run's to resolve

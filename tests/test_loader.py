@@ -18,6 +18,7 @@ import subprocess
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pandas as pd
@@ -648,17 +649,79 @@ def test_a_block_cut_short_by_a_stop_is_aborted_unless_every_row_is_marked(kappa
         assert messages_on(kappa.broker, topic) == sent.produced == on_log.count
 
 
+def test_a_resume_names_a_row_too_long_for_the_topic_below_where_the_load_stopped(kappa, tmp_path):
+    """A load that marks block ends takes every row up to the highest one on the log for done.
+    A row too long for the topic below that was counted as on the log and named nowhere (found
+    by helper-37's review): the re-run names it and does not count it as already there."""
+    from confluent_kafka import Producer
+
+    from kappa.load import loader
+    from kappa.load.ledger import BLOCK_ENDS, STARTED, LedgerEntry, RowsOnLog, rows_on_log
+    from kappa.load.sources import open_source
+
+    topic, limit, rows, too_large = kappa.topic(), 20_000, 30_000, 7_000
+    admin.ensure_topic(kappa.broker, topic, 3, {"max.message.bytes": str(limit)})
+    frame = sample_frame(rows, 100, seed=144)
+    frame["note"] = "x"
+    frame.loc[too_large, "note"] = "y" * 30_000
+    path = tmp_path / "rows.csv"
+    frame.to_csv(path, index=False)
+    start = admin.end_offsets(kappa.broker, topic, 3)
+    entry = LedgerEntry("below-cut", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, start, row_marks=BLOCK_ENDS)
+
+    def run(on_log: RowsOnLog, stop_at_first_block: bool) -> loader.Sent:
+        errors, sent, stop = loader.DeliveryErrors(), loader.Sent(loader.TooLarge(limit)), loader.StopRequest()
+        producer = Producer(loader.producer_config(kappa.broker, limit, f"kappa-test-{topic}"), on_delivery=errors)
+        producer.init_transactions(30)
+        transaction = loader.LoadTransaction(producer, stop)
+        stop.count = int(stop_at_first_block)  # a Ctrl-C, seen once the first block is sent
+        with loader.DeliveryPoller(producer):
+            plan = loader.Plan(entry, on_log, rows)
+            loader._send(
+                producer, topic, open_source(str(path), KEY), plan, errors, sent, stop, transaction=transaction
+            )
+            assert loader._settle(transaction, sent, errors, stop, None) == (True, None)
+        return sent
+
+    first = run(RowsOnLog.none(), stop_at_first_block=True)
+    assert first.produced == loader.POLL_EVERY and [row for row, _ in first.too_large.rows] == [too_large]
+    on_log = rows_on_log(kappa.broker, topic, entry)
+    assert on_log.count == loader.POLL_EVERY + 1  # every row up to the last one sent, the long one too
+    second = run(on_log, stop_at_first_block=False)
+    assert [row for row, _ in second.too_large.rows] == [too_large]
+    assert second.produced == rows - loader.POLL_EVERY - 1
+    assert messages_on(kappa.broker, topic) == rows - 1
+    assert on_log.count - second.too_large.below(len(on_log.present)) == loader.POLL_EVERY  # "were already there"
+
+
+def send_through_a_full_queue(broker: str, topic: str, path: Path, plan: object) -> Any:
+    """Drive the send loop over `path` with a real producer whose queue of 50 messages is full
+    hundreds of times; every row is sent and delivered. Returns the loop's `Sent` count."""
+    from confluent_kafka import Producer
+
+    from kappa.load import loader
+    from kappa.load.sources import open_source
+
+    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(loader.TooLarge(10_000_000)), loader.StopRequest()
+    producer = Producer({**loader.producer_config(broker), "queue.buffering.max.messages": 50})
+    try:
+        with loader.DeliveryPoller(producer):
+            finished = loader._send(producer, topic, open_source(str(path), KEY), plan, errors, sent, stop)
+    finally:
+        assert producer.flush(60) == 0
+    assert finished and errors.count == 0
+    return sent
+
+
 @pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
 def test_a_full_producer_queue_neither_loses_nor_repeats_a_row(kappa, tmp_path, resume):
     """librdkafka refuses a message while its queue is full (BufferError) and the send loop
     waits and goes on from that message. A queue of 50 messages is full hundreds of times over
     5,000 rows: each row is on the log once, under its own row number, as orjson writes it.
     (Drives the send loop with a real producer.)"""
-    from confluent_kafka import Producer
 
     from kappa.load import loader
     from kappa.load.ledger import HEADER, STARTED, LedgerEntry, RowsOnLog, header_prefix
-    from kappa.load.sources import open_source
 
     rows = 5_000
     path = write_sample(tmp_path / "rows.csv", rows, seed=8)
@@ -667,14 +730,7 @@ def test_a_full_producer_queue_neither_loses_nor_repeats_a_row(kappa, tmp_path, 
     present = bytearray(1 if resume and row % 3 == 0 else 0 for row in range(rows))
     entry = LedgerEntry("full-queue", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, {})
     plan = loader.Plan(entry, RowsOnLog(present, sum(present), 0), rows)
-    errors, sent, stop = loader.DeliveryErrors(), loader.Sent(loader.TooLarge(10_000_000)), loader.StopRequest()
-    producer = Producer({**loader.producer_config(kappa.broker), "queue.buffering.max.messages": 50})
-    try:
-        with loader.DeliveryPoller(producer):
-            finished = loader._send(producer, topic, open_source(str(path), KEY), plan, errors, sent, stop)
-    finally:
-        assert producer.flush(60) == 0
-    assert finished and errors.count == 0
+    send_through_a_full_queue(kappa.broker, topic, path, plan)
 
     expected = _rows_as_written(path)
     prefix = header_prefix(entry.load_id)
@@ -685,6 +741,32 @@ def test_a_full_producer_queue_neither_loses_nor_repeats_a_row(kappa, tmp_path, 
     wanted = [row for row in range(rows) if not present[row]]
     assert sorted(row for row, _ in on_log) == wanted
     assert all(value == expected[row] for row, value in on_log)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_a_full_producer_queue_in_a_load_marking_block_ends_sends_each_row_once(kappa, tmp_path, resume):
+    """The same with the header on the last row of each block only (how kappa loads now; a
+    resume sends the rows after those on the log): each row is on the log once, as orjson
+    writes it, and only the block's last one carries its row number."""
+    from collections import Counter
+
+    from kappa.load import loader
+    from kappa.load.ledger import BLOCK_ENDS, HEADER, STARTED, LedgerEntry, RowsOnLog, header_prefix
+
+    rows, done = 5_000, 1_700 if resume else 0
+    path = write_sample(tmp_path / "rows.csv", rows, seed=8)
+    topic = kappa.topic()
+    admin.ensure_topic(kappa.broker, topic, 3)
+    entry = LedgerEntry("full-queue", "fingerprint", 1, path.name, KEY, "topic-id", STARTED, {}, row_marks=BLOCK_ENDS)
+    plan = loader.Plan(entry, RowsOnLog.through(done - 1 if done else None), rows)
+    sent = send_through_a_full_queue(kappa.broker, topic, path, plan)
+    assert not sent.unmarked
+
+    expected = _rows_as_written(path)
+    records = read_records(kappa.broker, topic)
+    assert Counter(value for _, value, _ in records) == Counter(expected[done:])
+    marked = [dict(headers)[HEADER] for _, _, headers in records if headers]
+    assert marked == [header_prefix(entry.load_id) + str(rows - 1).encode()]  # one block: the file's rest
 
 
 def test_nullable_integers_are_written_column_wise_as_orjson_writes_them():

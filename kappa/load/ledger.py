@@ -66,6 +66,11 @@ class LedgerEntry:
     def decode(cls, value: bytes) -> LedgerEntry:
         entry = cls(**orjson.loads(value))
         entry.start_offsets = {int(p): int(o) for p, o in entry.start_offsets.items()}
+        if entry.row_marks not in (EVERY_ROW, BLOCK_ENDS):
+            raise KappaError(
+                f"the load ledger entry of {entry.file} marks its rows as {entry.row_marks!r}, which this kappa "
+                f"does not know (it knows {EVERY_ROW!r} and {BLOCK_ENDS!r}): load it with the kappa that began it"
+            )
         return entry
 
 
@@ -131,10 +136,10 @@ class RowsOnLog:
         return cls(bytearray(), 0, 0)
 
     @classmethod
-    def through(cls, last: int | None) -> RowsOnLog:
+    def through(cls, last: int | None, duplicates: int = 0) -> RowsOnLog:
         """Rows 0 to `last` (none for None): a load that marks block ends (`BLOCK_ENDS`)."""
         count = 0 if last is None else last + 1
-        return cls(bytearray(b"\x01") * count, count, 0)
+        return cls(bytearray(b"\x01") * count, count, duplicates)
 
     def add(self, row: int) -> None:
         if row >= len(self.present):
@@ -212,5 +217,5 @@ def rows_on_log(broker: str, topic: str, entry: LedgerEntry, wait_s: float = STA
     read_ranges(broker, topic, ranges, collect, group=READER_GROUP, stall_s=wait_s, to_end=True)
     if entry.row_marks == BLOCK_ENDS:
         highest = found.present.rfind(1)
-        return RowsOnLog.through(highest if highest >= 0 else None)
+        return RowsOnLog.through(highest if highest >= 0 else None, found.duplicates)
     return found

@@ -14,10 +14,11 @@ missed by the scan, sent again, and later committed twice. Aborted rows are not 
 any reader kappa has (its workers, replays and the ledger scan read `read_committed`, as kcat and
 librdkafka do by default), so the re-run sends them again.
 
-Across runs, exactly-once comes from the ledger (kappa/ledger.py): a file is known by the
-sha256 of its bytes, every message carries its load id and row number in a header, and a re-run
-of an interrupted load sends only the rows the log does not hold; a completed file is not sent
-again unless the user asks for another occurrence (`--again`).
+Across runs, exactly-once comes from the ledger (kappa/load/ledger.py): a file is known by the
+sha256 of its bytes, the last message of every block of rows carries its load id and row number
+in a header, every transaction ends at a block's end, and a re-run of an interrupted load sends
+only the rows after the highest one on the log; a completed file is not sent again unless the
+user asks for another occurrence (`--again`).
 """
 
 from __future__ import annotations
@@ -223,6 +224,10 @@ class TooLarge:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def below(self, row: int) -> int:
+        """How many of these rows come before row number `row`."""
+        return sum(1 for number, _ in self.rows if number < row)
 
     def keep_fitting(self, chunk: Chunk, first: int, rows: range | list[int]) -> range | list[int]:
         """The given rows of the chunk (whose first row is number `first`) whose message fits;
@@ -526,7 +531,10 @@ def _send(
     for chunk in source.chunks():
         first = sent.rows
         sent.rows += len(chunk.values)
-        rows = sent.too_large.keep_fitting(chunk, first, _rows_to_send(plan.on_log, first, len(chunk.values)))
+        # rows too long for the topic are found among the chunk's rows on the log too: a load that
+        # marks block ends counts every row up to the highest one found as done, those included
+        fitting = sent.too_large.keep_fitting(chunk, first, range(first, first + len(chunk.values)))
+        rows = _not_on_log(plan.on_log, fitting)
         position = 0
         while position < len(rows):
             # up to the next multiple of POLL_EVERY rows produced, counted across chunks
@@ -570,12 +578,12 @@ def _settle(
         return not transaction.open, reason or str(exc)
 
 
-def _rows_to_send(on_log: RowsOnLog, first: int, count: int) -> range | list[int]:
-    """Row numbers first..first+count that the log does not hold yet."""
-    if first >= len(on_log.present):
-        return range(first, first + count)
+def _not_on_log(on_log: RowsOnLog, rows: range | list[int]) -> range | list[int]:
+    """The given row numbers (in increasing order) that the log does not hold yet."""
     present = on_log.present
-    return [row for row in range(first, first + count) if row >= len(present) or not present[row]]
+    if not rows or rows[0] >= len(present):
+        return rows
+    return [row for row in rows if row >= len(present) or not present[row]]
 
 
 def _produce_rows(
@@ -746,7 +754,7 @@ def _load(
     _wait_until_readable(broker, topic)  # before the load says it is done: `kappa replay` may follow at once
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()
     writer.write(plan.entry)
-    resumed = plan.on_log.count if plan.total is not None else None
+    resumed = plan.on_log.count - too_large.below(len(plan.on_log.present)) if plan.total is not None else None
     seconds, refused = time.monotonic() - started, too_large if too_large else None
     return LoadResult(topic, sent.produced, seconds, created, sent.rows, resumed, source.not_objects, too_large=refused)
 

@@ -179,7 +179,10 @@ def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_res
         resumed = kappa.run("load", "-", "--key", KEY, "--topic", topic, "--partitions", "3", stdin=source.read_bytes())
     else:
         resumed = kappa.load(path, KEY, topic, partitions=3)
-    expected_line = f"resuming: {on_log:,} of {rows:,} rows already on the log, sending {rows - on_log:,}"
+    expected_line = (
+        f"resuming: rows 1 to {on_log:,} of {rows:,} are done (on the log, or too long for the topic), "
+        f"sending the {rows - on_log:,} after them"
+    )
     assert expected_line in resumed.stderr.decode()
     assert messages_on(kappa.broker, topic) == rows
     kappa.replay_batch(topic, VALUE, KEY)

@@ -308,12 +308,24 @@ def _resume(settings: Settings, topic: str, source: Source, plan: Plan) -> None:
     entry = plan.entry
     plan.on_log = rows_on_log(settings.broker, topic, entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
     plan.total = total = source.count_rows()
-    note(
-        f"resuming: {plan.on_log.count:,} of {total:,} rows already on the log, sending {total - plan.on_log.count:,} "
-        f"(an interrupted load of {source.name} started {entry.started_at})"
-    )
+    started = f"an interrupted load of {source.name} started {entry.started_at}"
+    note(f"resuming: {_done_rows(entry, plan.on_log.count, total)} ({started})")
     if plan.on_log.duplicates:
         note(f"warning: {plan.on_log.duplicates:,} rows of that load are on the log more than once")
+
+
+def _done_rows(entry: LedgerEntry, done: int, total: int) -> str:
+    """What a resume found done, for its first line. A load that marks block ends knows where the
+    rows on the log end, not which rows before that were too long for the topic and never sent:
+    so it says where it goes on from, and the final line counts the rows that were there."""
+    if entry.row_marks == EVERY_ROW:
+        return f"{done:,} of {total:,} rows already on the log, sending {total - done:,}"
+    if done == 0:
+        return f"none of the {total:,} rows is on the log, sending them all"
+    return (
+        f"rows 1 to {done:,} of {total:,} are done (on the log, or too long for the topic), "
+        f"sending the {total - done:,} after them"
+    )
 
 
 def _blocking(call: Callable[[], object], give_up: Callable[[], bool] = lambda: False) -> bool:

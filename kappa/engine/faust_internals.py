@@ -446,8 +446,7 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         for tp in consumer.assignment():
             offset = committed[tp] = await consumer.committed(tp)
             if offset is not None and offset >= 0:
-                consumer.seek(tp, offset)
-                self._read_offsets.sought(tp, offset)  # in the seek's step: no fetch is taken between
+                self._seek_counted(consumer, tp, offset)
         return committed
 
     async def _seek_wait(self, consumer: Any, partitions: Mapping[TP, int]) -> None:
@@ -457,8 +456,7 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         on the main loop before the seek, which a fetch taken before the seek could carry and so
         pass for fresh."""
         for tp, offset in partitions.items():
-            consumer.seek(tp, offset)
-            self._read_offsets.sought(tp, offset)
+            self._seek_counted(consumer, tp, offset)
         await asyncio.wait_for(
             asyncio.gather(*[consumer.position(tp) for tp in partitions]),
             timeout=self.app.conf.broker_request_timeout,
@@ -474,6 +472,12 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         after one could miss its count and its fresh records be dropped, and both happened."""
         records = await super()._fetch_records(consumer, active_partitions, timeout=timeout, max_records=max_records)
         return StampedRecords(records, self._read_offsets.changes_of(records), self.app.consumer_generation_id)
+
+    def _seek_counted(self, consumer: Any, tp: TP, offset: int) -> None:
+        """aiokafka's seek, counted in the read offsets in the same step (`ReadOffsets.sought`):
+        no fetch is taken between the two, so a fetch's stamp tells whether it was taken before."""
+        consumer.seek(tp, offset)
+        self._read_offsets.sought(tp, offset)
 
     @property
     def _read_offsets(self) -> ReadOffsets:
@@ -746,7 +750,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
         next delivery takes it. Its seek counts were taken with its records, so records fetched
         before a rebalance's seek are found stale however late it is delivered."""
         if self._pending_fetch is None:
-            self._pending_fetch = asyncio.ensure_future(self._fetch_counting_seeks())
+            self._pending_fetch = asyncio.ensure_future(self._fetch_stamped())
         fetch = self._pending_fetch
         try:
             return await asyncio.shield(fetch)
@@ -754,7 +758,7 @@ class BatchDeliveryConsumer(AIOKafkaConsumer):
             if fetch.done():
                 self._pending_fetch = None
 
-    async def _fetch_counting_seeks(self) -> Fetch:
+    async def _fetch_stamped(self) -> Fetch:
         records, active = await self._wait_next_records(1.0)
         if isinstance(records, StampedRecords):  # stamped as they were taken (KappaConsumerThread._fetch_records)
             return records, active, records.changes, records.generation_id

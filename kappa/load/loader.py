@@ -606,7 +606,7 @@ def _produce_rows(
     rows: range | list[int],
     prefix: bytes,
     stop: StopRequest,
-    marks: str = BLOCK_ENDS,
+    marks: str,
 ) -> int:
     """Hand librdkafka the given rows of the chunk (whose first row is number `first`), the last
     one with its row number header (every one for an `EVERY_ROW` load); returns how many it took

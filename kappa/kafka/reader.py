@@ -16,6 +16,7 @@ from kappa.errors import KappaError
 from kappa.kafka import admin
 
 STALL_S = 60.0
+MAX_BATCH = 10_000
 
 
 def read_ranges(
@@ -54,11 +55,16 @@ def read_ranges(
             },
         )
     )
+
+    def done(partition: int) -> None:
+        todo.pop(partition)
+        consumer.pause([TopicPartition(topic, partition)])  # what librdkafka fetched past its range is dropped
+
     try:
         consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
         last_progress = time.monotonic()
         while todo:
-            batch = consumer.consume(10_000, timeout=0.05)  # returns early only when full: keep the wait short
+            batch = consumer.consume(_batch_size(todo), timeout=0.05)  # returns early only when full: a short wait
             if batch:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > stall_s:
@@ -72,7 +78,7 @@ def read_ranges(
                     if error.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (a documented librdkafka code)
                         partition = message.partition()
                         if partition in todo and (not to_end or message.offset() >= todo[partition][1]):
-                            todo.pop(partition)
+                            done(partition)
                         continue
                     raise KappaError(f"could not read topic {topic!r}: {error.str()}")
                 partition = message.partition()
@@ -80,6 +86,18 @@ def read_ranges(
                     continue
                 on_message(message)
                 if message.offset() >= todo[partition][1] - 1:
-                    todo.pop(partition)
+                    done(partition)
+                else:
+                    todo[partition] = (message.offset() + 1, todo[partition][1])
     finally:
         consumer.close()
+
+
+def _batch_size(todo: dict[int, tuple[int, int]]) -> int:
+    """How many messages to take off librdkafka's queue at once: no more than the partition
+    furthest from its end still needs. A broker returns whole producer batches (a loaded
+    topic's hold thousands of rows), and the queue holds them in fetch order, so asking for
+    10,000 to read 100 rows of each partition took every partition's first batches into Python
+    (140,000 messages to sample 800, 0.15-0.2 s of CPU); a partition that is done is paused,
+    which drops what was fetched past it before it is taken."""
+    return max(1, min(MAX_BATCH, max(end - start for start, end in todo.values())))

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 
 from kappa import read_snapshot
+from kappa.engine.names import app_id
+from kappa.kafka.admin import committed_offsets
 from tests.datagen import AWKWARD_KEYS, pandas_expectation, sample_frame
 from tests.helpers import high_watermarks, imported_modules, run_kappa
 from tests.oracle import assert_matches, assert_tables_identical, read_latest
@@ -52,6 +54,9 @@ def test_generated_data_matches_pandas(kappa, generated_csv):
     # the whole log: its 60,000 records (manifest["records"] above) and the load's commit markers
     assert manifest["end_offsets"] == {str(p): end for p, end in high_watermarks(kappa.broker, topic).items()}
     assert manifest["generation"] == 1
+    # the generation's group is left at the cut, for `kappa status` and a live worker
+    committed = committed_offsets(kappa.broker, app_id(topic, 1), topic, 8)
+    assert {str(p): offset for p, offset in committed.items()} == manifest["end_offsets"]
 
     frame, api_manifest = read_snapshot(kappa.snapshot_dir, topic)
     assert api_manifest == manifest

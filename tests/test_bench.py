@@ -38,12 +38,15 @@ def test_bench_smoke_run_checks_every_contender(kafka, tmp_path):
     [run] = outcome["runs"]
     assert run["keys"] == 100
     contenders = run["contenders"]
-    assert set(contenders) == {"load", "raw", "kappa", "kappa_shape", "faust_naive", "quixstreams", "pandas"}
+    rated = {"load", "raw", "kappa", "kappa_shape", "faust_naive", "quixstreams", "pandas"}
+    assert set(contenders) == {"startup", *rated}
     for name, measured in contenders.items():
         assert measured["correct"] is True, (name, measured)
-        assert measured["rows_per_s"] > 0 and measured["peak_rss_mb"] > 0
+        assert measured["seconds"] > 0 and measured["peak_rss_mb"] > 0
+        assert (measured.get("rows_per_s", 0) > 0) == (name in rated), (name, measured)
     assert contenders["raw"]["ratio_to_raw"] == 1.0
     assert "target kappa >= 1.2x raw" in result.stdout and "target kappa_shape >= " in result.stdout
+    assert "target startup < 1 s (a --batch replay of an empty topic): " in result.stdout
     scale_out = outcome["scale_out"]
     if "unmeasurable" in scale_out:  # no writable cgroup v1 cpu controller here
         assert scale_out["unmeasurable"].startswith("not measurable here")
@@ -76,3 +79,15 @@ def test_median_round_is_the_middle_time_and_correct_only_if_every_round_was():
     chosen = median_round(rounds)
     assert (chosen["seconds"], chosen["rounds"], chosen["seconds_each"]) == (2.0, 3, [3.0, 1.0, 2.0])
     assert chosen["correct"] is False and chosen["error"] == "a sum differs"
+
+
+@pytest.mark.parametrize(("seconds", "verdict"), [(0.74, "met"), (1.3, "MISSED")])
+def test_startup_is_reported_by_its_seconds_against_its_target(seconds, verdict):
+    run = {"rows": 10, "keys": 1_000, "partitions": 8, "contenders": {
+        "startup": {"seconds": seconds, "peak_rss_mb": 120.0, "correct": True},
+        "raw": {"rows_per_s": 10.0, "seconds": 1.0, "peak_rss_mb": 1.0, "correct": True}}}  # fmt: skip
+    lines = report(run)
+    [row] = [line for line in lines if line.startswith("startup")]
+    assert row.split()[1:4] == ["-", "-", f"{seconds:.2f}"]
+    assert f"target startup < 1 s (a --batch replay of an empty topic): {seconds:.2f} s {verdict}" in lines
+    assert "ratio_to_raw" not in run["contenders"]["startup"]

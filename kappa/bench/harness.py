@@ -64,6 +64,7 @@ def kappa_command(*args: str) -> list[str]:
 
 EXTERNAL = ("kafka_streams", "bytewax", "pathway")  # set up by kappa.bench.external
 SLOW = ("faust_naive",)  # about 2,500 rows/s: one round, and only at the first --keys
+KEYLESS = ("startup",)  # reads no dataset: every round, at the first --keys only
 
 
 def read_result(path: Path) -> pd.DataFrame:
@@ -123,22 +124,26 @@ class Bench:
             flush=True,
         )
 
-    def outcome(self, name: str, measured: Measured, error: str | None) -> dict:
-        """One round's result of one contender, printed as it comes."""
+    def outcome(self, name: str, measured: Measured, error: str | None, rows: int | None = None) -> dict:
+        """One round's result of one contender, printed as it comes; `rows`: what it read, when
+        not the dataset (a contender that reads none has no rows/s)."""
         if measured.returncode != 0 and error is None:
             tail = measured.log.read_text(errors="replace").strip().splitlines()[-3:]
             error = f"exited {measured.returncode}: {' | '.join(tail)}"
-        result = {
-            "rows_per_s": round(self.args.rows / measured.seconds, 1),
+        rows = self.args.rows if rows is None else rows
+        result: dict[str, object] = {
             "seconds": round(measured.seconds, 3),
             "peak_rss_mb": round(measured.peak_rss_mb, 1),
             "correct": error is None,
         }
+        if rows:
+            result["rows_per_s"] = round(rows / measured.seconds, 1)
         if error:
             result["error"] = error
         verdict = "ok" if error is None else f"WRONG: {error}"
-        print(f"  {name:<13} {measured.seconds:8.2f} s  {self.args.rows / measured.seconds:>12,.0f} rows/s  "
-              f"{measured.peak_rss_mb:7.0f} MB  {verdict}", flush=True)  # fmt: skip
+        rate = f"{rows / measured.seconds:>12,.0f} rows/s" if rows else f"{'-':>12} rows/s"
+        print(f"  {name:<13} {measured.seconds:8.2f} s  {rate}  {measured.peak_rss_mb:7.0f} MB  {verdict}",
+              flush=True)  # fmt: skip
         return result
 
     def fill_topic(self) -> None:
@@ -200,6 +205,27 @@ class Bench:
             result["applying_seconds"] = float(found.group(1))
         return result
 
+    def measure_startup(self) -> dict:
+        """`scripts/replay --batch` of an empty topic of the bench's partition count, from process
+        start to exit: the imports, the preflight, the group join, an empty snapshot and the stop,
+        with no record to apply. Each round is a new pipeline's first replay, on a topic made
+        before it starts and deleted after."""
+        topic, pipeline = f"{self.topic}-empty", f"bench-startup-{uuid.uuid4().hex[:6]}"
+        admin.ensure_topic(self.broker, topic, self.args.partitions)
+        command = [str(REPO / "scripts" / "replay"), "--topic", topic, "--value", VALUE, "--key", KEY, "--batch",
+                   "--pipeline", pipeline, *self.place()]  # fmt: skip
+        try:
+            env = {**os.environ, "KAPPA_PYTHON": sys.executable}
+            measured = run_measured(command, self.workdir / "startup.log", env=env)
+        finally:
+            admin.delete_topics(self.broker, [topic])
+        error = None
+        if measured.returncode == 0:
+            frame, manifest = snapshot.read_snapshot(self.workdir / "snapshots", pipeline)
+            if len(frame) or manifest["records"]["counted"]:
+                error = f"{len(frame)} table rows from an empty topic"
+        return self.outcome("startup", measured, error, rows=0)
+
     def contender_command(self, name: str, workdir: Path, out: Path) -> list[str]:
         if name == "kafka_streams":
             state = workdir / f"state-{uuid.uuid4().hex[:6]}"
@@ -242,6 +268,8 @@ class Bench:
                 self.results[name] = {"unavailable": reason}
             elif name in SLOW and not first:
                 self.results[name] = {"skipped": "slow (one event at a time): measured at the first --keys only"}
+            elif name in KEYLESS and not first:
+                self.results[name] = {"skipped": "reads no dataset: measured at the first --keys only"}
         self.fill_topic()
         for round_number in range(rounds):
             if rounds > 1:
@@ -253,6 +281,8 @@ class Bench:
                     per_round[name].append(self.run_load(f"{self.topic}-load{round_number}"))
                 elif name in ("kappa", "kappa_shape"):
                     per_round[name].append(self.measure_kappa(shaped=name == "kappa_shape"))
+                elif name == "startup":
+                    per_round[name].append(self.measure_startup())
                 else:
                     per_round[name].append(self.measure_contender(name))
         ordered = {}

@@ -697,6 +697,40 @@ def test_a_resume_names_a_row_too_long_for_the_topic_below_where_the_load_stoppe
     assert on_log.count - second.too_large.below(len(on_log.present)) == loader.POLL_EVERY  # "were already there"
 
 
+def test_a_resume_past_a_row_too_long_for_the_topic_says_where_it_goes_on_from(kappa, tmp_path):
+    """Through the command: a load interrupted after a row too long for the topic (row 6 of
+    400,000) resumes from the row after the highest one on the log, counting the long row as
+    done but not as on the log. Its first line said "40,001 of 400,000 rows already on the log"
+    where 40,000 were (found by helper-38's trial)."""
+    rows, topic, limit = 400_000, kappa.topic(), 20_000
+    admin.ensure_topic(kappa.broker, topic, 3, {"max.message.bytes": str(limit)})
+    frame = sample_frame(rows, 500, seed=145)
+    frame["note"] = "x"
+    frame.loc[5, "note"] = "y" * 30_000  # row 6 of the file
+    path = tmp_path / "rows.csv"
+    frame.to_csv(path, index=False)
+    load = start_load(kappa, path, topic, temp_dir=empty_temp_dir(tmp_path))
+    wait_for_progress(load)
+    load.send_signal(signal.SIGINT)
+    _, stderr = load.communicate(timeout=120)
+    assert load.returncode not in (0, None), "the load finished before it was interrupted"
+    found = re.search(r"interrupted \(Ctrl-C\): ([\d,]+) rows are on the log;", stderr.decode())
+    assert found, stderr.decode()
+    on_log = int(found.group(1).replace(",", ""))
+    assert 6 < on_log + 1 < rows and messages_on(kappa.broker, topic) == on_log
+
+    resumed = kappa.load(path, KEY, topic, partitions=3)
+    said, last = resumed.stderr.decode(), resumed.stdout.decode()
+    done = on_log + 1  # the rows on the log and the long one below them
+    assert (
+        f"resuming: rows 1 to {done:,} of {rows:,} are done (on the log, or too long for the topic), "
+        f"sending the {rows - done:,} after them"
+    ) in said
+    assert "row 6 (30," in said  # the long row is named again
+    assert f"loaded {rows - done:,} rows into '{topic}'" in last and f"; {on_log:,} were already there" in last
+    assert messages_on(kappa.broker, topic) == rows - 1
+
+
 def send_through_a_full_queue(broker: str, topic: str, path: Path, plan: object) -> Any:
     """Drive the send loop over `path` with a real producer whose queue of 50 messages is full
     hundreds of times; every row is sent and delivered. Returns the loop's `Sent` count."""

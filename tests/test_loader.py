@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kappa.kafka import admin
-from kappa.load.ledger import COMPLETE, LedgerEntry, LedgerWriter, load_id
+from kappa.load.ledger import COMPLETE, STARTED, LedgerEntry, LedgerWriter, load_id
 from tests.datagen import pandas_expectation, sample_frame
 from tests.helpers import REPO, free_port, kappa_command, read_log, reaped, wait_for_progress, wait_until
 from tests.oracle import assert_matches, read_latest
@@ -322,6 +322,33 @@ def test_a_completed_load_is_not_loaded_again_unless_again(kappa, tmp_path):
     LedgerWriter(kappa.broker, other).write(earlier)
     assert "already loaded" in kappa.load(tmp_path / "rows.csv.gz", KEY, other, partitions=2).stdout.decode()
     assert messages_on(kappa.broker, other) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"row_marks": "every-block"}, "marks its rows as 'every-block', which this kappa does not know"),
+        ({"checksum": "abc"}, "has fields this kappa does not know (checksum): a later kappa wrote it"),
+    ],
+    ids=["unknown-row-marks", "unknown-field"],
+)
+def test_a_ledger_entry_this_kappa_cannot_read_is_one_line_and_sends_nothing(kappa, tmp_path, extra, says):
+    """An entry written by a later kappa: kappa before this one failed with a TypeError traceback."""
+    topic = kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", 100, seed=146)
+    admin.ensure_topic(kappa.broker, topic, 2)
+    later = {
+        **json.loads(LedgerEntry("later", "fingerprint", 1, "other.csv", KEY, "id", STARTED, {}).encode()),
+        **extra,
+    }
+    writer = LedgerWriter(kappa.broker, topic)
+    writer.producer.produce(writer.topic, json.dumps(later).encode(), b"later")
+    assert writer.producer.flush(30) == 0
+    refused = kappa.load(path, KEY, topic, partitions=2, check=False)
+    said = refused.stderr.decode().strip()
+    assert refused.returncode != 0 and len(said.splitlines()) == 1 and says in said, said
+    assert "of other.csv" in said and "Traceback" not in said
+    assert messages_on(kappa.broker, topic) == 0
 
 
 def test_the_same_lines_on_stdin_are_loaded_once(kappa):

@@ -14,7 +14,7 @@ topic's id, so a deleted and re-created topic starts a new ledger.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
 import numpy as np
@@ -64,7 +64,16 @@ class LedgerEntry:
 
     @classmethod
     def decode(cls, value: bytes) -> LedgerEntry:
-        entry = cls(**orjson.loads(value))
+        """An entry as written; one with a field this kappa does not know (a later kappa's) is
+        refused in one line: what the field means for resuming that load is not known here."""
+        recorded = orjson.loads(value)
+        unknown = sorted(set(recorded) - {known.name for known in fields(cls)})
+        if unknown:
+            raise KappaError(
+                f"the load ledger entry of {recorded.get('file', '?')} has fields this kappa does not know "
+                f"({', '.join(unknown)}): a later kappa wrote it; load into this topic with that kappa"
+            )
+        entry = cls(**recorded)
         entry.start_offsets = {int(p): int(o) for p, o in entry.start_offsets.items()}
         if entry.row_marks not in (EVERY_ROW, BLOCK_ENDS):
             raise KappaError(

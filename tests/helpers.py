@@ -78,6 +78,23 @@ def wait_for(produce: Callable[[], T | None], timeout: float, what: str, interva
 # --- processes -----------------------------------------------------------------------------------
 
 
+def start_load(
+    kappa, path: Path, topic: str, key: str, *extra: str, temp_dir: Path | None = None, stdin: bool = False
+) -> subprocess.Popen:
+    """A `kappa load` of `path` (fed on stdin when `stdin`) left running, its output piped; its
+    temporary files in `temp_dir` when given."""
+    env = {**os.environ, "TMPDIR": str(temp_dir)} if temp_dir is not None else None
+    with open(path, "rb") if stdin else open(os.devnull, "rb") as feed:
+        return subprocess.Popen(
+            kappa_command("load", "-" if stdin else str(path), "--key", key, "--topic", topic, *extra, *kappa.args()),
+            stdin=feed,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            env=env,
+        )
+
+
 def wait_for_progress(load: subprocess.Popen) -> list[str]:
     """Block until the loader's progress shows rows on their way; returns the stderr lines so far."""
     lines = []

@@ -29,7 +29,7 @@ import pytest
 from kappa.kafka import admin
 from kappa.load.ledger import COMPLETE, STARTED, LedgerEntry, LedgerWriter, load_id
 from tests.datagen import pandas_expectation, sample_frame
-from tests.helpers import REPO, free_port, kappa_command, read_log, reaped, wait_for_progress, wait_until
+from tests.helpers import REPO, free_port, kappa_command, read_log, reaped, start_load, wait_for_progress, wait_until
 from tests.oracle import assert_matches, read_latest
 
 KEY, VALUE = "city", "amount"
@@ -56,19 +56,6 @@ def read_records(broker: str, topic: str) -> list[tuple[bytes | None, bytes, lis
     return [(message.key(), message.value(), message.headers()) for message in read_log(broker, topic)]
 
 
-def start_load(kappa, path: Path, topic: str, *extra: str, temp_dir: Path, stdin: bool = False) -> subprocess.Popen:
-    """A load of `path` (fed on stdin when `stdin`), with its temporary files in `temp_dir`."""
-    with open(path, "rb") if stdin else open(os.devnull, "rb") as feed:
-        return subprocess.Popen(
-            kappa_command("load", "-" if stdin else str(path), "--key", KEY, "--topic", topic, *extra, *kappa.args()),
-            stdin=feed,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO,
-            env={**os.environ, "TMPDIR": str(temp_dir)},
-        )
-
-
 def empty_temp_dir(tmp_path: Path) -> Path:
     temp_dir = tmp_path / "temp"
     temp_dir.mkdir()
@@ -86,7 +73,7 @@ def test_sigkill_of_the_loader_then_rerun_lands_every_row_once(kappa, tmp_path):
     rows, topic = 600_000, kappa.topic()
     path = write_sample(tmp_path / "rows.csv", rows, seed=140)
     temp_dir = empty_temp_dir(tmp_path)
-    load = start_load(kappa, path, topic, "--partitions", "4", temp_dir=temp_dir)
+    load = start_load(kappa, path, topic, KEY, "--partitions", "4", temp_dir=temp_dir)
     try:
         wait_for_progress(load)
         time.sleep(rng.uniform(0.0, 0.8))
@@ -162,7 +149,7 @@ def test_interrupted_load_says_what_is_on_the_log_and_a_rerun_sends_only_the_res
         source = tmp_path / "rows.jsonl"
         pd.read_csv(path, dtype={KEY: str}).to_json(source, orient="records", lines=True)
     temp_dir = empty_temp_dir(tmp_path)
-    load = start_load(kappa, source, topic, "--partitions", "3", temp_dir=temp_dir, stdin=stdin)
+    load = start_load(kappa, source, topic, KEY, "--partitions", "3", temp_dir=temp_dir, stdin=stdin)
     wait_for_progress(load)  # rows handed to librdkafka: the first stop commits the open transaction's rows
     load.send_signal(stop)
     _, stderr = load.communicate(timeout=120)
@@ -736,7 +723,7 @@ def test_a_resume_past_a_row_too_long_for_the_topic_says_where_it_goes_on_from(k
     frame.loc[5, "note"] = "y" * 30_000  # row 6 of the file
     path = tmp_path / "rows.csv"
     frame.to_csv(path, index=False)
-    load = start_load(kappa, path, topic, temp_dir=empty_temp_dir(tmp_path))
+    load = start_load(kappa, path, topic, KEY, temp_dir=empty_temp_dir(tmp_path))
     wait_for_progress(load)
     load.send_signal(signal.SIGINT)
     _, stderr = load.communicate(timeout=120)

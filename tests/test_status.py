@@ -11,8 +11,11 @@ import subprocess
 
 from kappa.engine.names import app_id
 from kappa.kafka.admin import group_members
-from tests.helpers import free_port, high_watermarks, wait_for
+from tests.datagen import sample_frame
+from tests.helpers import free_port, high_watermarks, start_load, wait_for, wait_for_progress
 from tests.live import load_round
+
+KEY, VALUE = "city", "amount"
 
 
 def test_status_with_the_broker_down_shows_what_is_on_disk(kappa, live, tmp_path):
@@ -130,3 +133,34 @@ def test_status_says_when_no_worker_runs_a_live_generation_and_what_its_snapshot
     assert "generation 1 [live, live, no worker runs it: `kappa worker` continues it] " in stopped, stopped
     assert f"lag {lag:,} " in stopped, stopped
     assert "complete=True" in stopped and f"the log has {lag:,} records it does not cover yet" in stopped, stopped
+
+
+def test_status_names_a_load_killed_outright_until_the_same_load_finishes_it(kappa, tmp_path):
+    """A load killed with SIGKILL leaves its open transaction on the log, and every reader of
+    the topic waits at it (found in helper-38's trial): status showed a lag and nothing else."""
+    topic, first, second = kappa.topic(), tmp_path / "first.csv", tmp_path / "second.csv"
+    sample_frame(2_000, 50, seed=147).to_csv(first, index=False)
+    sample_frame(600_000, 50, seed=148).to_csv(second, index=False)
+    kappa.load(first, KEY, topic, partitions=2)
+    kappa.replay_batch(topic, VALUE, KEY)
+    load = start_load(kappa, second, topic, KEY)
+    try:
+        wait_for_progress(load)
+    finally:
+        load.kill()
+        load.communicate(timeout=30)
+    assert load.returncode == -signal.SIGKILL, "the load finished before it was killed"
+
+    status = json.loads(kappa.run("status", "--json", "--pipeline", topic, timeout=120).stdout)
+    [unfinished] = status["pipelines"][0]["unfinished_loads"]  # the completed first load is not named
+    assert (unfinished["file"], unfinished["key"]) == (str(second), KEY)
+    text = kappa.run("status", "--pipeline", topic, timeout=120).stdout.decode()
+    assert (
+        f"load of {second} (--key {KEY}) into {topic!r}, begun {unfinished['started_at']}, has not completed: "
+        "it is still running, or it was interrupted and the same `kappa load` finishes it"
+    ) in text, text
+
+    kappa.load(second, KEY, topic, partitions=2)
+    status = json.loads(kappa.run("status", "--json", "--pipeline", topic, timeout=120).stdout)
+    assert status["pipelines"][0]["unfinished_loads"] == []
+    assert "has not completed" not in kappa.run("status", "--pipeline", topic, timeout=120).stdout.decode()

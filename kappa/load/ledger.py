@@ -90,7 +90,7 @@ def load_id(fingerprint: str, occurrence: int) -> str:
     return base if occurrence == 1 else f"{base}.{occurrence}"
 
 
-def read_ledger(broker: str, topic: str) -> list[LedgerEntry]:
+def read_ledger(broker: str, topic: str, stall_s: float = STALL_S) -> list[LedgerEntry]:
     """Every load recorded for `topic`, latest entry per load id, in the order they were written."""
     name = ledger_topic(topic)
     if admin.partition_count(broker, name) is None:
@@ -103,7 +103,7 @@ def read_ledger(broker: str, topic: str) -> list[LedgerEntry]:
             entries.pop(entry.load_id, None)
             entries[entry.load_id] = entry
 
-    read_ranges(broker, name, admin.watermarks(broker, name, 1), keep, group=READER_GROUP)
+    read_ranges(broker, name, admin.watermarks(broker, name, 1), keep, group=READER_GROUP, stall_s=stall_s)
     return list(entries.values())
 
 

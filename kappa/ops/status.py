@@ -14,12 +14,15 @@ from kappa.kafka.availability import cluster_health
 from kappa.lifecycle.children import heartbeats, read_supervisor_record
 from kappa.lifecycle.generations import BUILDER_STATES, GenerationState, Registry, builder_alive, pipelines_under
 from kappa.lifecycle.guards import LogChanged, check_log_unchanged
+from kappa.load.ledger import STARTED, read_ledger
+from kappa.load.loader import TRANSACTION_TIMEOUT_S
 from kappa.pipeline import Definition
 from kappa.snapshots.snapshot import read_manifest
 
 # a process restarted this often within this window fails at every start: status says so
 CRASH_LOOP_RESTARTS = 3
 CRASH_LOOP_WINDOW_S = 60.0
+LEDGER_STALL_S = 5.0  # a load ledger that cannot be read this long is a warning, not a wait
 
 
 def _age_s(stamp: str) -> float:
@@ -100,8 +103,12 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
     result["worker"] = _worker(settings, pipeline, result["generations"])
     kept = [gen["generation"] for gen in result["generations"]]
     warnings = replication_warnings(settings, pipeline, topic, kept) if broker_reachable else []
+    result["unfinished_loads"] = None
     if broker_reachable:
         warnings += log_warnings(settings, pipeline, result["generations"])
+        if partitions:
+            result["unfinished_loads"], unreadable = unfinished_loads(settings, topic)
+            warnings += unreadable
     result["warnings"] = warnings + _crash_loop_warnings(result["worker"])
     try:
         manifest = read_manifest(settings.snapshot_dir, pipeline)
@@ -116,6 +123,23 @@ def pipeline_status(settings: Settings, pipeline: str, broker_reachable: bool = 
     except KappaError:
         result["latest_snapshot"] = None
     return result
+
+
+def unfinished_loads(settings: Settings, topic: str) -> tuple[list[dict], list[str]]:
+    """The loads into `topic` its ledger records as begun and not completed (still running, or
+    interrupted), and a warning if the ledger cannot be read. A load killed outright leaves its
+    open transaction on the log, and every reader of the topic (live workers too) waits at it
+    until the same load runs again or the broker aborts it: the lag alone did not say why."""
+    try:
+        current = admin.topic_id(settings.broker, topic)
+        entries = read_ledger(settings.broker, topic, stall_s=LEDGER_STALL_S)
+    except KappaError as exc:
+        return [], [f"the load ledger of {topic!r} could not be read: {exc}"]
+    return [
+        {"file": entry.file, "key": entry.key, "started_at": entry.started_at, "load_id": entry.load_id}
+        for entry in entries
+        if entry.state == STARTED and entry.topic_id == current
+    ], []
 
 
 def _records_after(manifest: dict, ends: dict[int, int] | None) -> int | None:
@@ -257,6 +281,7 @@ def render(status: dict) -> str:
                     f"heartbeat {proc['heartbeat_age_s']}s ago"
                 )
         lines.extend(_worker_lines(pipe.get("worker")))
+        lines.extend(_load_lines(pipe["topic"], pipe.get("unfinished_loads") or []))
         lines.extend(f"  warning: {warning}" for warning in pipe.get("warnings", []))
         snap = pipe["latest_snapshot"]
         if snap:
@@ -284,6 +309,15 @@ def _untended(gen: dict, worker: dict | None) -> bool:
 
 def _followed_live(gen: dict, worker: dict | None) -> bool:
     return bool(gen["processes"]) or (worker is not None and worker["generation"] == gen["generation"])
+
+
+def _load_lines(topic: str, loads: list[dict]) -> list[str]:
+    return [
+        f"  load of {load['file']} (--key {load['key']}) into {topic!r}, begun {load['started_at']}, has not "
+        "completed: it is still running, or it was interrupted and the same `kappa load` finishes it (a load "
+        f"killed outright holds back the topic's readers until then, or at most {TRANSACTION_TIMEOUT_S}s)"
+        for load in loads
+    ]
 
 
 def _worker_lines(worker: dict | None) -> list[str]:

@@ -338,6 +338,52 @@ def test_a_ledger_entry_this_kappa_cannot_read_is_one_line_and_sends_nothing(kap
     assert messages_on(kappa.broker, topic) == 0
 
 
+def test_a_second_run_of_a_load_takes_it_over_and_the_first_says_so_in_one_line(kappa, tmp_path):
+    """The same load started again while it runs: the second run fences the first's transactions
+    and sends what the log lacks. The first printed a traceback from its polling thread, then
+    told the user to run the command again, as if nothing else were loading the rows."""
+    rows, topic = 1_500_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=149)
+    first = start_load(kappa, path, topic, KEY, "--partitions", "3")
+    wait_for_progress(first)
+    second = kappa.load(path, KEY, topic, partitions=3)
+    _, stderr = first.communicate(timeout=120)
+    said = stderr.decode().replace("\r", "\n").strip().splitlines()
+    assert first.returncode not in (0, None), "the first run finished before the second began"
+    assert "another run of the same load started and took it over" in said[-1], said
+    assert not any("Traceback" in line or "Exception" in line for line in said), said
+    assert "resuming: " in second.stderr.decode()
+    assert messages_on(kappa.broker, topic) == rows
+    kappa.replay_batch(topic, VALUE, KEY)
+    csv_table, _, _ = read_latest(kappa.snapshot_dir, topic)
+    assert_matches(csv_table, pandas_expectation(str(path), KEY, VALUE))
+
+
+def test_two_runs_that_both_find_no_ledger_entry_send_each_row_once(kappa, tmp_path, monkeypatch):
+    """Two runs of one file started together can both read the ledger before either records the
+    load, and both begin it as new. Here the other run does the whole load between this run's
+    start and its ledger read, which misses it: this run found no entry and sent every row a
+    second time. It now looks for the load's rows past its start offsets once it holds the
+    transactional id, finds the other's, and sends none."""
+    from kappa.config import Settings
+    from kappa.load import loader
+
+    rows, topic = 30_000, kappa.topic()
+    path = write_sample(tmp_path / "rows.csv", rows, seed=150)
+    admin.ensure_topic(kappa.broker, topic, 3)
+    real_read_ledger = loader.read_ledger
+
+    def read_before_the_other_recorded_it(broker: str, name: str) -> list:
+        kappa.load(path, KEY, topic, partitions=3)  # the other run, start to finish
+        assert messages_on(kappa.broker, topic) == rows
+        return [entry for entry in real_read_ledger(broker, name) if entry.file != str(path)]
+
+    monkeypatch.setattr(loader, "read_ledger", read_before_the_other_recorded_it)
+    result = loader.load(Settings(kappa.broker, kappa.data_dir, kappa.snapshot_dir), str(path), KEY, topic)
+    assert (result.rows, result.resumed_from) == (0, rows)
+    assert messages_on(kappa.broker, topic) == rows
+
+
 def test_the_same_lines_on_stdin_are_loaded_once(kappa):
     topic = kappa.topic()
     lines = b"".join(orjson.dumps({"k": f"k{i % 7}", "v": i}) + b"\n" for i in range(1_000))

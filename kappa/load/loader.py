@@ -36,7 +36,7 @@ from itertools import repeat, starmap
 from operator import length_hint
 from pathlib import Path
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kappa.config import Settings
 from kappa.errors import KappaError
@@ -269,6 +269,10 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
     complete entry is returned) unless `again`; else record the start of a new occurrence."""
     fingerprint = source.fingerprint()
     topic_id = admin.topic_id(settings.broker, topic)
+    # before the ledger is read: a run of the same load that this read misses records itself
+    # later, and sends rows only after that, so they all lie past these (see _rows_sent_meanwhile)
+    partitions = admin.require_partition_count(settings.broker, topic)
+    start_offsets = admin.end_offsets(settings.broker, topic, partitions)
     ledger = [entry for entry in read_ledger(settings.broker, topic) if entry.topic_id == topic_id]
     entries = [entry for entry in ledger if entry.fingerprint == fingerprint]
     earlier = source.earlier_fingerprint() if ledger and not entries else None
@@ -286,7 +290,6 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
     if entries and not again:
         return entries[-1]
     occurrence = max((entry.occurrence for entry in entries), default=0) + 1
-    partitions = admin.require_partition_count(settings.broker, topic)
     entry = LedgerEntry(
         load_id=load_id(fingerprint, occurrence),
         fingerprint=fingerprint,
@@ -295,11 +298,20 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
         key=source.key,
         topic_id=topic_id,
         state=STARTED,
-        start_offsets=admin.end_offsets(settings.broker, topic, partitions),
+        start_offsets=start_offsets,
         row_marks=BLOCK_ENDS,
     )
     writer.write(entry)
     return Plan(entry, RowsOnLog.none(), None)
+
+
+def _rows_sent_meanwhile(settings: Settings, topic: str, plan: Plan) -> bool:
+    """Whether another run of this new load sent rows since this run read the ledger: two runs
+    of one file started together can both find no entry and both begin it. They share its
+    transactional id, so the later init_transactions fenced the other (which stops, saying so);
+    the rows the other committed first are past this run's start offsets (taken before its
+    ledger read), and this run then resumes after them instead of sending them again."""
+    return rows_on_log(settings.broker, topic, plan.entry, wait_s=TRANSACTION_TIMEOUT_S + 60).count > 0
 
 
 def _resume(settings: Settings, topic: str, source: Source, plan: Plan) -> None:
@@ -455,6 +467,11 @@ def _wait_until_readable(broker: str, topic: str) -> None:
         time.sleep(0.02)
 
 
+# a producer's fatal errors when a newer one with its transactional id fenced it: as librdkafka
+# finds it itself, or as the broker says it (to a produce, or a transaction request)
+FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})  # noqa: SLF001
+
+
 class DeliveryPoller:
     """Serves librdkafka's delivery reports on a thread of its own while rows are produced.
 
@@ -467,10 +484,14 @@ class DeliveryPoller:
         self._producer = producer
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kappa-load-poller", daemon=True)
+        self.fatal: KafkaError | None = None  # the producer's fatal error, which poll raises
 
     def _run(self) -> None:
-        while not self._stopped.is_set():
-            self._producer.poll(POLL_WAIT_S)
+        try:
+            while not self._stopped.is_set():
+                self._producer.poll(POLL_WAIT_S)
+        except KafkaException as exc:  # the producer is unusable: the send loop fails on its next call
+            self.fatal = exc.args[0]
 
     def __enter__(self) -> DeliveryPoller:
         self._thread.start()
@@ -669,6 +690,31 @@ def acknowledged(producer: Producer, produced: int, failed: int) -> int:
     return max(produced - len(producer) - failed, 0)
 
 
+def fenced(error: KafkaError | None) -> bool:
+    """Whether a producer's fatal error says a newer producer with its transactional id (a later
+    run of the same load) fenced it."""
+    return error is not None and error.code() in FENCED_CODES
+
+
+def _fatal_error(producer: Producer, poller: DeliveryPoller) -> KafkaError | None:
+    """The producer's fatal error, if it has one: the poller's, or the one the next poll raises."""
+    if poller.fatal is not None:
+        return poller.fatal
+    try:
+        producer.poll(0)
+    except KafkaException as exc:
+        return exc.args[0]
+    return None
+
+
+def _taken_over(source: Source, topic: str) -> KappaError:
+    return KappaError(
+        f"load of {source.name} into {topic!r} stopped: another run of the same load started and took it over "
+        "(its transactions fenced this one's); that run sends every row not yet on the log, so let it finish "
+        "(`kappa status` names the load until it completes)"
+    )
+
+
 def _interrupted(source: Source, topic: str, on_log: int, unsure: int, reason: str) -> KappaError:
     maybe = f" ({unsure:,} more may be)" if unsure else ""
     return KappaError(
@@ -705,7 +751,8 @@ def load(
             config = producer_config(settings.broker, too_large.limit, transactional_id(plan.entry))
             producer = Producer(config, on_delivery=errors)
             _init_transactions(producer, topic)  # before the resume's scan: see rows_on_log
-            if plan.resuming:
+            if plan.resuming or _rows_sent_meanwhile(settings, topic, plan):
+                plan.resuming = True
                 _resume(settings, topic, source, plan)
         except KeyboardInterrupt:
             name = "stdin" if path == "-" else path
@@ -744,7 +791,7 @@ def _load(
         failure: KappaError | None = None
         unsure = 0
         try:
-            with DeliveryPoller(producer):
+            with DeliveryPoller(producer) as poller:
                 try:
                     finished = _send(producer, topic, source, plan, errors, sent, stop, show, transaction)
                 except KappaError as exc:
@@ -761,6 +808,8 @@ def _load(
         finally:
             line.finish()
     if not (finished and settled and reason is None):
+        if fenced(_fatal_error(producer, poller)):
+            raise _taken_over(source, topic)
         on_log = plan.on_log.count + transaction.committed
         raise _interrupted(source, topic, on_log, unsure, reason or stop.reason or "could not commit")
     _wait_until_readable(broker, topic)  # before the load says it is done: `kappa replay` may follow at once

@@ -63,12 +63,18 @@ demo: venv deps
 stop: venv
 	$(KAPPA) kafka stop --data-dir .kappa
 
+# The suite runs on TEST_WORKERS pytest-xdist workers, each with its own broker; the 3-node cluster's tests
+# share one worker and one cluster (tests/conftest.py). Most of a test is waiting on a broker or a
+# process, so two workers on this 2-core machine took 13 min where one took 22.
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+
 test: venv deps lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
+	$(PYTEST) --durations=15
 
 # The quick loop: everything but the slow fault, security and bench tests (CI runs `make test`, all of them).
 test-fast: venv deps
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The bench: every contender on 1M rows at 1k and 1M keys (3 interleaved rounds, medians), kappa's
 # scale-out under a CPU quota per process, bench.json and bench.png. The external peers' venvs and Kafka

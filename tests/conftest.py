@@ -12,6 +12,21 @@ from kappa.kafka import broker as embedded
 from tests.helpers import Cluster, Kappa, free_port, free_port_block
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With pytest-xdist, the broker's jars are resolved once, before any worker starts a broker:
+    two Maven runs filling one repository at once can corrupt it."""
+    if not hasattr(session.config, "workerinput"):
+        embedded.resolve_jars()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the 3-node cluster run on one pytest-xdist worker (`--dist loadgroup`), so
+    the session starts one cluster, not one per worker."""
+    for item in items:
+        if {"cluster", "cluster_kappa"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Cluster:
     """A 3-node KRaft cluster (RF 3, min.insync.replicas 2) for the whole session; tests that

@@ -63,11 +63,12 @@ demo: venv deps
 stop: venv
 	$(KAPPA) kafka stop --data-dir .kappa
 
-# The suite runs on TEST_WORKERS pytest-xdist workers, each with its own broker; the 3-node cluster's tests
-# share one worker and one cluster (tests/conftest.py). Most of a test is waiting on a broker or a
-# process, so two workers on this 2-core machine took 13 min where one took 22.
+# The suite runs on TEST_WORKERS pytest-xdist workers, each with its own broker, a test file on one
+# worker (--dist loadfile), so the 3-node cluster's tests (tests/test_cluster.py) share one cluster.
+# Most of a test is waiting on a broker or a process: two workers on this 2-core machine took 13 min
+# where one took 22.
 TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test: venv deps lint
 	$(PYTEST) --durations=15

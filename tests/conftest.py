@@ -19,18 +19,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         embedded.resolve_jars()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests on the 3-node cluster run on one pytest-xdist worker (`--dist loadgroup`), so
-    the session starts one cluster, not one per worker."""
-    for item in items:
-        if {"cluster", "cluster_kappa"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-
-
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Cluster:
     """A 3-node KRaft cluster (RF 3, min.insync.replicas 2) for the whole session; tests that
-    kill nodes restart them before they end."""
+    kill nodes restart them before they end. Only tests/test_cluster.py uses it: `make test`
+    runs the suite with pytest-xdist's `--dist loadfile`, which keeps a file on one worker, so
+    one cluster is started, not one per worker."""
     data_dir = tmp_path_factory.mktemp("cluster")
     address = embedded.start(data_dir, free_port_block(6), nodes=3)
     try:

@@ -43,9 +43,11 @@ def free_port() -> int:
 
 def free_port_block(count: int) -> int:
     """The first of `count` consecutive free ports, scanning up from $KAPPA_TEST_PORT_BASE
-    (default 19300) so that test brokers stay in one known range."""
-    base = int(os.environ.get("KAPPA_TEST_PORT_BASE", "19300"))
-    for first in range(base, base + 2000, count):
+    (default 19300) so that test brokers stay in one known range; each pytest-xdist worker
+    scans a range of its own, so two cannot pick one block before either binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = int(os.environ.get("KAPPA_TEST_PORT_BASE", "19300")) + 500 * (int(worker) if worker.isdigit() else 0)
+    for first in range(base, base + 500 - count, count):
         if all(embedded._port_free(port) for port in range(first, first + count)):
             return first
     raise RuntimeError(f"no {count} consecutive free ports from {base}")

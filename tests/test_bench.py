@@ -81,10 +81,11 @@ def test_median_round_is_the_middle_time_and_correct_only_if_every_round_was():
     assert chosen["correct"] is False and chosen["error"] == "a sum differs"
 
 
-@pytest.mark.parametrize(("seconds", "verdict"), [(0.74, "met"), (1.3, "MISSED")])
-def test_startup_is_reported_by_its_seconds_against_its_target(seconds, verdict):
+@pytest.mark.parametrize(("seconds", "correct", "verdict"), [(0.74, True, "met"), (1.3, True, "MISSED"),
+                                                            (0.5, False, "MISSED")])  # fmt: skip
+def test_startup_is_reported_by_its_seconds_against_its_target(seconds, correct, verdict):
     run = {"rows": 10, "keys": 1_000, "partitions": 8, "contenders": {
-        "startup": {"seconds": seconds, "peak_rss_mb": 120.0, "correct": True},
+        "startup": {"seconds": seconds, "peak_rss_mb": 120.0, "correct": correct},
         "raw": {"rows_per_s": 10.0, "seconds": 1.0, "peak_rss_mb": 1.0, "correct": True}}}  # fmt: skip
     lines = report(run)
     [row] = [line for line in lines if line.startswith("startup")]

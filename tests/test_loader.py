@@ -350,7 +350,7 @@ def test_a_second_run_of_a_load_takes_it_over_and_the_first_says_so_in_one_line(
     _, stderr = first.communicate(timeout=120)
     said = stderr.decode().replace("\r", "\n").strip().splitlines()
     assert first.returncode not in (0, None), "the first run finished before the second began"
-    assert "another run of the same load started and took it over" in said[-1], said
+    assert "its transactions were fenced, by another run of the same load that took it over" in said[-1], said
     assert not any("Traceback" in line or "Exception" in line for line in said), said
     assert "resuming: " in second.stderr.decode()
     assert messages_on(kappa.broker, topic) == rows

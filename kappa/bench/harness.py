@@ -210,7 +210,8 @@ class Bench:
         start to exit: the imports, the preflight, the group join, an empty snapshot and the stop,
         with no record to apply. Each round is a new pipeline's first replay, on a topic made
         before it starts and deleted after."""
-        topic, pipeline = f"{self.topic}-empty", f"bench-startup-{uuid.uuid4().hex[:6]}"
+        pipeline = f"bench-startup-{uuid.uuid4().hex[:6]}"
+        topic = f"{self.topic}-empty-{pipeline[-6:]}"  # a name per round: a topic just deleted may still be listed
         admin.ensure_topic(self.broker, topic, self.args.partitions)
         command = [str(REPO / "scripts" / "replay"), "--topic", topic, "--value", VALUE, "--key", KEY, "--batch",
                    "--pipeline", pipeline, *self.place()]  # fmt: skip

@@ -29,7 +29,7 @@ RATE = FuncFormatter(lambda value, _: f"{value / 1e6:g}M" if value >= 1e6 else f
 
 
 def contenders_panel(ax, runs: list[dict]) -> None:
-    names = [name for name in runs[0]["contenders"] if name != "load"]
+    names = [name for name in runs[0]["contenders"] if name not in ("load", "startup")]  # no rows/s of a read
     height = 0.8 / len(runs)
     labelled: set[int] = set()
     for index, run in enumerate(runs):

@@ -92,19 +92,27 @@ def load_id(fingerprint: str, occurrence: int) -> str:
 
 def read_ledger(broker: str, topic: str, stall_s: float = STALL_S) -> list[LedgerEntry]:
     """Every load recorded for `topic`, latest entry per load id, in the order they were written."""
+    entries: dict[str, LedgerEntry] = {}
+    for entry in ledger_writes(broker, topic, stall_s):
+        entries.pop(entry.load_id, None)
+        entries[entry.load_id] = entry
+    return list(entries.values())
+
+
+def ledger_writes(broker: str, topic: str, stall_s: float = STALL_S) -> list[LedgerEntry]:
+    """Every entry the ledger of `topic` still holds, in the order written: compaction keeps the
+    latest per load id, and removes earlier ones only from segments no longer written to."""
     name = ledger_topic(topic)
     if admin.partition_count(broker, name) is None:
         return []
-    entries: dict[str, LedgerEntry] = {}
+    writes: list[LedgerEntry] = []
 
     def keep(message: Message) -> None:
         if message.value() is not None:
-            entry = LedgerEntry.decode(message.value())
-            entries.pop(entry.load_id, None)
-            entries[entry.load_id] = entry
+            writes.append(LedgerEntry.decode(message.value()))
 
     read_ranges(broker, name, admin.watermarks(broker, name, 1), keep, group=READER_GROUP, stall_s=stall_s)
-    return list(entries.values())
+    return writes
 
 
 class LedgerWriter:

@@ -51,6 +51,7 @@ from kappa.load.ledger import (
     RowsOnLog,
     block_end_headers,
     header_prefix,
+    ledger_writes,
     load_id,
     now_utc,
     read_ledger,
@@ -306,12 +307,21 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
 
 
 def _rows_sent_meanwhile(settings: Settings, topic: str, plan: Plan) -> bool:
-    """Whether another run of this new load sent rows since this run read the ledger: two runs
-    of one file started together can both find no entry and both begin it. They share its
-    transactional id, so the later init_transactions fenced the other (which stops, saying so);
-    the rows the other committed first are past this run's start offsets (taken before its
-    ledger read), and this run then resumes after them instead of sending them again."""
-    return rows_on_log(settings.broker, topic, plan.entry, wait_s=TRANSACTION_TIMEOUT_S + 60).count > 0
+    """Whether another run of this new load began it too, and so may have sent rows: two runs of
+    one file started together can both find no entry and both begin it. They share its
+    transactional id, so the later init_transactions fenced the other (which stops, saying so).
+    The other recorded the load before its own init_transactions, so once this run's has
+    returned, the ledger holds both records when this run is the later one; the rows the other
+    committed are past this run's start offsets (taken before its ledger read), and this run
+    resumes after them instead of sending them again. Only then is the topic scanned: a scan
+    waits for any transaction open on it, another load's killed outright among them."""
+    load = plan.entry.load_id
+    begun = [
+        entry for entry in ledger_writes(settings.broker, topic) if entry.load_id == load and entry.state == STARTED
+    ]
+    return (
+        len(begun) > 1 and rows_on_log(settings.broker, topic, plan.entry, wait_s=TRANSACTION_TIMEOUT_S + 60).count > 0
+    )
 
 
 def _resume(settings: Settings, topic: str, source: Source, plan: Plan) -> None:
@@ -503,11 +513,13 @@ class DeliveryPoller:
 
 
 class ProduceFailed(KappaError):
-    """produce() itself failed, after `produced` messages of the call were handed over."""
+    """produce() itself failed, after `produced` messages of the call were handed over; `fatal`:
+    the producer's fatal error, when that is why."""
 
-    def __init__(self, message: str, produced: int) -> None:
+    def __init__(self, message: str, produced: int, fatal: KafkaError | None = None) -> None:
         super().__init__(message)
         self.produced = produced
+        self.fatal = fatal
 
 
 class StopRequest:
@@ -647,7 +659,10 @@ def _produce_rows(
             raise
         if done == len(values):
             return done
-        producer.poll(QUEUE_FULL_WAIT_S)  # the queue is full until the broker acknowledges (poll is thread-safe)
+        try:
+            producer.poll(QUEUE_FULL_WAIT_S)  # the queue is full until the broker acknowledges (poll is thread-safe)
+        except KafkaException as exc:  # the producer's fatal error, which one poll raises, this one or the poller's
+            raise ProduceFailed(f"could not produce to {topic!r}: {exc.args[0].str()}", done, exc.args[0]) from None
         if stop.requested:
             return done
 
@@ -696,8 +711,11 @@ def fenced(error: KafkaError | None) -> bool:
     return error is not None and error.code() in FENCED_CODES
 
 
-def _fatal_error(producer: Producer, poller: DeliveryPoller) -> KafkaError | None:
-    """The producer's fatal error, if it has one: the poller's, or the one the next poll raises."""
+def _fatal_error(producer: Producer, poller: DeliveryPoller, failure: KappaError | None) -> KafkaError | None:
+    """The producer's fatal error, if it has one: raised by one poll only, the sending thread's
+    (`ProduceFailed.fatal`) or the poller's, or else by the next."""
+    if isinstance(failure, ProduceFailed) and failure.fatal is not None:
+        return failure.fatal
     if poller.fatal is not None:
         return poller.fatal
     try:
@@ -707,11 +725,15 @@ def _fatal_error(producer: Producer, poller: DeliveryPoller) -> KafkaError | Non
     return None
 
 
-def _taken_over(source: Source, topic: str) -> KappaError:
+def _fenced_off(source: Source, topic: str, on_log: int) -> KappaError:
+    """A newer producer of the load's transactional id fenced this run: another run of the same
+    load, or the broker itself, which fences a producer whose transaction outlived
+    TRANSACTION_TIMEOUT_S (a process suspended that long). The error is the same for both."""
     return KappaError(
-        f"load of {source.name} into {topic!r} stopped: another run of the same load started and took it over "
-        "(its transactions fenced this one's); that run sends every row not yet on the log, so let it finish "
-        "(`kappa status` names the load until it completes)"
+        f"load of {source.name} into {topic!r} stopped: its transactions were fenced, by another run of the "
+        f"same load that took it over, or by the broker after this one stalled for over {TRANSACTION_TIMEOUT_S}s; "
+        f"{on_log:,} rows are on the log. If another run is loading it, let that run finish; if not, run the "
+        "same command again to send the rest exactly once"
     )
 
 
@@ -808,9 +830,9 @@ def _load(
         finally:
             line.finish()
     if not (finished and settled and reason is None):
-        if fenced(_fatal_error(producer, poller)):
-            raise _taken_over(source, topic)
         on_log = plan.on_log.count + transaction.committed
+        if fenced(_fatal_error(producer, poller, failure)):
+            raise _fenced_off(source, topic, on_log)
         raise _interrupted(source, topic, on_log, unsure, reason or stop.reason or "could not commit")
     _wait_until_readable(broker, topic)  # before the load says it is done: `kappa replay` may follow at once
     plan.entry.state, plan.entry.rows, plan.entry.completed_at = COMPLETE, sent.rows, now_utc()

@@ -15,7 +15,6 @@ from kappa.lifecycle.children import heartbeats, read_supervisor_record
 from kappa.lifecycle.generations import BUILDER_STATES, GenerationState, Registry, builder_alive, pipelines_under
 from kappa.lifecycle.guards import LogChanged, check_log_unchanged
 from kappa.load.ledger import STARTED, read_ledger
-from kappa.load.loader import TRANSACTION_TIMEOUT_S
 from kappa.pipeline import Definition
 from kappa.snapshots.snapshot import read_manifest
 
@@ -312,6 +311,10 @@ def _followed_live(gen: dict, worker: dict | None) -> bool:
 
 
 def _load_lines(topic: str, loads: list[dict]) -> list[str]:
+    if not loads:
+        return []
+    from kappa.load.loader import TRANSACTION_TIMEOUT_S  # the loader imports pandas: only when a line needs it
+
     return [
         f"  load of {load['file']} (--key {load['key']}) into {topic!r}, begun {load['started_at']}, has not "
         "completed: it is still running, or it was interrupted and the same `kappa load` finishes it (a load "

@@ -64,7 +64,8 @@ def read_ranges(
         consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in todo.items()])
         last_progress = time.monotonic()
         while todo:
-            batch = consumer.consume(_batch_size(todo), timeout=0.05)  # returns early only when full: a short wait
+            # consume() returns before its timeout only once it has the messages asked for: keep the wait short
+            batch = consumer.consume(_batch_size(todo), timeout=0.05)
             if batch:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > stall_s:

@@ -706,8 +706,8 @@ def acknowledged(producer: Producer, produced: int, failed: int) -> int:
 
 
 def fenced(error: KafkaError | None) -> bool:
-    """Whether a producer's fatal error says a newer producer with its transactional id (a later
-    run of the same load) fenced it."""
+    """Whether a producer's fatal error says it was fenced: by a newer producer with its
+    transactional id (a later run of the same load), or by the broker (`_fenced_off`)."""
     return error is not None and error.code() in FENCED_CODES
 
 

@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -182,15 +183,12 @@ class Bench:
         if shaped:
             definition = ["--value", ",".join(SHAPE_VALUES), "--key", ",".join(SHAPE_KEYS),
                           "--window", SHAPE_WINDOW, "--time", SHAPE_TIME]  # fmt: skip
-        command = [str(REPO / "scripts" / "replay"), "--topic", self.topic, *definition,
-                   *mode, "--pipeline", pipeline, *self.place()]  # fmt: skip
         label = "kappa_shape" if shaped else "kappa" if processes is None else f"kappa-{processes}p"
         hooks = {}
         if groups is not None:
             groups.placed.clear()  # pids of an earlier run may be reused
             hooks = {"preexec_fn": enter_supervisor_group(groups), "on_poll": WorkerPlacer(groups)}
-        env = {**os.environ, "KAPPA_PYTHON": sys.executable}
-        measured = run_measured(command, self.workdir / f"{label}.log", env=env, **hooks)
+        measured = self.run_replay(self.topic, pipeline, [*definition, *mode], label, **hooks)
         error = None
         if measured.returncode == 0:
             frame, _ = snapshot.read_snapshot(self.workdir / "snapshots", pipeline)
@@ -205,6 +203,13 @@ class Bench:
             result["applying_seconds"] = float(found.group(1))
         return result
 
+    def run_replay(self, topic: str, pipeline: str, options: list[str], label: str, **hooks: Any) -> Measured:
+        """`scripts/replay` of `topic` into `pipeline` with `options`, logged to `<label>.log`."""
+        command = [str(REPO / "scripts" / "replay"), "--topic", topic, *options, "--pipeline", pipeline,
+                   *self.place()]  # fmt: skip
+        env = {**os.environ, "KAPPA_PYTHON": sys.executable}
+        return run_measured(command, self.workdir / f"{label}.log", env=env, **hooks)
+
     def measure_startup(self) -> dict:
         """`scripts/replay --batch` of an empty topic of the bench's partition count, from process
         start to exit: the imports, the preflight, the group join, an empty snapshot and the stop,
@@ -213,11 +218,8 @@ class Bench:
         pipeline = f"bench-startup-{uuid.uuid4().hex[:6]}"
         topic = f"{self.topic}-empty-{pipeline[-6:]}"  # a name per round: a topic just deleted may still be listed
         admin.ensure_topic(self.broker, topic, self.args.partitions)
-        command = [str(REPO / "scripts" / "replay"), "--topic", topic, "--value", VALUE, "--key", KEY, "--batch",
-                   "--pipeline", pipeline, *self.place()]  # fmt: skip
         try:
-            env = {**os.environ, "KAPPA_PYTHON": sys.executable}
-            measured = run_measured(command, self.workdir / "startup.log", env=env)
+            measured = self.run_replay(topic, pipeline, ["--value", VALUE, "--key", KEY, "--batch"], "startup")
         finally:
             admin.delete_topics(self.broker, [topic])
         error = None

@@ -306,8 +306,9 @@ def _plan(settings: Settings, topic: str, source: Source, again: bool, writer: L
     return Plan(entry, RowsOnLog.none(), None)
 
 
-def _rows_sent_meanwhile(settings: Settings, topic: str, plan: Plan) -> bool:
-    """Whether another run of this new load began it too, and so may have sent rows: two runs of
+def _rows_sent_meanwhile(settings: Settings, topic: str, plan: Plan) -> RowsOnLog | None:
+    """The rows of this new load on the log when another run began it too and sent some (else
+    None; a resume takes them as its scan): two runs of
     one file started together can both find no entry and both begin it. They share its
     transactional id, so the later init_transactions fenced the other (which stops, saying so).
     The other recorded the load before its own init_transactions, so once this run's has
@@ -319,16 +320,20 @@ def _rows_sent_meanwhile(settings: Settings, topic: str, plan: Plan) -> bool:
     begun = [
         entry for entry in ledger_writes(settings.broker, topic) if entry.load_id == load and entry.state == STARTED
     ]
-    return (
-        len(begun) > 1 and rows_on_log(settings.broker, topic, plan.entry, wait_s=TRANSACTION_TIMEOUT_S + 60).count > 0
-    )
+    if len(begun) < 2:
+        return None
+    found = rows_on_log(settings.broker, topic, plan.entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
+    return found if found.count else None
 
 
-def _resume(settings: Settings, topic: str, source: Source, plan: Plan) -> None:
+def _resume(settings: Settings, topic: str, source: Source, plan: Plan, on_log: RowsOnLog | None = None) -> None:
     """Find which rows of the interrupted load the log holds (once init_transactions has
-    resolved what its earlier runs left open) and say how many this run sends."""
+    resolved what its earlier runs left open; `on_log` when already scanned) and say how many
+    this run sends."""
     entry = plan.entry
-    plan.on_log = rows_on_log(settings.broker, topic, entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
+    plan.on_log = (
+        on_log if on_log is not None else rows_on_log(settings.broker, topic, entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
+    )
     plan.total = total = source.count_rows()
     started = f"an interrupted load of {source.name} started {entry.started_at}"
     note(f"resuming: {_done_rows(entry, plan.on_log.count, total)} ({started})")
@@ -773,9 +778,10 @@ def load(
             config = producer_config(settings.broker, too_large.limit, transactional_id(plan.entry))
             producer = Producer(config, on_delivery=errors)
             _init_transactions(producer, topic)  # before the resume's scan: see rows_on_log
-            if plan.resuming or _rows_sent_meanwhile(settings, topic, plan):
+            meanwhile = None if plan.resuming else _rows_sent_meanwhile(settings, topic, plan)
+            if plan.resuming or meanwhile is not None:
                 plan.resuming = True
-                _resume(settings, topic, source, plan)
+                _resume(settings, topic, source, plan, meanwhile)
         except KeyboardInterrupt:
             name = "stdin" if path == "-" else path
             raise KappaError(

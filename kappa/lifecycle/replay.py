@@ -216,17 +216,21 @@ def run_batch(
     worker.on_ready = on_ready
     prepare_for_worker()
     started = time.monotonic()
+    committer = admin.OffsetCommitter(settings.broker, pipe.app.conf.id)  # made now, it is ready at the end
     try:
-        worker.execute_from_commandline()
-    except SystemExit:
-        pass
+        try:
+            worker.execute_from_commandline()
+        except SystemExit:
+            pass
+        finally:
+            fresh_event_loop()
+        seconds = time.monotonic() - started
+        if "path" in outcome:
+            # Faust may have committed past the cut; a live worker continuing this generation
+            # must resume exactly where the published table stops.
+            committer.commit(definition.topic, end_offsets)
     finally:
-        fresh_event_loop()
-    seconds = time.monotonic() - started
-    if "path" in outcome:
-        # Faust may have committed past the cut; a live worker continuing this generation
-        # must resume exactly where the published table stops.
-        admin.commit_offsets(settings.broker, pipe.app.conf.id, definition.topic, end_offsets)
+        committer.close()
     if "error" in outcome:
         registry.mark(generation, GenerationState.FAILED)
         error = outcome["error"]

@@ -50,7 +50,7 @@ def relax_garbage_collector() -> None:
     replay's CPU; in a load, 1M header lists took 0.79 s with the defaults and 0.18 s with
     this. Freezing what exists at start moves it out of the collector's sight for good, and
     a larger young threshold batches the rest; garbage cycles are still collected, just less
-    often. `python -m kappa` starts with the collector off (kappa/__main__.py); this turns it on.
+    often. A kappa command starts with the collector off (kappa.ops.cli.main); this turns it on.
     """
     gc.freeze()  # no collection first: the imports leave little garbage, and a collection costs 50 ms
     _, middle, old = gc.get_threshold()

@@ -28,6 +28,7 @@ from kappa.engine import faust_internals
 from kappa.engine.faust_internals import (
     BatchHandler,
     FetchedBatch,
+    KappaConsumerThread,
     PassThroughRecords,
     commit_offsets,
     deliver_batches,
@@ -705,3 +706,36 @@ def test_a_fetch_a_flow_stop_overtook_is_delivered_not_lost(kafka, tmp_path):
     topic = per_record_topic(kafka, "overtaken", records=0)
     taken = asyncio.run(offsets_after_a_flow_stop_overtakes_a_fetch(kafka, topic, str(tmp_path / "state")))
     assert taken == list(range(FEW))
+
+
+class CommittedOffsets:
+    """What the seek to committed offsets reads of aiokafka's consumer: its assignment and each
+    partition's committed offset, answered after `delays[partition]` seconds, or refused."""
+
+    def __init__(self, delays: dict[int, float], refused: int) -> None:
+        self.delays, self.refused, self.sought = delays, refused, []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("t", partition) for partition in self.delays}
+
+    async def committed(self, tp: TopicPartition) -> int:
+        await asyncio.sleep(self.delays[tp.partition])
+        if tp.partition == self.refused:
+            raise RuntimeError(f"partition {tp.partition}: the coordinator did not answer")
+        return 7
+
+
+def test_a_seek_to_committed_that_fails_seeks_nothing_afterwards():
+    """All partitions' offsets are asked for at once; the first failure ends the seek, as the
+    loop one partition after another did: a question still out is cancelled, and its partition
+    is not sought after the seek has failed."""
+    consumer = CommittedOffsets({0: 0.0, 1: 0.05, 2: 0.3}, refused=1)
+    seeker = type("Seeker", (), {"_seek_counted": lambda self, c, tp, offset: c.sought.append(tp.partition)})()
+
+    async def seek_then_wait() -> None:
+        with pytest.raises(RuntimeError, match="partition 1"):
+            await KappaConsumerThread._seek_each_to_committed(seeker, consumer)  # noqa: SLF001
+        await asyncio.sleep(0.5)  # past the slow partition's answer
+
+    asyncio.run(seek_then_wait())
+    assert consumer.sought == [0]

@@ -14,6 +14,7 @@ import pytest
 from kappa.errors import KappaError
 from kappa.kafka import broker as embedded
 from kappa.kafka.admin import ensure_topic
+from kappa.processes import GC_YOUNG_THRESHOLD
 from tests.helpers import REPO, free_port, free_port_block, kappa_command, run_kappa, wait_until
 
 
@@ -291,8 +292,8 @@ def test_the_jar_cache_follows_the_pom_and_ignores_empty_settings(tmp_path, monk
     ],
 )
 def test_a_command_started_with_the_collector_off_turns_it_on(tmp_path, start):
-    """`python -m kappa` turns the garbage collector off while a command imports its modules
-    (kappa/__main__.py); a command that left it off would never collect a reference cycle."""
+    """A kappa command starts with the garbage collector off (kappa.ops.cli.main); one that left
+    it off would never collect a reference cycle."""
     probe = f"import gc; gc.disable(); {start.format(tmp=str(tmp_path))}; print(gc.isenabled(), gc.get_threshold()[0])"
     found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert found.stdout.split()[-2:] == ["True", "100000"], found.stdout + found.stderr
+    assert found.stdout.split()[-2:] == ["True", str(GC_YOUNG_THRESHOLD)], found.stdout + found.stderr

@@ -553,7 +553,7 @@ def test_a_number_in_a_key_field_beside_a_deeply_nested_field_never_stops_the_fo
     assert_fold_matches_rows_one_at_a_time(records, 0, None)
 
 
-@pytest.mark.parametrize("gaps", [(), (3,), (0, 1, 2), (5, 6, 7)])
+@pytest.mark.parametrize("gaps", [(), (3,), (0, 1, 2), (5, 6, 7), (1, 2, 10)])
 def test_offsets_with_holes_gate_what_is_counted_and_applied(gaps):
     """A log with transaction markers or compacted records has offsets that hold no record:
     the fold must take each record's own offset, not assume consecutive ones from the first."""

@@ -425,7 +425,7 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """aiokafka's seek of every assigned partition to its committed offset, run on this
-        thread, with two changes.
+        thread, with three changes (the third: all offsets asked for at once, `_seek_each_to_committed`).
 
         Each seek is counted in the read offsets (`ReadOffsets.sought`) as it is made, on
         this thread. aiokafka seeks one partition after another, each once its committed offset
@@ -442,8 +442,10 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
         return await self.call_thread(self._seek_each_to_committed, self._ensure_consumer())
 
     async def _seek_each_to_committed(self, consumer: Any) -> dict[Any, int | None]:
-        """Every partition's committed offset asked for at once, each sought as it comes back:
-        one after another, a process's 17 partitions took 17 round trips of every start."""
+        """Every partition's committed offset asked for at once, each sought as it comes back
+        (one after another, N assigned partitions took N round trips of every start). As the
+        loop one after another did, the first failure stops the seek: the questions still out
+        are cancelled, so no partition is sought after the seek has failed."""
         committed: dict[Any, int | None] = {}
 
         async def seek(tp: Any) -> None:
@@ -451,7 +453,18 @@ class KappaConsumerThread(AIOKafkaConsumerThread):
             if offset is not None and offset >= 0:
                 self._seek_counted(consumer, tp, offset)
 
-        await asyncio.gather(*(seek(tp) for tp in consumer.assignment()))
+        asking = [asyncio.ensure_future(seek(tp)) for tp in consumer.assignment()]
+        try:
+            if asking:
+                await asyncio.wait(asking, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for question in asking:
+                question.cancel()
+            await asyncio.gather(*asking, return_exceptions=True)
+        for question in asking:
+            failure = None if question.cancelled() else question.exception()
+            if failure is not None:
+                raise failure
         return committed
 
     async def _seek_wait(self, consumer: Any, partitions: Mapping[TP, int]) -> None:
@@ -1119,17 +1132,15 @@ class PromptTableManager(TableManager):
             await self.recovery.start()
 
 
-SHUTDOWN_TURNS = 10  # turns of the loop a stopped worker gives stray callbacks before it closes the loop
-
-
 class PromptWorker(faust.Worker):
     """Faust's worker without mode's final one-second sleep after the loop has stopped, with
     the clients' outage noise held back (kappa.engine.lognoise), a hook that runs once the
     worker is ready (`on_ready`) and one that runs on a stop signal before anything is stopped.
 
     That sleep only lets stray callbacks run before the loop closes; by then every service,
-    the consumer and the producer are stopped, and the tasks mode cancelled need a turn of the
-    loop each to end: a few turns do the same job (a 50 ms sleep here was 3% of a batch replay).
+    the consumer and the producer are stopped, and a short nap does the same job. Not shorter
+    than 50 ms: with 10 ms, a 4-process scale-out round once waited 60 s for a worker to stop
+    (bd9c65d), and a few turns of the loop instead (0f23607) were undone for that reason.
     """
 
     on_ready: Callable[[], None] | None = None  # called once: partitions assigned, tables recovered
@@ -1147,8 +1158,7 @@ class PromptWorker(faust.Worker):
         await super()._stop_on_signal(sig)
 
     async def _sentinel_task(self) -> None:
-        for _ in range(SHUTDOWN_TURNS):
-            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         super().on_setup_root_logger(logger, level)

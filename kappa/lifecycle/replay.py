@@ -40,6 +40,7 @@ from kappa.lifecycle.guards import (
 )
 from kappa.ops.progress import ProgressLine
 from kappa.pipeline import Definition, Progress
+from kappa.processes import relax_garbage_collector
 from kappa.snapshots import snapshot
 from tables.grouped_mean import PartitionStats, partition_batches, read_stats
 
@@ -107,6 +108,8 @@ def run_batch(
     after that many seconds (the generation is marked failed and its state kept) rather than
     wait for brokers that do not come back."""
     began = time.monotonic()
+    if not checked.done():  # a wait on the broker, as long as it takes: not with the collector off
+        relax_garbage_collector()
     partitions, end_offsets = checked.result()
     registry = Registry(settings.snapshot_dir, pipeline)
     definition_record = definition.to_record()

@@ -219,8 +219,7 @@ def run_batch(
     worker.on_ready = on_ready
     prepare_for_worker()
     started = time.monotonic()
-    committer = admin.OffsetCommitter(settings.broker, pipe.app.conf.id)  # made now, it is ready at the end
-    try:
+    with admin.OffsetCommitter(settings.broker, pipe.app.conf.id) as committer:  # made now, ready at the end
         try:
             worker.execute_from_commandline()
         except SystemExit:
@@ -232,8 +231,6 @@ def run_batch(
             # Faust may have committed past the cut; a live worker continuing this generation
             # must resume exactly where the published table stops.
             committer.commit(definition.topic, end_offsets)
-    finally:
-        committer.close()
     if "error" in outcome:
         registry.mark(generation, GenerationState.FAILED)
         error = outcome["error"]

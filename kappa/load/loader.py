@@ -322,8 +322,14 @@ def _rows_sent_meanwhile(settings: Settings, topic: str, plan: Plan) -> RowsOnLo
     ]
     if len(begun) < 2:
         return None
-    found = rows_on_log(settings.broker, topic, plan.entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
+    found = _scan_for_rows(settings, topic, plan.entry)
     return found if found.count else None
+
+
+def _scan_for_rows(settings: Settings, topic: str, entry: LedgerEntry) -> RowsOnLog:
+    """The load's rows on the log (`rows_on_log`), waiting for a transaction open on the topic at
+    most until the broker would have aborted it, and a minute more."""
+    return rows_on_log(settings.broker, topic, entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
 
 
 def _resume(settings: Settings, topic: str, source: Source, plan: Plan, on_log: RowsOnLog | None = None) -> None:
@@ -331,9 +337,7 @@ def _resume(settings: Settings, topic: str, source: Source, plan: Plan, on_log: 
     resolved what its earlier runs left open; `on_log` when already scanned) and say how many
     this run sends."""
     entry = plan.entry
-    plan.on_log = (
-        on_log if on_log is not None else rows_on_log(settings.broker, topic, entry, wait_s=TRANSACTION_TIMEOUT_S + 60)
-    )
+    plan.on_log = on_log if on_log is not None else _scan_for_rows(settings, topic, entry)
     plan.total = total = source.count_rows()
     started = f"an interrupted load of {source.name} started {entry.started_at}"
     note(f"resuming: {_done_rows(entry, plan.on_log.count, total)} ({started})")
